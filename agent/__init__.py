@@ -1,0 +1,1 @@
+"""The modelfleet agent: sync desired state, verify and activate bundles, serve inference."""

@@ -1,0 +1,24 @@
+"""One jittered exponential back-off for every loop that talks to the control plane."""
+
+from __future__ import annotations
+
+import random
+
+
+class Backoff:
+    """Delays of ``uniform(0, min(cap, base * 2**attempt))`` ("full jitter"); reset on success."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """The next delay, growing with each failure."""
+        delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 16)))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """Back to the first delay after a success."""
+        self.attempt = 0

@@ -1,0 +1,154 @@
+"""Model runtimes behind one interface; ONNX Runtime for now.
+
+Loading and inference block: the daemon calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.exceptions import InferenceInputError, UpdateError
+from protocol.manifest import ONNX_TYPES, Manifest, TensorSpec
+
+# Open Inference Protocol datatypes to numpy.
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+DATATYPE_OF = {v: k for k, v in DTYPES.items()}
+
+
+class Runtime(Protocol):
+    """A loaded model."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference."""
+        ...
+
+
+def _ort_spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, ONNX_TYPES.get(arg.type, "BYTES"), shape)
+
+
+class OnnxRuntimeModel:
+    """A model in an ONNX Runtime session."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # One request per worker thread: keep each session's own pools small.
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own untyped errors for any bad model file
+            raise UpdateError(f"ONNX Runtime could not load the model: {exc}") from exc
+        self.inputs = tuple(_ort_spec(a) for a in self.session.get_inputs())
+        self.outputs = tuple(_ort_spec(a) for a in self.session.get_outputs())
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference."""
+        results = self.session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, results, strict=True))
+
+
+def load_model(manifest: Manifest, model_path: Path) -> Runtime:
+    """Load the model file of ``manifest``; raises UpdateError."""
+    if manifest.runtime != "onnx":
+        raise UpdateError(f"runtime {manifest.runtime!r} is not supported by this agent")
+    return OnnxRuntimeModel(model_path)
+
+
+def _shape_fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec) and all(
+        s == -1 or s == d for d, s in zip(shape, spec, strict=True)
+    )
+
+
+def check_feeds(model: Runtime, feeds: Mapping[str, np.ndarray]) -> None:
+    """Raise InferenceInputError naming the first input that does not fit the model."""
+    expected = {t.name: t for t in model.inputs}
+    for name in feeds:
+        if name not in expected:
+            raise InferenceInputError(
+                f"unknown input {name!r}; the model takes {', '.join(sorted(expected))}"
+            )
+    for spec in model.inputs:
+        arr = feeds.get(spec.name)
+        if arr is None:
+            raise InferenceInputError(f"input {spec.name!r} is missing")
+        dt = DATATYPE_OF.get(arr.dtype)
+        if dt != spec.datatype:
+            raise InferenceInputError(
+                f"input {spec.name!r} has datatype {dt}, the model expects {spec.datatype}"
+            )
+        if not _shape_fits(arr.shape, spec.shape):
+            want = ["?" if d == -1 else d for d in spec.shape]
+            raise InferenceInputError(
+                f"input {spec.name!r} has shape {list(arr.shape)}, the model expects {want}"
+            )
+
+
+def run_smoke_test(
+    model: Runtime, input_bytes: bytes, output_bytes: bytes, atol: float, rtol: float
+) -> None:
+    """Feed the smoke input to the first input and compare the first output; raises UpdateError."""
+    import io
+
+    try:
+        x = np.load(io.BytesIO(input_bytes), allow_pickle=False)
+        want = np.load(io.BytesIO(output_bytes), allow_pickle=False)
+    except ValueError as exc:
+        raise UpdateError(f"smoke test files are not .npy arrays: {exc}") from None
+    feeds = {model.inputs[0].name: x}
+    try:
+        check_feeds(model, feeds)
+    except InferenceInputError as exc:
+        raise UpdateError(f"smoke test input does not fit the model: {exc}") from None
+    try:
+        got = model.run(feeds)[model.outputs[0].name]
+    except Exception as exc:  # the runtime's own error types; any of them fails the test
+        raise UpdateError(f"smoke test inference failed: {exc}") from exc
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=rtol):
+        diff = (
+            float(np.max(np.abs(got.astype(np.float64) - want)))
+            if got.shape == want.shape
+            else None
+        )
+        raise UpdateError(
+            f"smoke test output differs from the expected one (shape {list(got.shape)} vs "
+            f"{list(want.shape)}, max abs diff {diff}, atol {atol}, rtol {rtol})"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A runtime serving one version of one model."""
+
+    name: str
+    version: str
+    manifest_digest: str
+    runtime: Runtime

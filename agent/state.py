@@ -1,0 +1,115 @@
+"""The agent's state directory: identity, keys, and what it has accepted and activated.
+
+Layout (all files 0600, written atomically)::
+
+    identity.json        agent id, server URL, credential, name, labels
+    control-plane.pub    the key that signs this agent's desired state
+    trusted/*.pub        publisher keys handed out at enrollment
+    state.json           highest generation accepted, active versions, next metrics seq
+    blobs/, manifests/   the local content-addressed store (agent/store.py)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.exceptions import AgentConfigError
+from agent.statefile import read_json, write_atomic, write_json
+from protocol.dsse import keyring, load_public_key
+from protocol.exceptions import InvalidMessage
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this agent is and where its control plane lives."""
+
+    agent_id: str
+    server: str
+    credential: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PersistentState:
+    """What must survive a restart."""
+
+    highest_generation: int = 0
+    desired_envelope: str | None = None  # the last accepted desired-state envelope
+    active: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> version, digest
+    next_seq: int = 1
+
+
+class StateDir:
+    """Paths and typed access to the agent's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.identity_path = root / "identity.json"
+        self.control_plane_key_path = root / "control-plane.pub"
+        self.trusted_dir = root / "trusted"
+        self.state_path = root / "state.json"
+
+    def save_enrollment(
+        self, identity: Identity, control_plane_key_pem: str, trusted_pems: list[str]
+    ) -> None:
+        """Write what enrollment returned; raises AgentConfigError for a bad key."""
+        try:
+            load_public_key(control_plane_key_pem.encode())
+            keys = [load_public_key(p.encode()) for p in trusted_pems]
+        except InvalidMessage as exc:
+            raise AgentConfigError(f"enrollment returned a bad key: {exc}") from None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        for i, (pem, _) in enumerate(zip(trusted_pems, keys, strict=True)):
+            write_atomic(self.trusted_dir / f"publisher-{i}.pub", pem.encode())
+        write_atomic(self.control_plane_key_path, control_plane_key_pem.encode())
+        write_json(self.identity_path, asdict(identity))
+
+    def load_identity(self) -> Identity:
+        """Read identity.json; raises AgentConfigError when the agent is not enrolled."""
+        doc = read_json(self.identity_path)
+        if doc is None:
+            raise AgentConfigError(
+                f"{self.identity_path} not found: run 'modelfleet agent enroll' first"
+            )
+        try:
+            return Identity(**doc)
+        except TypeError as exc:
+            raise AgentConfigError(f"{self.identity_path} is malformed: {exc}") from None
+
+    def control_plane_keys(self) -> dict[str, Ed25519PublicKey]:
+        """The control plane's public key as a keyring; raises AgentConfigError."""
+        try:
+            return keyring([load_public_key(self.control_plane_key_path.read_bytes())])
+        except (OSError, InvalidMessage) as exc:
+            raise AgentConfigError(f"{self.control_plane_key_path}: {exc}") from None
+
+    def trusted_publishers(self, extra: tuple[Path, ...] = ()) -> dict[str, Ed25519PublicKey]:
+        """Publisher keys: from enrollment plus ``extra`` files; raises AgentConfigError."""
+        paths = sorted(self.trusted_dir.glob("*.pub")) if self.trusted_dir.is_dir() else []
+        keys = []
+        for p in [*paths, *extra]:
+            try:
+                keys.append(load_public_key(p.read_bytes()))
+            except (OSError, InvalidMessage) as exc:
+                raise AgentConfigError(f"trusted publisher key {p}: {exc}") from None
+        return keyring(keys)
+
+    def load_state(self) -> PersistentState:
+        """Read state.json (defaults when absent); raises AgentConfigError when malformed."""
+        doc: dict[str, Any] | None = read_json(self.state_path)
+        if doc is None:
+            return PersistentState()
+        try:
+            return PersistentState(**doc)
+        except TypeError as exc:
+            raise AgentConfigError(f"{self.state_path} is malformed: {exc}") from None
+
+    def save_state(self, state: PersistentState) -> None:
+        """Write state.json atomically."""
+        write_json(self.state_path, asdict(state))

@@ -1,0 +1,1 @@
+"""The modelfleet control plane: registry, blob store, agents, rollouts, reports."""

@@ -1,0 +1,78 @@
+"""Bearer tokens: operators' API tokens and agents' credentials.
+
+Secrets are 256-bit random strings, so a plain sha256 is enough to store them (no password
+stretching is needed for a secret nobody chose). Lookups go by that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.db.models import Agent, ApiToken
+from control_plane.files import write_private
+
+API_TOKEN_PREFIX = "mfa_"
+AGENT_CREDENTIAL_PREFIX = "mfc_"
+ENROLLMENT_TOKEN_PREFIX = "mfe_"
+
+
+def new_secret(prefix: str) -> str:
+    """A fresh secret with a prefix that says what it is for."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A caller holding an API token."""
+
+    token_id: int
+    name: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AgentCaller:
+    """A caller holding an agent credential."""
+
+    agent_id: str
+
+
+Principal = Operator | AgentCaller
+
+
+async def resolve(session: AsyncSession, token: str) -> Principal | None:
+    """Find who holds ``token``, or None."""
+    h = hash_secret(token)
+    if token.startswith(AGENT_CREDENTIAL_PREFIX):
+        agent_id = await session.scalar(select(Agent.id).where(Agent.credential_hash == h))
+        return AgentCaller(agent_id) if agent_id else None
+    row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
+    if row is None:
+        return None
+    return Operator(row.id, row.name, tuple(row.scopes))
+
+
+async def ensure_admin_token(session: AsyncSession, token_file: Path) -> bool:
+    """On an empty database, create an admin token and write it to ``token_file`` (0600).
+
+    Returns True when a token was created.
+    """
+    count = await session.scalar(select(func.count()).select_from(ApiToken))
+    if count:
+        return False
+    token = new_secret(API_TOKEN_PREFIX)
+    session.add(ApiToken(name="admin", token_hash=hash_secret(token), scopes=["admin"]))
+    await session.flush()
+    write_private(token_file, (token + "\n").encode())
+    return True

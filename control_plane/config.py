@@ -1,0 +1,39 @@
+"""Typed configuration of the control plane; only the command line reads env and files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``create_app`` needs; defaults are the embedded single-replica setup."""
+
+    data_dir: Path
+    db_url: str | None = None  # None: SQLite at <data_dir>/modelfleet.db
+    host: str = "127.0.0.1"
+    port: int = 8400
+    trusted_publisher_files: tuple[Path, ...] = ()
+    signing_key_file: Path | None = None  # None: <data_dir>/control-plane.key
+    max_bundle_bytes: int = 512 * MiB
+    max_json_bytes: int = 1 * MiB
+    long_poll_max_s: float = 60.0
+    long_poll_recheck_s: float = 5.0  # re-read the database so changes by other replicas wake us
+    desired_ttl_s: float = 7 * 24 * 3600.0
+    offline_after_s: float = 60.0
+    heartbeat_s: float = 15.0
+    enrollment_token_ttl_s: float = 24 * 3600.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data directory."""
+        return self.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'modelfleet.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        """Where the content-addressed blobs live."""
+        return self.data_dir / "blobs"

@@ -1,0 +1,246 @@
+"""Agents: enrollment, listing, and the reports they send (status, metrics)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.auth import (
+    AGENT_CREDENTIAL_PREFIX,
+    ENROLLMENT_TOKEN_PREFIX,
+    hash_secret,
+    new_secret,
+)
+from control_plane.db.engine import Database
+from control_plane.db.models import (
+    Agent,
+    DesiredStateRow,
+    EnrollmentToken,
+    MetricBatch,
+    MetricSeries,
+)
+from control_plane.desired import DesiredSigner, active_rollouts, desired_models
+from control_plane.errors import ApiError
+from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
+from protocol.labels import check_labels
+from protocol.reports import MetricsBatch, StatusReport
+from protocol.timeutil import format_time
+
+MAX_ENROLLMENT_USES = 100_000
+MAX_TOKEN_TTL_S = 365 * 24 * 3600
+
+
+async def create_enrollment_token(
+    db: Database, body: dict[str, Any], now: datetime, default_ttl_s: float
+) -> dict[str, Any]:
+    """Create an enrollment token; raises InvalidMessage for a bad body."""
+    labels = check_labels(get_str_map(body, "labels"))
+    max_uses = get_int(body, "maxUses", default=1, minimum=1)
+    if max_uses > MAX_ENROLLMENT_USES:
+        raise ApiError(400, "invalid", f"maxUses must be <= {MAX_ENROLLMENT_USES}", "maxUses")
+    ttl = get_number(body, "ttlSeconds", default=default_ttl_s, minimum=1)
+    if ttl > MAX_TOKEN_TTL_S:
+        raise ApiError(400, "invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
+    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    expires = now + timedelta(seconds=ttl)
+    async with db.write() as s:
+        row = EnrollmentToken(
+            token_hash=hash_secret(token),
+            labels=labels,
+            max_uses=max_uses,
+            uses=0,
+            expires_at=expires,
+            created_at=now,
+        )
+        s.add(row)
+        await s.flush()
+        token_id = row.id
+    return {
+        "id": token_id,
+        "token": token,
+        "labels": labels,
+        "maxUses": max_uses,
+        "expiresAt": format_time(expires),
+    }
+
+
+async def enroll(
+    db: Database, signer: DesiredSigner, body: dict[str, Any], now: datetime
+) -> tuple[dict[str, Any], str]:
+    """Enroll an agent with an enrollment token; return (agent fields, credential).
+
+    Raises ApiError 401 for an unknown token, 403 for an expired or used-up one.
+    """
+    token = get_str(body, "token")
+    assert token is not None
+    name = get_str(body, "name", optional=True, max_len=128)
+    wanted = check_labels(get_str_map(body, "labels"))
+    facts = body.get("facts") or {}
+    if not isinstance(facts, dict):
+        raise ApiError(400, "invalid", "facts must be an object", "facts")
+    agent_id = str(uuid.uuid4())
+    credential = new_secret(AGENT_CREDENTIAL_PREFIX)
+    async with db.write() as s:
+        et = await s.scalar(
+            select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))
+        )
+        if et is None:
+            raise ApiError(
+                401, "invalid_enrollment_token", "enrollment token is not known", "token"
+            )
+        if now >= et.expires_at:
+            raise ApiError(
+                403,
+                "enrollment_token_expired",
+                f"enrollment token expired at {format_time(et.expires_at)}",
+                "token",
+            )
+        # Conditional increment: two agents racing for the last use cannot both win.
+        res = await s.execute(
+            update(EnrollmentToken)
+            .where(EnrollmentToken.id == et.id, EnrollmentToken.uses < EnrollmentToken.max_uses)
+            .values(uses=EnrollmentToken.uses + 1)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise ApiError(
+                403,
+                "enrollment_token_used_up",
+                f"enrollment token has been used {et.max_uses} time(s), its limit",
+                "token",
+            )
+        # Labels the token grants win over labels the agent asks for.
+        labels = {**wanted, **et.labels}
+        agent = Agent(
+            id=agent_id,
+            name=name or f"agent-{agent_id[:8]}",
+            labels=labels,
+            facts=facts,
+            credential_hash=hash_secret(credential),
+            enrolled_at=now,
+            last_seen_at=now,
+            reported_generation=0,
+            status={},
+        )
+        s.add(agent)
+        await s.flush()
+        models = desired_models(await active_rollouts(s), labels)
+        await signer.write(s, agent_id, models, now)
+    return {"agentId": agent_id, "name": agent.name, "labels": labels}, credential
+
+
+def agent_json(
+    agent: Agent, desired_generation: int, now: datetime, offline_after_s: float
+) -> dict:
+    """Public view of an agent."""
+    online = (
+        agent.last_seen_at is not None
+        and (now - agent.last_seen_at).total_seconds() <= offline_after_s
+    )
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "labels": agent.labels,
+        "facts": agent.facts,
+        "enrolledAt": format_time(agent.enrolled_at),
+        "lastSeen": format_time(agent.last_seen_at) if agent.last_seen_at else None,
+        "online": online,
+        "desiredGeneration": desired_generation,
+        "reportedGeneration": agent.reported_generation,
+        "models": agent.status.get("models", []),
+        "lastError": agent.status.get("lastError"),
+    }
+
+
+async def list_agents(db: Database, now: datetime, offline_after_s: float) -> list[dict]:
+    """Every agent, oldest enrollment first."""
+    async with db.read() as s:
+        rows = await s.execute(
+            select(Agent, DesiredStateRow.generation)
+            .outerjoin(DesiredStateRow, DesiredStateRow.agent_id == Agent.id)
+            .order_by(Agent.enrolled_at, Agent.id)
+        )
+        return [agent_json(a, g or 0, now, offline_after_s) for a, g in rows]
+
+
+async def get_agent(db: Database, agent_id: str, now: datetime, offline_after_s: float) -> dict:
+    """One agent; raises ApiError 404 when unknown."""
+    async with db.read() as s:
+        agent = await s.get(Agent, agent_id)
+        if agent is None:
+            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+        row = await s.get(DesiredStateRow, agent_id)
+        return agent_json(agent, row.generation if row else 0, now, offline_after_s)
+
+
+async def store_status(db: Database, report: StatusReport, now: datetime) -> None:
+    """Keep an agent's latest status; raises ApiError 404 for an unknown agent."""
+    async with db.write() as s:
+        agent = await s.get(Agent, report.agent_id)
+        if agent is None:
+            raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
+        agent.status = {
+            "models": [m.to_json() for m in report.models],
+            "lastError": report.last_error,
+            "sentAt": format_time(report.sent_at),
+        }
+        if report.facts:
+            agent.facts = report.facts
+        agent.reported_generation = report.generation
+        agent.last_seen_at = now
+
+
+async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> bool:
+    """Store a metrics batch once; return False when this (agent, seq) was stored before."""
+
+    async def _insert(s: AsyncSession) -> bool:
+        if await s.get(MetricBatch, (batch.agent_id, batch.seq)) is not None:
+            return False
+        s.add(
+            MetricBatch(
+                agent_id=batch.agent_id,
+                seq=batch.seq,
+                window_start=batch.window_start,
+                window_end=batch.window_end,
+                received_at=now,
+            )
+        )
+        for series in batch.series:
+            s.add(
+                MetricSeries(
+                    agent_id=batch.agent_id,
+                    seq=batch.seq,
+                    model=series.model,
+                    version=series.version,
+                    window_start=batch.window_start,
+                    window_end=batch.window_end,
+                    requests=series.requests,
+                    errors=series.errors,
+                    latency_sketch=series.latency_ms.to_json(),
+                )
+            )
+        agent = await s.get(Agent, batch.agent_id)
+        if agent is None:
+            raise ApiError(404, "agent_not_found", f"no agent {batch.agent_id}", "agentId")
+        agent.last_seen_at = now
+        await s.flush()
+        return True
+
+    try:
+        async with db.write() as s:
+            return await _insert(s)
+    except IntegrityError:
+        # The same batch arrived twice at once (a retry racing its original): one is stored.
+        return False
+
+
+def parse_report_body(body: object, agent_id: str) -> dict[str, Any]:
+    """Check a report is an object addressed from the agent in the path."""
+    doc = require_object(body, "body")
+    if doc.get("agentId") != agent_id:
+        raise ApiError(400, "invalid", "agentId does not match the agent in the path", "agentId")
+    return doc

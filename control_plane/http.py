@@ -1,0 +1,612 @@
+"""The control plane's REST API: app factory, middleware, handlers and the route table.
+
+Handlers are thin: they parse the request into typed values at this edge, call the service
+modules (registry, fleet, rollouts) and render JSON. The route table also feeds the OpenAPI
+document, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select
+
+from control_plane import fleet, registry, rollouts
+from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
+from control_plane.blobstore import BlobStore
+from control_plane.config import ServerConfig
+from control_plane.db.engine import Database
+from control_plane.db.models import DesiredStateRow
+from control_plane.desired import DesiredSigner
+from control_plane.errors import ApiError
+from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
+from control_plane.notify import DesiredNotifier
+from protocol.bundle import BundleLimits
+from protocol.digest import check_digest
+from protocol.dsse import public_key_to_pem
+from protocol.exceptions import InvalidMessage
+from protocol.fields import load_json_object
+from protocol.reports import metrics_from_json, status_from_json
+from protocol.timeutil import parse_time
+
+log = logging.getLogger("modelfleet.control_plane")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class State:
+    """What every handler may use; held in one AppKey."""
+
+    config: ServerConfig
+    db: Database
+    store: BlobStore
+    signer: DesiredSigner
+    notifier: DesiredNotifier
+    trusted: dict[str, Ed25519PublicKey]
+    clock: Clock
+
+
+STATE = web.AppKey("state", State)
+PRINCIPAL = "principal"
+BLOB_CHUNK = 256 * 1024
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def st(request: web.Request) -> State:
+    """The app's state."""
+    return request.app[STATE]
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    """A JSON response."""
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; raises ApiError 413 or InvalidMessage."""
+    limit = st(request).config.max_json_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+    data = await request.content.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+    return load_json_object(data, "request body", max_bytes=limit)
+
+
+def operator(request: web.Request) -> Operator:
+    """The calling operator; raises ApiError 403 for an agent credential."""
+    p = request.get(PRINCIPAL)
+    if not isinstance(p, Operator):
+        raise ApiError(403, "forbidden", "this route needs an operator API token")
+    return p
+
+
+def agent_or_operator(request: web.Request, agent_id: str, *, agent_only: bool = False) -> None:
+    """Allow the agent named in the path (and operators unless ``agent_only``)."""
+    p = request.get(PRINCIPAL)
+    if isinstance(p, AgentCaller):
+        if p.agent_id != agent_id:
+            raise ApiError(403, "forbidden", "an agent credential only reaches its own routes")
+        return
+    if agent_only or not isinstance(p, Operator):
+        raise ApiError(403, "forbidden", "this route needs the agent's own credential")
+
+
+def query_number(request: web.Request, name: str, default: float, maximum: float) -> float:
+    """A non-negative numeric query parameter; raises InvalidMessage when malformed."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidMessage(f"query parameter {name} must be a number", name) from None
+    if not 0 <= value <= maximum or value != value:
+        raise InvalidMessage(f"query parameter {name} must be between 0 and {maximum}", name)
+    return value
+
+
+# ------------------------------------------------------------------------------- middleware
+
+PUBLIC_PATHS = {"/api/v1/agents/enroll", "/api/v1/openapi.json", "/api/v1/health"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every refusal as ``{"error": {...}}``; never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.to_json(), exc.status)
+    except InvalidMessage as exc:
+        return json_response(ApiError(400, "invalid", str(exc), exc.field).to_json(), 400)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return json_response(ApiError(exc.status, code, exc.reason).to_json(), exc.status)
+    except Exception:
+        # The boundary of every request: log it, answer 500, keep serving.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response(ApiError(500, "internal", "internal server error").to_json(), 500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the bearer token of every /api/v1 route but the public ones."""
+    if not request.path.startswith("/api/v1/") or request.path in PUBLIC_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthenticated", "missing 'Authorization: Bearer <token>' header")
+    async with st(request).db.read() as s:
+        principal = await resolve(s, token.strip())
+    if principal is None:
+        raise ApiError(401, "unauthenticated", "the bearer token is not valid")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+# --------------------------------------------------------------------------------- handlers
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness plus a database round trip."""
+    async with st(request).db.read() as s:
+        await s.execute(select(1))
+    return json_response({"status": "ok"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The OpenAPI document."""
+    from control_plane.openapi import build_openapi
+
+    return json_response(build_openapi(ROUTES))
+
+
+async def post_bundle(request: web.Request) -> web.Response:
+    """Upload a .mfb bundle; the body is the raw tar."""
+    operator(request)
+    state = st(request)
+    limit = state.config.max_bundle_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "bundle_too_large", f"bundle is over the {limit}-byte limit")
+    tmp_dir = state.config.data_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".mfb")
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.content.iter_chunked(BLOB_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(
+                        413, "bundle_too_large", f"bundle is over the {limit}-byte limit"
+                    )
+                await asyncio.to_thread(f.write, chunk)
+        if size == 0:
+            raise ApiError(400, "invalid_bundle", "request body is empty")
+        limits = BundleLimits(max_total_bytes=limit, max_member_bytes=limit)
+        result = await registry.ingest_bundle(state.db, state.store, state.trusted, path, limits)
+    finally:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+    log.info("push %s %s %s", result.name, result.version, "stored" if result.created else "same")
+    return json_response(result.to_json(), 201 if result.created else 200)
+
+
+async def get_models(request: web.Request) -> web.Response:
+    """List models."""
+    operator(request)
+    return json_response({"models": await registry.list_models(st(request).db)})
+
+
+async def get_versions(request: web.Request) -> web.Response:
+    """List one model's versions."""
+    operator(request)
+    name = request.match_info["name"]
+    return json_response({"versions": await registry.list_versions(st(request).db, name)})
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    """A version's signed manifest envelope, by manifest digest."""
+    digest = check_digest(request.match_info["digest"], "digest")
+    env = await registry.get_envelope(st(request).db, digest)
+    return web.Response(body=env.encode(), content_type="application/json")
+
+
+def _parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a satisfiable Range, None for the whole blob."""
+    if "Range" not in request.headers:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range != f'"{request.match_info["digest"]}"':
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise ApiError(416, "bad_range", "Range header is malformed") from None
+    start, stop = rng.start, rng.stop
+    if start is None and stop is None:
+        return None
+    if start is None:
+        start = 0
+    if start < 0:  # suffix range: the last -start bytes
+        start = max(0, size + start)
+        stop = size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise ApiError(416, "range_not_satisfiable", f"range outside a {size}-byte blob")
+    return start, stop - 1
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    """A blob, with Range, ETag and Content-Length so downloads resume."""
+    digest = check_digest(request.match_info["digest"], "digest")
+    path = st(request).store.path(digest)
+    try:
+        size = (await asyncio.to_thread(path.stat)).st_size
+    except FileNotFoundError:
+        raise ApiError(404, "blob_not_found", f"no blob {digest}", "digest") from None
+    etag = f'"{digest}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "immutable"}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    try:
+        rng = _parse_range(request, size)
+    except ApiError as exc:
+        if exc.status == 416:
+            headers["Content-Range"] = f"bytes */{size}"
+            return web.json_response(exc.to_json(), status=416, headers=headers)
+        raise
+    start, end = rng if rng else (0, size - 1)
+    length = end - start + 1 if size else 0
+    resp = web.StreamResponse(status=206 if rng else 200, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = length
+    if rng:
+        resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        return resp
+    with path.open("rb") as f:
+        await asyncio.to_thread(f.seek, start)
+        left = length
+        while left > 0:
+            chunk = await asyncio.to_thread(f.read, min(BLOB_CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def post_enrollment_token(request: web.Request) -> web.Response:
+    """Create an enrollment token."""
+    operator(request)
+    state = st(request)
+    body = await read_json(request)
+    out = await fleet.create_enrollment_token(
+        state.db, body, state.clock(), state.config.enrollment_token_ttl_s
+    )
+    return json_response(out, 201)
+
+
+async def post_enroll(request: web.Request) -> web.Response:
+    """Enroll an agent with an enrollment token; returns its credential and the keys it needs."""
+    state = st(request)
+    body = await read_json(request)
+    agent, credential = await fleet.enroll(state.db, state.signer, body, state.clock())
+    log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
+    return json_response(
+        {
+            **agent,
+            "credential": credential,
+            "controlPlaneKey": public_key_to_pem(state.signer.key.public_key()).decode(),
+            "trustedPublishers": [public_key_to_pem(k).decode() for k in state.trusted.values()],
+            "heartbeatSeconds": state.config.heartbeat_s,
+        },
+        201,
+    )
+
+
+async def get_agents(request: web.Request) -> web.Response:
+    """List agents."""
+    operator(request)
+    state = st(request)
+    agents = await fleet.list_agents(state.db, state.clock(), state.config.offline_after_s)
+    return json_response({"agents": agents})
+
+
+async def get_agent(request: web.Request) -> web.Response:
+    """One agent."""
+    agent_id = request.match_info["id"]
+    agent_or_operator(request, agent_id)
+    state = st(request)
+    return json_response(
+        await fleet.get_agent(state.db, agent_id, state.clock(), state.config.offline_after_s)
+    )
+
+
+async def _current_desired(state: State, agent_id: str) -> DesiredStateRow | None:
+    async with state.db.read() as s:
+        return await s.get(DesiredStateRow, agent_id)
+
+
+async def _refresh_if_expiring(state: State, row: DesiredStateRow) -> DesiredStateRow:
+    """Re-sign a document past half its lifetime, so a connected agent never holds a stale one."""
+    now = state.clock()
+    expires = parse_time(row.document.get("expiresAt"), "expiresAt")
+    if expires - now > timedelta(seconds=state.config.desired_ttl_s / 2):
+        return row
+    from protocol.desired import desired_from_json
+
+    async with state.db.write() as s:
+        models = desired_from_json(row.document).models
+        await state.signer.write(s, row.agent_id, models, now, force=True)
+    fresh = await _current_desired(state, row.agent_id)
+    assert fresh is not None
+    return fresh
+
+
+async def get_desired(request: web.Request) -> web.Response:
+    """Long-poll for a desired state newer than ``after``; 204 when none came within ``wait``."""
+    agent_id = request.match_info["id"]
+    agent_or_operator(request, agent_id)
+    state = st(request)
+    after = int(query_number(request, "after", 0, 2**62))
+    wait = query_number(request, "wait", 0, state.config.long_poll_max_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        row = await _current_desired(state, agent_id)
+        if row is not None:
+            row = await _refresh_if_expiring(state, row)
+            if row.generation > after:
+                return web.Response(
+                    body=row.envelope.encode(),
+                    content_type="application/json",
+                    headers={"X-Modelfleet-Generation": str(row.generation)},
+                )
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return web.Response(status=204)
+        await state.notifier.wait(agent_id, min(remaining, state.config.long_poll_recheck_s))
+
+
+async def post_status(request: web.Request) -> web.Response:
+    """An agent's status report."""
+    agent_id = request.match_info["id"]
+    agent_or_operator(request, agent_id, agent_only=True)
+    state = st(request)
+    body = fleet.parse_report_body(await read_json(request), agent_id)
+    await fleet.store_status(state.db, status_from_json(body), state.clock())
+    return json_response({"stored": True})
+
+
+async def post_metrics(request: web.Request) -> web.Response:
+    """A metrics batch; stored once per (agent, seq), so retries are safe."""
+    agent_id = request.match_info["id"]
+    agent_or_operator(request, agent_id, agent_only=True)
+    state = st(request)
+    batch = metrics_from_json(fleet.parse_report_body(await read_json(request), agent_id))
+    stored = await fleet.store_metrics(state.db, batch, state.clock())
+    return json_response({"stored": stored, "duplicate": not stored, "seq": batch.seq})
+
+
+async def post_rollout(request: web.Request) -> web.Response:
+    """Create a rollout."""
+    operator(request)
+    state = st(request)
+    body = await read_json(request)
+    out = await rollouts.create_rollout(state.db, state.signer, state.notifier, body, state.clock())
+    log.info("rollout %s: %s %s to %s", out["id"], out["model"], out["version"], out["selector"])
+    return json_response(out, 201)
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    """One rollout with its progress."""
+    operator(request)
+    state = st(request)
+    return json_response(
+        await rollouts.get_rollout(state.db, request.match_info["id"], state.clock())
+    )
+
+
+# ------------------------------------------------------------------------------ route table
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route and what the OpenAPI document says of it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: str  # "none" | "operator" | "agent" | "agent-or-operator" | "any"
+    body: str | None = None  # media type of the request body
+    responses: tuple[int, ...] = (200,)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/api/v1/health", health, "Liveness and database check", "none"),
+    Route("GET", "/api/v1/openapi.json", openapi_json, "This OpenAPI document", "none"),
+    Route(
+        "POST",
+        "/api/v1/bundles",
+        post_bundle,
+        "Upload a signed .mfb bundle",
+        "operator",
+        "application/vnd.modelfleet.bundle.v1+tar",
+        (200, 201, 400, 409, 413, 422),
+    ),
+    Route("GET", "/api/v1/models", get_models, "List models", "operator"),
+    Route(
+        "GET",
+        "/api/v1/models/{name}/versions",
+        get_versions,
+        "List a model's versions",
+        "operator",
+        None,
+        (200, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/manifests/{digest}",
+        get_manifest,
+        "Signed manifest envelope by manifest digest",
+        "any",
+        None,
+        (200, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/blobs/{digest}",
+        get_blob,
+        "Download a blob (Range, ETag)",
+        "any",
+        None,
+        (200, 206, 304, 404, 416),
+    ),
+    Route(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        post_enrollment_token,
+        "Create an enrollment token",
+        "operator",
+        "application/json",
+        (201, 400),
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/enroll",
+        post_enroll,
+        "Enroll an agent",
+        "none",
+        "application/json",
+        (201, 400, 401, 403),
+    ),
+    Route("GET", "/api/v1/agents", get_agents, "List agents", "operator"),
+    Route(
+        "GET",
+        "/api/v1/agents/{id}",
+        get_agent,
+        "One agent",
+        "agent-or-operator",
+        None,
+        (200, 403, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/agents/{id}/desired",
+        get_desired,
+        "Long-poll the agent's signed desired state",
+        "agent-or-operator",
+        None,
+        (200, 204, 403),
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/status",
+        post_status,
+        "Report the agent's status",
+        "agent",
+        "application/json",
+        (200, 400, 403),
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/metrics",
+        post_metrics,
+        "Report a metrics batch",
+        "agent",
+        "application/json",
+        (200, 400, 403),
+    ),
+    Route(
+        "POST",
+        "/api/v1/rollouts",
+        post_rollout,
+        "Create a rollout",
+        "operator",
+        "application/json",
+        (201, 400, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/rollouts/{id}",
+        get_rollout,
+        "A rollout and its progress",
+        "operator",
+        None,
+        (200, 404),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.db.migrate()
+    async with state.db.write() as s:
+        token_file = state.config.data_dir / "admin-token"
+        if await ensure_admin_token(s, token_file):
+            log.warning("empty database: wrote an admin API token to %s", token_file)
+    yield
+    await state.db.close()
+
+
+def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
+    """Build the control plane app; migrations and the admin token run at startup.
+
+    Raises ConfigError for unreadable keys.
+    """
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = config.signing_key_file or config.data_dir / "control-plane.key"
+    state = State(
+        config=config,
+        db=Database(config.database_url),
+        store=BlobStore(config.blob_dir),
+        signer=DesiredSigner(
+            load_or_create_signing_key(key_file), timedelta(seconds=config.desired_ttl_s)
+        ),
+        notifier=DesiredNotifier(),
+        trusted=load_trusted_publishers(
+            config.trusted_publisher_files, config.data_dir / "trusted-publishers"
+        ),
+        clock=clock,
+    )
+    if not state.trusted:
+        log.warning("no trusted publisher keys: every bundle push will be refused")
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_json_bytes
+    )
+    app[STATE] = state
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    app.cleanup_ctx.append(_lifecycle)
+    return app

@@ -1,0 +1,103 @@
+"""OpenAPI 3.1 document generated from the route table the app registers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from control_plane.http import Route
+
+_STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    204: "No newer state within the wait",
+    206: "Partial content",
+    304: "Not modified",
+    400: "Bad request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Body too large",
+    416: "Range not satisfiable",
+    422: "Refused: signature or digest",
+}
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": "string"},
+            },
+        }
+    },
+}
+
+_QUERY = {
+    "/api/v1/agents/{id}/desired": [
+        ("after", "Only answer with a generation greater than this", {"type": "integer"}),
+        ("wait", "Seconds to hold the request open (long-poll)", {"type": "number"}),
+    ]
+}
+
+
+def _operation(r: Route) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        for n in re.findall(r"{(\w+)}", r.path)
+    ]
+    params += [
+        {"name": n, "in": "query", "required": False, "description": d, "schema": s}
+        for n, d, s in _QUERY.get(r.path, [])
+    ]
+    responses: dict[str, Any] = {}
+    for code in r.responses + ((401,) if r.auth != "none" else ()):
+        resp: dict[str, Any] = {"description": _STATUS_TEXT.get(code, str(code))}
+        if code >= 400:
+            resp["content"] = {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+            }
+        responses[str(code)] = resp
+    op: dict[str, Any] = {
+        "operationId": r.handler.__name__,
+        "summary": r.summary,
+        "description": (r.handler.__doc__ or r.summary).strip(),
+        "responses": responses,
+        "x-modelfleet-auth": r.auth,
+    }
+    if params:
+        op["parameters"] = params
+    if r.auth != "none":
+        op["security"] = [{"bearer": []}]
+    if r.body:
+        schema: dict[str, Any] = (
+            {"type": "object"}
+            if r.body == "application/json"
+            else {"type": "string", "contentMediaType": r.body}
+        )
+        op["requestBody"] = {"required": True, "content": {r.body: {"schema": schema}}}
+    return op
+
+
+def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
+    """The whole document."""
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "modelfleet control plane", "version": "v1"},
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": _ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,143 @@
+"""Desired state: what one agent should run, signed by the control plane.
+
+The trust rules live here as a pure function so both the tests and the agent use the same code:
+the signature must be by the control plane's key, the document must be for this agent, its
+generation must not go down, and it must not have expired.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.digest import check_digest
+from protocol.dsse import DESIRED_PAYLOAD_TYPE, Envelope, parse_envelope, sign, verify
+from protocol.exceptions import InvalidMessage, ReplayError
+from protocol.fields import (
+    extra_fields,
+    get_int,
+    get_list,
+    load_json_object,
+    req_str,
+    require_object,
+)
+from protocol.manifest import check_name, check_version
+from protocol.timeutil import format_time, parse_time
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """One model version an agent should run."""
+
+    name: str
+    version: str
+    manifest_digest: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, unknown fields kept."""
+        return {
+            **self.extra,
+            "name": self.name,
+            "version": self.version,
+            "manifestDigest": self.manifest_digest,
+        }
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """The whole desired state of one agent at one generation."""
+
+    agent_id: str
+    generation: int
+    issued_at: datetime
+    expires_at: datetime
+    models: tuple[DesiredModel, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, unknown fields kept."""
+        return {
+            **self.extra,
+            "agentId": self.agent_id,
+            "generation": self.generation,
+            "issuedAt": format_time(self.issued_at),
+            "expiresAt": format_time(self.expires_at),
+            "models": [m.to_json() for m in self.models],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes, the payload that gets signed."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    def sign(self, key: Ed25519PrivateKey) -> Envelope:
+        """Sign with the control plane's key."""
+        return sign(DESIRED_PAYLOAD_TYPE, self.to_bytes(), [key])
+
+
+def desired_from_json(doc: object) -> DesiredState:
+    """Validate decoded JSON; raises InvalidMessage naming the bad field."""
+    d = require_object(doc, "desired")
+    models = []
+    seen = set()
+    for i, m in enumerate(get_list(d, "models")):
+        p = f"models[{i}]."
+        md = require_object(m, p.rstrip("."))
+        name = check_name(req_str(md, "name", p), f"{p}name")
+        if name in seen:
+            raise InvalidMessage(f"model {name!r} is listed twice", f"{p}name")
+        seen.add(name)
+        models.append(
+            DesiredModel(
+                name=name,
+                version=check_version(req_str(md, "version", p), f"{p}version"),
+                manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
+                extra=extra_fields(md, ("name", "version", "manifestDigest")),
+            )
+        )
+    return DesiredState(
+        agent_id=req_str(d, "agentId"),
+        generation=get_int(d, "generation"),
+        issued_at=parse_time(d.get("issuedAt"), "issuedAt"),
+        expires_at=parse_time(d.get("expiresAt"), "expiresAt"),
+        models=tuple(models),
+        extra=extra_fields(d, ("agentId", "generation", "issuedAt", "expiresAt", "models")),
+    )
+
+
+def accept_desired(
+    envelope_bytes: bytes,
+    control_plane_keys: Mapping[str, Ed25519PublicKey],
+    agent_id: str,
+    highest_generation: int,
+    now: datetime,
+) -> DesiredState | None:
+    """Verify a desired-state envelope for this agent.
+
+    Returns the state when its generation is newer than ``highest_generation``, None when it is
+    the same generation (nothing to do). Raises SignatureError when not signed by the control
+    plane, InvalidMessage when malformed or addressed to another agent, and ReplayError when
+    its generation went down or it has expired.
+    """
+    envelope = parse_envelope(envelope_bytes)
+    payload, _ = verify(envelope, control_plane_keys, DESIRED_PAYLOAD_TYPE)
+    state = desired_from_json(load_json_object(payload, "desired state"))
+    if state.agent_id != agent_id:
+        raise InvalidMessage(
+            f"desired state is for agent {state.agent_id!r}, not {agent_id!r}", "agentId"
+        )
+    if state.generation < highest_generation:
+        raise ReplayError(
+            f"desired state generation {state.generation} is older than "
+            f"{highest_generation}, already accepted"
+        )
+    if now >= state.expires_at:
+        raise ReplayError(f"desired state expired at {format_time(state.expires_at)}")
+    if state.generation == highest_generation:
+        return None
+    return state

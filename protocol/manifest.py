@@ -1,0 +1,294 @@
+"""Bundle manifests: what a model version is made of, named by digest."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.digest import check_digest
+from protocol.exceptions import InvalidMessage
+from protocol.fields import (
+    extra_fields,
+    get_int,
+    get_list,
+    get_number,
+    get_str,
+    load_json_object,
+    req_str,
+    require_object,
+)
+
+SCHEMA_VERSION = 1
+RUNTIMES = ("onnx",)
+# Open Inference Protocol (KServe v2) tensor datatypes.
+DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+)
+RESERVED_PATHS = ("manifest.json", "manifest.dsse.json")
+# ONNX Runtime's type strings for the same datatypes, read from a model's inputs and outputs.
+ONNX_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+ONNX_MEDIA_TYPE = "application/vnd.onnx.model+protobuf"
+NPY_MEDIA_TYPE = "application/vnd.numpy.npy"
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+MAX_FILES = 64
+
+
+def check_name(value: str, field_name: str = "name") -> str:
+    """Return a valid model name; raises InvalidMessage otherwise."""
+    if not NAME_RE.match(value):
+        raise InvalidMessage(
+            f"{field_name} must be 1-128 of a-z, 0-9, '.', '_', '-' and start alphanumeric",
+            field_name,
+        )
+    return value
+
+
+def check_version(value: str, field_name: str = "version") -> str:
+    """Return a valid version string; raises InvalidMessage otherwise."""
+    if not VERSION_RE.match(value):
+        raise InvalidMessage(
+            f"{field_name} must be 1-64 of A-Z, a-z, 0-9, '.', '_', '+', '-'", field_name
+        )
+    return value
+
+
+def check_path(value: str, field_name: str) -> str:
+    """Return a safe relative member path; raises InvalidMessage for traversal and the like."""
+    if len(value) > 255 or not _PATH_RE.match(value) or ".." in value.split("/"):
+        raise InvalidMessage(f"{field_name} {value!r} is not a safe relative path", field_name)
+    if value in RESERVED_PATHS:
+        raise InvalidMessage(f"{field_name} {value!r} is a reserved name", field_name)
+    return value
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a bundle."""
+
+    path: str
+    digest: str
+    size: int
+    media_type: str
+    role: str = "model"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "path": self.path,
+            "digest": self.digest,
+            "size": self.size,
+            "mediaType": self.media_type,
+            "role": self.role,
+        }
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, datatype and shape of a model input or output; -1 marks a free dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class SmokeTest:
+    """An input and its expected output, compared with a tolerance before activation."""
+
+    input_path: str
+    output_path: str
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "input": self.input_path,
+            "output": self.output_path,
+            "atol": self.atol,
+            "rtol": self.rtol,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model version's manifest."""
+
+    name: str
+    version: str
+    runtime: str
+    created: str
+    files: tuple[FileEntry, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    smoke_test: SmokeTest | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def file(self, path: str) -> FileEntry:
+        """The entry for ``path``; raises KeyError when absent."""
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+    def model_file(self) -> FileEntry:
+        """The entry of the model file itself."""
+        for f in self.files:
+            if f.role == "model":
+                return f
+        raise KeyError("model")  # parse_manifest guarantees one
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, unknown fields kept."""
+        doc: dict[str, Any] = dict(self.extra)
+        doc.update(
+            {
+                "schemaVersion": SCHEMA_VERSION,
+                "name": self.name,
+                "version": self.version,
+                "runtime": self.runtime,
+                "created": self.created,
+                "files": [f.to_json() for f in self.files],
+                "signature": {
+                    "inputs": [t.to_json() for t in self.inputs],
+                    "outputs": [t.to_json() for t in self.outputs],
+                },
+            }
+        )
+        if self.smoke_test is not None:
+            doc["smokeTest"] = self.smoke_test.to_json()
+        return doc
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: sorted keys, no spaces. These bytes are what gets signed."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tensor(doc: object, prefix: str) -> TensorSpec:
+    d = require_object(doc, prefix.rstrip("."))
+    name = req_str(d, "name", prefix, max_len=256)
+    datatype = req_str(d, "datatype", prefix)
+    if datatype not in DATATYPES:
+        raise InvalidMessage(f"{prefix}datatype must be one of {', '.join(DATATYPES)}", prefix)
+    shape = get_list(d, "shape", prefix)
+    if len(shape) > 16 or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in shape
+    ):
+        raise InvalidMessage(f"{prefix}shape must be up to 16 integers >= -1", f"{prefix}shape")
+    return TensorSpec(name, datatype, tuple(shape))
+
+
+def _file(doc: object, prefix: str) -> FileEntry:
+    d = require_object(doc, prefix.rstrip("."))
+    role = get_str(d, "role", prefix, optional=True) or "data"
+    return FileEntry(
+        path=check_path(req_str(d, "path", prefix), f"{prefix}path"),
+        digest=check_digest(d.get("digest"), f"{prefix}digest"),
+        size=get_int(d, "size", prefix),
+        media_type=req_str(d, "mediaType", prefix),
+        role=role,
+    )
+
+
+def manifest_from_json(doc: object) -> Manifest:
+    """Validate decoded JSON into a Manifest; raises InvalidMessage naming the bad field."""
+    d = require_object(doc, "manifest")
+    schema = get_int(d, "schemaVersion", default=SCHEMA_VERSION)
+    if schema != SCHEMA_VERSION:
+        raise InvalidMessage(f"schemaVersion {schema} is not supported", "schemaVersion")
+    runtime = req_str(d, "runtime")
+    if runtime not in RUNTIMES:
+        raise InvalidMessage(f"runtime must be one of {', '.join(RUNTIMES)}", "runtime")
+    raw_files = get_list(d, "files")
+    if not raw_files or len(raw_files) > MAX_FILES:
+        raise InvalidMessage(f"files must list 1 to {MAX_FILES} files", "files")
+    files = tuple(_file(f, f"files[{i}].") for i, f in enumerate(raw_files))
+    paths = [f.path for f in files]
+    if len(set(paths)) != len(paths):
+        raise InvalidMessage("files names a path twice", "files")
+    if sum(1 for f in files if f.role == "model") != 1:
+        raise InvalidMessage("files must hold exactly one entry with role 'model'", "files")
+    sig = require_object(d.get("signature"), "signature")
+    inputs = tuple(
+        _tensor(t, f"signature.inputs[{i}].") for i, t in enumerate(get_list(sig, "inputs"))
+    )
+    outputs = tuple(
+        _tensor(t, f"signature.outputs[{i}].") for i, t in enumerate(get_list(sig, "outputs"))
+    )
+    if not inputs or not outputs:
+        raise InvalidMessage("signature needs at least one input and one output", "signature")
+    smoke = None
+    if d.get("smokeTest") is not None:
+        s = require_object(d["smokeTest"], "smokeTest")
+        smoke = SmokeTest(
+            input_path=req_str(s, "input", "smokeTest."),
+            output_path=req_str(s, "output", "smokeTest."),
+            atol=get_number(s, "atol", "smokeTest.", default=1e-4),
+            rtol=get_number(s, "rtol", "smokeTest.", default=1e-3),
+        )
+        for p, f in ((smoke.input_path, "input"), (smoke.output_path, "output")):
+            if p not in paths:
+                raise InvalidMessage(f"smokeTest.{f} names {p!r}, not in files", f"smokeTest.{f}")
+    return Manifest(
+        name=check_name(req_str(d, "name")),
+        version=check_version(req_str(d, "version")),
+        runtime=runtime,
+        created=req_str(d, "created"),
+        files=files,
+        inputs=inputs,
+        outputs=outputs,
+        smoke_test=smoke,
+        extra=extra_fields(
+            d,
+            (
+                "schemaVersion",
+                "name",
+                "version",
+                "runtime",
+                "created",
+                "files",
+                "signature",
+                "smokeTest",
+            ),
+        ),
+    )
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse manifest bytes; raises InvalidMessage naming the bad field."""
+    return manifest_from_json(load_json_object(data, "manifest", max_bytes=1024 * 1024))

@@ -1,0 +1,194 @@
+"""What agents send back: status reports and metric batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from protocol.digest import check_digest
+from protocol.exceptions import InvalidMessage
+from protocol.fields import (
+    extra_fields,
+    get_int,
+    get_list,
+    get_str,
+    req_str,
+    require_object,
+)
+from protocol.manifest import check_name, check_version
+from protocol.sketch import DDSketch
+from protocol.timeutil import format_time, parse_time
+
+# Per-model lifecycle on an agent.
+MODEL_STATES = ("downloading", "loading", "active", "failed", "refused")
+MAX_MODELS_PER_REPORT = 256
+MAX_SERIES_PER_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model on an agent, as the agent sees it."""
+
+    name: str
+    version: str
+    manifest_digest: str
+    state: str
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "manifestDigest": self.manifest_digest,
+            "state": self.state,
+        }
+        if self.reason:
+            doc["reason"] = self.reason
+        return doc
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """An agent's whole status: sent on every change and as a heartbeat."""
+
+    agent_id: str
+    generation: int
+    sent_at: datetime
+    models: tuple[ModelStatus, ...]
+    facts: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, unknown fields kept."""
+        doc = {
+            **self.extra,
+            "agentId": self.agent_id,
+            "generation": self.generation,
+            "sentAt": format_time(self.sent_at),
+            "models": [m.to_json() for m in self.models],
+            "facts": self.facts,
+        }
+        if self.last_error:
+            doc["lastError"] = self.last_error
+        return doc
+
+
+def status_from_json(doc: object) -> StatusReport:
+    """Validate a status report; raises InvalidMessage naming the bad field."""
+    d = require_object(doc, "status")
+    raw_models = get_list(d, "models")
+    if len(raw_models) > MAX_MODELS_PER_REPORT:
+        raise InvalidMessage(f"models lists more than {MAX_MODELS_PER_REPORT}", "models")
+    models = []
+    for i, m in enumerate(raw_models):
+        p = f"models[{i}]."
+        md = require_object(m, p.rstrip("."))
+        state = req_str(md, "state", p)
+        if state not in MODEL_STATES:
+            raise InvalidMessage(f"{p}state must be one of {', '.join(MODEL_STATES)}", f"{p}state")
+        models.append(
+            ModelStatus(
+                name=check_name(req_str(md, "name", p), f"{p}name"),
+                version=check_version(req_str(md, "version", p), f"{p}version"),
+                manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
+                state=state,
+                reason=get_str(md, "reason", p, optional=True, max_len=2000),
+            )
+        )
+    facts = d.get("facts") or {}
+    if not isinstance(facts, dict):
+        raise InvalidMessage("facts must be an object", "facts")
+    return StatusReport(
+        agent_id=req_str(d, "agentId"),
+        generation=get_int(d, "generation"),
+        sent_at=parse_time(d.get("sentAt"), "sentAt"),
+        models=tuple(models),
+        facts=facts,
+        last_error=get_str(d, "lastError", optional=True, max_len=2000),
+        extra=extra_fields(d, ("agentId", "generation", "sentAt", "models", "facts", "lastError")),
+    )
+
+
+@dataclass
+class SeriesWindow:
+    """Counts and latency of one model version over one window."""
+
+    model: str
+    version: str
+    requests: int = 0
+    errors: int = 0
+    latency_ms: DDSketch = field(default_factory=DDSketch)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "requests": self.requests,
+            "errors": self.errors,
+            "latencyMs": self.latency_ms.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class MetricsBatch:
+    """One window of metrics from one agent; ``seq`` makes resending it safe."""
+
+    agent_id: str
+    seq: int
+    window_start: datetime
+    window_end: datetime
+    series: tuple[SeriesWindow, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, unknown fields kept."""
+        return {
+            **self.extra,
+            "agentId": self.agent_id,
+            "seq": self.seq,
+            "windowStart": format_time(self.window_start),
+            "windowEnd": format_time(self.window_end),
+            "series": [s.to_json() for s in self.series],
+        }
+
+
+def metrics_from_json(doc: object) -> MetricsBatch:
+    """Validate a metrics batch; raises InvalidMessage naming the bad field."""
+    d = require_object(doc, "metrics")
+    raw = get_list(d, "series")
+    if len(raw) > MAX_SERIES_PER_BATCH:
+        raise InvalidMessage(f"series lists more than {MAX_SERIES_PER_BATCH}", "series")
+    series = []
+    for i, s in enumerate(raw):
+        p = f"series[{i}]."
+        sd = require_object(s, p.rstrip("."))
+        requests = get_int(sd, "requests", p)
+        errors = get_int(sd, "errors", p)
+        if errors > requests:
+            raise InvalidMessage(f"{p}errors exceeds {p}requests", f"{p}errors")
+        sketch = DDSketch.from_json(sd.get("latencyMs"), f"{p}latencyMs.")
+        series.append(
+            SeriesWindow(
+                model=check_name(req_str(sd, "model", p), f"{p}model"),
+                version=check_version(req_str(sd, "version", p), f"{p}version"),
+                requests=requests,
+                errors=errors,
+                latency_ms=sketch,
+            )
+        )
+    start = parse_time(d.get("windowStart"), "windowStart")
+    end = parse_time(d.get("windowEnd"), "windowEnd")
+    if end < start:
+        raise InvalidMessage("windowEnd is before windowStart", "windowEnd")
+    return MetricsBatch(
+        agent_id=req_str(d, "agentId"),
+        seq=get_int(d, "seq", minimum=1),
+        window_start=start,
+        window_end=end,
+        series=tuple(series),
+        extra=extra_fields(d, ("agentId", "seq", "windowStart", "windowEnd", "series")),
+    )
