@@ -60,7 +60,7 @@ class State:
 
 
 STATE = web.AppKey("state", State)
-PRINCIPAL = "principal"
+PRINCIPAL = web.RequestKey("principal", object)
 BLOB_CHUNK = 256 * 1024
 
 

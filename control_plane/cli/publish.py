@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_plane.cli.common import CliError
 from control_plane.files import write_private
@@ -103,6 +104,46 @@ def onnx_signature(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSp
     return tuple(spec(a) for a in sess.get_inputs()), tuple(spec(a) for a in sess.get_outputs())
 
 
+def build_bundle(
+    model: bytes,
+    name: str,
+    version: str,
+    keys: list[Ed25519PrivateKey],
+    smoke: tuple[bytes, bytes] | None = None,
+    atol: float = 1e-4,
+    created: datetime | None = None,
+) -> tuple[bytes, Manifest]:
+    """Sign ``model`` into bundle bytes; raises CliError for a model ORT cannot load.
+
+    ``smoke`` is (input .npy bytes, expected output .npy bytes).
+    """
+    inputs, outputs = onnx_signature(model)
+    files = {"model.onnx": model}
+    entries = [FileEntry("model.onnx", sha256_digest(model), len(model), ONNX_MEDIA_TYPE, "model")]
+    smoke_test = None
+    if smoke is not None:
+        for member, data in zip(("smoke/input.npy", "smoke/output.npy"), smoke, strict=True):
+            files[member] = data
+            entries.append(
+                FileEntry(member, sha256_digest(data), len(data), NPY_MEDIA_TYPE, "smoke")
+            )
+        smoke_test = SmokeTest("smoke/input.npy", "smoke/output.npy", atol=atol)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        runtime="onnx",
+        created=format_time(created or datetime.now(UTC)),
+        files=tuple(entries),
+        inputs=inputs,
+        outputs=outputs,
+        smoke_test=smoke_test,
+    )
+    envelope = sign(MANIFEST_PAYLOAD_TYPE, manifest.to_bytes(), keys)
+    buf = io.BytesIO()
+    write_bundle(buf, envelope, files)
+    return buf.getvalue(), manifest
+
+
 def cmd_bundle_build(args: argparse.Namespace) -> int:
     """Build and sign a bundle."""
     try:
@@ -110,43 +151,27 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
         key = load_private_key(_read(args.key, "--key"))
     except ProtocolError as exc:
         raise CliError(str(exc)) from None
-    model = _read(args.model, "model")
-    inputs, outputs = onnx_signature(model)
-    files = {"model.onnx": model}
-    entries = [FileEntry("model.onnx", sha256_digest(model), len(model), ONNX_MEDIA_TYPE, "model")]
-    smoke = None
     if bool(args.smoke_input) != bool(args.smoke_output):
         raise CliError("--smoke-input and --smoke-output go together")
+    smoke = None
     if args.smoke_input:
-        for flag, path, member in (
-            ("--smoke-input", args.smoke_input, "smoke/input.npy"),
-            ("--smoke-output", args.smoke_output, "smoke/output.npy"),
+        arrays = []
+        for flag, path in (
+            ("--smoke-input", args.smoke_input),
+            ("--smoke-output", args.smoke_output),
         ):
             data = _read(path, flag)
             try:
                 np.load(io.BytesIO(data), allow_pickle=False)
             except ValueError as exc:
                 raise CliError(f"{flag} {path} is not a .npy array: {exc}") from None
-            files[member] = data
-            entries.append(
-                FileEntry(member, sha256_digest(data), len(data), NPY_MEDIA_TYPE, "smoke")
-            )
-        smoke = SmokeTest("smoke/input.npy", "smoke/output.npy", atol=args.tolerance)
-    manifest = Manifest(
-        name=name,
-        version=version,
-        runtime="onnx",
-        created=format_time(datetime.now(UTC)),
-        files=tuple(entries),
-        inputs=inputs,
-        outputs=outputs,
-        smoke_test=smoke,
+            arrays.append(data)
+        smoke = (arrays[0], arrays[1])
+    data, manifest = build_bundle(
+        _read(args.model, "model"), name, version, [key], smoke, args.tolerance
     )
-    envelope = sign(MANIFEST_PAYLOAD_TYPE, manifest.to_bytes(), [key])
     out = args.out or Path(f"{name}-{version}.mfb")
-    buf = io.BytesIO()
-    write_bundle(buf, envelope, files)
-    write_private(out, buf.getvalue(), 0o644)
+    write_private(out, data, 0o644)
     print(f"wrote {out}: {name} {version}, manifest {sha256_digest(manifest.to_bytes())}")
     return 0
 

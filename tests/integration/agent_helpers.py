@@ -1,0 +1,138 @@
+"""Helpers to run a real agent in-process against a control plane, and a MITM proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent.client import enroll
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.state import Identity, StateDir
+from tests.conftest import ControlPlane
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+async def enroll_agent(
+    cp: ControlPlane, state_dir: Path, labels: dict[str, str], server: str | None = None
+) -> Identity:
+    """Enroll through the real API and write the state dir as ``agent enroll`` does."""
+    r = await cp.call("POST", "/enrollment-tokens", json={"labels": labels})
+    token = (await r.json())["token"]
+    url = server or cp.url
+    out = await enroll(url, token, None, {}, {"cpuCount": 1})
+    identity = Identity(out["agentId"], url, out["credential"], out["name"], out["labels"])
+    StateDir(state_dir).save_enrollment(identity, out["controlPlaneKey"], out["trustedPublishers"])
+    return identity
+
+
+@asynccontextmanager
+async def running_agent(state_dir: Path, **overrides: Any) -> AsyncIterator[Agent]:
+    """An agent daemon on a free loopback port with fast loops."""
+    config = AgentConfig(
+        state_dir=state_dir,
+        serve_port=0,
+        heartbeat_s=0.5,
+        poll_wait_s=2.0,
+        metrics_interval_s=0.3,
+        drain_s=2.0,
+        **overrides,
+    )
+    async with Agent(config) as agent:
+        yield agent
+
+
+async def infer(port: int, model: str = "iris", body: Any = None) -> tuple[int, Any]:
+    """POST an Open Inference Protocol request to an agent."""
+    body = body or {
+        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                    "data": [5.1, 3.5, 1.4, 0.2]}]
+    }  # fmt: skip
+    async with aiohttp.ClientSession() as s:
+        kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+        async with s.post(f"http://127.0.0.1:{port}/v2/models/{model}/infer", **kw) as r:
+            return r.status, await r.json()
+
+
+async def active_version(cp: ControlPlane, agent_id: str, model: str = "iris") -> str | None:
+    """The version the control plane sees active on an agent."""
+    a = await (await cp.call("GET", f"/agents/{agent_id}")).json()
+    for m in a["models"]:
+        if m["name"] == model and m["state"] == "active":
+            return m["version"]
+    return None
+
+
+class MitmProxy:
+    """A reverse proxy on loopback that can replace desired-state answers (an attacker)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.replacement: bytes | None = None
+        self.seen_desired: list[bytes] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/desired") and self.replacement is not None:
+            await asyncio.sleep(0.05)
+            return web.Response(body=self.replacement, content_type="application/json")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method, self.upstream + request.path_qs,
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                data=await request.read(),
+            ) as r,
+        ):  # fmt: skip
+            body = await r.read()
+            if request.path.endswith("/desired") and r.status == 200:
+                self.seen_desired.append(body)
+            headers = {k: v for k, v in r.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding",
+                                            "content-encoding", "connection")}  # fmt: skip
+            return web.Response(status=r.status, body=body, headers=headers)
+
+    async def __aenter__(self) -> MitmProxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def wait_active(cp: ControlPlane, agent_id: str, version: str, timeout: float = 15) -> None:
+    """Wait until the control plane sees ``version`` of iris active on the agent."""
+
+    async def check() -> bool:
+        return await active_version(cp, agent_id) == version
+
+    await eventually(check, timeout)
