@@ -13,8 +13,6 @@ from aiohttp import web
 
 from control_plane.cli.common import CliError
 from control_plane.config import ServerConfig
-from control_plane.db.engine import Database
-from control_plane.errors import ConfigError
 
 log = logging.getLogger("modelfleet.server")
 
@@ -65,6 +63,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT/SIGTERM; a second signal exits at once."""
+    # Imported here: the server's stack (SQLAlchemy, Alembic) would slow every other command.
+    from control_plane.errors import ConfigError
     from control_plane.http import create_app
 
     try:
@@ -104,6 +104,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply migrations."""
+    from control_plane.db.engine import Database
+
     url = args.db or os.environ.get("MODELFLEET_DB")
     cfg = ServerConfig(data_dir=args.data_dir, db_url=url)
 

@@ -20,17 +20,17 @@ from tests.conftest import ControlPlane
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any]], within_s: float = 15.0, interval: float = 0.05
 ) -> Any:
     """Poll ``check`` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     last: Any = None
     while time.monotonic() < deadline:
         last = await check()
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+    raise AssertionError(f"condition not met within {within_s}s; last value: {last!r}")
 
 
 async def enroll_agent(
@@ -129,10 +129,10 @@ class MitmProxy:
         await self.runner.cleanup()
 
 
-async def wait_active(cp: ControlPlane, agent_id: str, version: str, timeout: float = 15) -> None:
+async def wait_active(cp: ControlPlane, agent_id: str, version: str, within_s: float = 15) -> None:
     """Wait until the control plane sees ``version`` of iris active on the agent."""
 
     async def check() -> bool:
         return await active_version(cp, agent_id) == version
 
-    await eventually(check, timeout)
+    await eventually(check, within_s)
