@@ -41,7 +41,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--heartbeat", type=float, default=15.0, help="seconds between heartbeats")
     r.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds")
     r.add_argument("--metrics-interval", type=float, default=10.0, help="seconds per batch")
+    r.add_argument(
+        "--max-download-rate",
+        type=_rate,
+        metavar="RATE",
+        help="bytes per second for all downloads, e.g. 500k or 20M",
+    )
+    r.add_argument("--max-concurrent-downloads", type=int, default=2)
+    r.add_argument("--disk-budget-mb", type=float, help="cap on the blob store's size")
+    r.add_argument(
+        "--keep-versions",
+        type=int,
+        default=1,
+        help="old versions kept on disk per model for rollback",
+    )
+    r.add_argument(
+        "--health-window",
+        type=float,
+        default=60.0,
+        help="seconds a new version is watched after activation",
+    )
+    r.add_argument("--health-max-error-rate", type=float, default=0.2)
+    r.add_argument("--no-cuda", action="store_true", help="never use the CUDA provider")
     r.set_defaults(func=cmd_run)
+
+
+def _rate(text: str) -> float:
+    """Parse ``500k``, ``20M``, ``1G`` or plain bytes per second."""
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
+    number = text[:-1] if mult != 1.0 else text
+    try:
+        value = float(number) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (try 500k or 20M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the rate must be positive")
+    return value
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -108,9 +143,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         host, port = _serve_address(args.serve)
     except ValueError as exc:
         return _fail(str(exc), 2)
-    for name in ("heartbeat", "poll_wait", "metrics_interval"):
+    for name in ("heartbeat", "poll_wait", "metrics_interval", "health_window",
+                 "max_concurrent_downloads"):  # fmt: skip
         if getattr(args, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive", 2)
+    if args.keep_versions < 0:
+        return _fail("--keep-versions must be 0 or more", 2)
+    if not 0 <= args.health_max_error_rate <= 1:
+        return _fail("--health-max-error-rate must be between 0 and 1", 2)
+    failpoints = tuple(filter(None, os.environ.get("MODELFLEET_FAILPOINTS", "").split(",")))
     config = AgentConfig(
         state_dir=args.state_dir,
         serve_host=host,
@@ -119,9 +160,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         poll_wait_s=args.poll_wait,
         metrics_interval_s=args.metrics_interval,
+        max_download_rate=args.max_download_rate,
+        max_concurrent_downloads=args.max_concurrent_downloads,
+        disk_budget_bytes=int(args.disk_budget_mb * 1024 * 1024) if args.disk_budget_mb else None,
+        keep_versions=args.keep_versions,
+        health_window_s=args.health_window,
+        health_max_error_rate=args.health_max_error_rate,
+        allow_cuda=not args.no_cuda,
+        failpoints=failpoints,
     )
     try:
         asyncio.run(run_agent(config))
-    except AgentError as exc:
+    except (AgentError, ValueError) as exc:
         return _fail(str(exc))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from agent.exceptions import HttpStatusError, TransportError
 from protocol.dsse import MAX_ENVELOPE_BYTES
 
 CHUNK = 256 * 1024
+# Called after each chunk is written with (chunk length, bytes on disk so far).
+OnChunk = Callable[[int, int], Awaitable[None]]
 
 
 class ControlPlaneClient:
@@ -73,7 +76,9 @@ class ControlPlaneClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"manifest {digest}: {exc!r}") from exc
 
-    async def download_blob(self, digest: str, size: int, dest: Path) -> None:
+    async def download_blob(
+        self, digest: str, size: int, dest: Path, on_chunk: OnChunk | None = None
+    ) -> None:
         """Append the missing bytes of a blob to ``dest``, resuming with Range.
 
         Never writes past ``size``. Raises TransportError; the caller verifies the digest.
@@ -102,6 +107,8 @@ class ControlPlaneClient:
                             )
                         await asyncio.to_thread(f.write, chunk)
                         have += len(chunk)
+                        if on_chunk is not None:
+                            await on_chunk(len(chunk), have)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"blob {digest}: {exc!r}") from exc
         if have != size:

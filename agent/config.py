@@ -18,7 +18,18 @@ class AgentConfig:
     heartbeat_s: float = 15.0
     poll_wait_s: float = 30.0
     metrics_interval_s: float = 10.0
-    max_pending_batches: int = 10_000
+    max_pending_batches: int = 10_000  # on-disk buffer; the oldest go first beyond this
     inference_threads: int = max(2, os.cpu_count() or 2)
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    allow_cuda: bool = True
     drain_s: float = 10.0
+    # Updates: a new version is on probation for health_window_s after it takes traffic.
+    health_window_s: float = 60.0
+    health_max_error_rate: float = 0.2
+    health_min_requests: int = 20
+    keep_versions: int = 1  # old versions kept on disk per model, for rollback
+    # Downloads.
+    max_concurrent_downloads: int = 2
+    max_download_rate: float | None = None  # bytes per second, all downloads together
+    download_attempts: int = 5
+    disk_budget_bytes: int | None = None  # None: only the free space of the disk counts
+    failpoints: tuple[str, ...] = ()

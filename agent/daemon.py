@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,19 +19,25 @@ import numpy as np
 from aiohttp import web
 
 from agent.backoff import Backoff
+from agent.buffer import MetricsBuffer
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
 from agent.exceptions import HttpStatusError, TransportError, UpdateError
 from agent.facts import gather_facts
+from agent.failpoints import Failpoints
 from agent.metrics import MetricsRecorder
+from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
 from agent.runtime import LoadedModel, check_feeds, load_model, run_smoke_test
 from agent.state import Identity, StateDir
 from agent.store import LocalStore
 from agent.trust import verified_manifest
+from agent.variants import choose_variant, providers_for
 from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError
+from protocol.manifest import FileEntry, Manifest
 from protocol.reports import MetricsBatch, ModelStatus, StatusReport
+from protocol.versions import compare_versions
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -47,6 +54,17 @@ class Progress:
     reason: str | None = None
 
 
+@dataclass
+class Probation:
+    """A version that just took traffic, with the one it replaced kept loaded to fall back to."""
+
+    new: LoadedModel
+    previous: LoadedModel | None
+    until: float  # monotonic
+    requests: int = 0
+    errors: int = 0
+
+
 class Agent:
     """One running agent."""
 
@@ -58,20 +76,31 @@ class Agent:
         self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
         self.state = self.dirs.load_state()
         self.store = LocalStore(config.state_dir)
+        self.buffer = MetricsBuffer(
+            config.state_dir / "metrics-buffer.db", config.max_pending_batches
+        )
+        self.failpoints = Failpoints(config.failpoints)
         self.client = ControlPlaneClient(
             self.identity.server, self.identity.credential, self.identity.agent_id
         )
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
         self.models: dict[str, LoadedModel] = {}
         self.desired: tuple[DesiredModel, ...] = ()
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
         self.progress: dict[str, Progress] = {}
+        self.probation: dict[str, Probation] = {}
         self.last_error: str | None = None
         self.facts = gather_facts()
-        self.metrics = MetricsRecorder(self.identity.agent_id, self.state.next_seq, _utcnow())
-        self.pending_batches: list[MetricsBatch] = []
+        self.metrics = MetricsRecorder(_utcnow())
+        self.counters: dict[str, float] = {
+            "downloads": 0, "download_bytes": 0, "last_sync": 0,
+            "pending_batches": 0, "dropped_batches": 0,
+        }  # fmt: skip
+        self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
+        self._download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         self._reconcile_wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
+        self._state_dirty = False
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -93,12 +122,8 @@ class Agent:
         server = site._server
         assert server is not None
         self.serve_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info(
-            "agent %s serving on %s:%s",
-            self.identity.agent_id,
-            self.config.serve_host,
-            self.serve_port,
-        )
+        log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
+                 self.serve_port)  # fmt: skip
         for name, coro in (
             ("sync", self._sync_loop()),
             ("reconcile", self._reconcile_loop()),
@@ -110,40 +135,40 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        # Order: stop taking requests and drain them, stop the loops, flush, disconnect.
+        # Order: stop taking requests and drain them (aiohttp waits up to drain_s), stop the
+        # loops, flush metrics once, disconnect.
         if self._runner is not None:
-            # aiohttp stops listening, then waits up to drain_s for in-flight requests.
             await self._runner.cleanup()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cut_metrics()
         try:
             async with asyncio.timeout(3):
-                await self._flush_metrics(final=True)
+                await self._flush_metrics()
         except (TimeoutError, TransportError):
-            log.warning("could not flush %d metrics batch(es) on exit", len(self.pending_batches))
+            log.warning("%d metrics batch(es) stay buffered on disk", self.buffer.pending())
         await self.client.__aexit__(None, None, None)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.buffer.close()
 
     async def _restore(self) -> None:
         """Serve what was active before a restart, and resume the last accepted desired state."""
         if self.state.desired_envelope:
             try:
                 ds = accept_desired(
-                    self.state.desired_envelope.encode(),
-                    self.cp_keys,
-                    self.identity.agent_id,
-                    0,
-                    _utcnow(),
-                )
+                    self.state.desired_envelope.encode(), self.cp_keys,
+                    self.identity.agent_id, 0, _utcnow(),
+                )  # fmt: skip
                 if ds is not None:
                     self.desired = ds.models
             except ProtocolError as exc:
                 log.warning("stored desired state not used: %s", exc)
         for name, info in list(self.state.active.items()):
-            wanted = DesiredModel(name, info["version"], info["manifestDigest"])
+            wanted = DesiredModel(name, info["version"], info["manifestDigest"], rollback=True)
             try:
-                await self._activate(wanted, persist=False)
+                lm = await self._load(wanted)
+                self.models[name] = lm
             except UpdateError as exc:
                 log.error("could not restore %s %s: %s", name, wanted.version, exc)
                 self.state.active.pop(name, None)
@@ -163,31 +188,28 @@ class Agent:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
+            self.counters["last_sync"] = time.time()
             if envelope is not None and not await self.handle_desired(envelope):
                 # A refused document would come straight back: do not spin on it.
                 await asyncio.sleep(backoff.next_delay())
+            elif self.last_error and self.last_error.startswith("desired state poll failed"):
+                self._note_error(None)
 
     async def handle_desired(self, envelope: bytes) -> bool:
         """Verify and adopt a desired-state envelope; False (and reported) when refused."""
         try:
             ds = accept_desired(
-                envelope,
-                self.cp_keys,
-                self.identity.agent_id,
-                self.state.highest_generation,
-                _utcnow(),
-            )
+                envelope, self.cp_keys, self.identity.agent_id,
+                self.state.highest_generation, _utcnow(),
+            )  # fmt: skip
         except ProtocolError as exc:
             self._note_error(f"refused desired state: {exc}")
             log.warning("refused desired state: %s", exc)
             return False
         if ds is None:
             return True
-        log.info(
-            "desired state generation %d: %s",
-            ds.generation,
-            ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing",
-        )
+        log.info("desired state generation %d: %s", ds.generation,
+                 ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.desired = ds.models
         self.state.highest_generation = ds.generation
@@ -198,7 +220,7 @@ class Agent:
         self._status_dirty.set()
         return True
 
-    def _note_error(self, message: str) -> None:
+    def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
             self.last_error = message
             self._status_dirty.set()
@@ -228,23 +250,32 @@ class Agent:
             if self.store.load_manifest(m.manifest_digest) is not None
         }
 
+    def _check_rollback(self) -> None:
+        """Refuse a version below the highest activated, unless the control plane ordered it."""
+        for m in self.desired:
+            highest = self.state.highest_versions.get(m.name)
+            if highest and not m.rollback and compare_versions(m.version, highest) < 0:
+                running = self.models.get(m.name)
+                if running is None or running.manifest_digest != m.manifest_digest:
+                    self.failed[m.manifest_digest] = Progress(
+                        "refused",
+                        f"version {m.version} is lower than {highest}, already activated; "
+                        "only a rollback ordered by the control plane may go down",
+                    )
+
     async def reconcile(self) -> bool:
         """Run one plan to completion; True when something must be retried later."""
         async with self._reconcile_lock:
+            self._check_rollback()
             running = {n: m.manifest_digest for n, m in self.models.items()}
-            p = plan(self.desired, await asyncio.to_thread(self._installed), running, self.failed)
-            incomplete = False
-            fetched_ok: set[str] = set()
+            failed = {d: p.reason or p.state for d, p in self.failed.items()}
+            p = plan(self.desired, await asyncio.to_thread(self._installed), running, failed)
             for m in p.fetch:
                 self._set_progress(m, "downloading")
-                try:
-                    await self._fetch(m)
-                    fetched_ok.add(m.manifest_digest)
-                except UpdateError as exc:
-                    self._fail(m, str(exc))
-                except TransportError as exc:
-                    self._set_progress(m, "downloading", f"retrying: {exc}")
-                    incomplete = True
+            results = await asyncio.gather(*(self._fetch_one(m) for m in p.fetch))
+            incomplete = any(r == "retry" for r in results)
+            fetched_ok = {m.manifest_digest for m, r in zip(p.fetch, results, strict=True)
+                          if r == "ok"}  # fmt: skip
             fetched = {m.manifest_digest for m in p.fetch}
             for m in p.activate:
                 if m.manifest_digest in fetched and m.manifest_digest not in fetched_ok:
@@ -258,10 +289,13 @@ class Agent:
                     self._fail(m, str(exc))
             for name in p.unload:
                 self.models.pop(name, None)
+                self.probation.pop(name, None)
                 self.state.active.pop(name, None)
                 self.progress.pop(name, None)
+                self._state_dirty = True
                 log.info("unloaded %s", name)
-            if p.unload:
+            if self._state_dirty:
+                self._state_dirty = False
                 await asyncio.to_thread(self.dirs.save_state, self.state)
             self._status_dirty.set()
             return incomplete
@@ -272,53 +306,165 @@ class Agent:
 
     def _fail(self, m: DesiredModel, reason: str) -> None:
         log.error("%s %s failed: %s", m.name, m.version, reason)
-        self.failed[m.manifest_digest] = reason
+        self.failed[m.manifest_digest] = Progress("failed", reason)
         self.progress[m.name] = Progress("failed", reason)
         self._status_dirty.set()
+
+    async def _fetch_one(self, m: DesiredModel) -> str:
+        """Fetch one version: "ok", "failed" (reported, not retried) or "retry" (link trouble)."""
+        try:
+            await self._fetch(m)
+            return "ok"
+        except UpdateError as exc:
+            self._fail(m, str(exc))
+            return "failed"
+        except TransportError as exc:
+            self._set_progress(m, "downloading", f"retrying: {exc}")
+            return "retry"
 
     async def _fetch(self, m: DesiredModel) -> None:
         envelope = await self.client.get_manifest(m.manifest_digest)
         manifest = verified_manifest(envelope, self.publishers, m)
-        for f in manifest.files:
-            if await asyncio.to_thread(self.store.has_blob, f.digest):
-                continue
-            try:
-                await self.client.download_blob(f.digest, f.size, self.store.partial_path(f.digest))
-            except HttpStatusError as exc:
-                if exc.status in (404, 410):
-                    raise UpdateError(
-                        f"blob {f.digest} of {f.path!r} is not on the server"
-                    ) from None
-                raise
+        variant = choose_variant(manifest, self.facts)
+        files = [f for f in manifest.files if f.role != "model" or f is variant]
+        await self._ensure_room(files)
+        await asyncio.gather(*(self._download(f) for f in files))
+        self.failpoints.hit("before-manifest-saved")
+        await asyncio.to_thread(self.store.save_manifest, m.manifest_digest, envelope)
+
+    async def _ensure_room(self, files: list[FileEntry]) -> None:
+        """Refuse a version that would not fit the disk or the budget, after pruning."""
+        needed = sum(f.size for f in files if not self.store.has_blob(f.digest))
+        if not needed:
+            return
+        free = (await asyncio.to_thread(shutil.disk_usage, self.config.state_dir)).free
+        if needed > free:
+            raise UpdateError(f"needs {needed} bytes of disk, {free} are free")
+        budget = self.config.disk_budget_bytes
+        if budget is None:
+            return
+        used = await asyncio.to_thread(self.store.used_bytes)
+        if used + needed > budget:
+            await asyncio.to_thread(self._prune)
+            used = await asyncio.to_thread(self.store.used_bytes)
+        if used + needed > budget:
+            raise UpdateError(
+                f"needs {needed} bytes but the disk budget of {budget} leaves {budget - used}"
+            )
+
+    async def _download(self, f: FileEntry) -> None:
+        if await asyncio.to_thread(self.store.has_blob, f.digest):
+            return
+        async with self._download_slots:
+            backoff = Backoff(base=0.2, cap=5.0)
+            half_reported = False
+
+            async def on_chunk(n: int, have: int) -> None:
+                nonlocal half_reported
+                self.counters["download_bytes"] += n
+                if self._limiter is not None:
+                    await self._limiter.consume(n)
+                if not half_reported and have * 2 >= f.size:
+                    half_reported = True
+                    self.failpoints.hit("download-midway")
+
+            for attempt in range(1, self.config.download_attempts + 1):
+                try:
+                    await self.client.download_blob(
+                        f.digest, f.size, self.store.partial_path(f.digest), on_chunk
+                    )
+                    break
+                except HttpStatusError as exc:
+                    if 400 <= exc.status < 500:
+                        raise UpdateError(
+                            f"blob {f.digest} of {f.path!r}: HTTP {exc.status}"
+                        ) from None
+                    if attempt == self.config.download_attempts:
+                        raise
+                except TransportError as exc:
+                    if attempt == self.config.download_attempts:
+                        raise
+                    log.info("download of %s cut (%s); resuming", f.path, exc)
+                await asyncio.sleep(backoff.next_delay())
             try:
                 await asyncio.to_thread(self.store.commit_partial, f.digest, f.size)
             except ValueError as exc:
                 raise UpdateError(f"file {f.path!r}: {exc}") from None
-        await asyncio.to_thread(self.store.save_manifest, m.manifest_digest, envelope)
+            self.counters["downloads"] += 1
+            self.failpoints.hit("blob-committed")
 
-    async def _activate(self, m: DesiredModel, persist: bool = True) -> None:
+    async def _load(self, m: DesiredModel) -> LoadedModel:
+        """Load an installed version after verifying it again; raises UpdateError."""
         envelope = await asyncio.to_thread(self.store.load_manifest, m.manifest_digest)
         if envelope is None:
             raise UpdateError(f"{m.name} {m.version} is not installed")
         manifest = verified_manifest(envelope, self.publishers, m)
+        variant = choose_variant(manifest, self.facts)
         for f in manifest.files:
+            if f.role == "model" and f is not variant:
+                continue
             if not await asyncio.to_thread(self.store.verify_blob, f.digest, f.size):
                 raise UpdateError(f"stored file {f.path!r} is missing or corrupt")
         loop = asyncio.get_running_loop()
-        model_path = self.store.blob_path(manifest.model_file().digest)
-        runtime = await loop.run_in_executor(self.executor, load_model, manifest, model_path)
-        if manifest.smoke_test is not None:
-            st = manifest.smoke_test
-            inp = self.store.blob_path(manifest.file(st.input_path).digest).read_bytes()
-            out = self.store.blob_path(manifest.file(st.output_path).digest).read_bytes()
-            await loop.run_in_executor(
-                self.executor, run_smoke_test, runtime, inp, out, st.atol, st.rtol
+        providers = providers_for(variant, self.facts, self.config.allow_cuda)
+        runtime = await loop.run_in_executor(
+            self.executor, load_model, manifest.runtime, self.store.blob_path(variant.digest),
+            providers,
+        )  # fmt: skip
+        await self._smoke_test(manifest, runtime)
+        return LoadedModel(
+            m.name, m.version, m.manifest_digest, runtime,
+            variant=variant.variant or "default", runtime_name=manifest.runtime,
+        )  # fmt: skip
+
+    async def _smoke_test(self, manifest: Manifest, runtime: Any) -> None:
+        st = manifest.smoke_test
+        if st is None:
+            return
+        inp, out = await asyncio.to_thread(
+            lambda: (
+                self.store.blob_path(manifest.file(st.input_path).digest).read_bytes(),
+                self.store.blob_path(manifest.file(st.output_path).digest).read_bytes(),
             )
+        )
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, run_smoke_test, runtime, inp, out, st.atol, st.rtol
+        )
+
+    async def _activate(self, m: DesiredModel) -> None:
+        lm = await self._load(m)
+        self.failpoints.hit("model-loaded")
+        previous = self.models.get(m.name)
         # The swap: one assignment, so a request sees the old or the new version, never neither.
-        self.models[m.name] = LoadedModel(m.name, m.version, m.manifest_digest, runtime)
-        if persist:
-            self.state.active[m.name] = {"version": m.version, "manifestDigest": m.manifest_digest}
-            await asyncio.to_thread(self.dirs.save_state, self.state)
+        self.models[m.name] = lm
+        self.probation[m.name] = Probation(
+            lm, previous, time.monotonic() + self.config.health_window_s
+        )
+        self.failpoints.hit("before-state-saved")
+        self.state.active[m.name] = {
+            "version": m.version, "manifestDigest": m.manifest_digest, "variant": lm.variant,
+        }  # fmt: skip
+        highest = self.state.highest_versions.get(m.name)
+        if highest is None or compare_versions(m.version, highest) > 0 or m.rollback:
+            self.state.highest_versions[m.name] = m.version
+        history = self.state.history.setdefault(m.name, [])
+        if m.manifest_digest in history:
+            history.remove(m.manifest_digest)
+        history.insert(0, m.manifest_digest)
+        await asyncio.to_thread(self.dirs.save_state, self.state)
+        await asyncio.to_thread(self._prune)
+
+    def _prune(self) -> None:
+        """Keep, per model, the active version and ``keep_versions`` before it; drop the rest."""
+        keep = {m.manifest_digest for m in self.desired}
+        keep |= {lm.manifest_digest for lm in self.models.values()}
+        keep |= {p.previous.manifest_digest for p in self.probation.values() if p.previous}
+        for history in self.state.history.values():
+            del history[1 + self.config.keep_versions :]
+            keep |= set(history)
+        removed = self.store.prune(keep)
+        if removed:
+            log.info("pruned %d old version(s) from disk", removed)
 
     # ------------------------------------------------------------------------ serving
 
@@ -334,10 +480,52 @@ class Agent:
         try:
             out = await loop.run_in_executor(self.executor, lm.runtime.run, feeds)
         except Exception:
-            self.metrics.record(name, lm.version, (time.perf_counter() - t0) * 1000, True)
+            self._count(lm, time.perf_counter() - t0, error=True)
             raise
-        self.metrics.record(name, lm.version, (time.perf_counter() - t0) * 1000, False)
+        self._count(lm, time.perf_counter() - t0, error=False)
         return lm, out
+
+    def _count(self, lm: LoadedModel, latency_s: float, error: bool) -> None:
+        self.metrics.record(lm.name, lm.version, latency_s, error)
+        p = self.probation.get(lm.name)
+        if p is None or p.new is not lm:
+            return
+        if time.monotonic() > p.until:
+            del self.probation[lm.name]  # passed: let the previous version go
+            return
+        p.requests += 1
+        p.errors += error
+        if (
+            p.requests >= self.config.health_min_requests
+            and p.errors / p.requests > self.config.health_max_error_rate
+        ):
+            self._roll_back(p)
+
+    def _roll_back(self, p: Probation) -> None:
+        """The new version fails its requests: the previous one serves again at once."""
+        new = p.new
+        reason = (
+            f"{p.errors} of {p.requests} requests failed within "
+            f"{self.config.health_window_s:g}s of activation (limit "
+            f"{self.config.health_max_error_rate:.0%}); rolled back"
+        )
+        del self.probation[new.name]
+        if p.previous is not None:
+            self.models[new.name] = p.previous
+            prev = p.previous
+            self.state.active[new.name] = {
+                "version": prev.version, "manifestDigest": prev.manifest_digest,
+                "variant": prev.variant,
+            }  # fmt: skip
+        else:
+            self.models.pop(new.name, None)
+            self.state.active.pop(new.name, None)
+        log.error("%s %s: %s", new.name, new.version, reason)
+        self.failed[new.manifest_digest] = Progress("failed", reason)
+        self.progress[new.name] = Progress("failed", reason)
+        self._state_dirty = True
+        self._reconcile_wake.set()  # persists the state
+        self._status_dirty.set()
 
     def ready(self) -> bool:
         """Every desired model has a version serving."""
@@ -348,16 +536,14 @@ class Agent:
     def status_report(self) -> StatusReport:
         """The agent's status now."""
         models = [
-            ModelStatus(lm.name, lm.version, lm.manifest_digest, "active")
+            ModelStatus(lm.name, lm.version, lm.manifest_digest, "active", variant=lm.variant)
             for lm in sorted(self.models.values(), key=lambda x: x.name)
         ]
         for m in self.desired:
             running = self.models.get(m.name)
             if running is not None and running.manifest_digest == m.manifest_digest:
                 continue
-            pr = self.progress.get(m.name)
-            if m.manifest_digest in self.failed:
-                pr = Progress("failed", self.failed[m.manifest_digest])
+            pr = self.failed.get(m.manifest_digest) or self.progress.get(m.name)
             pr = pr or Progress("downloading")
             models.append(ModelStatus(m.name, m.version, m.manifest_digest, pr.state, pr.reason))
         facts: dict[str, Any] = {**self.facts, "servePort": self.serve_port}
@@ -368,6 +554,10 @@ class Agent:
             models=tuple(models),
             facts=facts,
             last_error=self.last_error,
+            extra={
+                "metricsPending": int(self.counters["pending_batches"]),
+                "metricsDropped": int(self.counters["dropped_batches"]),
+            },
         )
 
     async def _status_loop(self) -> None:
@@ -379,6 +569,9 @@ class Agent:
             except TimeoutError:
                 pass
             self._status_dirty.clear()
+            now = time.monotonic()
+            for name in [n for n, p in self.probation.items() if now > p.until]:
+                del self.probation[name]
             try:
                 await self.client.post_status(self.status_report().to_json())
                 backoff.reset()
@@ -387,35 +580,47 @@ class Agent:
                 await asyncio.sleep(backoff.next_delay())
                 self._status_dirty.set()
 
-    def _cut_metrics(self) -> None:
-        def persist(next_seq: int) -> None:
-            self.state.next_seq = next_seq
-            self.dirs.save_state(self.state)
+    async def _cut_metrics(self) -> None:
+        window = self.metrics.take_window(_utcnow())
+        if window is None:
+            return
 
-        batch = self.metrics.cut(_utcnow(), persist)
-        if batch is not None:
-            self.pending_batches.append(batch)
-            if len(self.pending_batches) > self.config.max_pending_batches:
-                dropped = self.pending_batches.pop(0)
-                log.warning("metrics buffer full: dropped batch %d", dropped.seq)
+        def make(seq: int, dropped: int) -> dict[str, Any]:
+            batch = MetricsBatch(
+                self.identity.agent_id, seq, window.start, window.end, window.series,
+                extra={"droppedBatches": dropped},
+            )  # fmt: skip
+            return batch.to_json()
 
-    async def _flush_metrics(self, final: bool = False) -> None:
-        if final:
-            self._cut_metrics()
-        while self.pending_batches:
-            await self.client.post_metrics(self.pending_batches[0].to_json())
-            self.pending_batches.pop(0)
+        await asyncio.to_thread(self.buffer.append, make)
+        await self._refresh_buffer_counters()
+
+    async def _refresh_buffer_counters(self) -> None:
+        pending, dropped = await asyncio.to_thread(
+            lambda: (self.buffer.pending(), self.buffer.dropped())
+        )
+        self.counters["pending_batches"] = pending
+        self.counters["dropped_batches"] = dropped
+
+    async def _flush_metrics(self) -> None:
+        """Send buffered batches oldest first; raises TransportError when the link fails."""
+        try:
+            while (item := await asyncio.to_thread(self.buffer.oldest)) is not None:
+                seq, body = item
+                await self.client.post_metrics(body)
+                await asyncio.to_thread(self.buffer.ack, seq)
+        finally:
+            await self._refresh_buffer_counters()
 
     async def _metrics_loop(self) -> None:
         backoff = Backoff()
         while True:
             await asyncio.sleep(self.config.metrics_interval_s)
-            self._cut_metrics()
+            await self._cut_metrics()
             try:
                 await self._flush_metrics()
                 backoff.reset()
             except TransportError as exc:
-                log.warning(
-                    "metrics report failed (%d pending): %s", len(self.pending_batches), exc
-                )
+                log.warning("metrics report failed (%d buffered): %s",
+                            self.counters["pending_batches"], exc)  # fmt: skip
                 await asyncio.sleep(backoff.next_delay())

@@ -29,13 +29,50 @@ def gather_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "hostname": platform.node(),
     }
+    runtimes: dict[str, Any] = {}
+    accelerators: list[str] = []
     try:
         import onnxruntime as ort
 
         providers = ort.get_available_providers()
-        facts["runtimes"] = {"onnx": {"version": ort.__version__, "providers": providers}}
-        facts["accelerators"] = ["cuda"] if "CUDAExecutionProvider" in providers else []
+        runtimes["onnx"] = {"version": ort.__version__, "providers": providers}
+        if "CUDAExecutionProvider" in providers:
+            accelerators.append("cuda")
     except ImportError:
-        facts["runtimes"] = {}
-        facts["accelerators"] = []
+        pass
+    try:
+        import ai_edge_litert
+
+        version = getattr(ai_edge_litert, "__version__", "unknown")
+        runtimes["tflite"] = {"package": "ai-edge-litert", "version": version}
+    except ImportError:
+        pass
+    facts["runtimes"] = runtimes
+    facts["gpus"] = _nvml_gpus()
+    if facts["gpus"] and "cuda" not in accelerators and "onnx" in runtimes:
+        facts["cudaProviderMissing"] = True  # a GPU, but onnxruntime-gpu is not installed
+    facts["accelerators"] = accelerators
     return facts
+
+
+def _nvml_gpus() -> list[dict[str, Any]]:
+    """GPUs NVML sees (when pynvml and a driver are present), else an empty list."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVML raises its own error type when no driver is loaded
+        return []
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
+            gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
+                         "memoryBytes": int(mem)})  # fmt: skip
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()

@@ -1,59 +1,74 @@
-"""Inference metrics: counted per model version in windows, cut into numbered batches."""
+"""Inference metrics: windows of counts and latency sketches per model version (sent to the
+control plane), and running totals with a latency histogram (exposed to Prometheus)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from protocol.reports import MetricsBatch, SeriesWindow
+from protocol.reports import SeriesWindow
+
+# Prometheus histogram bounds, in seconds.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class Totals:
+    """Counters since the agent started, for one model version."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_sum_s: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+
+
+@dataclass(frozen=True)
+class Window:
+    """A closed window, ready to become a numbered batch."""
+
+    start: datetime
+    end: datetime
+    series: tuple[SeriesWindow, ...]
 
 
 class MetricsRecorder:
-    """Accumulates the current window; ``cut`` turns it into a batch with the next seq.
+    """Counts every inference. Runs on the event loop only, so it needs no lock."""
 
-    Runs on the event loop only, so it needs no lock.
-    """
-
-    def __init__(self, agent_id: str, next_seq: int, now: datetime) -> None:
-        self.agent_id = agent_id
-        self.next_seq = next_seq
+    def __init__(self, now: datetime) -> None:
         self._window_start = now
         self._series: dict[tuple[str, str], SeriesWindow] = {}
-        self.totals: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [requests, errors]
+        self.totals: dict[tuple[str, str], Totals] = {}
 
-    def record(self, model: str, version: str, latency_ms: float, error: bool) -> None:
+    def record(self, model: str, version: str, latency_s: float, error: bool) -> None:
         """Count one inference."""
         key = (model, version)
         s = self._series.get(key)
         if s is None:
             s = self._series[key] = SeriesWindow(model, version)
+        t = self.totals.get(key)
+        if t is None:
+            t = self.totals[key] = Totals()
+        latency_s = max(latency_s, 0.0)
         s.requests += 1
-        s.latency_ms.add(max(latency_ms, 0.0))
-        t = self.totals.setdefault(key, [0, 0])
-        t[0] += 1
+        s.latency_ms.add(latency_s * 1000.0)
+        t.requests += 1
+        t.latency_sum_s += latency_s
+        t.buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
         if error:
             s.errors += 1
-            t[1] += 1
+            t.errors += 1
 
-    def cut(self, now: datetime, persist_seq: Callable[[int], None]) -> MetricsBatch | None:
-        """Close the window; None when nothing happened in it.
+    def window_counts(self, model: str, version: str) -> tuple[int, int]:
+        """(requests, errors) of a version in the current window."""
+        s = self._series.get((model, version))
+        return (s.requests, s.errors) if s else (0, 0)
 
-        ``persist_seq`` stores the next seq before the batch exists, so a restart never reuses
-        a number the control plane may already hold.
-        """
+    def take_window(self, now: datetime) -> Window | None:
+        """Close the current window; None when nothing happened in it."""
+        start, self._window_start = self._window_start, now
         if not self._series:
-            self._window_start = now
             return None
-        seq = self.next_seq
-        persist_seq(seq + 1)
-        self.next_seq = seq + 1
-        batch = MetricsBatch(
-            agent_id=self.agent_id,
-            seq=seq,
-            window_start=self._window_start,
-            window_end=now,
-            series=tuple(self._series[k] for k in sorted(self._series)),
-        )
+        series = tuple(self._series[k] for k in sorted(self._series))
         self._series = {}
-        self._window_start = now
-        return batch
+        return Window(start, now, series)

@@ -1,10 +1,11 @@
-"""Model runtimes behind one interface; ONNX Runtime for now.
+"""Model runtimes behind one interface: ONNX Runtime and TFLite (LiteRT).
 
 Loading and inference block: the daemon calls them from worker threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.exceptions import InferenceInputError, UpdateError
-from protocol.manifest import ONNX_TYPES, Manifest, TensorSpec
+from protocol.manifest import NUMPY_DATATYPES, ONNX_TYPES, TensorSpec
 
 # Open Inference Protocol datatypes to numpy.
 DTYPES: dict[str, np.dtype] = {
@@ -75,11 +76,79 @@ class OnnxRuntimeModel:
         return dict(zip(self._output_names, results, strict=True))
 
 
-def load_model(manifest: Manifest, model_path: Path) -> Runtime:
-    """Load the model file of ``manifest``; raises UpdateError."""
-    if manifest.runtime != "onnx":
-        raise UpdateError(f"runtime {manifest.runtime!r} is not supported by this agent")
-    return OnnxRuntimeModel(model_path)
+def _tflite_interpreter_class() -> Any:
+    """LiteRT's interpreter, or tflite-runtime's (which needs numpy < 2); None when neither."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+
+        return Interpreter
+    except ImportError:
+        return None
+
+
+def _tflite_spec(d: dict[str, Any]) -> TensorSpec:
+    sig = d.get("shape_signature")
+    shape = sig if sig is not None and len(sig) else d["shape"]
+    return TensorSpec(
+        d["name"], NUMPY_DATATYPES.get(np.dtype(d["dtype"]).name, "BYTES"),
+        tuple(int(x) if x >= 0 else -1 for x in shape),
+    )  # fmt: skip
+
+
+class TFLiteModel:
+    """A model in a LiteRT interpreter.
+
+    An interpreter is not thread-safe: calls are serialised by a lock, and inputs whose shape
+    differs from the last call resize the interpreter first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        interpreter_class = _tflite_interpreter_class()
+        if interpreter_class is None:
+            raise UpdateError("no TFLite runtime: install ai-edge-litert (or tflite-runtime)")
+        try:
+            self.interpreter = interpreter_class(model_path=str(path), num_threads=1)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise UpdateError(f"TFLite could not load the model: {exc}") from exc
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        self.inputs = tuple(_tflite_spec(d) for d in self._in)
+        self.outputs = tuple(_tflite_spec(d) for d in self._out)
+        self._shapes = {d["name"]: tuple(d["shape"]) for d in self._in}
+        self._lock = threading.Lock()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference."""
+        with self._lock:
+            resized = False
+            for d in self._in:
+                arr = feeds[d["name"]]
+                if tuple(arr.shape) != self._shapes[d["name"]]:
+                    self.interpreter.resize_tensor_input(d["index"], list(arr.shape))
+                    self._shapes[d["name"]] = tuple(arr.shape)
+                    resized = True
+            if resized:
+                self.interpreter.allocate_tensors()
+            for d in self._in:
+                self.interpreter.set_tensor(d["index"], feeds[d["name"]])
+            self.interpreter.invoke()
+            return {d["name"]: self.interpreter.get_tensor(d["index"]) for d in self._out}
+
+
+def load_model(runtime: str, model_path: Path, providers: list[str] | None = None) -> Runtime:
+    """Load a model file for ``runtime``; raises UpdateError."""
+    if runtime == "onnx":
+        return OnnxRuntimeModel(model_path, providers)
+    if runtime == "tflite":
+        return TFLiteModel(model_path)
+    raise UpdateError(f"runtime {runtime!r} is not supported by this agent")
 
 
 def _shape_fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
@@ -152,3 +221,5 @@ class LoadedModel:
     version: str
     manifest_digest: str
     runtime: Runtime
+    variant: str = "default"
+    runtime_name: str = "onnx"

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelfleet.agent.serve")
 AGENT = web.AppKey("agent", object)
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
 
 
 def _agent(request: web.Request) -> Agent:
@@ -116,7 +117,8 @@ async def model_metadata(request: web.Request) -> web.Response:
         {
             "name": lm.name,
             "versions": [lm.version],
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORMS.get(lm.runtime_name, lm.runtime_name),
+            "variant": lm.variant,
             "inputs": [t.to_json() for t in lm.runtime.inputs],
             "outputs": [t.to_json() for t in lm.runtime.outputs],
         }
@@ -140,6 +142,16 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
+async def prometheus(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition."""
+    from agent.prom import render
+
+    return web.Response(
+        text=render(_agent(request)), content_type="text/plain", charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
+
+
 async def server_metadata(request: web.Request) -> web.Response:
     """GET /v2."""
     return web.json_response({"name": "modelfleet-agent", "version": "0.1.0", "extensions": []})
@@ -155,4 +167,5 @@ def create_serve_app(agent: Agent) -> web.Application:
     app.router.add_get("/v2/models/{name}", model_metadata)
     app.router.add_get("/v2/models/{name}/ready", model_ready)
     app.router.add_post("/v2/models/{name}/infer", infer)
+    app.router.add_get("/metrics", prometheus)
     return app

@@ -41,7 +41,10 @@ class PersistentState:
     highest_generation: int = 0
     desired_envelope: str | None = None  # the last accepted desired-state envelope
     active: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> version, digest
-    next_seq: int = 1
+    # Rollback protection: per model, the highest version ever activated.
+    highest_versions: dict[str, str] = field(default_factory=dict)
+    # Per model, manifest digests activated, newest first (what pruning keeps).
+    history: dict[str, list[str]] = field(default_factory=dict)
 
 
 class StateDir:
@@ -105,8 +108,12 @@ class StateDir:
         doc: dict[str, Any] | None = read_json(self.state_path)
         if doc is None:
             return PersistentState()
+        if not isinstance(doc, dict):
+            raise AgentConfigError(f"{self.state_path} is malformed: not an object")
+        known = set(PersistentState.__dataclass_fields__)
         try:
-            return PersistentState(**doc)
+            # Fields this agent does not know (written by a newer one) are ignored.
+            return PersistentState(**{k: v for k, v in doc.items() if k in known})
         except TypeError as exc:
             raise AgentConfigError(f"{self.state_path} is malformed: {exc}") from None
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from agent.statefile import write_atomic
 from protocol.digest import digest_hex
+from protocol.dsse import parse_envelope
+from protocol.exceptions import ProtocolError
+from protocol.manifest import parse_manifest
 
 
 class LocalStore:
@@ -82,3 +85,35 @@ class LocalStore:
             return (self.manifests / f"{digest_hex(manifest_digest)}.dsse.json").read_bytes()
         except FileNotFoundError:
             return None
+
+    def used_bytes(self) -> int:
+        """Bytes held by blobs and partial downloads."""
+        return sum(p.stat().st_size for d in (self.blobs, self.partial) for p in d.iterdir())
+
+    def _referenced(self, manifest_digest: str) -> set[str]:
+        envelope = self.load_manifest(manifest_digest)
+        if envelope is None:
+            return set()
+        try:
+            manifest = parse_manifest(parse_envelope(envelope).payload)
+        except ProtocolError:
+            return set()
+        return {f.digest for f in manifest.files}
+
+    def prune(self, keep: set[str]) -> int:
+        """Remove installed versions not in ``keep`` and every blob no kept version names.
+
+        Returns how many versions were removed. Manifests go first, so a crash midway leaves
+        blobs without a version (removed next time), never a version without its blobs.
+        """
+        installed = {"sha256:" + p.name.split(".")[0] for p in self.manifests.glob("*.dsse.json")}
+        drop = installed - keep
+        for digest in drop:
+            (self.manifests / f"{digest_hex(digest)}.dsse.json").unlink(missing_ok=True)
+        wanted: set[str] = set()
+        for digest in installed & keep:
+            wanted |= self._referenced(digest)
+        for blob in self.blobs.iterdir():
+            if "sha256:" + blob.name not in wanted:
+                blob.unlink(missing_ok=True)
+        return len(drop)

@@ -27,6 +27,7 @@ class TargetingRollout:
     manifest_digest: str
     selector: dict[str, str]
     created_at: datetime
+    rollback: bool = False
 
 
 def desired_models(
@@ -38,7 +39,7 @@ def desired_models(
         if matches(r.selector, labels):
             chosen[r.model] = r
     return tuple(
-        DesiredModel(r.model, r.version, r.manifest_digest)
+        DesiredModel(r.model, r.version, r.manifest_digest, rollback=r.rollback)
         for r in sorted(chosen.values(), key=lambda r: r.model)
     )
 
@@ -52,7 +53,15 @@ async def active_rollouts(session: AsyncSession) -> list[TargetingRollout]:
         .where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
     )
     return [
-        TargetingRollout(r.id, m.name, v.version, v.manifest_digest, r.selector, r.created_at)
+        TargetingRollout(
+            r.id,
+            m.name,
+            v.version,
+            v.manifest_digest,
+            r.selector,
+            r.created_at,
+            rollback=bool(r.options.get("rollback")),
+        )
         for r, v, m in rows
     ]
 

@@ -69,6 +69,9 @@ async def create_rollout(
     version = check_version(req_str(body, "version"))
     selector = parse_selector_field(body.get("selector"))
     stages = parse_stages(body.get("stages"))
+    rollback = body.get("rollback", False)
+    if not isinstance(rollback, bool):
+        raise InvalidMessage("rollback must be true or false", "rollback")
     rollout_id = str(uuid.uuid4())
     changed: list[str] = []
     async with db.write() as s:
@@ -88,6 +91,7 @@ async def create_rollout(
                 selector=selector,
                 stages=stages,
                 state="running",
+                options={"rollback": rollback},
                 created_at=now,
                 updated_at=now,
             )
@@ -141,6 +145,7 @@ async def get_rollout(db: Database, rollout_id: str, now: datetime) -> dict[str,
             "manifestDigest": mv.manifest_digest,
             "selector": rollout.selector,
             "stages": rollout.stages,
+            "rollback": bool(rollout.options.get("rollback")),
             "state": rollout.state,
             "createdAt": format_time(rollout.created_at),
             "updatedAt": format_time(rollout.updated_at),

@@ -37,16 +37,22 @@ class DesiredModel:
     name: str
     version: str
     manifest_digest: str
+    # Set by the control plane when it orders a return to a lower version on purpose; without
+    # it an agent refuses to go below the highest version it has activated.
+    rollback: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form, unknown fields kept."""
-        return {
+        doc = {
             **self.extra,
             "name": self.name,
             "version": self.version,
             "manifestDigest": self.manifest_digest,
         }
+        if self.rollback:
+            doc["rollback"] = True
+        return doc
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,13 @@ class DesiredState:
         return sign(DESIRED_PAYLOAD_TYPE, self.to_bytes(), [key])
 
 
+def _get_bool(d: dict, key: str, prefix: str) -> bool:
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidMessage(f"{prefix}{key} must be true or false", f"{prefix}{key}")
+    return value
+
+
 def desired_from_json(doc: object) -> DesiredState:
     """Validate decoded JSON; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "desired")
@@ -97,7 +110,8 @@ def desired_from_json(doc: object) -> DesiredState:
                 name=name,
                 version=check_version(req_str(md, "version", p), f"{p}version"),
                 manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
-                extra=extra_fields(md, ("name", "version", "manifestDigest")),
+                rollback=_get_bool(md, "rollback", p),
+                extra=extra_fields(md, ("name", "version", "manifestDigest", "rollback")),
             )
         )
     return DesiredState(

@@ -21,7 +21,7 @@ from protocol.fields import (
 )
 
 SCHEMA_VERSION = 1
-RUNTIMES = ("onnx",)
+RUNTIMES = ("onnx", "tflite")
 # Open Inference Protocol (KServe v2) tensor datatypes.
 DATATYPES = (
     "BOOL",
@@ -55,7 +55,15 @@ ONNX_TYPES = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
+# numpy dtype names for the same datatypes (LiteRT reports numpy types).
+NUMPY_DATATYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
+    "float32": "FP32", "float64": "FP64",
+}  # fmt: skip
 ONNX_MEDIA_TYPE = "application/vnd.onnx.model+protobuf"
+TFLITE_MEDIA_TYPE = "application/vnd.tflite.model"
+MODEL_MEDIA_TYPES = {"onnx": ONNX_MEDIA_TYPE, "tflite": TFLITE_MEDIA_TYPE}
 NPY_MEDIA_TYPE = "application/vnd.numpy.npy"
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -94,23 +102,35 @@ def check_path(value: str, field_name: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a bundle."""
+    """One file of a bundle.
+
+    A model file may be one of several hardware ``variant``s, each with ``requires``
+    constraints (``accelerator``, ``arch``, ``os``, ``minMemoryBytes``); the manifest lists
+    them in order of preference.
+    """
 
     path: str
     digest: str
     size: int
     media_type: str
     role: str = "model"
+    variant: str | None = None
+    requires: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
-        return {
+        doc: dict[str, Any] = {
             "path": self.path,
             "digest": self.digest,
             "size": self.size,
             "mediaType": self.media_type,
             "role": self.role,
         }
+        if self.variant is not None:
+            doc["variant"] = self.variant
+        if self.requires:
+            doc["requires"] = self.requires
+        return doc
 
 
 @dataclass(frozen=True)
@@ -166,12 +186,13 @@ class Manifest:
                 return f
         raise KeyError(path)
 
+    def model_files(self) -> tuple[FileEntry, ...]:
+        """The model's variants in order of preference (one when there are no variants)."""
+        return tuple(f for f in self.files if f.role == "model")
+
     def model_file(self) -> FileEntry:
-        """The entry of the model file itself."""
-        for f in self.files:
-            if f.role == "model":
-                return f
-        raise KeyError("model")  # parse_manifest guarantees one
+        """The first (preferred) model file."""
+        return self.model_files()[0]  # parse_manifest guarantees at least one
 
     def to_json(self) -> dict[str, Any]:
         """JSON form, unknown fields kept."""
@@ -216,12 +237,17 @@ def _tensor(doc: object, prefix: str) -> TensorSpec:
 def _file(doc: object, prefix: str) -> FileEntry:
     d = require_object(doc, prefix.rstrip("."))
     role = get_str(d, "role", prefix, optional=True) or "data"
+    requires = d.get("requires") or {}
+    if not isinstance(requires, dict):
+        raise InvalidMessage(f"{prefix}requires must be an object", f"{prefix}requires")
     return FileEntry(
         path=check_path(req_str(d, "path", prefix), f"{prefix}path"),
         digest=check_digest(d.get("digest"), f"{prefix}digest"),
         size=get_int(d, "size", prefix),
         media_type=req_str(d, "mediaType", prefix),
         role=role,
+        variant=get_str(d, "variant", prefix, optional=True, max_len=64),
+        requires=requires,
     )
 
 
@@ -241,8 +267,13 @@ def manifest_from_json(doc: object) -> Manifest:
     paths = [f.path for f in files]
     if len(set(paths)) != len(paths):
         raise InvalidMessage("files names a path twice", "files")
-    if sum(1 for f in files if f.role == "model") != 1:
-        raise InvalidMessage("files must hold exactly one entry with role 'model'", "files")
+    models = [f for f in files if f.role == "model"]
+    if not models:
+        raise InvalidMessage("files must hold at least one entry with role 'model'", "files")
+    if len(models) > 1:
+        names = [f.variant for f in models]
+        if None in names or len(set(names)) != len(names):
+            raise InvalidMessage("several model files need distinct 'variant' names", "files")
     sig = require_object(d.get("signature"), "signature")
     inputs = tuple(
         _tensor(t, f"signature.inputs[{i}].") for i, t in enumerate(get_list(sig, "inputs"))

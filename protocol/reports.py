@@ -35,6 +35,7 @@ class ModelStatus:
     manifest_digest: str
     state: str
     reason: str | None = None
+    variant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -46,6 +47,8 @@ class ModelStatus:
         }
         if self.reason:
             doc["reason"] = self.reason
+        if self.variant:
+            doc["variant"] = self.variant
         return doc
 
 
@@ -96,6 +99,7 @@ def status_from_json(doc: object) -> StatusReport:
                 manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
                 state=state,
                 reason=get_str(md, "reason", p, optional=True, max_len=2000),
+                variant=get_str(md, "variant", p, optional=True, max_len=64),
             )
         )
     facts = d.get("facts") or {}

@@ -78,11 +78,22 @@ def npy(arr: np.ndarray) -> bytes:
 
 
 def iris_bundle(
-    key: Ed25519PrivateKey, version: str = "1.0.0", seed: int = 0, smoke: bool = True
+    key: Ed25519PrivateKey,
+    version: str = "1.0.0",
+    seed: int = 0,
+    smoke: bool = True,
+    name: str = "iris",
+    model: bytes | None = None,
+    runtime: str = "onnx",
+    smoke_rows: int = 2,
+    **kw: Any,
 ) -> bytes:
     """A signed bundle of the tiny iris model, with a smoke test computed by numpy."""
-    s = (npy(SMOKE_INPUT), npy(iris_reference(SMOKE_INPUT, seed))) if smoke else None
-    data, _ = build_bundle(iris_model(seed), "iris", version, [key], s)
+    x = SMOKE_INPUT[:smoke_rows]
+    s = (npy(x), npy(iris_reference(x, seed))) if smoke else None
+    data, _ = build_bundle(
+        model or iris_model(seed), name, version, [key], s, runtime=runtime, **kw
+    )
     return data
 
 
@@ -179,34 +190,51 @@ class ControlPlane:
         assert r.status == 201, await r.text()
         return await r.json()
 
-    async def rollout(self, version: str = "1.0.0", selector: str = "") -> dict[str, Any]:
-        r = await self.call(
-            "POST", "/rollouts", json={"model": "iris", "version": version, "selector": selector}
-        )
+    async def rollout(
+        self, version: str = "1.0.0", selector: str = "", model: str = "iris", **extra: Any
+    ) -> dict[str, Any]:
+        body = {"model": model, "version": version, "selector": selector, **extra}
+        r = await self.call("POST", "/rollouts", json=body)
         assert r.status == 201, await r.text()
         return await r.json()
 
 
-async def start_control_plane(config: ServerConfig) -> ControlPlane:
-    """Start the app on 127.0.0.1 and read its admin token."""
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+async def start_control_plane(config: ServerConfig, port: int | None = None) -> ControlPlane:
+    """Start the app on 127.0.0.1 (a free port unless given) and read its admin token."""
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1", port=port))
     await client.start_server()
     token = (config.data_dir / "admin-token").read_text().strip()
     return ControlPlane(client, token, config)
 
 
-@pytest.fixture
-async def cp(tmp_path: Path, db_url: str, publisher: Publisher) -> AsyncIterator[ControlPlane]:
-    """A control plane on SQLite or PostgreSQL that trusts ``publisher``."""
-    config = ServerConfig(
+def cp_config(tmp_path: Path, db_url: str, publisher: Publisher) -> ServerConfig:
+    """Configuration of a test control plane that trusts ``publisher``."""
+    return ServerConfig(
         data_dir=tmp_path / "cp",
         db_url=db_url,
         trusted_publisher_files=(publisher.pub_path,),
         long_poll_recheck_s=0.5,
     )
-    plane = await start_control_plane(config)
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, db_url: str, publisher: Publisher) -> AsyncIterator[ControlPlane]:
+    """A control plane on SQLite or PostgreSQL that trusts ``publisher``."""
+    plane = await start_control_plane(cp_config(tmp_path, db_url, publisher))
     try:
         yield plane
     finally:
         await plane.client.close()
         await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def cp_sqlite(tmp_path: Path, publisher: Publisher) -> AsyncIterator[ControlPlane]:
+    """A control plane on SQLite only, for agent behaviour that does not depend on the DB."""
+    plane = await start_control_plane(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher)
+    )
+    try:
+        yield plane
+    finally:
+        await plane.client.close()

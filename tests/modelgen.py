@@ -20,24 +20,109 @@ def iris_weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
 
 
-def iris_model(seed: int = 0, input_name: str = "x") -> bytes:
-    """x[N,4] float -> probs[N,3] = softmax(x @ W + b)."""
+def iris_model(
+    seed: int = 0, input_name: str = "x", fail_on_batches: bool = False, pad_bytes: int = 0
+) -> bytes:
+    """x[N,4] float -> probs[N,3] = softmax(x @ W + b).
+
+    ``fail_on_batches``: the model reshapes its input to [1, 4] first, so it answers single
+    rows (and passes a one-row smoke test) but fails at run time on any batch of two or more.
+    ``pad_bytes``: an unused initializer of that size, to make a large model file.
+    """
     w, b = iris_weights(seed)
+    nodes = []
+    first = input_name
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    if fail_on_batches:
+        inits.append(numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "one_row"))
+        nodes.append(helper.make_node("Reshape", [input_name, "one_row"], ["x1"]))
+        first = "x1"
+    if pad_bytes:
+        pad = np.random.default_rng(seed).integers(0, 255, pad_bytes, dtype=np.uint8)
+        inits.append(numpy_helper.from_array(pad, "padding"))
+    nodes += [
+        helper.make_node("MatMul", [first, "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", [input_name, "W"], ["xw"]),
-            helper.make_node("Add", ["xw", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-        ],
+        nodes,
         "iris",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def iris_tflite(seed: int = 0) -> bytes:
+    """The same classifier as a .tflite flatbuffer, built without TensorFlow.
+
+    FULLY_CONNECTED (weights stored [out, in]) then SOFTMAX; buffer 0 is the empty placeholder
+    of tensors without constant data; the batch dimension is free in the shape signature.
+    """
+    import importlib
+
+    import flatbuffers
+
+    s = importlib.import_module("ai_edge_litert.schema_py_generated")
+    w, b = iris_weights(seed)
+
+    def tensor(name: str, shape: list[int], buffer: int, free_batch: bool = False) -> object:
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name.encode(), shape, s.TensorType.FLOAT32, buffer
+        if free_batch:
+            t.shapeSignature = [-1, *shape[1:]]
+        return t
+
+    def buffer(data: bytes = b"") -> object:
+        buf = s.BufferT()
+        if data:
+            buf.data = data
+        return buf
+
+    def opcode(code: int) -> object:
+        oc = s.OperatorCodeT()
+        oc.builtinCode = oc.deprecatedBuiltinCode = code
+        oc.version = 1
+        return oc
+
+    def operator(
+        index: int, inputs: list[int], outputs: list[int], kind: int, opts: object
+    ) -> object:
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = index, inputs, outputs
+        op.builtinOptionsType, op.builtinOptions = kind, opts
+        return op
+
+    softmax = s.SoftmaxOptionsT()
+    softmax.beta = 1.0
+    graph = s.SubGraphT()
+    graph.name = b"main"
+    graph.tensors = [
+        tensor("x", [1, 4], 0, True), tensor("W", [3, 4], 1), tensor("B", [3], 2),
+        tensor("logits", [1, 3], 0, True), tensor("probs", [1, 3], 0, True),
+    ]  # fmt: skip
+    graph.inputs, graph.outputs = [0], [4]
+    graph.operators = [
+        operator(0, [0, 1, 2], [3], s.BuiltinOptions.FullyConnectedOptions,
+                 s.FullyConnectedOptionsT()),
+        operator(1, [3], [4], s.BuiltinOptions.SoftmaxOptions, softmax),
+    ]  # fmt: skip
+    model = s.ModelT()
+    model.version = 3
+    model.description = b"iris"
+    model.buffers = [buffer(), buffer(np.ascontiguousarray(w.T).tobytes()), buffer(b.tobytes())]
+    model.operatorCodes = [
+        opcode(s.BuiltinOperator.FULLY_CONNECTED), opcode(s.BuiltinOperator.SOFTMAX)
+    ]  # fmt: skip
+    model.subgraphs = [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def iris_reference(x: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--model", required=True)
     rc.add_argument("--version", required=True)
     rc.add_argument("--selector", default="", help="k=v,k2=v2 (empty: every agent)")
+    rc.add_argument(
+        "--rollback", action="store_true",
+        help="allow agents to go down to this version (they refuse a lower one otherwise)",
+    )  # fmt: skip
     add_client_options(rc)
     rc.set_defaults(func=cmd_rollout_create)
     rs = rsub.add_parser("status", help="show a rollout")
@@ -150,7 +154,12 @@ def format_rollout(r: dict[str, Any]) -> str:
 
 def cmd_rollout_create(args: argparse.Namespace) -> int:
     """Create a rollout and print its id."""
-    body = {"model": args.model, "version": args.version, "selector": args.selector}
+    body = {
+        "model": args.model,
+        "version": args.version,
+        "selector": args.selector,
+        "rollback": args.rollback,
+    }
     _, out = asyncio.run(api_call(args, "POST", "/rollouts", json_body=body))
     _print(args, out, out["id"])
     return 0

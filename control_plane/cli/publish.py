@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,8 +31,9 @@ from protocol.dsse import (
 )
 from protocol.exceptions import ProtocolError
 from protocol.manifest import (
+    MODEL_MEDIA_TYPES,
     NPY_MEDIA_TYPE,
-    ONNX_MEDIA_TYPE,
+    NUMPY_DATATYPES,
     ONNX_TYPES,
     FileEntry,
     Manifest,
@@ -39,6 +43,9 @@ from protocol.manifest import (
     check_version,
 )
 from protocol.timeutil import format_time
+
+VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VARIANT_KEYS = {"accelerator", "arch", "os", "minMemoryBytes"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     bundle = sub.add_parser("bundle", help="build and verify .mfb bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
     b = bsub.add_parser("build", help="sign a model into a bundle")
-    b.add_argument("model", type=Path, help="the model file (.onnx)")
+    b.add_argument("model", type=Path, help="the model file (.onnx or .tflite)")
+    b.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=FILE[:KEY=VALUE,...]",
+        help="a hardware variant preferred where it fits, e.g. "
+        "cuda-fp16=model-fp16.onnx:accelerator=cuda (repeatable, most preferred first)",
+    )  # fmt: skip
     b.add_argument("--name", required=True)
     b.add_argument("--version", required=True)
     b.add_argument("--key", required=True, type=Path, help="publisher private key")
@@ -104,6 +116,49 @@ def onnx_signature(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSp
     return tuple(spec(a) for a in sess.get_inputs()), tuple(spec(a) for a in sess.get_outputs())
 
 
+def tflite_signature(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Read inputs and outputs with LiteRT; raises CliError when it cannot load them."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise CliError("building a TFLite bundle needs ai-edge-litert installed") from None
+    try:
+        it = Interpreter(model_content=model)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"not a model LiteRT can load: {exc}") from None
+
+    def spec(d: dict) -> TensorSpec:
+        sig = d.get("shape_signature")
+        shape = sig if sig is not None and len(sig) else d["shape"]
+        datatype = NUMPY_DATATYPES.get(np.dtype(d["dtype"]).name, "BYTES")
+        return TensorSpec(d["name"], datatype, tuple(int(x) if x >= 0 else -1 for x in shape))
+
+    return (
+        tuple(spec(d) for d in it.get_input_details()),
+        tuple(spec(d) for d in it.get_output_details()),
+    )
+
+
+SIGNATURE_READERS = {"onnx": onnx_signature, "tflite": tflite_signature}
+
+
+def runtime_of(path: Path) -> str:
+    """The runtime a model file is for, by its extension; raises CliError for another."""
+    runtime = {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
+    if runtime is None:
+        raise CliError(f"{path}: a model file must end in .onnx or .tflite")
+    return runtime
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An extra hardware variant of the model: preferred over the default when it fits."""
+
+    name: str
+    model: bytes
+    requires: dict[str, Any]
+
+
 def build_bundle(
     model: bytes,
     name: str,
@@ -112,14 +167,31 @@ def build_bundle(
     smoke: tuple[bytes, bytes] | None = None,
     atol: float = 1e-4,
     created: datetime | None = None,
+    runtime: str = "onnx",
+    variants: tuple[Variant, ...] = (),
 ) -> tuple[bytes, Manifest]:
-    """Sign ``model`` into bundle bytes; raises CliError for a model ORT cannot load.
+    """Sign ``model`` (and its variants) into bundle bytes.
 
-    ``smoke`` is (input .npy bytes, expected output .npy bytes).
+    ``smoke`` is (input .npy bytes, expected output .npy bytes). Raises CliError for a model
+    the runtime cannot load, or a variant whose inputs and outputs differ from the model's.
     """
-    inputs, outputs = onnx_signature(model)
-    files = {"model.onnx": model}
-    entries = [FileEntry("model.onnx", sha256_digest(model), len(model), ONNX_MEDIA_TYPE, "model")]
+    read_signature = SIGNATURE_READERS[runtime]
+    inputs, outputs = read_signature(model)
+    ext = "onnx" if runtime == "onnx" else "tflite"
+    media = MODEL_MEDIA_TYPES[runtime]
+    files = {f"model.{ext}": model}
+    entries = []
+    for v in variants:
+        if read_signature(v.model) != (inputs, outputs):
+            raise CliError(f"variant {v.name!r} has other inputs or outputs than the model")
+        path = f"variants/{v.name}.{ext}"
+        files[path] = v.model
+        entries.append(FileEntry(path, sha256_digest(v.model), len(v.model), media, "model",
+                                 variant=v.name, requires=v.requires))  # fmt: skip
+    entries.append(
+        FileEntry(f"model.{ext}", sha256_digest(model), len(model), media, "model",
+                  variant="default" if variants else None)
+    )  # fmt: skip
     smoke_test = None
     if smoke is not None:
         for member, data in zip(("smoke/input.npy", "smoke/output.npy"), smoke, strict=True):
@@ -131,7 +203,7 @@ def build_bundle(
     manifest = Manifest(
         name=name,
         version=version,
-        runtime="onnx",
+        runtime=runtime,
         created=format_time(created or datetime.now(UTC)),
         files=tuple(entries),
         inputs=inputs,
@@ -167,13 +239,44 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
                 raise CliError(f"{flag} {path} is not a .npy array: {exc}") from None
             arrays.append(data)
         smoke = (arrays[0], arrays[1])
+    runtime = runtime_of(args.model)
+    variants = tuple(_parse_variant(v, runtime) for v in args.variant)
     data, manifest = build_bundle(
-        _read(args.model, "model"), name, version, [key], smoke, args.tolerance
-    )
+        _read(args.model, "model"), name, version, [key], smoke, args.tolerance,
+        runtime=runtime, variants=variants,
+    )  # fmt: skip
     out = args.out or Path(f"{name}-{version}.mfb")
     write_private(out, data, 0o644)
     print(f"wrote {out}: {name} {version}, manifest {sha256_digest(manifest.to_bytes())}")
     return 0
+
+
+def _parse_variant(text: str, runtime: str) -> Variant:
+    """``NAME=FILE[:KEY=VALUE,...]``; raises CliError naming what is wrong."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise CliError(f"--variant {text!r}: expected NAME=FILE[:KEY=VALUE,...]")
+    file_part, _, req_part = rest.partition(":")
+    if not VARIANT_RE.match(name):
+        raise CliError(f"--variant {name!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-'")
+    path = Path(file_part)
+    if runtime_of(path) != runtime:
+        raise CliError(f"--variant {name}: {path} is not a {runtime} model like the default")
+    requires: dict[str, Any] = {}
+    for pair in filter(None, req_part.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or key not in VARIANT_KEYS:
+            raise CliError(
+                f"--variant {name}: {pair!r} is not KEY=VALUE with KEY one of "
+                f"{', '.join(sorted(VARIANT_KEYS))}"
+            )
+        if key == "minMemoryBytes":
+            if not value.isdigit():
+                raise CliError(f"--variant {name}: minMemoryBytes must be a whole number")
+            requires[key] = int(value)
+        else:
+            requires[key] = value
+    return Variant(name, _read(path, f"--variant {name}"), requires)
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:

@@ -137,6 +137,7 @@ class Rollout(Base):
     selector: Mapped[dict[str, Any]] = mapped_column(JSON)
     stages: Mapped[list[Any]] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(32), index=True)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     model_version: Mapped[ModelVersion] = relationship()

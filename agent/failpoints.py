@@ -1,0 +1,41 @@
+"""Named points where a test can have the agent killed with SIGKILL, to prove crash safety.
+
+Armed only through ``AgentConfig.failpoints`` (the command line reads MODELFLEET_FAILPOINTS),
+in the manner of FreeBSD's fail points; unarmed, a point costs one set lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable
+
+log = logging.getLogger("modelfleet.agent.failpoints")
+
+POINTS = frozenset(
+    {
+        "download-midway",  # half a blob written to partial/
+        "blob-committed",  # a verified blob renamed into the store
+        "before-manifest-saved",  # all blobs in place, version not yet marked installed
+        "model-loaded",  # new version loaded and smoke-tested, not yet swapped in
+        "before-state-saved",  # swapped in, state.json not yet rewritten
+    }
+)
+
+
+class Failpoints:
+    """The armed points of one agent."""
+
+    def __init__(self, armed: Iterable[str] = ()) -> None:
+        self.armed = frozenset(armed)
+        unknown = self.armed - POINTS
+        if unknown:
+            raise ValueError(f"unknown failpoint(s): {', '.join(sorted(unknown))}")
+
+    def hit(self, name: str) -> None:
+        """Die here, at once and without cleanup, when ``name`` is armed."""
+        if name in self.armed:
+            log.warning("failpoint %s: SIGKILL", name)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,80 @@
+"""Prometheus text exposition of the agent's own metrics, on the serve port at /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from agent.metrics import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+
+def _labels(**kv: str) -> str:
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in kv.items()
+    )
+    return "{" + inner + "}"
+
+
+def _family(name: str, kind: str, help_: str, samples: Iterable[str]) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
+
+
+def render(agent: Agent) -> str:
+    """The whole exposition."""
+    totals = sorted(agent.metrics.totals.items())
+    lines: list[str] = []
+    lines += _family(
+        "modelfleet_inference_requests_total", "counter", "Inference requests served.",
+        (f"modelfleet_inference_requests_total{_labels(model=m, version=v)} {t.requests}"
+         for (m, v), t in totals),
+    )  # fmt: skip
+    lines += _family(
+        "modelfleet_inference_errors_total", "counter", "Inference requests that failed.",
+        (f"modelfleet_inference_errors_total{_labels(model=m, version=v)} {t.errors}"
+         for (m, v), t in totals),
+    )  # fmt: skip
+    hist: list[str] = []
+    for (m, v), t in totals:
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), t.buckets, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            hist.append(
+                f"modelfleet_inference_latency_seconds_bucket"
+                f"{_labels(model=m, version=v, le=le)} {cumulative}"
+            )
+        hist.append(f"modelfleet_inference_latency_seconds_sum{_labels(model=m, version=v)} "
+                    f"{t.latency_sum_s}")  # fmt: skip
+        hist.append(
+            f"modelfleet_inference_latency_seconds_count{_labels(model=m, version=v)} {t.requests}"
+        )
+    lines += _family(
+        "modelfleet_inference_latency_seconds", "histogram", "Inference latency.", hist
+    )
+    active = sorted(agent.models.values(), key=lambda x: x.name)
+    lines += _family(
+        "modelfleet_model_active", "gauge", "1 for each model version serving.",
+        (f"modelfleet_model_active{_labels(model=m.name, version=m.version, variant=m.variant)} 1"
+         for m in active),
+    )  # fmt: skip
+    scalars = [
+        ("modelfleet_desired_generation", "gauge", "Highest desired-state generation accepted.",
+         agent.state.highest_generation),
+        ("modelfleet_downloads_total", "counter", "Blobs downloaded and verified.",
+         agent.counters["downloads"]),
+        ("modelfleet_download_bytes_total", "counter", "Bytes received for blobs.",
+         agent.counters["download_bytes"]),
+        ("modelfleet_last_sync_timestamp_seconds", "gauge",
+         "Unix time of the last answer from the control plane.", agent.counters["last_sync"]),
+        ("modelfleet_metrics_batches_pending", "gauge", "Metric batches waiting to be sent.",
+         agent.counters["pending_batches"]),
+        ("modelfleet_metrics_batches_dropped_total", "counter",
+         "Metric batches dropped because the buffer was full.", agent.counters["dropped_batches"]),
+    ]  # fmt: skip
+    for name, kind, help_, value in scalars:
+        lines += _family(name, kind, help_, [f"{name} {value}"])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""Pure and local pieces of the agent: variants, versions, the metrics buffer, the store,
+the TFLite runtime, Prometheus output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.buffer import MetricsBuffer
+from agent.exceptions import UpdateError
+from agent.failpoints import Failpoints
+from agent.runtime import TFLiteModel, check_feeds
+from agent.store import LocalStore
+from agent.variants import choose_variant, providers_for
+from protocol.manifest import FileEntry, Manifest, TensorSpec
+from protocol.versions import compare_versions
+from tests.modelgen import SMOKE_INPUT, iris_reference, iris_tflite
+
+D = "sha256:" + "1" * 64
+SPEC = (TensorSpec("x", "FP32", (-1, 4)),)
+
+
+def manifest(*files: FileEntry) -> Manifest:
+    return Manifest("m", "1", "onnx", "2026-01-01T00:00:00Z", files, SPEC, SPEC)
+
+
+CUDA = FileEntry("v/cuda.onnx", D, 1, "x", "model", "cuda-fp16", {"accelerator": "cuda"})
+ARM = FileEntry("v/arm.onnx", D, 1, "x", "model", "arm-int8", {"arch": "aarch64"})
+CPU = FileEntry("model.onnx", D, 1, "x", "model", "default")
+
+
+def test_variant_choice_follows_preference_and_hardware() -> None:
+    m = manifest(CUDA, ARM, CPU)
+    gpu_box = {"accelerators": ["cuda"], "arch": "x86_64"}
+    assert choose_variant(m, gpu_box) is CUDA
+    assert providers_for(CUDA, gpu_box, allow_cuda=True)[0] == "CUDAExecutionProvider"
+    assert providers_for(CUDA, gpu_box, allow_cuda=False) == ["CPUExecutionProvider"]
+    assert choose_variant(m, {"accelerators": [], "arch": "aarch64"}) is ARM
+    assert choose_variant(m, {"accelerators": [], "arch": "x86_64"}) is CPU
+    assert providers_for(CPU, {"accelerators": []}, allow_cuda=True) == ["CPUExecutionProvider"]
+
+
+def test_no_variant_fits() -> None:
+    with pytest.raises(UpdateError, match="cuda-fp16 needs accelerator=cuda"):
+        choose_variant(manifest(CUDA), {"accelerators": []})
+    odd = FileEntry("m.onnx", D, 1, "x", "model", "odd", {"quantum": "yes"})
+    with pytest.raises(UpdateError, match="quantum"):
+        choose_variant(manifest(odd), {"quantum": "yes"})  # unknown requirements never match
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [("1.10.0", "1.9.0", 1), ("2.0.0", "2.0.0-rc1", 1), ("2.0.0-rc1", "2.0.0-rc2", -1),
+     ("1.0.0+build7", "1.0.0", 0), ("1.0", "1.0.1", -1), ("v2", "v10", -1)],
+)  # fmt: skip
+def test_version_order(a: str, b: str, want: int) -> None:
+    assert compare_versions(a, b) == want
+
+
+def test_metrics_buffer_keeps_seq_across_reopen_and_drops_oldest(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    buf = MetricsBuffer(path, max_batches=3)
+    seqs = [buf.append(lambda seq, dropped: {"seq": seq, "dropped": dropped}) for _ in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert buf.pending() == 3 and buf.dropped() == 2
+    oldest = buf.oldest()
+    assert oldest is not None and oldest[0] == 3
+    buf.ack(3)
+    buf.close()
+    buf = MetricsBuffer(path, max_batches=3)
+    assert buf.append(lambda seq, dropped: {"seq": seq, "dropped": dropped}) == 6
+    oldest = buf.oldest()
+    assert oldest is not None and oldest == (4, {"seq": 4, "dropped": 0})
+    last = None
+    while (item := buf.oldest()) is not None:
+        last = item
+        buf.ack(item[0])
+    assert last is not None and last[1] == {"seq": 6, "dropped": 2}
+    buf.close()
+
+
+def test_store_prune_keeps_shared_blobs(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    from protocol.digest import sha256_digest
+
+    store = LocalStore(tmp_path)
+
+    def install(content: list[bytes]) -> str:
+        files = []
+        for i, data in enumerate(content):
+            d = sha256_digest(data)
+            store.partial_path(d).write_bytes(data)
+            store.commit_partial(d, len(data))
+            files.append(FileEntry(f"f{i}", d, len(data), "x", "model" if i == 0 else "data"))
+        m = manifest(*files)
+        env = json.dumps({"payloadType": "t", "payload": base64.b64encode(m.to_bytes()).decode(),
+                          "signatures": [{"keyid": "", "sig": ""}]}).encode()  # fmt: skip
+        digest = sha256_digest(m.to_bytes())
+        store.save_manifest(digest, env)
+        return digest
+
+    shared = b"shared"
+    v1 = install([b"one", shared])
+    v2 = install([b"two", shared])
+    assert store.prune({v2}) == 1
+    assert store.load_manifest(v1) is None and store.load_manifest(v2) is not None
+    assert not store.has_blob(sha256_digest(b"one"))
+    assert store.has_blob(sha256_digest(shared)) and store.has_blob(sha256_digest(b"two"))
+    with pytest.raises(ValueError, match="digest"):
+        bad = sha256_digest(b"expected")
+        store.partial_path(bad).write_bytes(b"tampered")
+        store.commit_partial(bad, 8)
+    assert not store.partial_path(bad).exists()
+
+
+def test_tflite_runtime_matches_numpy(tmp_path: Path) -> None:
+    p = tmp_path / "m.tflite"
+    p.write_bytes(iris_tflite(0))
+    m = TFLiteModel(p)
+    assert m.inputs == (TensorSpec("x", "FP32", (-1, 4)),)
+    np.testing.assert_allclose(m.run({"x": SMOKE_INPUT})["probs"], iris_reference(SMOKE_INPUT),
+                               atol=1e-5)  # fmt: skip
+    assert m.run({"x": SMOKE_INPUT[:1]})["probs"].shape == (1, 3)  # resized back
+    check_feeds(m, {"x": SMOKE_INPUT})
+
+
+def test_tflite_garbage_is_an_update_error(tmp_path: Path) -> None:
+    p = tmp_path / "m.tflite"
+    p.write_bytes(b"not a flatbuffer" * 10)
+    with pytest.raises(UpdateError, match="TFLite"):
+        TFLiteModel(p)
+
+
+def test_unknown_failpoint_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown failpoint"):
+        Failpoints(["nope"])
+    Failpoints(["download-midway"]).hit("blob-committed")  # another point: nothing happens
