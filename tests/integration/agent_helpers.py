@@ -49,15 +49,11 @@ async def enroll_agent(
 @asynccontextmanager
 async def running_agent(state_dir: Path, **overrides: Any) -> AsyncIterator[Agent]:
     """An agent daemon on a free loopback port with fast loops."""
-    config = AgentConfig(
-        state_dir=state_dir,
-        serve_port=0,
-        heartbeat_s=0.5,
-        poll_wait_s=2.0,
-        metrics_interval_s=0.3,
-        drain_s=2.0,
-        **overrides,
-    )
+    settings: dict[str, Any] = {
+        "serve_port": 0, "heartbeat_s": 0.5, "poll_wait_s": 2.0,
+        "metrics_interval_s": 0.3, "drain_s": 2.0,
+    }  # fmt: skip
+    config = AgentConfig(state_dir=state_dir, **{**settings, **overrides})
     async with Agent(config) as agent:
         yield agent
 
@@ -136,3 +132,110 @@ async def wait_active(cp: ControlPlane, agent_id: str, version: str, within_s: f
         return await active_version(cp, agent_id) == version
 
     await eventually(check, within_s)
+
+
+class CuttingProxy:
+    """A reverse proxy on loopback that streams blobs and cuts the first one midway.
+
+    It counts the body bytes it sends for each blob, so a test can see what resuming cost.
+    """
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.blob_bytes_sent = 0
+        self.blob_requests: list[str | None] = []  # the Range header of each blob request
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        is_blob = "/blobs/" in request.path
+        if is_blob:
+            self.blob_requests.append(request.headers.get("Range"))
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as s,
+            s.request(request.method, self.upstream + request.path_qs, headers=headers,
+                      data=await request.read()) as r,
+        ):  # fmt: skip
+            passthrough = {k: v for k, v in r.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection")}  # fmt: skip
+            resp = web.StreamResponse(status=r.status, headers=passthrough)
+            await resp.prepare(request)
+            sent = 0
+            async for chunk in r.content.iter_chunked(64 * 1024):
+                if is_blob and self.cuts == 0 and sent + len(chunk) > self.cut_after:
+                    self.cuts += 1
+                    assert request.transport is not None
+                    request.transport.close()  # the link drops mid-blob
+                    return resp
+                await resp.write(chunk)
+                sent += len(chunk)
+                if is_blob:
+                    self.blob_bytes_sent += len(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def __aenter__(self) -> CuttingProxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+class Load:
+    """Inference requests in a loop against one agent, counting what came back."""
+
+    def __init__(self, port: int, body: Any = None, model: str = "iris") -> None:
+        self.port = port
+        self.body = body
+        self.model = model
+        self.statuses: dict[int, int] = {}
+        self.versions: set[str] = set()
+        self.failures: list[Any] = []
+        self.transport_errors = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        url = f"http://127.0.0.1:{self.port}/v2/models/{self.model}/infer"
+        body = self.body or {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                         "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+        async with aiohttp.ClientSession() as s:
+            # Stops between requests, never inside one: every request sent is counted.
+            while not self._stop.is_set():
+                try:
+                    async with s.post(url, json=body) as r:
+                        out = await r.json()
+                except aiohttp.ClientError:
+                    self.transport_errors += 1
+                    continue
+                self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
+                if r.status == 200:
+                    self.versions.add(out["model_version"])
+                else:
+                    self.failures.append(out)
+                await asyncio.sleep(0.002)
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    async def __aenter__(self) -> Load:
+        self._task = asyncio.create_task(self._run(), name="test-load")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._stop.set()
+        await self._task

@@ -1,0 +1,101 @@
+"""kill -9 of a real agent process at each point of an update, then a restart.
+
+After every crash the agent serves the last good version or the new verified one, its state
+files parse, and every blob in its store matches its digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.failpoints import POINTS
+from tests.conftest import ControlPlane, Publisher, iris_bundle
+from tests.integration.agent_helpers import enroll_agent, eventually, infer, wait_active
+from tests.modelgen import iris_model
+
+MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_agent(state_dir: Path, port: int, failpoint: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MODELFLEET_FAILPOINTS": failpoint or ""}
+    log = (state_dir.parent / f"agent-{failpoint or 'clean'}.log").open("ab")
+    return subprocess.Popen(
+        [MODELFLEET, "agent", "run", "--state-dir", str(state_dir), "--serve", f"127.0.0.1:{port}",
+         "--heartbeat", "0.5", "--poll-wait", "2", "--metrics-interval", "0.5"],
+        env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+
+
+def check_store(state_dir: Path) -> None:
+    json.loads((state_dir / "state.json").read_text())
+    for blob in (state_dir / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, blob
+    for manifest in (state_dir / "manifests").iterdir():
+        json.loads(manifest.read_bytes())
+
+
+async def serving_version(port: int) -> str | None:
+    try:
+        status, out = await infer(port)
+    except OSError:
+        return None
+    return out["model_version"] if status == 200 else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failpoint", sorted(POINTS))
+async def test_kill_9_during_update(
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path, failpoint: str
+) -> None:
+    cp = cp_sqlite
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    # 2.0.0 is large enough that "download-midway" falls between chunks.
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1,
+                              model=iris_model(seed=1, pad_bytes=2_000_000)))  # fmt: skip
+    state_dir = tmp_path / "a"
+    ident = await enroll_agent(cp, state_dir, {"site": "x"})
+    port = free_port()
+
+    agent = start_agent(state_dir, port)
+    try:
+        await cp.rollout("1.0.0", "site=x")
+        await wait_active(cp, ident.agent_id, "1.0.0")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.wait, 20) == 0
+
+    agent = start_agent(state_dir, port, failpoint)
+    await cp.rollout("2.0.0", "site=x")
+    code = await asyncio.to_thread(agent.wait, 30)
+    assert code == -signal.SIGKILL, f"agent did not die at {failpoint} (exit {code})"
+    check_store(state_dir)
+
+    agent = start_agent(state_dir, port)
+    try:
+        # Straight after the restart it serves a whole version, old or new ...
+        first = await eventually(lambda: serving_version(port), 20)
+        assert first in ("1.0.0", "2.0.0")
+        # ... and it finishes the update.
+        await wait_active(cp, ident.agent_id, "2.0.0", 30)
+        assert await serving_version(port) == "2.0.0"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.wait, 20) == 0
+    check_store(state_dir)
+    assert not list((state_dir / "partial").iterdir())
