@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "modelfleet needs Python 3.11+"'
@@ -20,6 +20,9 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+bench: venv
+	$(BIN)/python bench/agent_overhead.py
 
 lint: venv
 	$(BIN)/ruff check .

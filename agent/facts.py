@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from typing import Any
 
 
@@ -40,13 +41,14 @@ def gather_facts() -> dict[str, Any]:
             accelerators.append("cuda")
     except ImportError:
         pass
-    try:
-        import ai_edge_litert
-
-        version = getattr(ai_edge_litert, "__version__", "unknown")
-        runtimes["tflite"] = {"package": "ai-edge-litert", "version": version}
-    except ImportError:
-        pass
+    # Looked up, not imported: LiteRT's libraries cost tens of MB of memory, paid only when a
+    # TFLite model is loaded.
+    for package in ("ai-edge-litert", "tflite-runtime"):
+        try:
+            runtimes["tflite"] = {"package": package, "version": metadata.version(package)}
+            break
+        except metadata.PackageNotFoundError:
+            continue
     facts["runtimes"] = runtimes
     facts["gpus"] = _nvml_gpus()
     if facts["gpus"] and "cuda" not in accelerators and "onnx" in runtimes:

@@ -157,3 +157,85 @@ if __name__ == "__main__":
     a = ap.parse_args()
     for p in write_iris(a.out_dir, a.seed).values():
         print(p)
+
+
+def mlp_weights(seed: int = 0) -> list[np.ndarray]:
+    """W1 [16,32], b1 [32], W2 [32,4], b2 [4] of a 16 -> 32 -> 4 ReLU MLP."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((16, 32), (32,), (32, 4), (4,))]
+
+
+def mlp_onnx(seed: int = 0) -> bytes:
+    """The 16 -> 32 -> 4 MLP the benchmarks time: x[N,16] -> y[N,4]."""
+    w1, b1, w2, b2 = mlp_weights(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+            helper.make_node("Add", ["h0", "B1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["y0"]),
+            helper.make_node("Add", ["y0", "B2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(a, n) for a, n in
+                     zip((w1, b1, w2, b2), ("W1", "B1", "W2", "B2"), strict=True)],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def mlp_tflite(seed: int = 0) -> bytes:
+    """The same MLP as .tflite: FULLY_CONNECTED (fused ReLU) then FULLY_CONNECTED."""
+    import importlib
+
+    import flatbuffers
+
+    s = importlib.import_module("ai_edge_litert.schema_py_generated")
+    w1, b1, w2, b2 = mlp_weights(seed)
+
+    def tensor(name: str, shape: list[int], buffer: int) -> object:
+        t = s.TensorT()
+        t.name, t.shape, t.type, t.buffer = name.encode(), shape, s.TensorType.FLOAT32, buffer
+        return t
+
+    def buffer(data: bytes = b"") -> object:
+        buf = s.BufferT()
+        if data:
+            buf.data = data
+        return buf
+
+    def fc(inputs: list[int], output: int, relu: bool) -> object:
+        opts = s.FullyConnectedOptionsT()
+        if relu:
+            opts.fusedActivationFunction = s.ActivationFunctionType.RELU
+        op = s.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = 0, inputs, [output]
+        op.builtinOptionsType, op.builtinOptions = s.BuiltinOptions.FullyConnectedOptions, opts
+        return op
+
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+    graph = s.SubGraphT()
+    graph.name = b"main"
+    graph.tensors = [
+        tensor("x", [1, 16], 0), tensor("W1", [32, 16], 1), tensor("B1", [32], 2),
+        tensor("h", [1, 32], 0), tensor("W2", [4, 32], 3), tensor("B2", [4], 4),
+        tensor("y", [1, 4], 0),
+    ]  # fmt: skip
+    graph.inputs, graph.outputs = [0], [6]
+    graph.operators = [fc([0, 1, 2], 3, True), fc([3, 4, 5], 6, False)]
+    model = s.ModelT()
+    model.version = 3
+    model.buffers = [
+        buffer(), buffer(np.ascontiguousarray(w1.T).tobytes()), buffer(b1.tobytes()),
+        buffer(np.ascontiguousarray(w2.T).tobytes()), buffer(b2.tobytes()),
+    ]  # fmt: skip
+    model.operatorCodes = [code]
+    model.subgraphs = [graph]
+    builder = flatbuffers.Builder(4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
