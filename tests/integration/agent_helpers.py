@@ -146,14 +146,27 @@ class CuttingProxy:
         self.cuts = 0
         self.blob_bytes_sent = 0
         self.blob_requests: list[str | None] = []  # the Range header of each blob request
+        self.inflight = 0
+        self.max_inflight = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         is_blob = "/blobs/" in request.path
-        if is_blob:
-            self.blob_requests.append(request.headers.get("Range"))
+        if not is_blob:
+            return await self._forward(request, headers, False)
+        self.blob_requests.append(request.headers.get("Range"))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._forward(request, headers, True)
+        finally:
+            self.inflight -= 1
+
+    async def _forward(
+        self, request: web.Request, headers: dict[str, str], is_blob: bool
+    ) -> web.StreamResponse:
         async with (
             aiohttp.ClientSession(auto_decompress=False) as s,
             s.request(request.method, self.upstream + request.path_qs, headers=headers,

@@ -139,3 +139,16 @@ def test_unknown_failpoint_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown failpoint"):
         Failpoints(["nope"])
     Failpoints(["download-midway"]).hit("blob-committed")  # another point: nothing happens
+
+
+async def test_token_bucket_holds_downloads_to_the_rate() -> None:
+    import time
+
+    from agent.ratelimit import TokenBucket
+
+    bucket = TokenBucket(1_000_000)  # 1 MB/s, with a burst of one second's worth
+    t0 = time.monotonic()
+    for _ in range(24):
+        await bucket.consume(62_500)  # 1.5 MB in all
+    # A lower bound only: however slow the machine, the limit cannot be beaten.
+    assert time.monotonic() - t0 >= 0.45
