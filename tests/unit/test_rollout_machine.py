@@ -1,0 +1,253 @@
+"""The rollout state machine, gates, cohorts, spec parsing and maintenance windows, driven with
+values and an injected clock: a 30-minute soak is a test of microseconds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from control_plane.rollout.cohort import cohort_order
+from control_plane.rollout.cron import parse_cron
+from control_plane.rollout.gates import Aggregate
+from control_plane.rollout.machine import (
+    CommandError,
+    Observation,
+    RolloutView,
+    Step,
+    command,
+    step,
+)
+from control_plane.rollout.spec import parse_duration, parse_spec, parse_stages_text
+from protocol.exceptions import InvalidMessage
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+AGENTS = tuple(f"a{i:02d}" for i in range(10))
+BODY = {
+    "model": "iris", "version": "2.0.0", "selector": "site=onprem,hw in (cpu,gpu)",
+    "stages": [{"percent": 10, "soak": "30m"}, {"percent": 50, "soak": "30m"}, {"percent": 100}],
+    "gates": {"max_error_rate": 0.02, "max_p95_latency_ms": 50, "max_p95_latency_ratio": 1.5,
+              "min_requests": 50, "max_failed_agents": "10%"},
+    "on_failure": "rollback", "max_agents_per_minute": 600,
+}  # fmt: skip
+
+
+def agg(requests: int, errors: int = 0, latency_ms: float = 5.0) -> Aggregate:
+    a = Aggregate(requests=requests, errors=errors)
+    for _ in range(requests):
+        a.latency_ms.add(latency_ms)
+    return a
+
+
+class Sim:
+    """Drives the machine like the controller does: repeat steps, apply moves."""
+
+    def __init__(self, body: dict | None = None, agents: tuple[str, ...] = AGENTS) -> None:
+        self.view = RolloutView("r1", parse_spec(body or BODY), "pending")
+        self.order = agents
+        self.moved: dict[str, datetime] = {}
+        self.now = T0
+        self.events: list = []
+        self.new = agg(100)
+        self.baseline = agg(100)
+        self.failed = 0
+        self.window_open = True
+
+    def tick(self) -> list[Step]:
+        steps = []
+        for _ in range(10):
+            obs = Observation(self.now, self.order, dict(self.moved), self.failed, self.new,
+                              self.baseline, self.window_open)  # fmt: skip
+            s = step(self.view, obs)
+            steps.append(s)
+            for a in s.move:
+                self.moved[a] = self.now
+            self.events += s.events
+            if s.view == self.view and not s.changed:
+                break
+            self.view = s.view
+        return steps
+
+    def advance(self, minutes: float) -> None:
+        self.now += timedelta(minutes=minutes)
+        self.tick()
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+def test_three_stages_complete_with_cohorts_that_only_grow() -> None:
+    sim = Sim()
+    sim.tick()
+    assert sim.view.state == "running" and len(sim.moved) == 1
+    first = set(sim.moved)
+    sim.advance(29)
+    assert len(sim.moved) == 1 and sim.view.stage_index == 0  # still soaking
+    sim.advance(1.01)
+    assert sim.view.stage_index == 1 and len(sim.moved) == 5 and first <= set(sim.moved)
+    second = set(sim.moved)
+    sim.advance(30.01)
+    assert sim.view.state == "completed" and len(sim.moved) == 10 and second <= set(sim.moved)
+    assert sim.kinds() == ["started", "cohort", "gates_passed", "advanced", "cohort",
+                           "gates_passed", "advanced", "cohort", "completed"]  # fmt: skip
+    passed = [e for e in sim.events if e.kind == "gates_passed"][0]
+    assert {g["gate"] for g in passed.figures["gates"]} >= {"max_error_rate", "min_requests"}
+
+
+def test_error_rate_gate_rolls_back_with_figures() -> None:
+    sim = Sim()
+    sim.tick()
+    sim.new = agg(100, errors=10)
+    sim.advance(30.01)
+    assert sim.view.state == "rolled_back"
+    failed = sim.events[-1]
+    assert failed.kind == "failed" and "max_error_rate 0.1 > 0.02" in failed.reason
+    gate = next(g for g in failed.figures["gates"] if g["gate"] == "max_error_rate")
+    assert gate == {"gate": "max_error_rate", "value": 0.1, "threshold": 0.02, "outcome": "fail"}
+
+
+def test_latency_ratio_gate_and_pause_on_failure() -> None:
+    sim = Sim({**BODY, "on_failure": "pause", "gates": {"max_p95_latency_ratio": 1.5}})
+    sim.tick()
+    sim.new, sim.baseline = agg(100, latency_ms=30), agg(100, latency_ms=10)
+    sim.advance(30.01)
+    assert sim.view.state == "paused"
+    assert "max_p95_latency_ratio" in sim.events[-1].reason
+
+
+def test_min_requests_holds_the_stage_until_traffic_comes() -> None:
+    sim = Sim()
+    sim.tick()
+    sim.new = agg(10)
+    sim.advance(31)
+    assert sim.view.state == "running" and sim.view.stage_index == 0
+    sim.new = agg(60)
+    sim.advance(1)
+    assert sim.view.stage_index == 1
+
+
+def test_failed_agents_stop_a_rollout_at_once() -> None:
+    sim = Sim({**BODY, "gates": {"max_failed_agents": 0}})
+    sim.tick()
+    sim.failed = 1
+    sim.advance(0.1)
+    assert sim.view.state == "rolled_back" and "failed to activate" in sim.events[-1].reason
+
+
+def test_rate_limit_and_maintenance_window() -> None:
+    sim = Sim({**BODY, "stages": [{"percent": 100}], "max_agents_per_minute": 3})
+    sim.tick()
+    assert len(sim.moved) == 3
+    sim.advance(0.5)
+    assert len(sim.moved) == 3
+    sim.advance(0.6)
+    assert len(sim.moved) == 6
+    sim.window_open = False
+    sim.advance(5)
+    assert len(sim.moved) == 6 and sim.view.state == "running"
+    sim.window_open = True
+    sim.advance(1.1)
+    sim.advance(1.1)
+    assert len(sim.moved) == 10 and sim.view.state == "completed"
+
+
+def test_deadline() -> None:
+    sim = Sim({**BODY, "deadline": "2026-11-25T12:10:00Z"})
+    sim.tick()
+    sim.advance(11)
+    assert sim.view.state == "rolled_back" and "deadline" in sim.events[-1].reason
+
+
+def test_agents_joining_mid_rollout_take_their_cohort_position() -> None:
+    sim = Sim(agents=AGENTS[:5])
+    sim.tick()
+    assert len(sim.moved) == 1
+    sim.order = cohort_order("r1", [(a, None) for a in AGENTS])
+    sim.advance(1)  # 10% of 10 is still 1: nobody else moves during the soak
+    assert len(sim.moved) == 1
+    sim.advance(30)
+    assert len(sim.moved) == 5
+
+
+def test_commands() -> None:
+    sim = Sim()
+    sim.tick()
+    paused = command(sim.view, "pause")
+    assert paused.view.state == "paused"
+    with pytest.raises(CommandError):
+        command(paused.view, "pause")
+    sim.view = paused.view
+    sim.advance(60)
+    assert sim.view.stage_index == 0  # a paused rollout does not move
+    sim.view = command(sim.view, "resume").view
+    sim.tick()
+    assert sim.view.soak_started_at == sim.now  # the soak starts again
+    sim.view = command(sim.view, "promote").view
+    sim.tick()
+    assert sim.view.stage_index == 1 and len(sim.moved) == 5
+    assert command(sim.view, "abort", rollback=False).view.state == "aborted"
+    done = command(sim.view, "abort", rollback=True).view
+    assert done.state == "rolled_back"
+    with pytest.raises(CommandError):
+        command(done, "resume")
+
+
+def test_terminal_and_paused_states_do_not_move() -> None:
+    for state in ("paused", "completed", "aborted", "rolled_back", "superseded"):
+        view = replace(RolloutView("r", parse_spec(BODY), "running"), state=state)
+        s = step(view, Observation(T0, AGENTS, {}))
+        assert s.view == view and not s.changed
+
+
+def test_cohorts_are_stable_and_spread_across_sites() -> None:
+    agents = [(f"on{i}", "onprem") for i in range(8)] + [(f"cl{i}", "cloud") for i in range(8)]
+    order = cohort_order("r1", agents)
+    assert order == cohort_order("r1", list(reversed(agents)))
+    assert order != cohort_order("r2", agents)
+    half = order[:8]
+    assert sum(a.startswith("on") for a in half) == 4
+    assert {a[:2] for a in order[:2]} == {"on", "cl"}
+
+
+def test_spec_parsing_and_errors() -> None:
+    spec = parse_spec(BODY)
+    assert [s.percent for s in spec.stages] == [10, 50, 100]
+    assert spec.stages[0].soak_s == 1800 and spec.gates.max_failed_agents.limit(20) == 2  # type: ignore[union-attr]
+    assert spec.to_json()["selector"] == "site=onprem,hw in (cpu,gpu)"
+    assert parse_spec(spec.to_json()) == spec
+    assert parse_stages_text("1%:10m,10%:30m,100%") == [
+        {"percent": 1.0, "soak": "10m"}, {"percent": 10.0, "soak": "30m"}, {"percent": 100.0}]  # fmt: skip
+    assert parse_duration("1h30m", "x") == 5400
+    for body, field in [
+        ({**BODY, "stages": [{"percent": 50}]}, "stages"),
+        ({**BODY, "stages": [{"percent": 50}, {"percent": 10}, {"percent": 100}]},
+         "stages[1].percent"),
+        ({**BODY, "stages": [{"percent": 10, "count": 2}, {"percent": 100}]}, "stages[0]"),
+        ({**BODY, "stages": [{"percent": 10, "soak": "soon"}, {"percent": 100}]},
+         "stages[0].soak"),
+        ({**BODY, "gates": {"max_error_rate": 2}}, "gates.max_error_rate"),
+        ({**BODY, "gates": {"max_failed_agents": "lots"}}, "gates.max_failed_agents"),
+        ({**BODY, "gates": {"max_latency": 1}}, "gates.max_latency"),
+        ({**BODY, "on_failure": "panic"}, "on_failure"),
+        ({**BODY, "selector": "site in ()"}, "selector"),
+        ({**BODY, "maintenance_window": "* * *"}, "maintenance_window"),
+        ({**BODY, "maintenance_window": "* 25 * * *"}, "maintenance_window"),
+        ({**BODY, "max_agents_per_minute": 0}, "max_agents_per_minute"),
+        ({**BODY, "colour": "blue"}, "colour"),
+    ]:  # fmt: skip
+        with pytest.raises(InvalidMessage) as info:
+            parse_spec(body)
+        assert info.value.field == field, body
+
+
+def test_cron_windows() -> None:
+    nights = parse_cron("* 22-23,0-4 * * 1-5")
+    wednesday_23h = datetime(2026, 11, 25, 23, 30, tzinfo=UTC)
+    wednesday_noon = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    saturday_23h = datetime(2026, 11, 28, 23, 0, tzinfo=UTC)
+    assert nights.matches(wednesday_23h)
+    assert not nights.matches(wednesday_noon) and not nights.matches(saturday_23h)
+    assert parse_cron("*/15 * * * *").matches(datetime(2026, 1, 1, 3, 45, tzinfo=UTC))
+    assert parse_cron("0 0 * * 0").matches(datetime(2026, 11, 29, 0, 0, tzinfo=UTC))  # Sunday
+    assert parse_cron("0 0 * * 7").matches(datetime(2026, 11, 29, 0, 0, tzinfo=UTC))
