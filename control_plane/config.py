@@ -26,6 +26,7 @@ class ServerConfig:
     offline_after_s: float = 60.0
     heartbeat_s: float = 15.0
     enrollment_token_ttl_s: float = 24 * 3600.0
+    controller_interval_s: float = 1.0  # how often the rollout controller looks at rollouts
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

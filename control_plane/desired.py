@@ -7,63 +7,121 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import DesiredStateRow, Model, ModelVersion, Rollout
-from protocol.desired import DesiredModel, DesiredState, desired_from_json
-from protocol.labels import matches
-
-ACTIVE_ROLLOUT_STATES = ("running", "completed")
+from control_plane.db.models import (
+    Agent,
+    DesiredStateRow,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutTarget,
+)
+from protocol.desired import DesiredModel, DesiredState, Shadow, desired_from_json
+from protocol.labels import Selector, selector_from_json
 
 
 @dataclass(frozen=True)
-class TargetingRollout:
-    """What desired-state computation needs to know of a rollout."""
+class Candidate:
+    """A rollout as one agent sees it."""
 
     id: str
     model: str
     version: str
     manifest_digest: str
-    selector: dict[str, str]
+    selector: Selector
     created_at: datetime
+    state: str
+    moved: bool  # this rollout moved this agent
+    join_later: bool = True
     rollback: bool = False
+    shadow_sample: float | None = None  # set when the rollout shadow-scores
+
+
+def _applies(c: Candidate, labels: dict[str, str]) -> bool:
+    if c.state in ("pending", "rolled_back"):
+        return False
+    if c.moved:
+        return True
+    return c.state == "completed" and c.join_later and c.selector.matches(labels)
 
 
 def desired_models(
-    rollouts: Sequence[TargetingRollout], labels: dict[str, str]
+    candidates: Sequence[Candidate], labels: dict[str, str]
 ) -> tuple[DesiredModel, ...]:
-    """The versions an agent with ``labels`` should run: per model, the newest matching rollout."""
-    chosen: dict[str, TargetingRollout] = {}
-    for r in sorted(rollouts, key=lambda r: (r.created_at, r.id)):
-        if matches(r.selector, labels):
-            chosen[r.model] = r
-    return tuple(
-        DesiredModel(r.model, r.version, r.manifest_digest, rollback=r.rollback)
-        for r in sorted(chosen.values(), key=lambda r: r.model)
-    )
+    """The versions an agent should run: per model, the newest rollout that applies to it.
+
+    A rollout applies to the agents it moved, and, once completed, to every matching agent
+    (unless it does not take agents that join later). A rolled-back rollout applies to none,
+    and the version its agents fall back to is marked as an ordered rollback. A running
+    shadow-scoring rollout names the version it replaces as the shadow.
+    """
+    ordered = sorted(candidates, key=lambda c: (c.created_at, c.id))
+    out = []
+    for model in sorted({c.model for c in ordered}):
+        mine = [c for c in ordered if c.model == model]
+        applying = [c for c in mine if _applies(c, labels)]
+        if not applying:
+            continue
+        chosen = applying[-1]
+        rolled_back_later = any(
+            c.state == "rolled_back" and c.moved and c.created_at >= chosen.created_at for c in mine
+        )
+        shadow = None
+        if chosen.shadow_sample and chosen.state in ("running", "paused") and len(applying) > 1:
+            prev = applying[-2]
+            if prev.manifest_digest != chosen.manifest_digest:
+                shadow = Shadow(prev.version, prev.manifest_digest, chosen.shadow_sample)
+        out.append(
+            DesiredModel(
+                chosen.model,
+                chosen.version,
+                chosen.manifest_digest,
+                rollback=chosen.rollback or rolled_back_later,
+                shadow=shadow,
+            )
+        )
+    return tuple(out)
 
 
-async def active_rollouts(session: AsyncSession) -> list[TargetingRollout]:
-    """Every rollout that currently places versions on agents."""
+async def candidates_for(session: AsyncSession, agent_id: str) -> list[Candidate]:
+    """Every started rollout, with whether it moved this agent."""
     rows = await session.execute(
-        select(Rollout, ModelVersion, Model)
+        select(
+            Rollout,
+            ModelVersion.version,
+            ModelVersion.manifest_digest,
+            Model.name,
+            RolloutTarget.agent_id,
+        )
         .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
         .join(Model, ModelVersion.model_id == Model.id)
-        .where(Rollout.state.in_(ACTIVE_ROLLOUT_STATES))
-    )
-    return [
-        TargetingRollout(
-            r.id,
-            m.name,
-            v.version,
-            v.manifest_digest,
-            r.selector,
-            r.created_at,
-            rollback=bool(r.options.get("rollback")),
+        .outerjoin(
+            RolloutTarget,
+            and_(RolloutTarget.rollout_id == Rollout.id, RolloutTarget.agent_id == agent_id),
         )
-        for r, v, m in rows
-    ]
+        .where(Rollout.state != "pending")
+    )
+    out = []
+    for r, version, digest, model, moved in rows:
+        spec = r.options.get("spec", {})
+        out.append(
+            Candidate(
+                id=r.id,
+                model=model,
+                version=version,
+                manifest_digest=digest,
+                selector=selector_from_json(r.selector),
+                created_at=r.created_at,
+                state=r.state,
+                moved=moved is not None,
+                join_later=bool(spec.get("join_later", True)),
+                rollback=bool(spec.get("rollback", r.options.get("rollback", False))),
+                shadow_sample=(spec.get("shadow_sample", 0.05) if spec.get("shadow") else None),
+            )
+        )
+    return out
 
 
 class DesiredSigner:
@@ -72,6 +130,11 @@ class DesiredSigner:
     def __init__(self, key: Ed25519PrivateKey, ttl: timedelta) -> None:
         self.key = key
         self.ttl = ttl
+
+    async def refresh(self, session: AsyncSession, agent: Agent, now: datetime) -> int | None:
+        """Recompute one agent's desired state; return the new generation when it changed."""
+        models = desired_models(await candidates_for(session, agent.id), agent.labels)
+        return await self.write(session, agent.id, models, now)
 
     async def write(
         self,

@@ -24,7 +24,7 @@ from control_plane.db.models import (
     MetricBatch,
     MetricSeries,
 )
-from control_plane.desired import DesiredSigner, active_rollouts, desired_models
+from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
 from protocol.labels import check_labels
@@ -128,8 +128,7 @@ async def enroll(
         )
         s.add(agent)
         await s.flush()
-        models = desired_models(await active_rollouts(s), labels)
-        await signer.write(s, agent_id, models, now)
+        await signer.refresh(s, agent, now)
     return {"agentId": agent_id, "name": agent.name, "labels": labels}, credential
 
 

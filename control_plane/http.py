@@ -8,6 +8,7 @@ document, so the two cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
 from control_plane.notify import DesiredNotifier
+from control_plane.rollout.controller import RolloutController
 from protocol.bundle import BundleLimits
 from protocol.digest import check_digest
 from protocol.dsse import public_key_to_pem
@@ -57,6 +59,7 @@ class State:
     notifier: DesiredNotifier
     trusted: dict[str, Ed25519PublicKey]
     clock: Clock
+    controller: RolloutController
 
 
 STATE = web.AppKey("state", State)
@@ -416,22 +419,43 @@ async def post_metrics(request: web.Request) -> web.Response:
 
 
 async def post_rollout(request: web.Request) -> web.Response:
-    """Create a rollout."""
+    """Create a rollout; the controller starts it at once."""
     operator(request)
     state = st(request)
     body = await read_json(request)
-    out = await rollouts.create_rollout(state.db, state.signer, state.notifier, body, state.clock())
-    log.info("rollout %s: %s %s to %s", out["id"], out["model"], out["version"], out["selector"])
-    return json_response(out, 201)
+    rollout_id = await rollouts.create_rollout(state.db, body, state.clock())
+    await state.controller.advance_one(rollout_id)
+    return json_response(await rollouts.get_rollout(state.db, rollout_id), 201)
+
+
+async def get_rollouts(request: web.Request) -> web.Response:
+    """List rollouts, newest first."""
+    operator(request)
+    return json_response({"rollouts": await rollouts.list_rollouts(st(request).db)})
 
 
 async def get_rollout(request: web.Request) -> web.Response:
-    """One rollout with its progress."""
+    """One rollout: stages, cohort sizes, gate results, timeline, targets."""
+    operator(request)
+    return json_response(await rollouts.get_rollout(st(request).db, request.match_info["id"]))
+
+
+async def post_rollout_command(request: web.Request) -> web.Response:
+    """pause, resume, promote or abort (body ``{"rollback": false}`` keeps moved agents)."""
     operator(request)
     state = st(request)
-    return json_response(
-        await rollouts.get_rollout(state.db, request.match_info["id"], state.clock())
-    )
+    action = request.match_info["action"]
+    if action not in ("pause", "resume", "promote", "abort"):
+        raise ApiError(404, "unknown_command", f"no rollout command {action!r}", "action")
+    body = await read_json(request) if request.can_read_body else {}
+    rollback = body.get("rollback", True)
+    if not isinstance(rollback, bool):
+        raise ApiError(400, "invalid", "rollback must be true or false", "rollback")
+    rollout_id = request.match_info["id"]
+    await rollouts.run_command(state.db, state.signer, state.notifier, rollout_id, action,
+                               rollback, state.clock())  # fmt: skip
+    state.controller.kick()
+    return json_response(await rollouts.get_rollout(state.db, rollout_id))
 
 
 # ------------------------------------------------------------------------------ route table
@@ -576,7 +600,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token_file = state.config.data_dir / "admin-token"
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
+    controller = asyncio.create_task(state.controller.run(), name="rollout-controller")
     yield
+    controller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await controller
     await state.db.close()
 
 
@@ -587,18 +615,22 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
     """
     config.data_dir.mkdir(parents=True, exist_ok=True)
     key_file = config.signing_key_file or config.data_dir / "control-plane.key"
+    db = Database(config.database_url)
+    signer = DesiredSigner(
+        load_or_create_signing_key(key_file), timedelta(seconds=config.desired_ttl_s)
+    )
+    notifier = DesiredNotifier()
     state = State(
         config=config,
-        db=Database(config.database_url),
+        db=db,
         store=BlobStore(config.blob_dir),
-        signer=DesiredSigner(
-            load_or_create_signing_key(key_file), timedelta(seconds=config.desired_ttl_s)
-        ),
-        notifier=DesiredNotifier(),
+        signer=signer,
+        notifier=notifier,
         trusted=load_trusted_publishers(
             config.trusted_publisher_files, config.data_dir / "trusted-publishers"
         ),
         clock=clock,
+        controller=RolloutController(db, signer, notifier, clock, config.controller_interval_s),
     )
     if not state.trusted:
         log.warning("no trusted publisher keys: every bundle push will be refused")

@@ -1,8 +1,7 @@
-"""Rollouts: a model version placed on the agents a selector matches.
+"""Rollouts over REST: create (with overlap checks), show, list, and operator commands.
 
-For now a rollout has one stage at 100%: creating it writes the desired state of every matching
-agent at once, and agents that enroll later and match get it too. Staged rollouts with gates
-build on this table.
+The controller (control_plane/rollout/controller.py) moves them; this module only records
+what operators ask for and renders what happened.
 """
 
 from __future__ import annotations
@@ -14,141 +13,259 @@ from typing import Any
 from sqlalchemy import select
 
 from control_plane.db.engine import Database
-from control_plane.db.models import Agent, Model, ModelVersion, Rollout
-from control_plane.desired import DesiredSigner, active_rollouts, desired_models
+from control_plane.db.models import (
+    Agent,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutEvent,
+    RolloutTarget,
+)
+from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 from control_plane.notify import DesiredNotifier
-from protocol.exceptions import InvalidMessage
-from protocol.fields import req_str
-from protocol.labels import check_labels, matches, parse_selector
-from protocol.manifest import check_name, check_version
+from control_plane.rollout.controller import (
+    add_events,
+    refresh_agents,
+    selector_of,
+    store_view,
+    view_of,
+)
+from control_plane.rollout.machine import ACTIVE_STATES, CommandError, Event, command
+from control_plane.rollout.spec import parse_spec
 from protocol.timeutil import format_time
 
 
-def parse_stages(raw: object) -> list[dict[str, Any]]:
-    """Accept the one stage supported so far; raises InvalidMessage for anything else."""
-    if raw is None:
-        return [{"percent": 100}]
-    ok = (
-        isinstance(raw, list)
-        and len(raw) == 1
-        and isinstance(raw[0], dict)
-        and raw[0].get("percent") == 100
-        and set(raw[0]) <= {"percent", "soak"}
-    )
-    if not ok:
-        raise InvalidMessage(
-            'stages: only a single 100% stage ([{"percent": 100}]) is supported', "stages"
-        )
-    return [{"percent": 100}]
+async def create_rollout(db: Database, body: dict[str, Any], now: datetime) -> str:
+    """Record a new rollout (pending until the controller starts it); return its id.
 
-
-def parse_selector_field(raw: object) -> dict[str, str]:
-    """A selector given as ``"k=v,..."`` or as an object of strings."""
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, str):
-        return parse_selector(raw)
-    if isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
-        return check_labels(raw, "selector")
-    raise InvalidMessage("selector must be a string like 'site=onprem' or an object", "selector")
-
-
-async def create_rollout(
-    db: Database,
-    signer: DesiredSigner,
-    notifier: DesiredNotifier,
-    body: dict[str, Any],
-    now: datetime,
-) -> dict[str, Any]:
-    """Create a rollout and write every matching agent's desired state.
-
-    Raises InvalidMessage for a bad body, ApiError 404 when the version is not published.
+    Raises InvalidMessage for a bad body, ApiError 404 when the version is not published and
+    409 when it would touch agents an active rollout of the same model holds.
     """
-    name = check_name(req_str(body, "model"), "model")
-    version = check_version(req_str(body, "version"))
-    selector = parse_selector_field(body.get("selector"))
-    stages = parse_stages(body.get("stages"))
-    rollback = body.get("rollback", False)
-    if not isinstance(rollback, bool):
-        raise InvalidMessage("rollback must be true or false", "rollback")
+    spec = parse_spec(body)
     rollout_id = str(uuid.uuid4())
-    changed: list[str] = []
     async with db.write() as s:
         mv = await s.scalar(
             select(ModelVersion)
             .join(Model)
-            .where(Model.name == name, ModelVersion.version == version)
+            .where(Model.name == spec.model, ModelVersion.version == spec.version)
         )
         if mv is None:
             raise ApiError(
-                404, "version_not_found", f"{name} {version} is not published", "version"
+                404, "version_not_found", f"{spec.model} {spec.version} is not published", "version"
+            )
+        agents = list(await s.scalars(select(Agent)))
+        mine = {a.id for a in agents if spec.selector.matches(a.labels)}
+        active = await s.scalars(
+            select(Rollout)
+            .join(ModelVersion)
+            .join(Model)
+            .where(Model.name == spec.model, Rollout.state.in_(ACTIVE_STATES))
+            .order_by(Rollout.created_at)
+        )
+        for other in active:
+            theirs = {a.id for a in agents if selector_of(other).matches(a.labels)}
+            if not (mine & theirs):
+                continue
+            if spec.supersedes != other.id:
+                raise ApiError(
+                    409,
+                    "rollout_overlaps",
+                    f"rollout {other.id} of {spec.model} is {other.state} on {len(mine & theirs)} "
+                    "of the same agents; wait for it, abort it, or pass supersedes",
+                    "selector",
+                )
+            other.state = "superseded"
+            other.updated_at = now
+            add_events(
+                s,
+                other.id,
+                [Event("superseded", f"superseded by rollout {rollout_id}", other.stage_index)],
+                now,
             )
         s.add(
             Rollout(
                 id=rollout_id,
                 model_version_id=mv.id,
-                selector=selector,
-                stages=stages,
-                state="running",
-                options={"rollback": rollback},
+                selector=spec.selector.to_json(),
+                stages=[st.to_json() for st in spec.stages],
+                state="pending",
+                options={"spec": spec.to_json()},
                 created_at=now,
                 updated_at=now,
             )
         )
         await s.flush()
-        rollouts = await active_rollouts(s)
-        for agent in await s.scalars(select(Agent).order_by(Agent.id)):
-            if not matches(selector, agent.labels):
-                continue
-            models = desired_models(rollouts, agent.labels)
-            if await signer.write(s, agent.id, models, now) is not None:
-                changed.append(agent.id)
-    notifier.notify(changed)
-    return await get_rollout(db, rollout_id, now)
-
-
-async def get_rollout(db: Database, rollout_id: str, now: datetime) -> dict[str, Any]:
-    """A rollout with its targets' progress; a running one whose targets all report the version
-    active is marked completed. Raises ApiError 404 when unknown."""
-    async with db.write() as s:
-        row = await s.execute(
-            select(Rollout, ModelVersion, Model)
-            .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
-            .join(Model, ModelVersion.model_id == Model.id)
-            .where(Rollout.id == rollout_id)
+        add_events(
+            s,
+            rollout_id,
+            [
+                Event(
+                    "created",
+                    f"{spec.model} {spec.version} to {spec.selector or 'every agent'}",
+                    None,
+                    {"matching_agents": len(mine)},
+                )
+            ],
+            now,
         )
-        found = row.first()
+    return rollout_id
+
+
+def _target_state(agent: Agent, model: str, digest: str) -> tuple[str, str | None]:
+    for m in agent.status.get("models", []):
+        if m.get("name") == model and m.get("manifestDigest") == digest:
+            return m.get("state", "pending"), m.get("reason")
+    return "pending", None
+
+
+async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
+    """A rollout: stages with cohort sizes, gate results, timeline, targets.
+
+    Raises ApiError 404 when unknown.
+    """
+    async with db.read() as s:
+        found = (
+            await s.execute(
+                select(Rollout, ModelVersion, Model)
+                .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+                .join(Model, ModelVersion.model_id == Model.id)
+                .where(Rollout.id == rollout_id)
+            )
+        ).first()
         if found is None:
             raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}", "id")
-        rollout, mv, model = found
-        targets = []
-        for agent in await s.scalars(select(Agent).order_by(Agent.enrolled_at, Agent.id)):
-            if not matches(rollout.selector, agent.labels):
-                continue
-            state = "pending"
-            reason = None
-            for m in agent.status.get("models", []):
-                if m.get("name") == model.name and m.get("manifestDigest") == mv.manifest_digest:
-                    state, reason = m.get("state", "pending"), m.get("reason")
-            targets.append(
-                {"agentId": agent.id, "name": agent.name, "state": state, "reason": reason}
-            )
-        active = sum(1 for t in targets if t["state"] == "active")
-        if rollout.state == "running" and targets and active == len(targets):
-            rollout.state = "completed"
-            rollout.updated_at = now
-        return {
-            "id": rollout.id,
-            "model": model.name,
-            "version": mv.version,
-            "manifestDigest": mv.manifest_digest,
-            "selector": rollout.selector,
-            "stages": rollout.stages,
-            "rollback": bool(rollout.options.get("rollback")),
-            "state": rollout.state,
-            "createdAt": format_time(rollout.created_at),
-            "updatedAt": format_time(rollout.updated_at),
-            "progress": {"targets": len(targets), "active": active},
-            "targets": targets,
+        r, mv, model = found
+        view = view_of(r)
+        spec = view.spec
+        agents = list(await s.scalars(select(Agent).order_by(Agent.enrolled_at, Agent.id)))
+        matching = [a for a in agents if spec.selector.matches(a.labels)]
+        targets = {
+            t.agent_id: t
+            for t in await s.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == r.id))
         }
+        events = list(
+            await s.scalars(
+                select(RolloutEvent)
+                .where(RolloutEvent.rollout_id == r.id)
+                .order_by(RolloutEvent.id)
+            )
+        )
+    by_id = {a.id: a for a in agents}
+    stages = []
+    for i, st in enumerate(spec.stages):
+        moved = sum(1 for t in targets.values() if t.stage <= i)
+        if r.state == "completed" or i < view.stage_index:
+            status = "done"
+        elif i == view.stage_index and r.state in ("running", "paused"):
+            status = "current"
+        elif i == view.stage_index and r.state == "pending":
+            status = "pending"
+        else:
+            status = "stopped" if i == view.stage_index else "pending"
+        stages.append(
+            {
+                **st.to_json(),
+                "target": st.size(len(matching)),
+                "moved": moved,
+                "status": status,
+                "gates": (r.gate_results or {}).get(str(i)),
+            }
+        )
+    rows = []
+    for agent_id, t in sorted(targets.items(), key=lambda kv: (kv[1].moved_at, kv[0])):
+        agent = by_id.get(agent_id)
+        state, reason = (
+            _target_state(agent, model.name, mv.manifest_digest) if agent else ("gone", None)
+        )
+        rows.append(
+            {
+                "agentId": agent_id,
+                "name": agent.name if agent else None,
+                "site": agent.labels.get("site") if agent else None,
+                "stage": t.stage + 1,
+                "movedAt": format_time(t.moved_at),
+                "state": state,
+                "reason": reason,
+            }
+        )
+    active = sum(1 for row in rows if row["state"] == "active")
+    return {
+        "id": r.id,
+        "model": model.name,
+        "version": mv.version,
+        "manifestDigest": mv.manifest_digest,
+        "state": r.state,
+        "stage": view.stage_index + 1,
+        "selector": str(spec.selector),
+        "spec": spec.to_json(),
+        "stages": stages,
+        "gates": spec.gates.to_json(),
+        "progress": {"matching": len(matching), "moved": len(targets), "active": active},
+        "createdAt": format_time(r.created_at),
+        "updatedAt": format_time(r.updated_at),
+        "soakStartedAt": format_time(r.soak_started_at) if r.soak_started_at else None,
+        "timeline": [
+            {
+                "at": format_time(e.at),
+                "kind": e.kind,
+                "stage": e.stage + 1 if e.stage is not None else None,
+                "reason": e.reason,
+                "figures": e.figures,
+            }
+            for e in events
+        ],
+        "targets": rows,
+    }
+
+
+async def list_rollouts(db: Database) -> list[dict[str, Any]]:
+    """Every rollout, newest first, in brief."""
+    async with db.read() as s:
+        rows = await s.execute(
+            select(Rollout, ModelVersion.version, Model.name)
+            .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+            .join(Model, ModelVersion.model_id == Model.id)
+            .order_by(Rollout.created_at.desc())
+        )
+        return [
+            {
+                "id": r.id,
+                "model": name,
+                "version": version,
+                "state": r.state,
+                "stage": r.stage_index + 1,
+                "stages": len(r.stages),
+                "createdAt": format_time(r.created_at),
+            }
+            for r, version, name in rows
+        ]
+
+
+async def run_command(
+    db: Database,
+    signer: DesiredSigner,
+    notifier: DesiredNotifier,
+    rollout_id: str,
+    name: str,
+    rollback: bool,
+    now: datetime,
+) -> None:
+    """pause | resume | promote | abort; raises ApiError 404 or 409 (not in that state)."""
+    changed: list[str] = []
+    async with db.write() as s:
+        r = await s.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
+        if r is None:
+            raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}", "id")
+        try:
+            st = command(view_of(r), name, rollback)
+        except CommandError as exc:
+            raise ApiError(409, "invalid_state", str(exc)) from None
+        add_events(s, r.id, st.events, now)
+        store_view(r, st.view, now)
+        if st.view.state == "rolled_back":
+            moved = await s.scalars(
+                select(RolloutTarget.agent_id).where(RolloutTarget.rollout_id == r.id)
+            )
+            changed = await refresh_agents(s, signer, list(moved), now)
+    notifier.notify(changed)

@@ -31,6 +31,20 @@ from protocol.timeutil import format_time, parse_time
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """The version a rollout replaces, kept loaded to score a sample of live requests."""
+
+    version: str
+    manifest_digest: str
+    sample: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"version": self.version, "manifestDigest": self.manifest_digest,
+                "sample": self.sample}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DesiredModel:
     """One model version an agent should run."""
 
@@ -40,6 +54,7 @@ class DesiredModel:
     # Set by the control plane when it orders a return to a lower version on purpose; without
     # it an agent refuses to go below the highest version it has activated.
     rollback: bool = False
+    shadow: Shadow | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +67,8 @@ class DesiredModel:
         }
         if self.rollback:
             doc["rollback"] = True
+        if self.shadow is not None:
+            doc["shadow"] = self.shadow.to_json()
         return doc
 
 
@@ -93,6 +110,20 @@ def _get_bool(d: dict, key: str, prefix: str) -> bool:
     return value
 
 
+def _shadow(doc: object, prefix: str) -> Shadow | None:
+    if doc is None:
+        return None
+    d = require_object(doc, prefix.rstrip("."))
+    sample = d.get("sample")
+    if isinstance(sample, bool) or not isinstance(sample, int | float) or not 0 < sample <= 1:
+        raise InvalidMessage(f"{prefix}sample must be in (0, 1]", f"{prefix}sample")
+    return Shadow(
+        version=check_version(req_str(d, "version", prefix), f"{prefix}version"),
+        manifest_digest=check_digest(d.get("manifestDigest"), f"{prefix}manifestDigest"),
+        sample=float(sample),
+    )
+
+
 def desired_from_json(doc: object) -> DesiredState:
     """Validate decoded JSON; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "desired")
@@ -111,7 +142,8 @@ def desired_from_json(doc: object) -> DesiredState:
                 version=check_version(req_str(md, "version", p), f"{p}version"),
                 manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
                 rollback=_get_bool(md, "rollback", p),
-                extra=extra_fields(md, ("name", "version", "manifestDigest", "rollback")),
+                shadow=_shadow(md.get("shadow"), f"{p}shadow."),
+                extra=extra_fields(md, ("name", "version", "manifestDigest", "rollback", "shadow")),
             )
         )
     return DesiredState(

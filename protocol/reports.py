@@ -12,6 +12,7 @@ from protocol.fields import (
     extra_fields,
     get_int,
     get_list,
+    get_number,
     get_str,
     req_str,
     require_object,
@@ -125,16 +126,25 @@ class SeriesWindow:
     requests: int = 0
     errors: int = 0
     latency_ms: DDSketch = field(default_factory=DDSketch)
+    # Shadow scoring: requests also scored by the replaced version, the sum of their mean
+    # absolute output differences, and how many agreed on the argmax.
+    shadow_count: int = 0
+    drift_sum: float = 0.0
+    argmax_agree: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
-        return {
+        doc: dict[str, Any] = {
             "model": self.model,
             "version": self.version,
             "requests": self.requests,
             "errors": self.errors,
             "latencyMs": self.latency_ms.to_json(),
         }
+        if self.shadow_count:
+            doc["shadow"] = {"count": self.shadow_count, "driftSum": self.drift_sum,
+                             "argmaxAgree": self.argmax_agree}  # fmt: skip
+        return doc
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,14 @@ def metrics_from_json(doc: object) -> MetricsBatch:
         if errors > requests:
             raise InvalidMessage(f"{p}errors exceeds {p}requests", f"{p}errors")
         sketch = DDSketch.from_json(sd.get("latencyMs"), f"{p}latencyMs.")
+        shadow = sd.get("shadow") or {}
+        if not isinstance(shadow, dict):
+            raise InvalidMessage(f"{p}shadow must be an object", f"{p}shadow")
+        sp = f"{p}shadow."
+        shadow_count = get_int(shadow, "count", sp, default=0)
+        argmax_agree = get_int(shadow, "argmaxAgree", sp, default=0)
+        if shadow_count > requests or argmax_agree > shadow_count:
+            raise InvalidMessage(f"{sp}count exceeds the requests it samples", f"{sp}count")
         series.append(
             SeriesWindow(
                 model=check_name(req_str(sd, "model", p), f"{p}model"),
@@ -182,6 +200,9 @@ def metrics_from_json(doc: object) -> MetricsBatch:
                 requests=requests,
                 errors=errors,
                 latency_ms=sketch,
+                shadow_count=shadow_count,
+                drift_sum=get_number(shadow, "driftSum", sp, default=0.0),
+                argmax_agree=argmax_agree,
             )
         )
     start = parse_time(d.get("windowStart"), "windowStart")

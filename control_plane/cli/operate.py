@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.cli.common import CliError, add_client_options, api_call
+from control_plane.rollout.spec import parse_stages_text
 from protocol.bundle import MEDIA_TYPE
 from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_labels
@@ -32,22 +33,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_client_options(c)
     c.set_defaults(func=cmd_enroll_token_create)
 
-    r = sub.add_parser("rollout", help="rollouts")
+    r = sub.add_parser("rollout", help="staged rollouts")
     rsub = r.add_subparsers(dest="rollout_command", required=True)
-    rc = rsub.add_parser("create", help="roll a version out to the agents a selector matches")
+    rc = rsub.add_parser("create", help="roll a version out in stages; prints the rollout id")
     rc.add_argument("--model", required=True)
     rc.add_argument("--version", required=True)
-    rc.add_argument("--selector", default="", help="k=v,k2=v2 (empty: every agent)")
     rc.add_argument(
-        "--rollback", action="store_true",
+        "--selector", default="", help="site=onprem,hw in (cpu,gpu),!legacy (empty: every agent)"
+    )
+    rc.add_argument(
+        "--stages",
+        default="100%",
+        help="e.g. 1%%:10m,10%%:30m,100%% (a bare number is a count of agents)",
+    )
+    rc.add_argument("--max-error-rate", type=float)
+    rc.add_argument("--max-p95-latency-ms", type=float)
+    rc.add_argument("--max-p95-latency-ratio", type=float)
+    rc.add_argument("--min-requests", type=int)
+    rc.add_argument("--max-failed-agents", help="a count, or N%% of the cohort")
+    rc.add_argument(
+        "--max-drift",
+        type=float,
+        dest="max_drift",
+        help="max mean absolute output drift (with --shadow)",
+    )
+    rc.add_argument("--on-failure", choices=("rollback", "pause"), default="rollback")
+    rc.add_argument("--max-agents-per-minute", type=int)
+    rc.add_argument("--deadline", help="RFC 3339 time by which it must complete")
+    rc.add_argument("--maintenance-window", help="cron, UTC: '* 22-23,0-4 * * 1-5'")
+    rc.add_argument(
+        "--shadow",
+        action="store_true",
+        help="moved agents also score a sample of requests with the old version",
+    )
+    rc.add_argument("--shadow-sample", type=float)
+    rc.add_argument(
+        "--no-join-later",
+        action="store_true",
+        help="agents that enroll after it completes do not get it",
+    )
+    rc.add_argument("--supersedes", metavar="ID", help="replace an active rollout")
+    rc.add_argument(
+        "--rollback",
+        action="store_true",
         help="allow agents to go down to this version (they refuse a lower one otherwise)",
-    )  # fmt: skip
+    )
     add_client_options(rc)
     rc.set_defaults(func=cmd_rollout_create)
-    rs = rsub.add_parser("status", help="show a rollout")
-    rs.add_argument("id")
-    add_client_options(rs)
-    rs.set_defaults(func=cmd_rollout_status)
+    rl = rsub.add_parser("list", help="rollouts, newest first")
+    add_client_options(rl)
+    rl.set_defaults(func=cmd_rollout_list)
+    for name, text in (
+        ("status", "show a rollout"),
+        ("pause", "stop moving agents"),
+        ("resume", "carry on (the stage soaks again)"),
+        ("promote", "skip the current stage's soak and gates"),
+        ("abort", "stop it and move agents back (--no-rollback keeps them)"),
+    ):
+        c = rsub.add_parser(name, help=text)
+        c.add_argument("id")
+        if name == "abort":
+            c.add_argument("--no-rollback", action="store_true")
+        add_client_options(c)
+        c.set_defaults(
+            func=cmd_rollout_status if name == "status" else cmd_rollout_command, action=name
+        )
 
     a = sub.add_parser("agents", help="agents")
     asub = a.add_subparsers(dest="agents_command", required=True)
@@ -137,36 +187,127 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
 def format_rollout(r: dict[str, Any]) -> str:
-    """A readable view of one rollout."""
+    """A readable view of one rollout: stages with progress bars, gates, timeline, agents."""
     p = r["progress"]
-    sel = ",".join(f"{k}={v}" for k, v in sorted(r["selector"].items())) or "(every agent)"
     lines = [
-        f"rollout {r['id']}",
-        f"  {r['model']} {r['version']} -> {sel}",
-        f"  state: {r['state']}   active {p['active']}/{p['targets']}",
+        f"rollout {r['id']}  {r['model']} {r['version']}  state: {r['state'].upper()}",
+        f"  selector: {r['selector'] or '(every agent)'}   matching {p['matching']}, "
+        f"moved {p['moved']}, active {p['active']}",
+        "  stages:",
     ]
-    for t in r["targets"]:
-        reason = f"  ({t['reason']})" if t.get("reason") else ""
-        lines.append(f"    {t['agentId'][:8]} {t['name']}: {t['state']}{reason}")
+    for i, st in enumerate(r["stages"], 1):
+        size = f"{st['percent']:g}%" if "percent" in st else f"{st['count']} agents"
+        soak = f" soak {st['soak']}" if st.get("soak") else ""
+        lines.append(
+            f"    {i}. {size:>11}{soak:<12} {_bar(st['moved'], st['target'])}  {st['status']}"
+        )
+        for g in st.get("gates") or []:
+            mark = {"pass": "ok", "fail": "FAIL", "wait": "wait"}[g["outcome"]]
+            note = f"  ({g['note']})" if g.get("note") else ""
+            lines.append(f"         {mark:>4} {g['gate']}: {g['value']} vs {g['threshold']}{note}")
+    if r["timeline"]:
+        lines.append("  timeline:")
+        for e in r["timeline"]:
+            stage = f"stage {e['stage']} " if e.get("stage") else ""
+            lines.append(f"    {e['at'][11:19]} {e['kind']:<12} {stage}{e['reason']}")
+    if r["targets"]:
+        lines.append("  agents:")
+        for t in r["targets"]:
+            reason = f"  ({t['reason']})" if t.get("reason") else ""
+            lines.append(
+                f"    {t['agentId'][:8]} {t['name'] or '':<14} {t['site'] or '-':<8} "
+                f"stage {t['stage']}: {t['state']}{reason}"
+            )
     return "\n".join(lines)
 
 
 def cmd_rollout_create(args: argparse.Namespace) -> int:
     """Create a rollout and print its id."""
-    body = {
+    try:
+        stages = parse_stages_text(args.stages)
+    except InvalidMessage as exc:
+        raise CliError(f"--stages: {exc}") from None
+    gates: dict[str, Any] = {}
+    for flag, key in (
+        ("max_error_rate", "max_error_rate"),
+        ("max_p95_latency_ms", "max_p95_latency_ms"),
+        ("max_p95_latency_ratio", "max_p95_latency_ratio"),
+        ("min_requests", "min_requests"),
+        ("max_drift", "max_mean_abs_output_drift"),
+    ):
+        if getattr(args, flag) is not None:
+            gates[key] = getattr(args, flag)
+    if args.max_failed_agents is not None:
+        v = args.max_failed_agents
+        gates["max_failed_agents"] = v if v.endswith("%") else _int(v, "--max-failed-agents")
+    body: dict[str, Any] = {
         "model": args.model,
         "version": args.version,
         "selector": args.selector,
+        "stages": stages,
+        "gates": gates,
+        "on_failure": args.on_failure,
         "rollback": args.rollback,
+        "shadow": args.shadow,
+        "join_later": not args.no_join_later,
     }
+    for flag, key in (
+        ("max_agents_per_minute", "max_agents_per_minute"),
+        ("deadline", "deadline"),
+        ("maintenance_window", "maintenance_window"),
+        ("shadow_sample", "shadow_sample"),
+        ("supersedes", "supersedes"),
+    ):
+        if getattr(args, flag) is not None:
+            body[key] = getattr(args, flag)
     _, out = asyncio.run(api_call(args, "POST", "/rollouts", json_body=body))
     _print(args, out, out["id"])
     return 0
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CliError(f"{flag}: {text!r} is not a count or N%") from None
 
 
 def cmd_rollout_status(args: argparse.Namespace) -> int:
     """Show a rollout."""
     _, out = asyncio.run(api_call(args, "GET", f"/rollouts/{args.id}"))
     _print(args, out, format_rollout(out))
+    return 0
+
+
+def cmd_rollout_list(args: argparse.Namespace) -> int:
+    """List rollouts."""
+    _, out = asyncio.run(api_call(args, "GET", "/rollouts"))
+    rows = [
+        [
+            r["id"][:8],
+            r["model"],
+            r["version"],
+            r["state"],
+            f"{r['stage']}/{r['stages']}",
+            r["createdAt"],
+        ]
+        for r in out["rollouts"]
+    ]
+    _print(args, out, _table(rows, ["ID", "MODEL", "VERSION", "STATE", "STAGE", "CREATED"]))
+    return 0
+
+
+def cmd_rollout_command(args: argparse.Namespace) -> int:
+    """pause, resume, promote or abort."""
+    body = {"rollback": not getattr(args, "no_rollback", False)}
+    _, out = asyncio.run(
+        api_call(args, "POST", f"/rollouts/{args.id}/{args.action}", json_body=body)
+    )
+    _print(args, out, f"rollout {out['id']}: {out['state']}")
     return 0

@@ -8,14 +8,18 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false
 from sqlalchemy.types import TypeDecorator
 
 
@@ -140,7 +144,40 @@ class Rollout(Base):
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stage_index: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    soak_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    gate_results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class RolloutTarget(Base):
+    """An agent a rollout has moved to its version, and when."""
+
+    __tablename__ = "rollout_targets"
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    agent_id: Mapped[str] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    stage: Mapped[int] = mapped_column(Integer)
+    moved_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RolloutEvent(Base):
+    """One entry of a rollout's timeline: a transition, its reason and its figures."""
+
+    __tablename__ = "rollout_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    figures: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class DesiredStateRow(Base):
@@ -173,6 +210,9 @@ class MetricSeries(Base):
     """Counts and latency sketch of one model version within one batch."""
 
     __tablename__ = "metric_series"
+    __table_args__ = (
+        Index("ix_metric_series_model_version_window", "model", "version", "window_start"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     agent_id: Mapped[str] = mapped_column(String(36), index=True)
     seq: Mapped[int] = mapped_column(BigInteger)
@@ -183,3 +223,6 @@ class MetricSeries(Base):
     requests: Mapped[int] = mapped_column(BigInteger)
     errors: Mapped[int] = mapped_column(BigInteger)
     latency_sketch: Mapped[dict[str, Any]] = mapped_column(JSON)
+    shadow_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    drift_sum: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    argmax_agree: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -74,7 +74,8 @@ async def test_agent_activates_serves_and_reports(
 
         r = await cp.call("GET", f"/rollouts/{rollout['id']}")
         ro = await r.json()
-        assert ro["state"] == "completed" and ro["progress"] == {"targets": 1, "active": 1}
+        assert ro["state"] == "completed"
+        assert ro["progress"] == {"matching": 1, "moved": 1, "active": 1}
 
         # Two good inferences reach the control plane as metrics; bad inputs are not counted.
         async def two_stored() -> bool:

@@ -132,7 +132,8 @@ async def test_rollout_errors(cp: ControlPlane, publisher: Publisher) -> None:
     await cp.push(iris_bundle(publisher.key))
     for body, field in [
         ({"version": "1.0.0"}, "model"),
-        ({"model": "iris", "version": "1.0.0", "selector": "site"}, "selector"),
+        ({"model": "iris", "version": "1.0.0", "selector": "site in ()"}, "selector"),
+        ({"model": "iris", "version": "1.0.0", "selector": "a b"}, "selector"),
         ({"model": "iris", "version": "1.0.0", "selector": 5}, "selector"),
         ({"model": "iris", "version": "1.0.0", "stages": [{"percent": 5}]}, "stages"),
     ]:

@@ -91,7 +91,7 @@ def test_three_stages_complete_with_cohorts_that_only_grow() -> None:
     assert sim.view.state == "completed" and len(sim.moved) == 10 and second <= set(sim.moved)
     assert sim.kinds() == ["started", "cohort", "gates_passed", "advanced", "cohort",
                            "gates_passed", "advanced", "cohort", "completed"]  # fmt: skip
-    passed = [e for e in sim.events if e.kind == "gates_passed"][0]
+    passed = next(e for e in sim.events if e.kind == "gates_passed")
     assert {g["gate"] for g in passed.figures["gates"]} >= {"max_error_rate", "min_requests"}
 
 
@@ -217,7 +217,10 @@ def test_spec_parsing_and_errors() -> None:
     assert spec.to_json()["selector"] == "site=onprem,hw in (cpu,gpu)"
     assert parse_spec(spec.to_json()) == spec
     assert parse_stages_text("1%:10m,10%:30m,100%") == [
-        {"percent": 1.0, "soak": "10m"}, {"percent": 10.0, "soak": "30m"}, {"percent": 100.0}]  # fmt: skip
+        {"percent": 1.0, "soak": "10m"},
+        {"percent": 10.0, "soak": "30m"},
+        {"percent": 100.0},
+    ]
     assert parse_duration("1h30m", "x") == 5400
     for body, field in [
         ({**BODY, "stages": [{"percent": 50}]}, "stages"),

@@ -1,0 +1,260 @@
+"""The loop that drives rollouts: claim each due rollout under a row lock, observe the fleet,
+run the state machine, write its decisions, and refresh the desired state of agents it moved.
+
+On PostgreSQL the claim is ``SELECT ... FOR UPDATE SKIP LOCKED``, so any number of control plane
+replicas may run this loop and a stage still moves once; on SQLite the single writer does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.db.engine import Database
+from control_plane.db.models import (
+    Agent,
+    MetricSeries,
+    Model,
+    ModelVersion,
+    Rollout,
+    RolloutEvent,
+    RolloutTarget,
+)
+from control_plane.desired import DesiredSigner
+from control_plane.notify import DesiredNotifier
+from control_plane.rollout.cohort import cohort_order
+from control_plane.rollout.cron import parse_cron
+from control_plane.rollout.gates import Aggregate
+from control_plane.rollout.machine import Event, Observation, RolloutView, Step, step
+from control_plane.rollout.spec import RolloutSpec, spec_from_json
+from protocol.labels import selector_from_json
+from protocol.sketch import DDSketch
+
+log = logging.getLogger("modelfleet.rollouts")
+DUE_STATES = ("pending", "running")
+MAX_STEPS_PER_TICK = 10
+
+
+def view_of(r: Rollout) -> RolloutView:
+    """The machine's view of a stored rollout."""
+    return RolloutView(
+        r.id,
+        spec_from_json(r.options["spec"]),
+        r.state,
+        r.stage_index,
+        r.soak_started_at,
+        r.promoted,
+    )
+
+
+def store_view(r: Rollout, view: RolloutView, now: datetime) -> None:
+    """Write the machine's view back into the row."""
+    if (r.state, r.stage_index, r.soak_started_at, r.promoted) != (
+        view.state,
+        view.stage_index,
+        view.soak_started_at,
+        view.promoted,
+    ):
+        r.updated_at = now
+    r.state, r.stage_index = view.state, view.stage_index
+    r.soak_started_at, r.promoted = view.soak_started_at, view.promoted
+
+
+def add_events(s: AsyncSession, rollout_id: str, events: Iterable[Event], now: datetime) -> None:
+    """Append timeline entries."""
+    for e in events:
+        s.add(
+            RolloutEvent(
+                rollout_id=rollout_id,
+                at=now,
+                kind=e.kind,
+                stage=e.stage,
+                reason=e.reason,
+                figures=e.figures,
+            )
+        )
+        log.info("rollout %s: %s: %s", rollout_id[:8], e.kind, e.reason)
+
+
+async def refresh_agents(
+    s: AsyncSession, signer: DesiredSigner, agent_ids: Iterable[str], now: datetime
+) -> list[str]:
+    """Recompute the desired state of these agents; return those whose generation moved."""
+    changed = []
+    for agent_id in sorted(set(agent_ids)):
+        agent = await s.get(Agent, agent_id)
+        if agent is not None and await signer.refresh(s, agent, now) is not None:
+            changed.append(agent_id)
+    return changed
+
+
+async def _aggregate(
+    s: AsyncSession, model: str, since: datetime, agents: set[str], version: str, same: bool
+) -> Aggregate:
+    """Merge the metric series of ``version`` (or of every other version when not ``same``)."""
+    agg = Aggregate()
+    if not agents:
+        return agg
+    q = select(MetricSeries).where(MetricSeries.model == model, MetricSeries.window_start >= since)
+    q = q.where(MetricSeries.version == version if same else MetricSeries.version != version)
+    for row in await s.scalars(q):
+        if row.agent_id not in agents:
+            continue
+        agg.requests += row.requests
+        agg.errors += row.errors
+        agg.latency_ms.merge(DDSketch.from_json(row.latency_sketch))
+        agg.shadow_count += row.shadow_count
+        agg.drift_sum += row.drift_sum
+        agg.argmax_agree += row.argmax_agree
+    return agg
+
+
+def failed_on(agent: Agent, model: str, digest: str) -> bool:
+    """Whether an agent reports this version of the model failed or refused."""
+    return any(
+        m.get("name") == model
+        and m.get("manifestDigest") == digest
+        and m.get("state") in ("failed", "refused")
+        for m in agent.status.get("models", [])
+    )
+
+
+async def advance(
+    s: AsyncSession, r: Rollout, model: str, mv: ModelVersion, now: datetime
+) -> tuple[RolloutView, set[str]]:
+    """Run the machine on one locked rollout; return its new view and the agents to refresh."""
+    view = view_of(r)
+    spec: RolloutSpec = view.spec
+    agents = list(await s.scalars(select(Agent)))
+    matching = [a for a in agents if spec.selector.matches(a.labels)]
+    order = tuple(cohort_order(r.id, [(a.id, a.labels.get("site")) for a in matching]))
+    moved = {
+        t.agent_id: t.moved_at
+        for t in await s.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == r.id))
+    }
+    by_id = {a.id: a for a in agents}
+    window = parse_cron(spec.maintenance_window) if spec.maintenance_window else None
+    touched: set[str] = set()
+    for _ in range(MAX_STEPS_PER_TICK):
+        failed = sum(
+            1 for a in moved if a in by_id and failed_on(by_id[a], model, mv.manifest_digest)
+        )
+        new = baseline = Aggregate()
+        stage = spec.stages[view.stage_index]
+        if view.state == "running" and stage.soak_s > 0 and view.soak_started_at is not None:
+            cohort = set(moved)
+            others = {a.id for a in matching} - cohort
+            new = await _aggregate(s, model, view.soak_started_at, cohort, mv.version, True)
+            baseline = await _aggregate(s, model, view.soak_started_at, others, mv.version, False)
+        obs = Observation(
+            now, order, dict(moved), failed, new, baseline, window.matches(now) if window else True
+        )
+        st: Step = step(view, obs)
+        for agent_id in st.move:
+            s.add(
+                RolloutTarget(
+                    rollout_id=r.id, agent_id=agent_id, stage=st.view.stage_index, moved_at=now
+                )
+            )
+            moved[agent_id] = now
+            touched.add(agent_id)
+        add_events(s, r.id, st.events, now)
+        if st.gate_results is not None:
+            results = dict(r.gate_results or {})
+            results[str(view.stage_index)] = [g.to_json() for g in st.gate_results]
+            r.gate_results = results
+        if st.view == view and not st.changed:
+            break
+        view = st.view
+    if view.state == "completed" and r.state != "completed":
+        touched |= {a.id for a in matching}  # agents that joined late get it too
+    if view.state == "rolled_back":
+        touched |= set(moved)
+    store_view(r, view, now)
+    return view, touched
+
+
+class RolloutController:
+    """Owns the background loop; ``kick`` runs it at once after a change."""
+
+    def __init__(
+        self,
+        db: Database,
+        signer: DesiredSigner,
+        notifier: DesiredNotifier,
+        clock: Callable[[], datetime],
+        interval_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.signer = signer
+        self.notifier = notifier
+        self.clock = clock
+        self.interval_s = interval_s
+        self._wake = asyncio.Event()
+
+    def kick(self) -> None:
+        """Run the loop now rather than at the next interval."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Tick forever."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The loop's boundary: a failing tick (a lost database connection, a bug in
+                # one rollout) is logged and retried; the control plane keeps serving.
+                log.exception("rollout controller tick failed")
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def tick(self) -> None:
+        """Advance every due rollout once."""
+        async with self.db.read() as s:
+            ids = list(
+                await s.scalars(
+                    select(Rollout.id)
+                    .where(Rollout.state.in_(DUE_STATES))
+                    .order_by(Rollout.created_at)
+                )
+            )
+        for rollout_id in ids:
+            await self.advance_one(rollout_id)
+
+    async def advance_one(self, rollout_id: str) -> None:
+        """Claim one rollout (skipping it when another replica holds it) and advance it."""
+        changed: list[str] = []
+        async with self.db.write() as s:
+            found = (
+                await s.execute(
+                    select(Rollout, ModelVersion, Model)
+                    .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+                    .join(Model, ModelVersion.model_id == Model.id)
+                    .where(Rollout.id == rollout_id, Rollout.state.in_(DUE_STATES))
+                    .with_for_update(skip_locked=True, of=Rollout)
+                )
+            ).first()
+            if found is None:
+                return
+            r, mv, model = found
+            now = self.clock()
+            _, touched = await advance(s, r, model.name, mv, now)
+            changed = await refresh_agents(s, self.signer, touched, now)
+        self.notifier.notify(changed)
+
+
+def selector_of(r: Rollout) -> Any:
+    """The stored selector as a Selector."""
+    return selector_from_json(r.selector)
