@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,31 @@ class Probation:
     errors: int = 0
 
 
+def score_with_shadow(
+    live: Any, shadow: Any, feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], float, float | None, bool]:
+    """Run live then shadow on the same input (in a worker thread).
+
+    Returns (live outputs, seconds the shadow took, mean absolute difference of the first
+    outputs or None when they cannot be compared, whether every row's argmax agrees).
+    """
+    out = live.run(feeds)
+    t0 = time.perf_counter()
+    try:
+        old = shadow.run(feeds)
+    except Exception:  # a failing shadow must never fail the live request
+        return out, time.perf_counter() - t0, None, False
+    spent = time.perf_counter() - t0
+    name = live.outputs[0].name
+    a, b = out.get(name), old.get(shadow.outputs[0].name)
+    if a is None or b is None or a.shape != b.shape or a.size == 0:
+        return out, spent, None, False
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    drift = float(diff.mean())
+    agree = bool(a.ndim >= 1 and a.shape[-1] > 1 and (a.argmax(-1) == b.argmax(-1)).all())
+    return out, spent, drift, agree
+
+
 class Agent:
     """One running agent."""
 
@@ -89,6 +115,7 @@ class Agent:
         self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
         self.progress: dict[str, Progress] = {}
         self.probation: dict[str, Probation] = {}
+        self.shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self.last_error: str | None = None
         self.facts = gather_facts()
         self.metrics = MetricsRecorder(_utcnow())
@@ -287,6 +314,7 @@ class Agent:
                     log.info("activated %s %s", m.name, m.version)
                 except UpdateError as exc:
                     self._fail(m, str(exc))
+            incomplete |= await self._reconcile_shadows()
             for name in p.unload:
                 self.models.pop(name, None)
                 self.probation.pop(name, None)
@@ -299,6 +327,35 @@ class Agent:
                 await asyncio.to_thread(self.dirs.save_state, self.state)
             self._status_dirty.set()
             return incomplete
+
+    async def _reconcile_shadows(self) -> bool:
+        """Keep the version each shadow-scoring rollout replaces loaded beside the live one."""
+        incomplete = False
+        wanted = {m.name: m for m in self.desired if m.shadow is not None}
+        for name in list(self.shadows):
+            w = wanted.get(name)
+            if (
+                w is None
+                or w.shadow is None
+                or (self.shadows[name][0].manifest_digest != w.shadow.manifest_digest)
+            ):
+                del self.shadows[name]
+        for name, m in wanted.items():
+            assert m.shadow is not None
+            if name in self.shadows or m.shadow.manifest_digest in self.failed:
+                continue
+            old = DesiredModel(name, m.shadow.version, m.shadow.manifest_digest, rollback=True)
+            try:
+                if self.store.load_manifest(old.manifest_digest) is None:
+                    await self._fetch(old)
+                self.shadows[name] = (await self._load(old), m.shadow.sample)
+                log.info("shadow-scoring %s %s against %s", name, m.version, old.version)
+            except UpdateError as exc:
+                log.warning("shadow %s %s unavailable: %s", name, old.version, exc)
+                self.failed[old.manifest_digest] = Progress("failed", str(exc))
+            except TransportError:
+                incomplete = True
+        return incomplete
 
     def _set_progress(self, m: DesiredModel, state: str, reason: str | None = None) -> None:
         self.progress[m.name] = Progress(state, reason)
@@ -457,6 +514,7 @@ class Agent:
     def _prune(self) -> None:
         """Keep, per model, the active version and ``keep_versions`` before it; drop the rest."""
         keep = {m.manifest_digest for m in self.desired}
+        keep |= {m.shadow.manifest_digest for m in self.desired if m.shadow is not None}
         keep |= {lm.manifest_digest for lm in self.models.values()}
         keep |= {p.previous.manifest_digest for p in self.probation.values() if p.previous}
         for history in self.state.history.values():
@@ -476,6 +534,9 @@ class Agent:
         lm = self.models[name]
         check_feeds(lm.runtime, feeds)
         loop = asyncio.get_running_loop()
+        shadow = self.shadows.get(name)
+        if shadow is not None and random.random() < shadow[1]:
+            return lm, await self._infer_with_shadow(lm, shadow[0], feeds)
         t0 = time.perf_counter()
         try:
             out = await loop.run_in_executor(self.executor, lm.runtime.run, feeds)
@@ -484,6 +545,25 @@ class Agent:
             raise
         self._count(lm, time.perf_counter() - t0, error=False)
         return lm, out
+
+    async def _infer_with_shadow(
+        self, lm: LoadedModel, old: LoadedModel, feeds: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Answer with the live version; score the same input with the old one for drift."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            out, shadow_s, drift, agree = await loop.run_in_executor(
+                self.executor, score_with_shadow, lm.runtime, old.runtime, feeds
+            )
+        except Exception:
+            self._count(lm, time.perf_counter() - t0, error=True)
+            raise
+        # The shadow's own time is not the live version's latency.
+        self._count(lm, time.perf_counter() - t0 - shadow_s, error=False)
+        if drift is not None:
+            self.metrics.record_shadow(lm.name, lm.version, drift, agree)
+        return out
 
     def _count(self, lm: LoadedModel, latency_s: float, error: bool) -> None:
         self.metrics.record(lm.name, lm.version, latency_s, error)

@@ -59,6 +59,15 @@ class MetricsRecorder:
             s.errors += 1
             t.errors += 1
 
+    def record_shadow(self, model: str, version: str, drift: float, agree: bool) -> None:
+        """Count one request also scored by the shadow version."""
+        s = self._series.get((model, version))
+        if s is None:  # record() runs first for the same request, so this is rare
+            s = self._series[(model, version)] = SeriesWindow(model, version)
+        s.shadow_count += 1
+        s.drift_sum += drift
+        s.argmax_agree += agree
+
     def window_counts(self, model: str, version: str) -> tuple[int, int]:
         """(requests, errors) of a version in the current window."""
         s = self._series.get((model, version))

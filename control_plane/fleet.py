@@ -220,6 +220,9 @@ async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> boo
                     requests=series.requests,
                     errors=series.errors,
                     latency_sketch=series.latency_ms.to_json(),
+                    shadow_count=series.shadow_count,
+                    drift_sum=series.drift_sum,
+                    argmax_agree=series.argmax_agree,
                 )
             )
         agent = await s.get(Agent, batch.agent_id)

@@ -21,13 +21,19 @@ def iris_weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def iris_model(
-    seed: int = 0, input_name: str = "x", fail_on_batches: bool = False, pad_bytes: int = 0
+    seed: int = 0,
+    input_name: str = "x",
+    fail_on_batches: bool = False,
+    pad_bytes: int = 0,
+    slow: bool = False,
 ) -> bytes:
     """x[N,4] float -> probs[N,3] = softmax(x @ W + b).
 
     ``fail_on_batches``: the model reshapes its input to [1, 4] first, so it answers single
     rows (and passes a one-row smoke test) but fails at run time on any batch of two or more.
     ``pad_bytes``: an unused initializer of that size, to make a large model file.
+    ``slow``: the same answers after a 1024x1024 matrix product whose result is multiplied by
+    zero, so the model is measurably slower and no more wrong.
     """
     w, b = iris_weights(seed)
     nodes = []
@@ -42,9 +48,25 @@ def iris_model(
         inits.append(numpy_helper.from_array(pad, "padding"))
     nodes += [
         helper.make_node("MatMul", [first, "W"], ["xw"]),
-        helper.make_node("Add", ["xw", "B"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        helper.make_node("Add", ["xw", "B"], ["logits0" if slow else "logits"]),
     ]
+    if slow:
+        rng = np.random.default_rng(seed + 100)
+        inits += [
+            numpy_helper.from_array(rng.normal(size=(4, 1024)).astype(np.float32), "Wa"),
+            numpy_helper.from_array(rng.normal(size=(1024, 1024)).astype(np.float32), "Wb"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            numpy_helper.from_array(np.zeros((1, 1), dtype=np.float32), "zero"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [first, "Wa"], ["ha"]),
+            *[helper.make_node("MatMul", [f"ha{'' if i == 0 else i}", "Wb"], [f"ha{i + 1}"])
+              for i in range(16)],
+            helper.make_node("ReduceSum", ["ha16", "axis1"], ["r"], keepdims=1),
+            helper.make_node("Mul", ["r", "zero"], ["z"]),
+            helper.make_node("Add", ["logits0", "z"], ["logits"]),
+        ]  # fmt: skip
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
     graph = helper.make_graph(
         nodes,
         "iris",

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a publisher's public key (repeatable)",
     )
     p.add_argument("--max-bundle-mb", type=int, default=512)
+    p.add_argument("--controller-interval", type=float, default=1.0,
+                   help="seconds between looks at running rollouts")  # fmt: skip
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")
@@ -48,6 +50,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError(f"--port must be 1-65535, got {args.port}")
     if args.max_bundle_mb <= 0:
         raise CliError("--max-bundle-mb must be positive")
+    if not 0 < args.controller_interval <= 3600:
+        raise CliError("--controller-interval must be between 0 and 3600 seconds")
     for f in args.trust_publisher:
         if not f.is_file():
             raise CliError(f"--trust-publisher {f}: no such file")
@@ -58,6 +62,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         trusted_publisher_files=tuple(args.trust_publisher),
         max_bundle_bytes=args.max_bundle_mb * 1024 * 1024,
+        controller_interval_s=args.controller_interval,
     )
 
 

@@ -1,0 +1,263 @@
+"""Staged rollouts with real agent processes and a real control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.timeutil import parse_time
+from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
+from tests.integration.agent_helpers import eventually
+from tests.integration.fleet_helpers import TWO_ROWS, Fleet, Traffic
+from tests.modelgen import iris_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, publisher: Publisher) -> AsyncIterator[ControlPlane]:
+    """A control plane whose controller looks at rollouts five times a second."""
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2,
+    )
+    plane = await start_control_plane(config)
+    try:
+        yield plane
+    finally:
+        await plane.client.close()
+
+
+@pytest.fixture
+async def fleet(cp: ControlPlane, tmp_path: Path) -> AsyncIterator[Fleet]:
+    f = Fleet(cp, tmp_path / "fleet", ("--health-max-error-rate", "1.0"))
+    (tmp_path / "fleet").mkdir()
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+async def rollout(cp: ControlPlane, body: dict[str, Any]) -> dict[str, Any]:
+    r = await cp.call("POST", "/rollouts", json=body)
+    assert r.status == 201, await r.text()
+    return await r.json()
+
+
+async def show(cp: ControlPlane, rollout_id: str) -> dict[str, Any]:
+    return await (await cp.call("GET", f"/rollouts/{rollout_id}")).json()
+
+
+async def until_state(cp: ControlPlane, rollout_id: str, *states: str, within: float = 60) -> dict:
+    async def check() -> dict | None:
+        r = await show(cp, rollout_id)
+        return r if r["state"] in states else None
+
+    return await eventually(check, within)
+
+
+async def all_on(fleet: Fleet, version: str, within: float = 30) -> None:
+    async def check() -> bool:
+        versions = await fleet.versions()
+        return len(versions) == len(fleet.agents) and set(versions.values()) == {version}
+
+    try:
+        await eventually(check, within)
+    except AssertionError:
+        raise AssertionError(f"{await fleet.versions()}\n{fleet.logs()}") from None
+
+
+async def baseline(cp: ControlPlane, fleet: Fleet, publisher: Publisher, n: int,
+                   sites: tuple[str, ...] = ("onprem",)) -> None:  # fmt: skip
+    """Everyone on 1.0.0 first."""
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    for i in range(n):
+        await fleet.add(1, sites[i % len(sites)])
+    await rollout(cp, {"model": "iris", "version": "1.0.0"})
+    await all_on(fleet, "1.0.0")
+
+
+async def test_three_stages_over_ten_agents(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 10, ("onprem", "cloud"))
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+    async with Traffic(fleet):
+        r = await rollout(cp, {
+            "model": "iris", "version": "2.0.0", "selector": "site in (onprem,cloud)",
+            "stages": [{"percent": 10, "soak": "2s"}, {"percent": 50, "soak": "2s"},
+                       {"percent": 100}],
+            "gates": {"max_error_rate": 0.05, "max_p95_latency_ms": 1000, "min_requests": 5},
+        })  # fmt: skip
+        done = await until_state(cp, r["id"], "completed", "rolled_back", "paused")
+    assert done["state"] == "completed", done["timeline"]
+    await all_on(fleet, "2.0.0")
+    assert [(s["target"], s["moved"]) for s in done["stages"]] == [(1, 1), (5, 5), (10, 10)]
+    # No agent moved before its stage began.
+    began = {1: parse_time(done["timeline"][1]["at"], "at")}
+    for e in done["timeline"]:
+        if e["kind"] == "advanced":
+            began[e["stage"]] = parse_time(e["at"], "at")
+    stages = sorted(t["stage"] for t in done["targets"])
+    assert stages == [1, 2, 2, 2, 2, 3, 3, 3, 3, 3]
+    for t in done["targets"]:
+        assert parse_time(t["movedAt"], "movedAt") >= began[t["stage"]]
+    # The 50% cohort holds both sites.
+    assert {t["site"] for t in done["targets"] if t["stage"] <= 2} == {"onprem", "cloud"}
+    passed = [e for e in done["timeline"] if e["kind"] == "gates_passed"]
+    assert len(passed) == 2
+    for e in passed:
+        gates = {g["gate"]: g for g in e["figures"]["gates"]}
+        assert gates["max_error_rate"]["outcome"] == "pass"
+        assert gates["min_requests"]["value"] >= 5
+    kinds = [e["kind"] for e in done["timeline"]]
+    assert kinds == ["created", "started", "cohort", "gates_passed", "advanced", "cohort",
+                     "gates_passed", "advanced", "cohort", "completed"]  # fmt: skip
+
+
+async def test_errors_stop_the_rollout_at_the_first_gate_and_roll_back(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 4)
+    bad = iris_model(seed=1, fail_on_batches=True)  # passes a one-row smoke test
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1, model=bad, smoke_rows=1))
+    async with Traffic(fleet, TWO_ROWS):
+        r = await rollout(cp, {
+            "model": "iris", "version": "2.0.0",
+            "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
+            "gates": {"max_error_rate": 0.1, "min_requests": 5}, "on_failure": "rollback",
+        })  # fmt: skip
+        done = await until_state(cp, r["id"], "rolled_back", "completed")
+    assert done["state"] == "rolled_back"
+    failed = done["timeline"][-1]
+    assert failed["kind"] == "failed" and "max_error_rate" in failed["reason"]
+    gate = next(g for g in failed["figures"]["gates"] if g["gate"] == "max_error_rate")
+    assert gate["outcome"] == "fail" and gate["value"] == 1.0 and gate["threshold"] == 0.1
+    assert failed["figures"]["new"]["errors"] == failed["figures"]["new"]["requests"] >= 5
+    assert done["stages"][1]["moved"] == 2  # stage 2 never ran
+    await all_on(fleet, "1.0.0")  # the moved agents went back by themselves
+
+
+async def test_a_slower_version_is_stopped_by_the_latency_ratio(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 4)
+    await cp.push(iris_bundle(publisher.key, "2.0.0", model=iris_model(seed=0, slow=True)))
+    async with Traffic(fleet):
+        r = await rollout(cp, {
+            "model": "iris", "version": "2.0.0",
+            "stages": [{"percent": 50, "soak": "3s"}, {"percent": 100}],
+            "gates": {"max_p95_latency_ratio": 1.5, "min_requests": 20},
+        })  # fmt: skip
+        done = await until_state(cp, r["id"], "rolled_back", "completed")
+    assert done["state"] == "rolled_back", done["timeline"]
+    gate = next(g for g in done["timeline"][-1]["figures"]["gates"]
+                if g["gate"] == "max_p95_latency_ratio")  # fmt: skip
+    assert gate["outcome"] == "fail" and gate["value"] > 1.5
+    await all_on(fleet, "1.0.0")
+
+
+async def test_shadow_scoring_stops_a_version_that_answers_differently(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 4)
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=7))  # fast, error-free, different
+    async with Traffic(fleet):
+        r = await rollout(cp, {
+            "model": "iris", "version": "2.0.0", "shadow": True, "shadow_sample": 1.0,
+            "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
+            "gates": {"max_error_rate": 0.01, "max_mean_abs_output_drift": 0.01,
+                      "min_requests": 5},
+        })  # fmt: skip
+        done = await until_state(cp, r["id"], "rolled_back", "completed")
+    assert done["state"] == "rolled_back", done["timeline"]
+    figures = done["timeline"][-1]["figures"]
+    gates = {g["gate"]: g for g in figures["gates"]}
+    assert gates["max_error_rate"]["outcome"] == "pass"
+    assert gates["max_mean_abs_output_drift"]["outcome"] == "fail"
+    assert figures["new"]["shadow_samples"] >= 5 and figures["new"]["mean_abs_drift"] > 0.01
+    await all_on(fleet, "1.0.0")
+
+
+async def test_agents_enrolling_mid_rollout_get_their_cohort_position(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 3)
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+    r = await rollout(cp, {"model": "iris", "version": "2.0.0",
+                           "stages": [{"count": 1, "soak": "3s"}, {"percent": 100}]})  # fmt: skip
+    late = await fleet.add(2, "onprem")
+    # Not in the first cohort (one agent): the late agents run what completed rollouts give.
+    versions = await fleet.versions()
+    await eventually(lambda: _on(fleet, [a.agent_id for a in late], "1.0.0"))
+    first = await show(cp, r["id"])
+    assert first["progress"]["moved"] == 1 and versions
+    done = await until_state(cp, r["id"], "completed")
+    assert done["progress"] == {"matching": 5, "moved": 5, "active": done["progress"]["active"]}
+    await all_on(fleet, "2.0.0")
+    assert {t["stage"] for t in done["targets"] if t["agentId"] in {a.agent_id for a in late}} == {
+        2
+    }
+
+
+async def _on(fleet: Fleet, ids: list[str], version: str) -> bool:
+    versions = await fleet.versions()
+    return all(versions.get(i) == version for i in ids)
+
+
+async def test_pause_resume_promote_abort_and_overlap(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher
+) -> None:
+    await baseline(cp, fleet, publisher, 2)
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+    await cp.push(iris_bundle(publisher.key, "3.0.0", seed=2))
+    r = await rollout(cp, {"model": "iris", "version": "2.0.0",
+                           "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
+    clash = await cp.call("POST", "/rollouts", json={"model": "iris", "version": "3.0.0"})
+    assert clash.status == 409 and r["id"] in (await clash.json())["error"]["message"]
+
+    async def cmd(action: str, status: int = 200, **body: Any) -> dict:
+        resp = await cp.call("POST", f"/rollouts/{r['id']}/{action}", json=body)
+        assert resp.status == status, await resp.text()
+        return await resp.json()
+
+    assert (await cmd("pause"))["state"] == "paused"
+    await cmd("pause", 409)
+    assert (await cmd("resume"))["state"] == "running"
+    await cmd("promote")  # skip the hour-long soak
+    done = await until_state(cp, r["id"], "completed")
+    assert [e["kind"] for e in done["timeline"]].count("promoted") == 1
+    await all_on(fleet, "2.0.0")
+    await cmd("abort", 409)  # completed: nothing to abort
+    await cmd("launch", 404)
+
+    r2 = await rollout(cp, {"model": "iris", "version": "3.0.0",
+                            "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
+    r3 = await rollout(cp, {"model": "iris", "version": "3.0.0", "supersedes": r2["id"]})
+    assert (await show(cp, r2["id"]))["state"] == "superseded"
+    await until_state(cp, r3["id"], "completed")
+    await all_on(fleet, "3.0.0")
+    resp = await cp.call("POST", f"/rollouts/{r3['id']}/abort", json={"rollback": "yes"})
+    assert resp.status == 400
+
+
+async def test_rollout_cli_shows_progress_bars(
+    cp: ControlPlane, fleet: Fleet, publisher: Publisher, tmp_path: Path
+) -> None:
+    await baseline(cp, fleet, publisher, 2)
+    r = (await (await cp.call("GET", "/rollouts")).json())["rollouts"][0]
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(__import__("sys").executable).parent / "modelfleet"), "rollout", "status",
+        r["id"], "--server", cp.url, "--token", cp.token,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 0, err
+    assert "state: COMPLETED" in text and "[####################] 2/2" in text
+    assert "timeline:" in text and "completed" in text
