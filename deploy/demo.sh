@@ -74,7 +74,8 @@ done
 step "rollout of iris 1.0.0 to every agent with hw=cpu"
 ROLLOUT=$(modelfleet rollout create --model iris --version 1.0.0 --selector hw=cpu)
 for _ in $(seq 1 150); do
-  modelfleet rollout status "$ROLLOUT" | grep -q "state: completed" && break
+  status=$(modelfleet rollout status "$ROLLOUT")
+  grep -qi "state: completed" <<<"$status" && break
   sleep 0.2
 done
 modelfleet rollout status "$ROLLOUT"

@@ -214,8 +214,7 @@ def format_rollout(r: dict[str, Any]) -> str:
     if r["timeline"]:
         lines.append("  timeline:")
         for e in r["timeline"]:
-            stage = f"stage {e['stage']} " if e.get("stage") else ""
-            lines.append(f"    {e['at'][11:19]} {e['kind']:<12} {stage}{e['reason']}")
+            lines.append(f"    {e['at'][11:19]} {e['kind']:<12} {e['reason']}")
     if r["targets"]:
         lines.append("  agents:")
         for t in r["targets"]:
