@@ -8,15 +8,19 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.client import enroll
 from agent.config import AgentConfig
-from agent.exceptions import AgentError
+from agent.exceptions import AgentConfigError, AgentError
 from agent.facts import gather_facts
+from agent.settings import SETTINGS, load_file, merge, parse_rate, to_config
 from agent.state import Identity, StateDir
+from agent.systemd import Notifier
 from protocol.exceptions import InvalidMessage
-from protocol.labels import parse_labels
+from protocol.labels import check_labels, parse_labels
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -26,57 +30,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("agent", help="run an agent on this machine")
     asub = a.add_subparsers(dest="agent_command", required=True)
 
-    e = asub.add_parser("enroll", help="enroll with a control plane")
-    e.add_argument("--server", required=True)
-    e.add_argument("--token", required=True, help="enrollment token")
-    e.add_argument("--state-dir", type=Path, required=True)
+    e = asub.add_parser("enroll", help="enroll with a control plane (once)")
+    e.add_argument("--config", type=Path, help="agent.toml; its [enroll] table fills the rest")
+    e.add_argument("--server")
+    e.add_argument("--token", help="enrollment token")
+    e.add_argument("--state-dir", type=Path)
     e.add_argument("--name")
-    e.add_argument("--labels", default="", help="k=v,k2=v2")
+    e.add_argument("--labels", help="k=v,k2=v2")
+    e.add_argument("--cost-per-hour", type=float, help="declared hourly cost of this machine")
     e.set_defaults(func=cmd_enroll)
 
     r = asub.add_parser("run", help="run the agent daemon")
-    r.add_argument("--state-dir", type=Path, required=True)
-    r.add_argument("--serve", default="127.0.0.1:8510", help="HOST:PORT of the inference API")
+    r.add_argument("--config", type=Path, help="agent.toml (re-read on SIGHUP)")
+    r.add_argument("--state-dir", type=Path)
+    r.add_argument("--serve", help="HOST:PORT of the inference API (default 127.0.0.1:8510)")
     r.add_argument("--trust-publisher", type=Path, action="append", default=[], metavar="FILE")
-    r.add_argument("--heartbeat", type=float, default=15.0, help="seconds between heartbeats")
-    r.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds")
-    r.add_argument("--metrics-interval", type=float, default=10.0, help="seconds per batch")
+    r.add_argument("--heartbeat", type=float, help="seconds between heartbeats (15)")
+    r.add_argument("--poll-wait", type=float, help="long-poll seconds (30)")
+    r.add_argument("--metrics-interval", type=float, help="seconds per metrics batch (10)")
     r.add_argument(
         "--max-download-rate",
         type=_rate,
         metavar="RATE",
         help="bytes per second for all downloads, e.g. 500k or 20M",
     )
-    r.add_argument("--max-concurrent-downloads", type=int, default=2)
+    r.add_argument("--max-concurrent-downloads", type=int, help="(2)")
     r.add_argument("--disk-budget-mb", type=float, help="cap on the blob store's size")
     r.add_argument(
-        "--keep-versions",
-        type=int,
-        default=1,
-        help="old versions kept on disk per model for rollback",
+        "--keep-versions", type=int, help="old versions kept on disk per model for rollback (1)"
     )
     r.add_argument(
-        "--health-window",
-        type=float,
-        default=60.0,
-        help="seconds a new version is watched after activation",
+        "--health-window", type=float, help="seconds a new version is watched after activation (60)"
     )
-    r.add_argument("--health-max-error-rate", type=float, default=0.2)
-    r.add_argument("--no-cuda", action="store_true", help="never use the CUDA provider")
+    r.add_argument("--health-max-error-rate", type=float, help="(0.2)")
+    r.add_argument(
+        "--no-cuda", action="store_true", default=None, help="never use the CUDA provider"
+    )
     r.set_defaults(func=cmd_run)
+
+    i = asub.add_parser("import", help="install a signed bundle with no route to the control plane")
+    i.add_argument("bundle", type=Path)
+    i.add_argument("--config", type=Path)
+    i.add_argument("--state-dir", type=Path)
+    i.add_argument("--trust-publisher", type=Path, action="append", default=[], metavar="FILE")
+    i.set_defaults(func=cmd_import)
+
+    from agent.install import register_install
+
+    register_install(asub)
 
 
 def _rate(text: str) -> float:
-    """Parse ``500k``, ``20M``, ``1G`` or plain bytes per second."""
-    mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
-    number = text[:-1] if mult != 1.0 else text
     try:
-        value = float(number) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (try 500k or 20M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the rate must be positive")
-    return value
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -84,20 +92,45 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _file_settings(path: Path | None) -> dict[str, Any]:
+    return load_file(path) if path is not None else {}
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     """Enroll and write the identity to the state dir."""
     try:
-        labels = parse_labels(args.labels)
-    except InvalidMessage as exc:
-        return _fail(f"--labels: {exc}", 2)
-    dirs = StateDir(args.state_dir)
-    if dirs.identity_path.exists():
-        return _fail(f"{args.state_dir} already holds an enrolled agent", 2)
+        file = _file_settings(args.config)
+    except AgentConfigError as exc:
+        return _fail(str(exc), 2)
+    table = file.get("enroll", {})
+    server = args.server or table.get("server")
+    token = args.token or table.get("token")
+    state_dir = args.state_dir or file.get("state_dir")
+    name = args.name or table.get("name")
+    labels_text = args.labels if args.labels is not None else table.get("labels", "")
+    for flag, value in (("--server", server), ("--token", token), ("--state-dir", state_dir)):
+        if not value:
+            return _fail(f"{flag} is required (or set it in --config)", 2)
     try:
-        out = asyncio.run(enroll(args.server, args.token, args.name, labels, gather_facts()))
+        if isinstance(labels_text, dict):
+            labels = check_labels({str(k): str(v) for k, v in labels_text.items()})
+        else:
+            labels = parse_labels(labels_text)
+    except InvalidMessage as exc:
+        return _fail(f"labels: {exc}", 2)
+    dirs = StateDir(Path(state_dir))
+    if dirs.identity_path.exists():
+        return _fail(f"{state_dir} already holds an enrolled agent", 2)
+    facts = gather_facts()
+    if args.cost_per_hour is not None:
+        if args.cost_per_hour < 0:
+            return _fail("--cost-per-hour must be >= 0", 2)
+        facts["costPerHour"] = args.cost_per_hour
+    try:
+        out = asyncio.run(enroll(server, token, name, labels, facts))
         identity = Identity(
             agent_id=out["agentId"],
-            server=args.server,
+            server=server,
             credential=out["credential"],
             name=out["name"],
             labels=out["labels"],
@@ -111,19 +144,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--serve must be HOST:PORT, got {text!r}")
-    return host, int(port)
+def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in SETTINGS}
 
 
-async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGINT/SIGTERM, then drain and stop; a second signal exits at once."""
+async def run_agent(config: AgentConfig, reload: Callable[[], AgentConfig] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then drain and stop; a second signal exits at once.
+
+    SIGHUP re-reads the configuration through ``reload``.
+    """
     from agent.daemon import Agent
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
 
     def on_signal() -> None:
         if stop.is_set():
@@ -132,45 +166,54 @@ async def run_agent(config: AgentConfig) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    async with Agent(config):
+    async with Agent(config, notifier) as agent:
+        if reload is not None:
+
+            def on_hup() -> None:
+                notifier.reloading()
+                try:
+                    agent.reload(reload())
+                except AgentConfigError as exc:
+                    log.error("reload refused, keeping the running configuration: %s", exc)
+                notifier.ready()
+
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        notifier.ready()
         await stop.wait()
+        notifier.stopping()
         log.info("stopping: draining in-flight requests")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon."""
-    try:
-        host, port = _serve_address(args.serve)
-    except ValueError as exc:
-        return _fail(str(exc), 2)
-    for name in ("heartbeat", "poll_wait", "metrics_interval", "health_window",
-                 "max_concurrent_downloads"):  # fmt: skip
-        if getattr(args, name) <= 0:
-            return _fail(f"--{name.replace('_', '-')} must be positive", 2)
-    if args.keep_versions < 0:
-        return _fail("--keep-versions must be 0 or more", 2)
-    if not 0 <= args.health_max_error_rate <= 1:
-        return _fail("--health-max-error-rate must be between 0 and 1", 2)
     failpoints = tuple(filter(None, os.environ.get("MODELFLEET_FAILPOINTS", "").split(",")))
-    config = AgentConfig(
-        state_dir=args.state_dir,
-        serve_host=host,
-        serve_port=port,
-        trusted_publisher_files=tuple(args.trust_publisher),
-        heartbeat_s=args.heartbeat,
-        poll_wait_s=args.poll_wait,
-        metrics_interval_s=args.metrics_interval,
-        max_download_rate=args.max_download_rate,
-        max_concurrent_downloads=args.max_concurrent_downloads,
-        disk_budget_bytes=int(args.disk_budget_mb * 1024 * 1024) if args.disk_budget_mb else None,
-        keep_versions=args.keep_versions,
-        health_window_s=args.health_window,
-        health_max_error_rate=args.health_max_error_rate,
-        allow_cuda=not args.no_cuda,
-        failpoints=failpoints,
-    )
+    cli = _cli_settings(args)
+
+    def build() -> AgentConfig:
+        return to_config(merge(cli, _file_settings(args.config)), failpoints)
+
     try:
-        asyncio.run(run_agent(config))
+        config = build()
+    except AgentConfigError as exc:
+        return _fail(str(exc), 2)
+    try:
+        asyncio.run(run_agent(config, build if args.config else None))
     except (AgentError, ValueError) as exc:
         return _fail(str(exc))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Verify a bundle against the agent's trusted publishers and install it offline."""
+    from agent.offline import import_bundle
+
+    try:
+        s = merge(_cli_settings(args), _file_settings(args.config))
+        if s["state_dir"] is None:
+            return _fail("--state-dir is required (or set state_dir in --config)", 2)
+        name, version = import_bundle(Path(s["state_dir"]), args.bundle,
+                                      tuple(Path(p) for p in s["trust_publisher"]))  # fmt: skip
+    except AgentError as exc:
+        return _fail(str(exc))
+    print(f"imported {name} {version}: the agent serves it at its next start or SIGHUP")
     return 0

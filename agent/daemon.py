@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,11 +27,13 @@ from agent.exceptions import HttpStatusError, TransportError, UpdateError
 from agent.facts import gather_facts
 from agent.failpoints import Failpoints
 from agent.metrics import MetricsRecorder
+from agent.offline import imported
 from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
 from agent.runtime import LoadedModel, check_feeds, load_model, run_smoke_test
 from agent.state import Identity, StateDir
 from agent.store import LocalStore
+from agent.systemd import Notifier
 from agent.trust import verified_manifest
 from agent.variants import choose_variant, providers_for
 from protocol.desired import DesiredModel, accept_desired
@@ -94,8 +96,10 @@ def score_with_shadow(
 class Agent:
     """One running agent."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier({})
+        self.started = time.monotonic()
         self.dirs = StateDir(config.state_dir)
         self.identity: Identity = self.dirs.load_identity()
         self.cp_keys = self.dirs.control_plane_keys()
@@ -112,6 +116,8 @@ class Agent:
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
         self.models: dict[str, LoadedModel] = {}
         self.desired: tuple[DesiredModel, ...] = ()
+        self.from_control_plane: tuple[DesiredModel, ...] = ()
+        self.pins: dict[str, dict[str, str]] = imported(config.state_dir)
         self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
         self.progress: dict[str, Progress] = {}
         self.probation: dict[str, Probation] = {}
@@ -151,12 +157,15 @@ class Agent:
         self.serve_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
                  self.serve_port)  # fmt: skip
-        for name, coro in (
+        loops = [
             ("sync", self._sync_loop()),
             ("reconcile", self._reconcile_loop()),
             ("status", self._status_loop()),
             ("metrics", self._metrics_loop()),
-        ):
+        ]
+        if self.notifier.watchdog_s:
+            loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_s)))
+        for name, coro in loops:
             self._tasks.append(asyncio.create_task(coro, name=f"agent-{name}"))
         self._status_dirty.set()
         return self
@@ -188,9 +197,10 @@ class Agent:
                     self.identity.agent_id, 0, _utcnow(),
                 )  # fmt: skip
                 if ds is not None:
-                    self.desired = ds.models
+                    self.from_control_plane = ds.models
             except ProtocolError as exc:
                 log.warning("stored desired state not used: %s", exc)
+        self._merge_desired()
         for name, info in list(self.state.active.items()):
             wanted = DesiredModel(name, info["version"], info["manifestDigest"], rollback=True)
             try:
@@ -238,7 +248,8 @@ class Agent:
         log.info("desired state generation %d: %s", ds.generation,
                  ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
-        self.desired = ds.models
+        self.from_control_plane = ds.models
+        self._merge_desired()
         self.state.highest_generation = ds.generation
         self.state.desired_envelope = envelope.decode()
         await asyncio.to_thread(self.dirs.save_state, self.state)
@@ -246,6 +257,46 @@ class Agent:
         self._reconcile_wake.set()
         self._status_dirty.set()
         return True
+
+    def _merge_desired(self) -> None:
+        """The control plane's list, plus imported versions of models it does not name."""
+        named = {m.name for m in self.from_control_plane}
+        pinned = tuple(
+            DesiredModel(name, pin["version"], pin["manifestDigest"])
+            for name, pin in sorted(self.pins.items())
+            if name not in named
+        )
+        self.desired = self.from_control_plane + pinned
+
+    def reload(self, config: AgentConfig) -> None:
+        """Take a re-read configuration (SIGHUP); raises AgentConfigError for a bad one.
+
+        Trusted keys, intervals, health and download settings change at once; the serve
+        address and the state directory need a restart.
+        """
+        if (config.state_dir, config.serve_host, config.serve_port) != (
+            self.config.state_dir, self.config.serve_host, self.config.serve_port,
+        ):  # fmt: skip
+            log.warning("serve address and state directory changes need a restart")
+            old = self.config
+            config = replace(config, state_dir=old.state_dir, serve_host=old.serve_host,
+                             serve_port=old.serve_port)  # fmt: skip
+        self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
+        self.config = config
+        self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
+        self.pins = imported(config.state_dir)
+        self._merge_desired()
+        self.failed.clear()
+        log.info("configuration reloaded (%d trusted publisher keys)", len(self.publishers))
+        self._reconcile_wake.set()
+        self._status_dirty.set()
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        """Ping systemd at half its watchdog interval, from the event loop itself: a stuck loop
+        stops the pings, and systemd restarts the agent."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval_s / 2)
 
     def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
@@ -650,6 +701,7 @@ class Agent:
                 pass
             self._status_dirty.clear()
             now = time.monotonic()
+            self.failpoints.stall("stall-event-loop", now - self.started)
             for name in [n for n, p in self.probation.items() if now > p.until]:
                 del self.probation[name]
             try:

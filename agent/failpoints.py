@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterable
 
 log = logging.getLogger("modelfleet.agent.failpoints")
@@ -20,6 +21,7 @@ POINTS = frozenset(
         "before-manifest-saved",  # all blobs in place, version not yet marked installed
         "model-loaded",  # new version loaded and smoke-tested, not yet swapped in
         "before-state-saved",  # swapped in, state.json not yet rewritten
+        "stall-event-loop",  # two seconds after start, block the event loop (watchdog tests)
     }
 )
 
@@ -39,3 +41,9 @@ class Failpoints:
             log.warning("failpoint %s: SIGKILL", name)
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def stall(self, name: str, uptime_s: float) -> None:
+        """Block the calling thread (the event loop) for an hour when armed and up 2 s."""
+        if name in self.armed and uptime_s > 2.0:
+            log.warning("failpoint %s: the event loop stops here", name)
+            time.sleep(3600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import re
@@ -14,9 +15,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control_plane.cli.common import CliError
+from control_plane.cli.common import CliError, add_client_options, api_call, client_settings
 from control_plane.files import write_private
-from protocol.bundle import read_bundle, verify_bundle, write_bundle
+from protocol.bundle import check_file, read_bundle, verify_bundle, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
     MANIFEST_PAYLOAD_TYPE,
@@ -25,6 +26,7 @@ from protocol.dsse import (
     keyring,
     load_private_key,
     load_public_key,
+    parse_envelope,
     private_key_to_pem,
     public_key_to_pem,
     sign,
@@ -41,6 +43,7 @@ from protocol.manifest import (
     TensorSpec,
     check_name,
     check_version,
+    parse_manifest,
 )
 from protocol.timeutil import format_time
 
@@ -78,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("bundle", type=Path)
     v.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY")
     v.set_defaults(func=cmd_bundle_verify)
+    x = bsub.add_parser("export", help="rebuild a published version's .mfb from the control plane "
+                        "(for sites with no route to it)")  # fmt: skip
+    x.add_argument("--model", required=True)
+    x.add_argument("--version", required=True)
+    x.add_argument("--out", type=Path, help="default: MODEL-VERSION.mfb")
+    add_client_options(x)
+    x.set_defaults(func=cmd_bundle_export)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -307,4 +317,45 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+async def _fetch_bundle(args: argparse.Namespace) -> tuple[bytes, str]:
+    import aiohttp
+
+    _, body = await api_call(args, "GET", f"/models/{args.model}/versions")
+    match = [v for v in body["versions"] if v["version"] == args.version]
+    if not match:
+        raise CliError(f"{args.model} has no version {args.version}", 1)
+    digest = match[0]["manifestDigest"]
+    server, token = client_settings(args)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.get(f"{server}/api/v1/manifests/{digest}") as r:
+            if r.status != 200:
+                raise CliError(f"manifest {digest}: HTTP {r.status}", 1)
+            envelope = parse_envelope(await r.read())
+        manifest = parse_manifest(envelope.payload)
+        files = {}
+        for f in manifest.files:
+            async with s.get(f"{server}/api/v1/blobs/{f.digest}") as r:
+                if r.status != 200:
+                    raise CliError(f"blob {f.digest}: HTTP {r.status}", 1)
+                data = await r.read()
+            check_file(data, f.digest, f.size, f"file {f.path!r}")
+            files[f.path] = data
+    buf = io.BytesIO()
+    write_bundle(buf, envelope, files)
+    return buf.getvalue(), digest
+
+
+def cmd_bundle_export(args: argparse.Namespace) -> int:
+    """Write a published version as a .mfb, every digest checked on the way."""
+    try:
+        data, digest = asyncio.run(_fetch_bundle(args))
+    except ProtocolError as exc:
+        raise CliError(f"the control plane served a bad bundle: {exc}", 1) from None
+    out = args.out or Path(f"{args.model}-{args.version}.mfb")
+    write_private(out, data, 0o644)
+    print(f"wrote {out}: {args.model} {args.version}, manifest {digest}")
     return 0

@@ -7,7 +7,11 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -20,49 +24,114 @@ log = logging.getLogger("modelfleet.server")
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the server and db commands."""
     p = sub.add_parser("server", help="run the control plane")
-    p.add_argument("--data-dir", type=Path, default=Path("./modelfleet-data"))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8400)
-    p.add_argument("--db", help="database URL (default: SQLite in the data dir; env MODELFLEET_DB)")
-    p.add_argument(
-        "--trust-publisher",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a publisher's public key (repeatable)",
-    )
-    p.add_argument("--max-bundle-mb", type=int, default=512)
-    p.add_argument("--controller-interval", type=float, default=1.0,
-                   help="seconds between looks at running rollouts")  # fmt: skip
+    p.add_argument("--config", type=Path, help="control-plane.toml (MODELFLEET_* env overrides)")
+    p.add_argument("--data-dir", type=Path, help="(./modelfleet-data)")
+    p.add_argument("--host", help="(127.0.0.1)")
+    p.add_argument("--port", type=int, help="(8400)")
+    p.add_argument("--db", help="database URL (default: SQLite in the data dir)")
+    p.add_argument("--trust-publisher", type=Path, action="append", default=[],
+                   metavar="FILE", help="a publisher's public key (repeatable)")  # fmt: skip
+    p.add_argument("--max-bundle-mb", type=int, help="(512)")
+    p.add_argument("--controller-interval", type=float,
+                   help="seconds between looks at running rollouts (1.0)")  # fmt: skip
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     up = dbsub.add_parser("upgrade", help="apply migrations")
-    up.add_argument("--data-dir", type=Path, default=Path("./modelfleet-data"))
-    up.add_argument("--db", help="database URL (env MODELFLEET_DB)")
+    _db_options(up)
     up.set_defaults(func=cmd_db_upgrade)
+    bk = dbsub.add_parser("backup", help="online backup of the SQLite database to a file")
+    _db_options(bk)
+    bk.add_argument("--out", type=Path, required=True)
+    bk.set_defaults(func=cmd_db_backup)
+    rs = dbsub.add_parser("restore", help="restore a SQLite backup (server stopped)")
+    _db_options(rs)
+    rs.add_argument("backup", type=Path)
+    rs.set_defaults(func=cmd_db_restore)
+
+
+def _db_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--db", help="database URL")
+
+
+# name -> (environment variable, parser, default)
+SETTINGS: dict[str, tuple[str, Any, Any]] = {
+    "data_dir": ("MODELFLEET_DATA_DIR", Path, Path("./modelfleet-data")),
+    "host": ("MODELFLEET_HOST", str, "127.0.0.1"),
+    "port": ("MODELFLEET_PORT", int, 8400),
+    "db": ("MODELFLEET_DB", str, None),
+    "trust_publishers": ("MODELFLEET_TRUST_PUBLISHERS",
+                         lambda v: [Path(p) for p in (v.split(":") if isinstance(v, str) else v)],
+                         []),
+    "max_bundle_mb": ("MODELFLEET_MAX_BUNDLE_MB", int, 512),
+    "controller_interval": ("MODELFLEET_CONTROLLER_INTERVAL", float, 1.0),
+}  # fmt: skip
+
+
+def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Command line over MODELFLEET_* over the --config file over defaults.
+
+    Raises CliError naming the setting (and the file or variable) that is wrong.
+    """
+    env = os.environ if env is None else env
+    out = {name: default for name, (_, _, default) in SETTINGS.items()}
+    path = getattr(args, "config", None)
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise CliError(f"--config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise CliError(f"--config {path}: not valid TOML: {exc}") from None
+        for key, value in doc.items():
+            name = key.replace("-", "_")
+            if name not in SETTINGS:
+                raise CliError(f"--config {path}: unknown setting {key!r}")
+            out[name] = _parse(name, value, f"{path}: {key}")
+    for name, (var, _, _) in SETTINGS.items():
+        if env.get(var):
+            out[name] = _parse(name, env[var], var)
+    cli = {"data_dir": args.data_dir, "db": args.db,
+           "trust_publishers": getattr(args, "trust_publisher", None) or None,
+           "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+           "max_bundle_mb": getattr(args, "max_bundle_mb", None),
+           "controller_interval": getattr(args, "controller_interval", None)}  # fmt: skip
+    out.update({k: v for k, v in cli.items() if v is not None})
+    return out
+
+
+def _parse(name: str, value: object, where: str) -> Any:
+    parser = SETTINGS[name][1]
+    if parser in (int, float) and isinstance(value, bool):
+        raise CliError(f"{where} must be a number")
+    try:
+        return parser(value)
+    except (TypeError, ValueError):
+        raise CliError(f"{where} has a bad value: {value!r}") from None
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
-    if not 0 < args.port < 65536:
-        raise CliError(f"--port must be 1-65535, got {args.port}")
-    if args.max_bundle_mb <= 0:
-        raise CliError("--max-bundle-mb must be positive")
-    if not 0 < args.controller_interval <= 3600:
-        raise CliError("--controller-interval must be between 0 and 3600 seconds")
-    for f in args.trust_publisher:
+    s = load_settings(args)
+    if not 0 < s["port"] < 65536:
+        raise CliError(f"port must be 1-65535, got {s['port']}")
+    if s["max_bundle_mb"] <= 0:
+        raise CliError("max_bundle_mb must be positive")
+    if not 0 < s["controller_interval"] <= 3600:
+        raise CliError("controller_interval must be between 0 and 3600 seconds")
+    for f in s["trust_publishers"]:
         if not f.is_file():
-            raise CliError(f"--trust-publisher {f}: no such file")
+            raise CliError(f"trusted publisher key {f}: no such file")
     return ServerConfig(
-        data_dir=args.data_dir,
-        db_url=args.db or os.environ.get("MODELFLEET_DB"),
-        host=args.host,
-        port=args.port,
-        trusted_publisher_files=tuple(args.trust_publisher),
-        max_bundle_bytes=args.max_bundle_mb * 1024 * 1024,
-        controller_interval_s=args.controller_interval,
+        data_dir=s["data_dir"],
+        db_url=s["db"],
+        host=s["host"],
+        port=s["port"],
+        trusted_publisher_files=tuple(s["trust_publishers"]),
+        max_bundle_bytes=s["max_bundle_mb"] * 1024 * 1024,
+        controller_interval_s=s["controller_interval"],
     )
 
 
@@ -107,15 +176,19 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_config(args: argparse.Namespace) -> ServerConfig:
+    s = load_settings(args)
+    return ServerConfig(data_dir=s["data_dir"], db_url=s["db"])
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply migrations."""
     from control_plane.db.engine import Database
 
-    url = args.db or os.environ.get("MODELFLEET_DB")
-    cfg = ServerConfig(data_dir=args.data_dir, db_url=url)
+    cfg = _db_config(args)
 
     async def run() -> None:
-        args.data_dir.mkdir(parents=True, exist_ok=True)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(cfg.database_url)
         try:
             await db.migrate()
@@ -124,4 +197,47 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     print("database is at the latest schema")
+    return 0
+
+
+def _sqlite_path(cfg: ServerConfig) -> Path:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(cfg.database_url)
+    if not url.drivername.startswith("sqlite") or not url.database:
+        raise CliError(
+            "db backup/restore handle SQLite; for PostgreSQL use pg_dump / pg_restore "
+            "(see README, Operations)"
+        )
+    return Path(url.database)
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    """Copy the live SQLite database with its online backup API (consistent while serving)."""
+    src = _sqlite_path(_db_config(args))
+    if not src.is_file():
+        raise CliError(f"no database at {src}")
+    if args.out.exists():
+        raise CliError(f"{args.out} exists; choose a new file")
+    with sqlite3.connect(src) as source, sqlite3.connect(args.out) as dest:
+        source.backup(dest)
+    args.out.chmod(0o600)
+    print(f"backed up {src} to {args.out}")
+    return 0
+
+
+def cmd_db_restore(args: argparse.Namespace) -> int:
+    """Replace the SQLite database with a backup (stop the server first)."""
+    dest = _sqlite_path(_db_config(args))
+    try:
+        with sqlite3.connect(f"file:{args.backup}?mode=ro", uri=True) as check:
+            tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise CliError(f"{args.backup} is not a SQLite database: {exc}") from None
+    if "alembic_version" not in tables:
+        raise CliError(f"{args.backup} is not a modelfleet database (no alembic_version)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(args.backup) as source, sqlite3.connect(dest) as target:
+        source.backup(target)
+    print(f"restored {dest} from {args.backup}")
     return 0

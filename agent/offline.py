@@ -1,0 +1,55 @@
+"""Air-gapped installs: a signed bundle carried to the box by hand.
+
+``modelfleet agent import`` verifies the bundle exactly as a download is verified (the agent's
+trusted publishers, every digest), puts its files in the local store, and pins it in
+``imported.json``; the daemon serves pinned versions of models its desired state does not name,
+and reports them when it next reaches the control plane.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agent.exceptions import UpdateError
+from agent.state import StateDir
+from agent.statefile import read_json, write_json
+from agent.store import LocalStore
+from protocol.bundle import read_bundle, verify_bundle
+from protocol.exceptions import ProtocolError
+
+IMPORTED = "imported.json"
+
+
+def imported(state_dir: Path) -> dict[str, dict[str, str]]:
+    """Pinned versions: model name -> {version, manifestDigest}."""
+    doc: Any = read_json(state_dir / IMPORTED, {})
+    return doc if isinstance(doc, dict) else {}
+
+
+def import_bundle(state_dir: Path, bundle: Path, extra_trust: tuple[Path, ...]) -> tuple[str, str]:
+    """Verify and install a bundle; return (name, version).
+
+    Raises UpdateError (or AgentConfigError for an unusable state dir or key).
+    """
+    dirs = StateDir(state_dir)
+    dirs.load_identity()  # an agent must be enrolled here: its keys decide what is trusted
+    trusted = dirs.trusted_publishers(extra_trust)
+    try:
+        with bundle.open("rb") as f:
+            b = read_bundle(f)
+        verify_bundle(b, trusted)
+    except OSError as exc:
+        raise UpdateError(f"{bundle}: {exc.strerror}") from None
+    except ProtocolError as exc:
+        raise UpdateError(f"{bundle} refused: {exc}") from None
+    store = LocalStore(state_dir)
+    for f in b.manifest.files:
+        if not store.has_blob(f.digest):
+            store.partial_path(f.digest).write_bytes(b.files[f.path])
+            store.commit_partial(f.digest, f.size)
+    store.save_manifest(b.manifest_digest, b.envelope.to_bytes())
+    pins = imported(state_dir)
+    pins[b.manifest.name] = {"version": b.manifest.version, "manifestDigest": b.manifest_digest}
+    write_json(state_dir / IMPORTED, pins)
+    return b.manifest.name, b.manifest.version

@@ -1,0 +1,180 @@
+"""The agent's settings from the command line and ``agent.toml``: command line over file over
+defaults. Only the command line module calls this; the daemon receives an AgentConfig.
+
+``agent.toml`` (keys as the ``agent run`` options, with ``_`` or ``-``)::
+
+    state_dir = "/var/lib/modelfleet"
+    serve = "127.0.0.1:8510"
+    trust_publisher = ["/etc/modelfleet/publishers/publisher.pub"]
+    heartbeat = 15
+
+    [enroll]                      # used once, by `modelfleet agent enroll --config`
+    server = "https://cp.example:8400"
+    token = "mfe_..."
+    name = "box-17"
+    labels = "site=onprem,hw=cpu"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.exceptions import AgentConfigError
+
+
+def parse_rate(value: object) -> float:
+    """``500k``, ``20M``, ``1G`` or a number of bytes per second; raises ValueError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        rate = float(value)
+    elif isinstance(value, str) and value:
+        mult = {"k": 1e3, "m": 1e6, "g": 1e9}.get(value[-1:].lower(), 1.0)
+        rate = float(value[:-1] if mult != 1.0 else value) * mult
+    else:
+        raise ValueError(f"not a rate: {value!r} (try 500k or 20M)")
+    if rate <= 0:
+        raise ValueError("a rate must be positive")
+    return rate
+
+
+def _positive(kind: type) -> Callable[[object], Any]:
+    def check(v: object) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ValueError("must be a positive number")
+        return kind(v)
+
+    return check
+
+
+def _non_negative_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be a whole number >= 0")
+    return v
+
+
+def _fraction(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ValueError("must be between 0 and 1")
+    return float(v)
+
+
+def _string(v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a non-empty string")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _paths(v: object) -> list[Path]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise ValueError("must be a path or a list of paths")
+    return [Path(p) for p in v]
+
+
+# name -> (parser, default)
+SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
+    "state_dir": (lambda v: Path(_string(v)), None),
+    "serve": (_string, "127.0.0.1:8510"),
+    "trust_publisher": (_paths, []),
+    "heartbeat": (_positive(float), 15.0),
+    "poll_wait": (_positive(float), 30.0),
+    "metrics_interval": (_positive(float), 10.0),
+    "max_download_rate": (parse_rate, None),
+    "max_concurrent_downloads": (_positive(int), 2),
+    "disk_budget_mb": (_positive(float), None),
+    "keep_versions": (_non_negative_int, 1),
+    "health_window": (_positive(float), 60.0),
+    "health_max_error_rate": (_fraction, 0.2),
+    "no_cuda": (_bool, False),
+}
+ENROLL_KEYS = {"server", "token", "name", "labels"}
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read agent.toml; raises AgentConfigError naming the file and what is wrong."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise AgentConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentConfigError(f"{path}: not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = key.replace("-", "_")
+        if name == "enroll":
+            if not isinstance(value, dict) or set(value) - ENROLL_KEYS:
+                bad = sorted(set(value) - ENROLL_KEYS) if isinstance(value, dict) else ["enroll"]
+                raise AgentConfigError(f"{path}: [enroll] does not take {bad[0]!r}")
+            out["enroll"] = value
+            continue
+        if name not in SETTINGS:
+            raise AgentConfigError(f"{path}: unknown setting {key!r}")
+        try:
+            out[name] = SETTINGS[name][0](value)
+        except ValueError as exc:
+            raise AgentConfigError(f"{path}: {key} {exc}") from None
+    return out
+
+
+def merge(cli: Mapping[str, Any], file: Mapping[str, Any]) -> dict[str, Any]:
+    """Command line (values that are not None) over file over defaults."""
+    out = {name: default for name, (_, default) in SETTINGS.items()}
+    out.update({k: v for k, v in file.items() if k in SETTINGS})
+    for name in SETTINGS:
+        value = cli.get(name)
+        if value is not None and value != []:
+            out[name] = value
+    return out
+
+
+def serve_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``; raises ValueError."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"serve must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentConfig:
+    """Settings to the daemon's config; raises AgentConfigError for a bad value."""
+    if s["state_dir"] is None:
+        raise AgentConfigError("no state directory: pass --state-dir or set state_dir")
+    for name in SETTINGS:
+        if name in ("state_dir", "trust_publisher", "serve") or s[name] is None:
+            continue
+        try:
+            SETTINGS[name][0](s[name])
+        except ValueError as exc:
+            raise AgentConfigError(f"{name.replace('_', '-')} {exc}") from None
+    try:
+        host, port = serve_address(s["serve"])
+    except ValueError as exc:
+        raise AgentConfigError(str(exc)) from None
+    budget = s["disk_budget_mb"]
+    return AgentConfig(
+        state_dir=Path(s["state_dir"]),
+        serve_host=host,
+        serve_port=port,
+        trusted_publisher_files=tuple(Path(p) for p in s["trust_publisher"]),
+        heartbeat_s=s["heartbeat"],
+        poll_wait_s=s["poll_wait"],
+        metrics_interval_s=s["metrics_interval"],
+        max_download_rate=s["max_download_rate"],
+        max_concurrent_downloads=s["max_concurrent_downloads"],
+        disk_budget_bytes=int(budget * 1024 * 1024) if budget else None,
+        keep_versions=s["keep_versions"],
+        health_window_s=s["health_window"],
+        health_max_error_rate=s["health_max_error_rate"],
+        allow_cuda=not s["no_cuda"],
+        failpoints=failpoints,
+    )
