@@ -101,3 +101,36 @@ def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    """The REST reference (docs/rest.md) rendered from the OpenAPI document."""
+    lines = [
+        "# REST reference",
+        "",
+        "Generated from `/api/v1/openapi.json` by `python docs/gen_rest.py`; a test keeps it "
+        "current.",
+        "",
+        "Every route but the public ones takes `Authorization: Bearer <token>`: an operator's "
+        "API token, or an agent's own credential for that agent's routes. Errors are "
+        '`{"error": {"code", "message", "field"?}}`.',
+        "",
+        "| method | path | who | summary |",
+        "| --- | --- | --- | --- |",
+    ]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            lines.append(f"| {method.upper()} | `{path}` | {op['x-modelfleet-auth']} | "
+                         f"{op['summary']} |")  # fmt: skip
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            lines += ["", f"## {method.upper()} {path}", "", op["description"], ""]
+            for p in op.get("parameters", []):
+                desc = f": {p['description']}" if p.get("description") else ""
+                lines.append(f"- {p['in']} parameter `{p['name']}`{desc}")
+            if "requestBody" in op:
+                media = ", ".join(f"`{m}`" for m in op["requestBody"]["content"])
+                lines.append(f"- body: {media}")
+            codes = ", ".join(f"{c} {r['description']}" for c, r in op["responses"].items())
+            lines.append(f"- responses: {codes}")
+    return "\n".join(lines) + "\n"

@@ -237,3 +237,15 @@ async def test_openapi_lists_every_route(cp: ControlPlane) -> None:
 
 async def test_unknown_route_is_json(cp: ControlPlane) -> None:
     await assert_error(await cp.call("GET", "/nope"), 404)
+
+
+def test_rest_reference_is_current() -> None:
+    from pathlib import Path
+
+    from control_plane.http import ROUTES
+    from control_plane.openapi import build_openapi, to_markdown
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "rest.md"
+    assert committed.read_text() == to_markdown(build_openapi(ROUTES)), (
+        "docs/rest.md is stale: run python docs/gen_rest.py"
+    )
