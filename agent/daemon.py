@@ -119,7 +119,7 @@ class Agent:
         self.from_control_plane: tuple[DesiredModel, ...] = ()
         self.pins: dict[str, dict[str, str]] = imported(config.state_dir)
         self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
-        self.progress: dict[str, Progress] = {}
+        self.progress: dict[str, Progress] = {}  # manifest digest -> what is happening to it
         self.probation: dict[str, Probation] = {}
         self.shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self.last_error: str | None = None
@@ -248,6 +248,7 @@ class Agent:
         log.info("desired state generation %d: %s", ds.generation,
                  ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
+        self.progress.clear()
         self.from_control_plane = ds.models
         self._merge_desired()
         self.state.highest_generation = ds.generation
@@ -361,7 +362,7 @@ class Agent:
                 self._set_progress(m, "loading")
                 try:
                     await self._activate(m)
-                    self.progress.pop(m.name, None)
+                    self.progress.pop(m.manifest_digest, None)
                     log.info("activated %s %s", m.name, m.version)
                 except UpdateError as exc:
                     self._fail(m, str(exc))
@@ -370,7 +371,6 @@ class Agent:
                 self.models.pop(name, None)
                 self.probation.pop(name, None)
                 self.state.active.pop(name, None)
-                self.progress.pop(name, None)
                 self._state_dirty = True
                 log.info("unloaded %s", name)
             if self._state_dirty:
@@ -409,13 +409,13 @@ class Agent:
         return incomplete
 
     def _set_progress(self, m: DesiredModel, state: str, reason: str | None = None) -> None:
-        self.progress[m.name] = Progress(state, reason)
+        self.progress[m.manifest_digest] = Progress(state, reason)
         self._status_dirty.set()
 
     def _fail(self, m: DesiredModel, reason: str) -> None:
         log.error("%s %s failed: %s", m.name, m.version, reason)
         self.failed[m.manifest_digest] = Progress("failed", reason)
-        self.progress[m.name] = Progress("failed", reason)
+        self.progress[m.manifest_digest] = Progress("failed", reason)
         self._status_dirty.set()
 
     async def _fetch_one(self, m: DesiredModel) -> str:
@@ -653,7 +653,7 @@ class Agent:
             self.state.active.pop(new.name, None)
         log.error("%s %s: %s", new.name, new.version, reason)
         self.failed[new.manifest_digest] = Progress("failed", reason)
-        self.progress[new.name] = Progress("failed", reason)
+        self.progress[new.manifest_digest] = Progress("failed", reason)
         self._state_dirty = True
         self._reconcile_wake.set()  # persists the state
         self._status_dirty.set()
@@ -674,7 +674,7 @@ class Agent:
             running = self.models.get(m.name)
             if running is not None and running.manifest_digest == m.manifest_digest:
                 continue
-            pr = self.failed.get(m.manifest_digest) or self.progress.get(m.name)
+            pr = self.failed.get(m.manifest_digest) or self.progress.get(m.manifest_digest)
             pr = pr or Progress("downloading")
             models.append(ModelStatus(m.name, m.version, m.manifest_digest, pr.state, pr.reason))
         facts: dict[str, Any] = {**self.facts, "servePort": self.serve_port}

@@ -14,16 +14,18 @@ from collections.abc import Iterable
 
 log = logging.getLogger("modelfleet.agent.failpoints")
 
-POINTS = frozenset(
+KILL_POINTS = frozenset(
     {
         "download-midway",  # half a blob written to partial/
         "blob-committed",  # a verified blob renamed into the store
         "before-manifest-saved",  # all blobs in place, version not yet marked installed
         "model-loaded",  # new version loaded and smoke-tested, not yet swapped in
         "before-state-saved",  # swapped in, state.json not yet rewritten
-        "stall-event-loop",  # two seconds after start, block the event loop (watchdog tests)
     }
 )
+# Two seconds after start, block the event loop (watchdog tests).
+STALL_POINTS = frozenset({"stall-event-loop"})
+POINTS = KILL_POINTS | STALL_POINTS
 
 
 class Failpoints:

@@ -141,7 +141,7 @@ def serve_address(text: str) -> tuple[str, int]:
     """``HOST:PORT``; raises ValueError."""
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"serve must be HOST:PORT, got {text!r}")
+        raise ValueError(f"--serve (serve) must be HOST:PORT, got {text!r}")
     return host, int(port)
 
 

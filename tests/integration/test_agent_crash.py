@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.failpoints import POINTS
+from agent.failpoints import KILL_POINTS
 from tests.conftest import ControlPlane, Publisher, iris_bundle
 from tests.integration.agent_helpers import enroll_agent, eventually, infer, wait_active
 from tests.modelgen import iris_model
@@ -59,7 +59,7 @@ async def serving_version(port: int) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failpoint", sorted(POINTS))
+@pytest.mark.parametrize("failpoint", sorted(KILL_POINTS))
 async def test_kill_9_during_update(
     cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path, failpoint: str
 ) -> None:
