@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--no-cuda", action="store_true", default=None, help="never use the CUDA provider"
     )
+    r.add_argument(
+        "--added-latency-ms",
+        type=float,
+        help="demos and tests: delay every inference this much (a slower machine)",
+    )
     r.set_defaults(func=cmd_run)
 
     i = asub.add_parser("import", help="install a signed bundle with no route to the control plane")

@@ -33,3 +33,5 @@ class AgentConfig:
     download_attempts: int = 5
     disk_budget_bytes: int | None = None  # None: only the free space of the disk counts
     failpoints: tuple[str, ...] = ()
+    # Demos and tests: an artificial delay on every inference, to stand for a slower machine.
+    added_latency_s: float = 0.0

@@ -7,6 +7,7 @@ server; leaving it stops accepting requests, drains, flushes metrics once, and d
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import shutil
@@ -66,6 +67,11 @@ class Probation:
     until: float  # monotonic
     requests: int = 0
     errors: int = 0
+
+
+def _delayed(run: Any, delay_s: float, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    time.sleep(delay_s)  # in the worker thread, like a slower machine would be
+    return run(feeds)
 
 
 def score_with_shadow(
@@ -588,9 +594,12 @@ class Agent:
         shadow = self.shadows.get(name)
         if shadow is not None and random.random() < shadow[1]:
             return lm, await self._infer_with_shadow(lm, shadow[0], feeds)
+        run = lm.runtime.run
+        if self.config.added_latency_s:
+            run = functools.partial(_delayed, run, self.config.added_latency_s)
         t0 = time.perf_counter()
         try:
-            out = await loop.run_in_executor(self.executor, lm.runtime.run, feeds)
+            out = await loop.run_in_executor(self.executor, run, feeds)
         except Exception:
             self._count(lm, time.perf_counter() - t0, error=True)
             raise

@@ -55,6 +55,12 @@ def _non_negative_int(v: object) -> int:
     return v
 
 
+def _non_negative_float(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ValueError("must be a number >= 0")
+    return float(v)
+
+
 def _fraction(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
         raise ValueError("must be between 0 and 1")
@@ -96,6 +102,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "health_window": (_positive(float), 60.0),
     "health_max_error_rate": (_fraction, 0.2),
     "no_cuda": (_bool, False),
+    "added_latency_ms": (lambda v: _non_negative_float(v), 0.0),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -177,4 +184,5 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         health_max_error_rate=s["health_max_error_rate"],
         allow_cuda=not s["no_cuda"],
         failpoints=failpoints,
+        added_latency_s=s["added_latency_ms"] / 1000.0,
     )

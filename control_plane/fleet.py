@@ -26,12 +26,14 @@ from control_plane.db.models import (
 )
 from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
+from control_plane.reports import agent_state
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
-from protocol.labels import check_labels
+from protocol.labels import Selector, check_labels
 from protocol.reports import MetricsBatch, StatusReport
 from protocol.timeutil import format_time
 
 MAX_ENROLLMENT_USES = 100_000
+DECLARED_FACTS = ("costPerHour",)
 MAX_TOKEN_TTL_S = 365 * 24 * 3600
 
 
@@ -152,18 +154,25 @@ def agent_json(
         "reportedGeneration": agent.reported_generation,
         "models": agent.status.get("models", []),
         "lastError": agent.status.get("lastError"),
+        "state": agent_state(agent, now, offline_after_s),
     }
 
 
-async def list_agents(db: Database, now: datetime, offline_after_s: float) -> list[dict]:
-    """Every agent, oldest enrollment first."""
+async def list_agents(
+    db: Database, now: datetime, offline_after_s: float, selector: Selector | None = None
+) -> list[dict]:
+    """Every agent the selector matches (all without one), oldest enrollment first."""
     async with db.read() as s:
         rows = await s.execute(
             select(Agent, DesiredStateRow.generation)
             .outerjoin(DesiredStateRow, DesiredStateRow.agent_id == Agent.id)
             .order_by(Agent.enrolled_at, Agent.id)
         )
-        return [agent_json(a, g or 0, now, offline_after_s) for a, g in rows]
+        return [
+            agent_json(a, g or 0, now, offline_after_s)
+            for a, g in rows
+            if selector is None or selector.matches(a.labels)
+        ]
 
 
 async def get_agent(db: Database, agent_id: str, now: datetime, offline_after_s: float) -> dict:
@@ -188,7 +197,9 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> Non
             "sentAt": format_time(report.sent_at),
         }
         if report.facts:
-            agent.facts = report.facts
+            # Facts declared at enrollment (the hourly cost) stay unless the agent restates them.
+            declared = {k: agent.facts[k] for k in DECLARED_FACTS if k in agent.facts}
+            agent.facts = {**declared, **report.facts}
         agent.reported_generation = report.generation
         agent.last_seen_at = now
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from control_plane import fleet, registry, rollouts
+from control_plane import fleet, registry, reports, rollouts
 from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
 from control_plane.blobstore import BlobStore
 from control_plane.config import ServerConfig
@@ -39,6 +39,7 @@ from protocol.digest import check_digest
 from protocol.dsse import public_key_to_pem
 from protocol.exceptions import InvalidMessage
 from protocol.fields import load_json_object
+from protocol.labels import parse_selector
 from protocol.reports import metrics_from_json, status_from_json
 from protocol.timeutil import parse_time
 
@@ -338,7 +339,11 @@ async def get_agents(request: web.Request) -> web.Response:
     """List agents."""
     operator(request)
     state = st(request)
-    agents = await fleet.list_agents(state.db, state.clock(), state.config.offline_after_s)
+    text = request.query.get("selector")
+    selector = parse_selector(text) if text else None
+    agents = await fleet.list_agents(
+        state.db, state.clock(), state.config.offline_after_s, selector
+    )
     return json_response({"agents": agents})
 
 
@@ -456,6 +461,28 @@ async def post_rollout_command(request: web.Request) -> web.Response:
                                rollback, state.clock())  # fmt: skip
     state.controller.kick()
     return json_response(await rollouts.get_rollout(state.db, rollout_id))
+
+
+async def get_compare(request: web.Request) -> web.Response:
+    """Compare where a model runs best: groups by site (or a label, agent, version), with
+    merged latency percentiles, throughput, error rate and cost per million inferences."""
+    operator(request)
+    state = st(request)
+    return json_response(await reports.compare(state.db, dict(request.query), state.clock()))
+
+
+async def get_timeseries(request: web.Request) -> web.Response:
+    """Requests, errors and p95 per group per time bucket, for charts."""
+    operator(request)
+    state = st(request)
+    return json_response(await reports.timeseries(state.db, dict(request.query), state.clock()))
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    """Agents by site and state, versions deployed per model, active rollouts."""
+    operator(request)
+    state = st(request)
+    return json_response(await reports.fleet(state.db, state.clock(), state.config.offline_after_s))
 
 
 # ------------------------------------------------------------------------------ route table
@@ -579,6 +606,25 @@ ROUTES: tuple[Route, ...] = (
         (201, 400, 404, 409),
     ),
     Route("GET", "/api/v1/rollouts", get_rollouts, "List rollouts", "operator"),
+    Route(
+        "GET",
+        "/api/v1/reports/compare",
+        get_compare,
+        "Compare groups of agents",
+        "operator",
+        None,
+        (200, 400, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/reports/timeseries",
+        get_timeseries,
+        "Metrics per group over time",
+        "operator",
+        None,
+        (200, 400, 404),
+    ),
+    Route("GET", "/api/v1/fleet", get_fleet, "Fleet overview", "operator"),
     Route(
         "GET",
         "/api/v1/rollouts/{id}",

@@ -41,11 +41,25 @@ _ERROR_SCHEMA = {
     },
 }
 
+_REPORT_QUERY = [
+    ("model", "Model name (required)", {"type": "string"}),
+    ("version", "Versions, comma separated", {"type": "string"}),
+    ("by", "site (default), a label key, agent, version, or two of them", {"type": "string"}),
+    ("since", "Window length ending now, e.g. 1h (default)", {"type": "string"}),
+    ("from", "Window start, RFC 3339", {"type": "string"}),
+    ("to", "Window end, RFC 3339", {"type": "string"}),
+]
 _QUERY = {
+    "/api/v1/reports/compare": _REPORT_QUERY,
+    "/api/v1/reports/timeseries": [
+        *_REPORT_QUERY,
+        ("bucket", "Bucket length, 1m to 1d", {"type": "string"}),
+    ],
+    "/api/v1/agents": [("selector", "Only agents this label selector matches", {"type": "string"})],
     "/api/v1/agents/{id}/desired": [
         ("after", "Only answer with a generation greater than this", {"type": "integer"}),
         ("wait", "Seconds to hold the request open (long-poll)", {"type": "number"}),
-    ]
+    ],
 }
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from control_plane.cli.common import CliError, add_client_options, api_call
 from control_plane.rollout.spec import parse_stages_text
@@ -99,9 +102,27 @@ def register(sub: argparse._SubParsersAction) -> None:
             func=cmd_rollout_status if name == "status" else cmd_rollout_command, action=name
         )
 
+    rep = sub.add_parser("report", help="where does a model run best")
+    repsub = rep.add_subparsers(dest="report_command", required=True)
+    rc2 = repsub.add_parser("compare", help="groups by site (or label, agent, version)")
+    rc2.add_argument("--model", required=True)
+    rc2.add_argument("--version", help="one or more versions, comma separated")
+    rc2.add_argument("--by", default="site", help="site, a label key, agent, version, or two")
+    rc2.add_argument("--since", help="window ending now (1h)")
+    rc2.add_argument("--from", dest="from_", help="window start, RFC 3339")
+    rc2.add_argument("--to", help="window end, RFC 3339")
+    rc2.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    add_client_options(rc2)
+    rc2.set_defaults(func=cmd_report_compare)
+
+    fl = sub.add_parser("fleet", help="agents by site and state, versions, active rollouts")
+    add_client_options(fl)
+    fl.set_defaults(func=cmd_fleet)
+
     a = sub.add_parser("agents", help="agents")
     asub = a.add_subparsers(dest="agents_command", required=True)
     al = asub.add_parser("list", help="table of agents and their models")
+    al.add_argument("--selector", help="only agents this label selector matches")
     add_client_options(al)
     al.set_defaults(func=cmd_agents_list)
 
@@ -174,7 +195,8 @@ def format_agents(agents: list[dict[str, Any]]) -> str:
 
 def cmd_agents_list(args: argparse.Namespace) -> int:
     """Print the fleet table."""
-    _, body = asyncio.run(api_call(args, "GET", "/agents"))
+    query = f"?{urlencode({'selector': args.selector})}" if args.selector else ""
+    _, body = asyncio.run(api_call(args, "GET", f"/agents{query}"))
     _print(args, body, format_agents(body["agents"]))
     return 0
 
@@ -309,4 +331,71 @@ def cmd_rollout_command(args: argparse.Namespace) -> int:
         api_call(args, "POST", f"/rollouts/{args.id}/{args.action}", json_body=body)
     )
     _print(args, out, f"rollout {out['id']}: {out['state']}")
+    return 0
+
+
+REPORT_COLUMNS = ["requests", "errors", "error_rate", "throughput_rps", "p50_ms", "p95_ms",
+                  "p99_ms", "cost_per_million", "agents"]  # fmt: skip
+
+
+def _report_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for g in report["groups"]:
+        lat = g["latency_ms"]
+        values = [g["requests"], g["errors"], g["error_rate"], g["throughput_rps"], lat["p50"],
+                  lat["p95"], lat["p99"], g["cost_per_million"], g["agents"]]  # fmt: skip
+        key = ",".join(f"{k}={v}" for k, v in g["key"].items())
+        rows.append([key, *("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                            for v in values)])  # fmt: skip
+    return rows
+
+
+def format_report(report: dict[str, Any], fmt: str) -> str:
+    """The comparison as a table, CSV or JSON."""
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    header = ["group", *REPORT_COLUMNS]
+    rows = _report_rows(report)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    w = report["window"]
+    return "\n".join([
+        f"{report['model']} {', '.join(report['versions'])}  by {','.join(report['by'])}  "
+        f"{w['from']} .. {w['to']}",
+        _table(rows, header),
+        f"verdict: {report['verdict']['summary']}",
+    ])  # fmt: skip
+
+
+def cmd_report_compare(args: argparse.Namespace) -> int:
+    """Print the comparison report."""
+    query = {"model": args.model, "by": args.by}
+    for key, value in (("version", args.version), ("since", args.since),
+                       ("from", args.from_), ("to", args.to)):  # fmt: skip
+        if value:
+            query[key] = value
+    _, out = asyncio.run(api_call(args, "GET", f"/reports/compare?{urlencode(query)}"))
+    print(format_report(out, "json" if args.json else args.format))
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Print the fleet overview."""
+    _, out = asyncio.run(api_call(args, "GET", "/fleet"))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    lines = [f"{out['agents']} agents"]
+    for site, states in out["sites"].items():
+        lines.append(f"  site {site}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    for model, versions in out["models"].items():
+        lines.append(f"  {model}: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    for r in out["rollouts"]:
+        lines.append(f"  rollout {r['id'][:8]} {r['model']} {r['version']}: {r['state']} "
+                     f"stage {r['stage']}/{r['stages']}")  # fmt: skip
+    print("\n".join(lines))
     return 0

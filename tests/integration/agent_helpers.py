@@ -34,13 +34,17 @@ async def eventually(
 
 
 async def enroll_agent(
-    cp: ControlPlane, state_dir: Path, labels: dict[str, str], server: str | None = None
+    cp: ControlPlane,
+    state_dir: Path,
+    labels: dict[str, str],
+    server: str | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> Identity:
     """Enroll through the real API and write the state dir as ``agent enroll`` does."""
     r = await cp.call("POST", "/enrollment-tokens", json={"labels": labels})
     token = (await r.json())["token"]
     url = server or cp.url
-    out = await enroll(url, token, None, {}, {"cpuCount": 1})
+    out = await enroll(url, token, None, {}, facts or {"cpuCount": 1})
     identity = Identity(out["agentId"], url, out["credential"], out["name"], out["labels"])
     StateDir(state_dir).save_enrollment(identity, out["controlPlaneKey"], out["trustedPublishers"])
     return identity

@@ -53,26 +53,27 @@ class Fleet:
         self.agents: list[FleetAgent] = []
 
     async def add(self, n: int, site: str, labels: dict[str, str] | None = None,
-                  server: str | None = None) -> list[FleetAgent]:  # fmt: skip
+                  server: str | None = None, facts: dict[str, Any] | None = None,
+                  extra: tuple[str, ...] = ()) -> list[FleetAgent]:  # fmt: skip
         added = []
         for _ in range(n):
             i = len(self.agents)
             state_dir = self.root / f"agent-{i}"
             ident = await enroll_agent(self.cp, state_dir, {"site": site, **(labels or {})},
-                                       server=server)  # fmt: skip
+                                       server=server, facts=facts)  # fmt: skip
             a = FleetAgent(ident.agent_id, ident.name, site, state_dir, free_port())
             self.agents.append(a)
             added.append(a)
         for a in added:
-            self.start(a)
+            self.start(a, extra)
         return added
 
-    def start(self, a: FleetAgent) -> None:
+    def start(self, a: FleetAgent, extra: tuple[str, ...] = ()) -> None:
         log = (self.root / f"{a.state_dir.name}.log").open("ab")
         a.proc = subprocess.Popen(
             [MODELFLEET, "agent", "run", "--state-dir", str(a.state_dir),
              "--serve", f"127.0.0.1:{a.port}", "--heartbeat", "0.5", "--poll-wait", "5",
-             "--metrics-interval", "0.5", *self.extra_args],
+             "--metrics-interval", "0.5", *self.extra_args, *extra],
             stdout=log, stderr=log, env={**os.environ, "MODELFLEET_FAILPOINTS": ""},
         )  # fmt: skip
 

@@ -1,0 +1,312 @@
+"""Where does a model run best? Comparison reports, time series and the fleet overview.
+
+Every latency figure comes from merged DDSketches (never an average of percentiles); cost per
+million inferences is each agent's declared hourly cost over the window, summed per group and
+divided by the requests the group served (so it is weighted by requests).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from control_plane.db.engine import Database
+from control_plane.db.models import Agent, MetricSeries, Model, ModelVersion, Rollout
+from control_plane.errors import ApiError
+from control_plane.rollout.spec import parse_duration
+from protocol.exceptions import InvalidMessage
+from protocol.manifest import check_name
+from protocol.sketch import DDSketch
+from protocol.timeutil import format_time, parse_time
+
+DIMENSIONS_BUILTIN = ("site", "agent", "version")
+MIN_REQUESTS_TO_JUDGE = 100
+
+
+@dataclass(frozen=True)
+class Window:
+    """The time range of a report."""
+
+    start: datetime
+    end: datetime
+
+    @property
+    def seconds(self) -> float:
+        """Its length."""
+        return max((self.end - self.start).total_seconds(), 1e-9)
+
+
+def parse_window(query: dict[str, str], now: datetime) -> Window:
+    """``since=1h`` (default), or ``from``/``to`` RFC 3339; raises InvalidMessage."""
+    if "from" in query:
+        start = parse_time(query["from"], "from")
+        end = parse_time(query["to"], "to") if "to" in query else now
+    else:
+        start = now - timedelta(seconds=parse_duration(query.get("since", "1h"), "since"))
+        end = now
+    if end <= start:
+        raise InvalidMessage("the window must end after it starts", "to")
+    return Window(start, end)
+
+
+def parse_by(text: str) -> list[str]:
+    """``site`` (default), any label key, ``agent``, ``version``, or two of them."""
+    dims = [d.strip() for d in (text or "site").split(",") if d.strip()]
+    if not 1 <= len(dims) <= 2 or len(set(dims)) != len(dims):
+        raise InvalidMessage("by takes one or two distinct dimensions, e.g. site,version", "by")
+    return dims
+
+
+def cost_per_hour(agent: Agent) -> float | None:
+    """Declared at enrollment (--cost-per-hour) or as a ``cost-per-hour`` label."""
+    value = agent.facts.get("costPerHour", agent.labels.get("cost-per-hour"))
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def hardware(agent: Agent) -> str:
+    """A short description of an agent's machine."""
+    f = agent.facts
+    accel = ",".join(f.get("accelerators") or []) or "cpu"
+    return f"{f.get('cpuCount', '?')} cpu {f.get('arch', '?')} {accel}"
+
+
+@dataclass
+class Group:
+    """Accumulated figures of one group."""
+
+    key: dict[str, str]
+    agents: set[str] = field(default_factory=set)
+    requests: int = 0
+    errors: int = 0
+    sketch: DDSketch = field(default_factory=DDSketch)
+
+    def to_json(self, window: Window, by_id: dict[str, Agent]) -> dict[str, Any]:
+        costs = [cost_per_hour(by_id[a]) for a in self.agents if a in by_id]
+        hours = window.seconds / 3600
+        known = [c for c in costs if c is not None]
+        cost = sum(known) * hours if known and len(known) == len(costs) else None
+        q = {k: self.sketch.quantile(v) for k, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+        return {
+            "key": self.key,
+            "agents": len(self.agents),
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.errors / self.requests, 6) if self.requests else 0.0,
+            "throughput_rps": round(self.requests / window.seconds, 9),
+            "latency_ms": {k: round(v, 4) if v is not None else None for k, v in q.items()},
+            "cost": round(cost, 6) if cost is not None else None,
+            "cost_per_million": (
+                round(cost / self.requests * 1e6, 4) if cost is not None and self.requests else None
+            ),
+            "hardware": dict(Counter(hardware(by_id[a]) for a in self.agents if a in by_id)),
+            "enough_requests": self.requests >= MIN_REQUESTS_TO_JUDGE,
+        }
+
+
+def _key_value(dim: str, agent: Agent | None, row: MetricSeries) -> str:
+    if dim == "version":
+        return row.version
+    if dim == "agent":
+        return agent.name if agent else row.agent_id
+    if agent is None:
+        return "unknown"
+    return str(agent.labels.get(dim, "none"))
+
+
+def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Name the best group on latency (p95) and on cost, and by how much."""
+    judged = [g for g in groups if g["enough_requests"]]
+    label = lambda g: ",".join(f"{k}={v}" for k, v in g["key"].items())  # noqa: E731
+    out: dict[str, Any] = {
+        "too_few_requests": [label(g) for g in groups if not g["enough_requests"]],
+        "min_requests": MIN_REQUESTS_TO_JUDGE,
+    }
+    lat = sorted((g for g in judged if g["latency_ms"]["p95"] is not None),
+                 key=lambda g: g["latency_ms"]["p95"])  # fmt: skip
+    if lat:
+        best = lat[0]
+        out["fastest"] = {"group": label(best), "p95_ms": best["latency_ms"]["p95"]}
+        if len(lat) > 1:
+            nxt = lat[1]["latency_ms"]["p95"]
+            out["fastest"]["runner_up"] = label(lat[1])
+            out["fastest"]["times_faster"] = round(nxt / best["latency_ms"]["p95"], 3)
+    cost = sorted((g for g in judged if g["cost_per_million"] is not None),
+                  key=lambda g: g["cost_per_million"])  # fmt: skip
+    if cost:
+        best = cost[0]
+        out["cheapest"] = {"group": label(best), "cost_per_million": best["cost_per_million"]}
+        if len(cost) > 1 and best["cost_per_million"] > 0:
+            out["cheapest"]["runner_up"] = label(cost[1])
+            out["cheapest"]["times_cheaper"] = round(
+                cost[1]["cost_per_million"] / best["cost_per_million"], 3
+            )
+    parts = []
+    if "fastest" in out:
+        f = out["fastest"]
+        parts.append(f"fastest: {f['group']} (p95 {f['p95_ms']:.3g} ms"
+                     + (f", {f['times_faster']}x faster than {f['runner_up']})"
+                        if "runner_up" in f else ")"))  # fmt: skip
+    if "cheapest" in out:
+        c = out["cheapest"]
+        parts.append(f"cheapest: {c['group']} ({c['cost_per_million']:.4g} per million"
+                     + (f", {c['times_cheaper']}x cheaper than {c['runner_up']})"
+                        if "runner_up" in c else ")"))  # fmt: skip
+    if out["too_few_requests"]:
+        parts.append(f"too few requests to judge (< {MIN_REQUESTS_TO_JUDGE}): "
+                     + ", ".join(out["too_few_requests"]))  # fmt: skip
+    out["summary"] = "; ".join(parts) or "no traffic in this window"
+    return out
+
+
+async def _rows(db: Database, model: str, versions: list[str], window: Window
+                ) -> tuple[list[MetricSeries], dict[str, Agent]]:  # fmt: skip
+    async with db.read() as s:
+        if await s.scalar(select(Model.id).where(Model.name == model)) is None:
+            raise ApiError(404, "model_not_found", f"no model named {model!r}", "model")
+        q = select(MetricSeries).where(
+            MetricSeries.model == model,
+            MetricSeries.window_start >= window.start,
+            MetricSeries.window_start < window.end,
+        )
+        if versions:
+            q = q.where(MetricSeries.version.in_(versions))
+        rows = list(await s.scalars(q))
+        agents = {a.id: a for a in await s.scalars(select(Agent))}
+    return rows, agents
+
+
+def _model_query(query: dict[str, str]) -> tuple[str, list[str]]:
+    model = check_name(query.get("model", ""), "model") if query.get("model") else None
+    if model is None:
+        raise InvalidMessage("model is required", "model")
+    versions = [v for v in query.get("version", "").split(",") if v]
+    return model, versions
+
+
+async def compare(db: Database, query: dict[str, str], now: datetime) -> dict[str, Any]:
+    """The comparison report; raises InvalidMessage or ApiError 404."""
+    model, versions = _model_query(query)
+    window = parse_window(query, now)
+    by = parse_by(query.get("by", "site"))
+    rows, agents = await _rows(db, model, versions, window)
+    groups: dict[tuple[str, ...], Group] = {}
+    for row in rows:
+        agent = agents.get(row.agent_id)
+        key = tuple(_key_value(d, agent, row) for d in by)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(dict(zip(by, key, strict=True)))
+        g.agents.add(row.agent_id)
+        g.requests += row.requests
+        g.errors += row.errors
+        g.sketch.merge(DDSketch.from_json(row.latency_sketch))
+    out = [groups[k].to_json(window, agents) for k in sorted(groups)]
+    return {
+        "model": model,
+        "versions": versions or sorted({r.version for r in rows}),
+        "by": by,
+        "window": {
+            "from": format_time(window.start),
+            "to": format_time(window.end),
+            "seconds": round(window.seconds, 3),
+        },
+        "relative_accuracy": DDSketch().relative_accuracy,
+        "groups": out,
+        "verdict": verdict(out),
+    }
+
+
+async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict[str, Any]:
+    """Requests, errors and p95 per group per bucket; raises InvalidMessage or ApiError."""
+    model, versions = _model_query(query)
+    window = parse_window(query, now)
+    by = parse_by(query.get("by", "site"))
+    bucket = parse_duration(query.get("bucket", "1m"), "bucket")
+    if not 60 <= bucket <= 86400:
+        raise InvalidMessage("bucket must be between 1m and 1d", "bucket")
+    if window.seconds / bucket > 2000:
+        raise InvalidMessage("too many buckets: widen the bucket or shorten the window", "bucket")
+    rows, agents = await _rows(db, model, versions, window)
+    series: dict[tuple[str, ...], dict[int, Group]] = defaultdict(dict)
+    for row in rows:
+        key = tuple(_key_value(d, agents.get(row.agent_id), row) for d in by)
+        slot = int((row.window_start - window.start).total_seconds() // bucket)
+        g = series[key].get(slot)
+        if g is None:
+            g = series[key][slot] = Group(dict(zip(by, key, strict=True)))
+        g.requests += row.requests
+        g.errors += row.errors
+        g.sketch.merge(DDSketch.from_json(row.latency_sketch))
+    out = []
+    for key in sorted(series):
+        points = []
+        for slot in sorted(series[key]):
+            g = series[key][slot]
+            p95 = g.sketch.quantile(0.95)
+            points.append({
+                "t": format_time(window.start + timedelta(seconds=slot * bucket)),
+                "requests": g.requests, "errors": g.errors,
+                "throughput_rps": round(g.requests / bucket, 4),
+                "p95_ms": round(p95, 4) if p95 is not None else None,
+            })  # fmt: skip
+        out.append({"key": dict(zip(by, key, strict=True)), "points": points})
+    return {"model": model, "by": by, "bucket_seconds": bucket,
+            "window": {"from": format_time(window.start), "to": format_time(window.end)},
+            "series": out}  # fmt: skip
+
+
+def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
+    """online, offline, updating or failed."""
+    states = {m.get("state") for m in agent.status.get("models", [])}
+    if states & {"failed", "refused"}:
+        return "failed"
+    if states & {"downloading", "loading"}:
+        return "updating"
+    seen = agent.last_seen_at
+    if seen is None or (now - seen).total_seconds() > offline_after_s:
+        return "offline"
+    return "online"
+
+
+async def fleet(db: Database, now: datetime, offline_after_s: float) -> dict[str, Any]:
+    """Agents by site and state, versions deployed per model, active rollouts."""
+    async with db.read() as s:
+        agents = list(await s.scalars(select(Agent)))
+        active = (await s.execute(
+            select(Rollout, ModelVersion.version, Model.name)
+            .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+            .join(Model, ModelVersion.model_id == Model.id)
+            .where(Rollout.state.in_(("pending", "running", "paused")))
+            .order_by(Rollout.created_at)
+        )).all()  # fmt: skip
+    sites: dict[str, Counter[str]] = defaultdict(Counter)
+    deployed: dict[str, Counter[str]] = defaultdict(Counter)
+    for a in agents:
+        sites[a.labels.get("site", "none")][agent_state(a, now, offline_after_s)] += 1
+        for m in a.status.get("models", []):
+            if m.get("state") == "active":
+                deployed[m["name"]][m["version"]] += 1
+    return {
+        "agents": len(agents),
+        "sites": {site: dict(c) for site, c in sorted(sites.items())},
+        "models": {name: dict(c) for name, c in sorted(deployed.items())},
+        "rollouts": [
+            {
+                "id": r.id,
+                "model": name,
+                "version": version,
+                "state": r.state,
+                "stage": r.stage_index + 1,
+                "stages": len(r.stages),
+            }
+            for r, version, name in active
+        ],
+    }
