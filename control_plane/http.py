@@ -646,6 +646,32 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+# ------------------------------------------------------------------------------ dashboard
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_HEADERS = {
+    # Everything the page loads comes from here: no CDN, no inline script.
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def ui_index(request: web.Request) -> web.StreamResponse:
+    """The dashboard's single page."""
+    if request.path == "/ui":
+        raise web.HTTPFound("/ui/")
+    return web.FileResponse(UI_DIR / "index.html", headers=UI_HEADERS)
+
+
+def add_ui_routes(app: web.Application) -> None:
+    """The dashboard: static files served by the control plane, no build step."""
+    app.router.add_get("/ui", ui_index)
+    app.router.add_get("/ui/", ui_index)
+    app.router.add_static("/ui/static/", UI_DIR, show_index=False, follow_symlinks=False)
+
+
 # ------------------------------------------------------------------------------ the app
 
 
@@ -696,5 +722,6 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
     app[STATE] = state
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
+    add_ui_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     return app

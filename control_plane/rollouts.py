@@ -102,7 +102,7 @@ async def create_rollout(db: Database, body: dict[str, Any], now: datetime) -> s
             [
                 Event(
                     "created",
-                    f"{spec.model} {spec.version} to {spec.selector or 'every agent'}",
+                    f"{spec.model} {spec.version} to {str(spec.selector) or 'every agent'}",
                     None,
                     {"matching_agents": len(mine)},
                 )
