@@ -6,10 +6,9 @@ reader never sees half a blob. The methods block: call them from a worker thread
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from control_plane.files import write_private
 from protocol.digest import digest_hex
 
 
@@ -32,16 +31,5 @@ class BlobStore:
     def put(self, digest: str, data: bytes) -> None:
         """Store ``data`` (already verified to match ``digest``) unless it is there already."""
         dest = self.path(digest)
-        if dest.is_file():
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not dest.is_file():
+            write_private(dest, data, 0o644)

@@ -250,12 +250,14 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
         points = []
         for slot in sorted(series[key]):
             g = series[key][slot]
-            p95 = g.sketch.quantile(0.95)
+            p50, p95, p99 = (g.sketch.quantile(q) for q in (0.5, 0.95, 0.99))
             points.append({
                 "t": format_time(window.start + timedelta(seconds=slot * bucket)),
                 "requests": g.requests, "errors": g.errors,
                 "throughput_rps": round(g.requests / bucket, 4),
+                "p50_ms": round(p50, 4) if p50 is not None else None,
                 "p95_ms": round(p95, 4) if p95 is not None else None,
+                "p99_ms": round(p99, 4) if p99 is not None else None,
             })  # fmt: skip
         out.append({"key": dict(zip(by, key, strict=True)), "points": points})
     return {"model": model, "by": by, "bucket_seconds": bucket,

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import io
 import os
+import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -95,6 +96,25 @@ def iris_bundle(
         model or iris_model(seed), name, version, [key], s, runtime=runtime, **kw
     )
     return data
+
+
+def bundle_members(data: bytes) -> dict[str, bytes]:
+    """The members of a bundle tar, by name."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}  # type: ignore[union-attr]
+
+
+def tar_of(files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    """A tar of these members (plus header-only ones), to build hostile bundles."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            t.addfile(info)
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------- databases

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -83,15 +83,38 @@ async def active_version(cp: ControlPlane, agent_id: str, model: str = "iris") -
     return None
 
 
-class MitmProxy:
+class LoopbackProxy:
+    """A reverse proxy on a free loopback port; subclasses define ``handle``."""
+
+    runner: web.AppRunner | None = None
+    url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+class MitmProxy(LoopbackProxy):
     """A reverse proxy on loopback that can replace desired-state answers (an attacker)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.replacement: bytes | None = None
         self.seen_desired: list[bytes] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/desired") and self.replacement is not None:
@@ -113,21 +136,6 @@ class MitmProxy:
                                             "content-encoding", "connection")}  # fmt: skip
             return web.Response(status=r.status, body=body, headers=headers)
 
-    async def __aenter__(self) -> MitmProxy:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
-
 
 async def wait_active(cp: ControlPlane, agent_id: str, version: str, within_s: float = 15) -> None:
     """Wait until the control plane sees ``version`` of iris active on the agent."""
@@ -138,7 +146,7 @@ async def wait_active(cp: ControlPlane, agent_id: str, version: str, within_s: f
     await eventually(check, within_s)
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackProxy):
     """A reverse proxy on loopback that streams blobs and cuts the first one midway.
 
     It counts the body bytes it sends for each blob, so a test can see what resuming cost.
@@ -152,8 +160,6 @@ class CuttingProxy:
         self.blob_requests: list[str | None] = []  # the Range header of each blob request
         self.inflight = 0
         self.max_inflight = 0
-        self.runner: web.AppRunner | None = None
-        self.url = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
@@ -193,21 +199,6 @@ class CuttingProxy:
                     self.blob_bytes_sent += len(chunk)
             await resp.write_eof()
             return resp
-
-    async def __aenter__(self) -> CuttingProxy:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
 
 
 class Load:

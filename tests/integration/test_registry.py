@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 from protocol.dsse import generate_private_key
-from tests.conftest import ControlPlane, Publisher, iris_bundle
+from tests.conftest import ControlPlane, Publisher, bundle_members, iris_bundle, tar_of
 
 
 async def versions(cp: ControlPlane) -> list[dict]:
@@ -63,19 +60,11 @@ async def test_untrusted_signature_refused(cp: ControlPlane) -> None:
 
 
 async def test_flipped_byte_refused(cp: ControlPlane, publisher: Publisher) -> None:
-    data = iris_bundle(publisher.key)
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        files = {m.name: t.extractfile(m).read() for m in t.getmembers()}  # type: ignore[union-attr]
+    files = bundle_members(iris_bundle(publisher.key))
     model = bytearray(files["model.onnx"])
     model[40] ^= 0xFF
     files["model.onnx"] = bytes(model)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, d in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(d)
-            t.addfile(info, io.BytesIO(d))
-    r = await cp.push(buf.getvalue())
+    r = await cp.push(tar_of(files))
     await assert_error(r, 422, "digest_mismatch")
     assert await versions(cp) == [] and await blob_count(cp) == 0
 
@@ -83,17 +72,9 @@ async def test_flipped_byte_refused(cp: ControlPlane, publisher: Publisher) -> N
 async def test_malformed_bundles(cp: ControlPlane, publisher: Publisher) -> None:
     await assert_error(await cp.push(b""), 400, "invalid_bundle")
     await assert_error(await cp.push(b"garbage" * 200), 400, "invalid_bundle")
-    data = iris_bundle(publisher.key)
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        files = {m.name: t.extractfile(m).read() for m in t.getmembers()}  # type: ignore[union-attr]
+    files = bundle_members(iris_bundle(publisher.key))
     files["../escape"] = b"x"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, d in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(d)
-            t.addfile(info, io.BytesIO(d))
-    body = await assert_error(await cp.push(buf.getvalue()), 400, "invalid_bundle")
+    body = await assert_error(await cp.push(tar_of(files)), 400, "invalid_bundle")
     assert "../escape" in body["error"]["message"]
     assert await versions(cp) == [] and await blob_count(cp) == 0
 

@@ -12,7 +12,9 @@ from protocol.bundle import BundleLimits, read_bundle, verify_bundle, write_bund
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, generate_private_key, keyring, sign
 from protocol.exceptions import BundleError, DigestMismatch, InvalidMessage, SignatureError
 from protocol.manifest import parse_manifest
+from tests.conftest import bundle_members as members
 from tests.conftest import iris_bundle
+from tests.conftest import tar_of as retar
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +25,6 @@ def key():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def good(key) -> bytes:  # type: ignore[no-untyped-def]
     return iris_bundle(key)
-
-
-def members(data: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        return {m.name: t.extractfile(m).read() for m in t.getmembers()}  # type: ignore[union-attr]
-
-
-def retar(files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        for info in extra or []:
-            t.addfile(info)
-    return buf.getvalue()
 
 
 def test_good_bundle_verifies(key, good: bytes) -> None:  # type: ignore[no-untyped-def]
