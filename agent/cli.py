@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--no-cuda", action="store_true", default=None, help="never use the CUDA provider"
     )
+    r.add_argument("--mqtt", help="broker URL, mqtt://host:1883 (default: from enrollment)")
+    r.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between HTTP polls while MQTT is connected (300)",
+    )
     r.add_argument(
         "--added-latency-ms",
         type=float,
@@ -139,6 +145,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             credential=out["credential"],
             name=out["name"],
             labels=out["labels"],
+            mqtt=out.get("mqtt"),
         )
         dirs.save_enrollment(identity, out["controlPlaneKey"], out.get("trustedPublishers", []))
     except AgentError as exc:

@@ -35,3 +35,7 @@ class AgentConfig:
     failpoints: tuple[str, ...] = ()
     # Demos and tests: an artificial delay on every inference, to stand for a slower machine.
     added_latency_s: float = 0.0
+    # MQTT push: a broker URL overriding the one enrollment handed out; while connected, the
+    # HTTP fallback polls every poll_interval_s instead of long-polling.
+    mqtt_url: str | None = None
+    poll_interval_s: float = 300.0

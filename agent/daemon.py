@@ -28,6 +28,7 @@ from agent.exceptions import HttpStatusError, TransportError, UpdateError
 from agent.facts import gather_facts
 from agent.failpoints import Failpoints
 from agent.metrics import MetricsRecorder
+from agent.mqtt import MqttLink
 from agent.offline import imported
 from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
@@ -144,6 +145,23 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.serve_port: int | None = None
+        self._transport_changed = asyncio.Event()
+        self.mqtt = self._mqtt_link()
+
+    def _mqtt_link(self) -> MqttLink | None:
+        given = self.identity.mqtt or {}
+        url = self.config.mqtt_url or given.get("url")
+        if not url:
+            return None
+
+        def changed(connected: bool) -> None:
+            self._transport_changed.set()
+            self._status_dirty.set()
+
+        return MqttLink(
+            self.identity.agent_id, url, given.get("username"), given.get("password"),
+            given.get("prefix", ""), self.handle_desired, changed,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -171,6 +189,8 @@ class Agent:
         ]
         if self.notifier.watchdog_s:
             loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_s)))
+        if self.mqtt is not None:
+            loops.append(("mqtt", self.mqtt.run()))
         for name, coro in loops:
             self._tasks.append(asyncio.create_task(coro, name=f"agent-{name}"))
         self._status_dirty.set()
@@ -181,6 +201,8 @@ class Agent:
         # loops, flush metrics once, disconnect.
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.mqtt is not None:
+            await self.mqtt.say_offline()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -222,9 +244,19 @@ class Agent:
     async def _sync_loop(self) -> None:
         backoff = Backoff()
         while True:
+            pushed = self.mqtt is not None and self.mqtt.connected
+            if pushed:
+                # MQTT pushes changes; HTTP only checks now and then, in case one was missed.
+                self._transport_changed.clear()
+                try:
+                    async with asyncio.timeout(self.config.poll_interval_s):
+                        await self._transport_changed.wait()
+                    continue  # the link dropped (or came back): re-decide at once
+                except TimeoutError:
+                    pass
             try:
                 envelope = await self.client.poll_desired(
-                    self.state.highest_generation, self.config.poll_wait_s
+                    self.state.highest_generation, 0 if pushed else self.config.poll_wait_s
                 )
             except TransportError as exc:
                 self._note_error(f"desired state poll failed: {exc}")
@@ -714,7 +746,9 @@ class Agent:
             for name in [n for n, p in self.probation.items() if now > p.until]:
                 del self.probation[name]
             try:
-                await self.client.post_status(self.status_report().to_json())
+                doc = self.status_report().to_json()
+                if not (self.mqtt is not None and await self.mqtt.publish("status", doc)):
+                    await self.client.post_status(doc)
                 backoff.reset()
             except TransportError as exc:
                 log.warning("status report failed: %s", exc)
@@ -748,7 +782,10 @@ class Agent:
         try:
             while (item := await asyncio.to_thread(self.buffer.oldest)) is not None:
                 seq, body = item
-                await self.client.post_metrics(body)
+                # Over MQTT the broker's PUBACK lets the batch go; its seq makes a resend after
+                # a reconnect harmless, as over HTTP.
+                if not (self.mqtt is not None and await self.mqtt.publish("metrics", body)):
+                    await self.client.post_metrics(body)
                 await asyncio.to_thread(self.buffer.ack, seq)
         finally:
             await self._refresh_buffer_counters()

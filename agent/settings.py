@@ -103,6 +103,8 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "health_max_error_rate": (_fraction, 0.2),
     "no_cuda": (_bool, False),
     "added_latency_ms": (lambda v: _non_negative_float(v), 0.0),
+    "mqtt": (_string, None),
+    "poll_interval": (_positive(float), 300.0),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -185,4 +187,6 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         allow_cuda=not s["no_cuda"],
         failpoints=failpoints,
         added_latency_s=s["added_latency_ms"] / 1000.0,
+        mqtt_url=s["mqtt"],
+        poll_interval_s=s["poll_interval"],
     )

@@ -32,6 +32,7 @@ class Identity:
     credential: str
     name: str
     labels: dict[str, str] = field(default_factory=dict)
+    mqtt: dict[str, str] | None = None  # url, username, password, prefix from enrollment
 
 
 @dataclass

@@ -27,6 +27,12 @@ class ServerConfig:
     heartbeat_s: float = 15.0
     enrollment_token_ttl_s: float = 24 * 3600.0
     controller_interval_s: float = 1.0  # how often the rollout controller looks at rollouts
+    # MQTT: the broker this control plane publishes desired state to and reads reports from.
+    mqtt_url: str | None = None  # mqtt://host:port; None: HTTP only
+    mqtt_public_url: str | None = None  # what agents are told to dial (default: mqtt_url)
+    mqtt_username: str = "modelfleet-control-plane"
+    mqtt_password: str | None = None
+    mqtt_prefix: str = "modelfleet/v1"
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

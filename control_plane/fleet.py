@@ -26,6 +26,7 @@ from control_plane.db.models import (
 )
 from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
+from control_plane.mqtt_auth import mosquitto_hash, new_password
 from control_plane.reports import agent_state
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
 from protocol.labels import Selector, check_labels
@@ -73,7 +74,7 @@ async def create_enrollment_token(
 
 async def enroll(
     db: Database, signer: DesiredSigner, body: dict[str, Any], now: datetime
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any], str, str]:
     """Enroll an agent with an enrollment token; return (agent fields, credential).
 
     Raises ApiError 401 for an unknown token, 403 for an expired or used-up one.
@@ -87,6 +88,7 @@ async def enroll(
         raise ApiError(400, "invalid", "facts must be an object", "facts")
     agent_id = str(uuid.uuid4())
     credential = new_secret(AGENT_CREDENTIAL_PREFIX)
+    mqtt_password = new_password()
     async with db.write() as s:
         et = await s.scalar(
             select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))
@@ -127,11 +129,12 @@ async def enroll(
             last_seen_at=now,
             reported_generation=0,
             status={},
+            mqtt_password_hash=mosquitto_hash(mqtt_password),
         )
         s.add(agent)
         await s.flush()
         await signer.refresh(s, agent, now)
-    return {"agentId": agent_id, "name": agent.name, "labels": labels}, credential
+    return {"agentId": agent_id, "name": agent.name, "labels": labels}, credential, mqtt_password
 
 
 def agent_json(

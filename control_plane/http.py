@@ -64,6 +64,7 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+MQTT = web.AppKey("mqtt", object)  # the MqttBridge when a broker is configured
 PRINCIPAL = web.RequestKey("principal", object)
 BLOB_CHUNK = 256 * 1024
 
@@ -321,18 +322,26 @@ async def post_enroll(request: web.Request) -> web.Response:
     """Enroll an agent with an enrollment token; returns its credential and the keys it needs."""
     state = st(request)
     body = await read_json(request)
-    agent, credential = await fleet.enroll(state.db, state.signer, body, state.clock())
-    log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
-    return json_response(
-        {
-            **agent,
-            "credential": credential,
-            "controlPlaneKey": public_key_to_pem(state.signer.key.public_key()).decode(),
-            "trustedPublishers": [public_key_to_pem(k).decode() for k in state.trusted.values()],
-            "heartbeatSeconds": state.config.heartbeat_s,
-        },
-        201,
+    agent, credential, mqtt_password = await fleet.enroll(
+        state.db, state.signer, body, state.clock()
     )
+    log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
+    out = {
+        **agent,
+        "credential": credential,
+        "controlPlaneKey": public_key_to_pem(state.signer.key.public_key()).decode(),
+        "trustedPublishers": [public_key_to_pem(k).decode() for k in state.trusted.values()],
+        "heartbeatSeconds": state.config.heartbeat_s,
+    }
+    cfg = state.config
+    if cfg.mqtt_url:
+        out["mqtt"] = {
+            "url": cfg.mqtt_public_url or cfg.mqtt_url,
+            "username": agent["agentId"],
+            "password": mqtt_password,
+            "prefix": cfg.mqtt_prefix,
+        }
+    return json_response(out, 201)
 
 
 async def get_agents(request: web.Request) -> web.Response:
@@ -682,11 +691,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token_file = state.config.data_dir / "admin-token"
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
-    controller = asyncio.create_task(state.controller.run(), name="rollout-controller")
+    tasks = [asyncio.create_task(state.controller.run(), name="rollout-controller")]
+    if state.config.mqtt_url:
+        from control_plane.mqtt import MqttBridge
+
+        bridge = MqttBridge(state.config, state.db, state.clock)
+        app[MQTT] = bridge
+        state.notifier.listeners.append(bridge.notify)
+        tasks.append(asyncio.create_task(bridge.run(), name="mqtt-bridge"))
     yield
-    controller.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await controller
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await state.db.close()
 
 

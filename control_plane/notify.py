@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class DesiredNotifier:
@@ -12,6 +12,7 @@ class DesiredNotifier:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
+        self.listeners: list[Callable[[list[str]], None]] = []  # e.g. the MQTT publisher
 
     async def wait(self, agent_id: str, max_wait_s: float) -> bool:
         """Wait up to ``max_wait_s`` seconds for a change; True when notified."""
@@ -30,7 +31,10 @@ class DesiredNotifier:
                 self._events.pop(agent_id, None)
 
     def notify(self, agent_ids: Iterable[str]) -> None:
-        """Wake the waiters of these agents; later waits start fresh."""
+        """Wake the waiters of these agents (and tell the listeners); later waits start fresh."""
+        agent_ids = list(agent_ids)
+        for listener in self.listeners:
+            listener(agent_ids)
         for agent_id in agent_ids:
             event = self._events.pop(agent_id, None)
             if event is not None:

@@ -50,6 +50,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("backup", type=Path)
     rs.set_defaults(func=cmd_db_restore)
 
+    mq = sub.add_parser("mqtt", help="broker credentials and ACLs for Mosquitto")
+    mqsub = mq.add_subparsers(dest="mqtt_command", required=True)
+    pw = mqsub.add_parser("passwd", help="write a Mosquitto password file from the database")
+    _db_options(pw)
+    pw.add_argument("--out", type=Path, required=True)
+    pw.add_argument(
+        "--control-plane-password",
+        help="the control plane's broker password (MODELFLEET_MQTT_PASSWORD)",
+    )
+    pw.set_defaults(func=cmd_mqtt_passwd)
+    acl = mqsub.add_parser("acl", help="write the Mosquitto ACL file")
+    acl.add_argument("--out", type=Path, required=True)
+    acl.add_argument("--prefix", default="modelfleet/v1")
+    acl.set_defaults(func=cmd_mqtt_acl)
+
 
 def _db_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path)
@@ -68,6 +83,10 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
                          []),
     "max_bundle_mb": ("MODELFLEET_MAX_BUNDLE_MB", int, 512),
     "controller_interval": ("MODELFLEET_CONTROLLER_INTERVAL", float, 1.0),
+    "mqtt": ("MODELFLEET_MQTT", str, None),
+    "mqtt_public_url": ("MODELFLEET_MQTT_PUBLIC_URL", str, None),
+    "mqtt_password": ("MODELFLEET_MQTT_PASSWORD", str, None),
+    "mqtt_prefix": ("MODELFLEET_MQTT_PREFIX", str, "modelfleet/v1"),
 }  # fmt: skip
 
 
@@ -98,7 +117,10 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "trust_publishers": getattr(args, "trust_publisher", None) or None,
            "host": getattr(args, "host", None), "port": getattr(args, "port", None),
            "max_bundle_mb": getattr(args, "max_bundle_mb", None),
-           "controller_interval": getattr(args, "controller_interval", None)}  # fmt: skip
+           "controller_interval": getattr(args, "controller_interval", None),
+           "mqtt": getattr(args, "mqtt", None),
+           "mqtt_public_url": getattr(args, "mqtt_public_url", None),
+           "mqtt_prefix": getattr(args, "mqtt_prefix", None)}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -121,6 +143,13 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError("max_bundle_mb must be positive")
     if not 0 < s["controller_interval"] <= 3600:
         raise CliError("controller_interval must be between 0 and 3600 seconds")
+    if s["mqtt"]:
+        from control_plane.mqtt import broker_address
+
+        try:
+            broker_address(s["mqtt"])
+        except ValueError as exc:
+            raise CliError(f"mqtt: {exc}") from None
     for f in s["trust_publishers"]:
         if not f.is_file():
             raise CliError(f"trusted publisher key {f}: no such file")
@@ -132,6 +161,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         trusted_publisher_files=tuple(s["trust_publishers"]),
         max_bundle_bytes=s["max_bundle_mb"] * 1024 * 1024,
         controller_interval_s=s["controller_interval"],
+        mqtt_url=s["mqtt"],
+        mqtt_public_url=s["mqtt_public_url"],
+        mqtt_password=s["mqtt_password"],
+        mqtt_prefix=s["mqtt_prefix"],
     )
 
 
@@ -240,4 +273,46 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
     with sqlite3.connect(args.backup) as source, sqlite3.connect(dest) as target:
         source.backup(target)
     print(f"restored {dest} from {args.backup}")
+    return 0
+
+
+def cmd_mqtt_passwd(args: argparse.Namespace) -> int:
+    """Every enrolled agent's broker credentials, plus the control plane's own."""
+    from sqlalchemy import select
+
+    from control_plane.db.engine import Database
+    from control_plane.db.models import Agent
+    from control_plane.mqtt_auth import CONTROL_PLANE_USER, mosquitto_hash, password_file
+
+    cfg = _db_config(args)
+    cp_password = args.control_plane_password or os.environ.get("MODELFLEET_MQTT_PASSWORD")
+    if not cp_password:
+        raise CliError("the control plane's broker password is needed: "
+                       "--control-plane-password or MODELFLEET_MQTT_PASSWORD")  # fmt: skip
+
+    async def rows() -> list[tuple[str, str]]:
+        db = Database(cfg.database_url)
+        try:
+            await db.migrate()
+            async with db.read() as s:
+                found = await s.execute(select(Agent.id, Agent.mqtt_password_hash))
+                return [(a, h) for a, h in found if h]
+        finally:
+            await db.close()
+
+    entries = [*asyncio.run(rows()), (CONTROL_PLANE_USER, mosquitto_hash(cp_password))]
+    from control_plane.files import write_private
+
+    write_private(args.out, password_file(entries).encode(), 0o600)
+    print(f"wrote {args.out}: {len(entries) - 1} agents and the control plane")
+    return 0
+
+
+def cmd_mqtt_acl(args: argparse.Namespace) -> int:
+    """The pattern ACL: each agent reaches only its own topics."""
+    from control_plane.files import write_private
+    from control_plane.mqtt_auth import acl_file
+
+    write_private(args.out, acl_file(args.prefix).encode(), 0o644)
+    print(f"wrote {args.out}")
     return 0

@@ -128,6 +128,7 @@ class Agent(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[dict[str, Any]] = mapped_column(JSON)
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class Rollout(Base):

@@ -45,7 +45,9 @@ async def enroll_agent(
     token = (await r.json())["token"]
     url = server or cp.url
     out = await enroll(url, token, None, {}, facts or {"cpuCount": 1})
-    identity = Identity(out["agentId"], url, out["credential"], out["name"], out["labels"])
+    identity = Identity(
+        out["agentId"], url, out["credential"], out["name"], out["labels"], out.get("mqtt")
+    )
     StateDir(state_dir).save_enrollment(identity, out["controlPlaneKey"], out["trustedPublishers"])
     return identity
 

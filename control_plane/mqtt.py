@@ -1,0 +1,155 @@
+"""The control plane on MQTT: publish each agent's signed desired state (retained, QoS 1) and
+take status, metrics and presence from a shared subscription, so several replicas split them.
+
+Reports go through the same validation and storage as their HTTP routes. A malformed payload is
+logged with its topic, counted, and dropped; it never stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import select
+
+from control_plane import fleet
+from control_plane.config import ServerConfig
+from control_plane.db.engine import Database
+from control_plane.db.models import Agent, DesiredStateRow
+from control_plane.errors import ApiError
+from protocol.exceptions import ProtocolError
+from protocol.reports import metrics_from_json, status_from_json
+from protocol.topics import agent_topic, parse_agent_topic, shared_filter
+
+log = logging.getLogger("modelfleet.control_plane.mqtt")
+SESSION_EXPIRY_S = 24 * 3600
+
+
+def broker_address(url: str) -> tuple[str, int]:
+    """(host, port) of ``mqtt://host:port``; raises ValueError."""
+    u = urlsplit(url)
+    if u.scheme != "mqtt" or not u.hostname:
+        raise ValueError(f"broker URL must look like mqtt://host:1883, got {url!r}")
+    return u.hostname, u.port or 1883
+
+
+class MqttBridge:
+    """One control plane replica's MQTT client."""
+
+    def __init__(self, config: ServerConfig, db: Database, clock: Callable[[], datetime]) -> None:
+        assert config.mqtt_url
+        self.config = config
+        self.db = db
+        self.clock = clock
+        self.host, self.port = broker_address(config.mqtt_url)
+        self.prefix = config.mqtt_prefix
+        self.identifier = f"modelfleet-cp-{socket.gethostname()}-{config.port}"
+        self.pending: asyncio.Queue[str] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.malformed = 0
+        self.stored = {"status": 0, "metrics": 0, "presence": 0}
+
+    def notify(self, agent_ids: list[str]) -> None:
+        """Desired state changed for these agents: publish it."""
+        for agent_id in agent_ids:
+            self.pending.put_nowait(agent_id)
+
+    async def run(self) -> None:
+        """Connect, subscribe, publish and consume; reconnect with jittered back-off."""
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+                attempt = 0
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                delay = random.uniform(0, min(30.0, 0.5 * 2 ** min(attempt, 6)))
+                attempt += 1
+                log.warning("MQTT broker %s:%d: %s; retrying in %.1fs", self.host, self.port,
+                            exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        async with aiomqtt.Client(
+            self.host, self.port, username=self.config.mqtt_username,
+            password=self.config.mqtt_password, identifier=self.identifier,
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+        ) as client:  # fmt: skip
+            for kind in ("status", "metrics", "presence"):
+                await client.subscribe(shared_filter(kind, self.prefix), qos=1)
+            self.connected.set()
+            log.info("MQTT connected to %s:%d", self.host, self.port)
+            await self._publish_all(client)
+            publisher = asyncio.create_task(self._publisher(client), name="mqtt-publisher")
+            try:
+                async for message in client.messages:
+                    await self.handle(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+            finally:
+                publisher.cancel()
+                await asyncio.gather(publisher, return_exceptions=True)
+                self.connected.clear()
+
+    async def _publish_all(self, client: aiomqtt.Client) -> None:
+        """After a (re)connect the broker gets every agent's current document again."""
+        async with self.db.read() as s:
+            ids = list(await s.scalars(select(DesiredStateRow.agent_id)))
+        for agent_id in ids:
+            self.pending.put_nowait(agent_id)
+
+    async def _publisher(self, client: aiomqtt.Client) -> None:
+        while True:
+            agent_id = await self.pending.get()
+            async with self.db.read() as s:
+                row = await s.get(DesiredStateRow, agent_id)
+            if row is None:
+                continue
+            try:
+                await client.publish(agent_topic(agent_id, "desired", self.prefix),
+                                     row.envelope.encode(), qos=1, retain=True)  # fmt: skip
+            except aiomqtt.MqttError:
+                self.pending.put_nowait(agent_id)  # sent again after the reconnect
+                raise
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Store one report; log, count and drop anything malformed."""
+        try:
+            agent_id, kind = parse_agent_topic(topic, self.prefix)
+            now = self.clock()
+            if kind == "presence":
+                await self._presence(agent_id, payload.decode(errors="replace"), now)
+            else:
+                doc = json.loads(payload)
+                if not isinstance(doc, dict) or doc.get("agentId") != agent_id:
+                    raise ProtocolError("agentId does not match the topic's agent")
+                if kind == "status":
+                    await fleet.store_status(self.db, status_from_json(doc), now)
+                elif kind == "metrics":
+                    await fleet.store_metrics(self.db, metrics_from_json(doc), now)
+                else:
+                    raise ProtocolError(f"the control plane does not take {kind} messages")
+            self.stored[kind] += 1
+        except (ProtocolError, ValueError, ApiError) as exc:
+            self.malformed += 1
+            log.warning("dropped malformed MQTT message on %s: %s", topic, exc)
+
+    async def _presence(self, agent_id: str, text: str, now: datetime) -> None:
+        if text not in ("online", "offline"):
+            raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
+        async with self.db.write() as s:
+            agent = await s.get(Agent, agent_id)
+            if agent is None:
+                raise ProtocolError(f"no agent {agent_id}")
+            agent.status = {**agent.status, "presence": text}
+            if text == "online":
+                agent.last_seen_at = now

@@ -1,0 +1,26 @@
+"""Per-agent MQTT broker credentials (Mosquitto PBKDF2 hash only).
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("agents") as batch:
+        batch.add_column(sa.Column("mqtt_password_hash", sa.String(255), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("agents") as batch:
+        batch.drop_column("mqtt_password_hash")

@@ -1,0 +1,33 @@
+"""MQTT topic names. Every topic lives under a prefix (``modelfleet/v1`` by default; tests use
+one of their own) so that fleets, and tests, can share a broker."""
+
+from __future__ import annotations
+
+from protocol.exceptions import InvalidMessage
+
+DEFAULT_PREFIX = "modelfleet/v1"
+SHARED_GROUP = "modelfleet"
+AGENT_KINDS = ("desired", "status", "metrics", "presence")
+
+
+def agent_topic(agent_id: str, kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``<prefix>/agents/<id>/<kind>``."""
+    if kind not in AGENT_KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}")
+    return f"{prefix}/agents/{agent_id}/{kind}"
+
+
+def shared_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """A shared subscription over every agent's ``kind`` topic, so replicas split the load."""
+    return f"$share/{SHARED_GROUP}/{prefix}/agents/+/{kind}"
+
+
+def parse_agent_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """(agent id, kind) of an agent topic; raises InvalidMessage for anything else."""
+    head = f"{prefix}/agents/"
+    if not topic.startswith(head):
+        raise InvalidMessage(f"topic {topic!r} is not under {head}", "topic")
+    parts = topic[len(head) :].split("/")
+    if len(parts) != 2 or not parts[0] or parts[1] not in AGENT_KINDS:
+        raise InvalidMessage(f"topic {topic!r} is not <agent id>/<kind>", "topic")
+    return parts[0], parts[1]

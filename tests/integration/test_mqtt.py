@@ -1,0 +1,277 @@
+"""MQTT transport against real mosquitto processes this test starts, with generated
+credentials and ACLs; every test uses a topic prefix of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from control_plane.http import MQTT
+from control_plane.mqtt_auth import CONTROL_PLANE_USER, acl_file, mosquitto_hash, password_file
+from protocol.desired import DesiredModel, DesiredState
+from protocol.dsse import generate_private_key
+from protocol.topics import agent_topic
+from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
+from tests.integration.agent_helpers import Load, enroll_agent, eventually, running_agent
+from tests.integration.fleet_helpers import free_port
+from tests.integration.test_agent import stored_requests
+
+MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+CP_PASSWORD = "cp-broker-secret"
+pytestmark = pytest.mark.slow
+
+
+class Broker:
+    """A mosquitto of our own: password file, pattern ACL, persistence, a free port."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.prefix = prefix
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "acl").write_text(acl_file(prefix))
+        (root / "passwd").write_text(password_file([(CONTROL_PLANE_USER,
+                                                      mosquitto_hash(CP_PASSWORD))]))  # fmt: skip
+        (root / "mosquitto.conf").write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"
+            f"password_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
+            f"persistence true\npersistence_location {root}/\n"
+            # As root mosquitto would switch to its own user, who cannot read the test's files.
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+
+    async def start(self) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(mosquitto).exists():
+            pytest.skip("mosquitto is not installed")
+        log = (self.root / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([mosquitto, "-c", str(self.root / "mosquitto.conf")],
+                                     stdout=log, stderr=log)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError((self.root / "mosquitto.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    async def load_passwords(self, cp: ControlPlane) -> None:
+        """`modelfleet mqtt passwd` from the database, then SIGHUP so mosquitto re-reads it."""
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [MODELFLEET, "mqtt", "passwd", "--db", cp.config.database_url, "--out",
+             str(self.root / "passwd"), "--control-plane-password", CP_PASSWORD],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+
+    def client(self, username: str, password: str) -> aiomqtt.Client:
+        return aiomqtt.Client("127.0.0.1", self.port, username=username, password=password,
+                              identifier=f"test-{uuid.uuid4().hex[:8]}",
+                              protocol=aiomqtt.ProtocolVersion.V5)  # fmt: skip
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    b = Broker(tmp_path / "broker", f"test-{uuid.uuid4().hex[:8]}/v1")
+    await b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+async def mcp(tmp_path: Path, publisher: Publisher, broker: Broker) -> AsyncIterator[ControlPlane]:
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix,
+    )  # fmt: skip
+    plane = await start_control_plane(config)
+    try:
+        yield plane
+    finally:
+        await plane.client.close()
+
+
+async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
+    mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path
+) -> None:
+    cp = mcp
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+    ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+    assert ident.mqtt is not None and ident.mqtt["username"] == ident.agent_id
+    await broker.load_passwords(cp)
+    bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
+    async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
+        assert agent.mqtt is not None
+        await eventually(lambda: _true(agent.mqtt is not None and agent.mqtt.connected), 10)
+        await asyncio.sleep(0.3)  # let the first (HTTP) poll settle into the hour-long wait
+        for version in ("1.0.0", "2.0.0"):
+            before = agent.state.highest_generation
+            t0 = time.monotonic()
+            await cp.rollout(version, "site=x")
+            await eventually(lambda b=before: _true(agent.state.highest_generation > b), 5, 0.005)
+            assert time.monotonic() - t0 < 1.0  # pushed, not polled
+        await eventually(lambda: _true(bridge.stored["status"] > 0), 10)
+
+        # Someone with broker access (here: the control plane's broker account) but not the
+        # control plane's key: a forged document, then a replay of a genuine older one.
+        now = datetime.now(UTC)
+        forged = DesiredState(ident.agent_id, 99, now, now + timedelta(days=1),
+                              (DesiredModel("iris", "6.6.6", "sha256:" + "6" * 64),),
+                              ).sign(generate_private_key()).to_bytes()  # fmt: skip
+        async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
+            await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), forged, qos=1)
+        await eventually(lambda: _true("signature" in (agent.last_error or "")), 5)
+        assert agent.state.highest_generation == 2
+        old = json.loads((tmp_path / "a" / "state.json").read_text())["desired_envelope"]
+        assert '"generation":2' in _payload(old)
+        genuine_gen1 = await _genuine(cp, ident.agent_id, 1)
+        async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
+            await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), genuine_gen1,
+                            qos=1)  # fmt: skip
+        await eventually(lambda: _true("older" in (agent.last_error or "")), 5)
+        await eventually(lambda: _true(agent.models["iris"].version == "2.0.0"), 10)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _payload(envelope: str) -> str:
+    import base64
+
+    return base64.b64decode(json.loads(envelope)["payload"]).decode()
+
+
+async def _genuine(cp: ControlPlane, agent_id: str, generation: int) -> bytes:
+    """A genuine older document, re-signed exactly as the control plane signed it then."""
+    from control_plane.keys import load_or_create_signing_key
+
+    key = load_or_create_signing_key(cp.config.data_dir / "control-plane.key")
+    now = datetime.now(UTC)
+    return DesiredState(agent_id, generation, now, now + timedelta(days=1), ()).sign(key).to_bytes()
+
+
+async def test_acl_keeps_each_agent_to_its_own_topics(
+    mcp: ControlPlane, broker: Broker, tmp_path: Path
+) -> None:
+    cp = mcp
+    r = await cp.call("POST", "/enrollment-tokens", json={"maxUses": 2})
+    token = (await r.json())["token"]
+    creds = []
+    for _ in range(2):
+        r = await cp.call("POST", "/agents/enroll", token="", json={"token": token})
+        creds.append((await r.json())["mqtt"])
+    a, b = creds
+    await broker.load_passwords(cp)
+    topic = lambda who, kind: agent_topic(who["username"], kind, broker.prefix)  # noqa: E731
+    async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as watcher:
+        for kind in ("status", "desired"):
+            await watcher.subscribe(topic(b, kind), qos=1)
+            await watcher.subscribe(topic(a, kind), qos=1)
+        seen: list[str] = []
+
+        async def watch() -> None:
+            async for m in watcher.messages:
+                seen.append(str(m.topic))
+
+        task = asyncio.create_task(watch())
+        async with broker.client(a["username"], a["password"]) as agent_a:
+            # Mosquitto grants the subscription but never delivers what the ACL forbids.
+            await agent_a.subscribe(topic(b, "desired"), qos=1)
+            await agent_a.subscribe(topic(a, "desired"), qos=1)
+            received: list[str] = []
+
+            async def listen() -> None:
+                async for m in agent_a.messages:
+                    received.append(str(m.topic))
+
+            listener = asyncio.create_task(listen())
+            await watcher.publish(topic(b, "desired"), b"for b only", qos=1)
+            await watcher.publish(topic(a, "desired"), b"for a", qos=1)
+            await agent_a.publish(topic(b, "status"), b'{"agentId": "x"}', qos=1)
+            await agent_a.publish(topic(a, "desired"), b"forged", qos=1)
+            await agent_a.publish(topic(a, "status"), b"{}", qos=1)  # allowed
+            await asyncio.sleep(0.5)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        assert received == [topic(a, "desired")], received  # never B's
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert topic(a, "status") in seen  # the allowed publish arrived ...
+    assert topic(b, "status") not in seen  # ... A cannot write B's status ...
+    assert seen.count(topic(a, "desired")) == 1  # ... nor desired state for itself
+    # A wrong password is refused outright.
+    with pytest.raises(aiomqtt.MqttError):
+        async with broker.client(a["username"], "wrong"):
+            pass
+
+
+async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
+    tmp_path: Path, publisher: Publisher, broker: Broker
+) -> None:
+    broker.stop()  # the agent starts while the broker is down
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix,
+    )  # fmt: skip
+    cp = await start_control_plane(config)
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0"))
+        await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+        ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+        async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_wait_s=1) as agent:
+            await cp.rollout("1.0.0", "site=x")
+            await eventually(lambda: _true("iris" in agent.models), 10)  # over HTTP
+            assert agent.mqtt is not None and not agent.mqtt.connected
+            async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
+                await broker.start()
+                await broker.load_passwords(cp)
+                await eventually(lambda: _true(agent.mqtt.connected), 20)  # type: ignore[union-attr]
+                await cp.rollout("2.0.0", "site=x")
+                await eventually(lambda: _true(agent.models["iris"].version == "2.0.0"), 10)
+                await asyncio.sleep(0.5)
+                broker.stop()
+                await eventually(lambda: _true(not agent.mqtt.connected), 20)  # type: ignore[union-attr]
+                await asyncio.sleep(0.5)
+            assert load.failures == [] and load.transport_errors == 0
+            served = load.ok
+        await eventually(lambda: _eq(stored_requests(cp), served), 10)
+        assert ident.agent_id
+    finally:
+        await cp.client.close()
+
+
+async def _eq(coro: object, want: int) -> bool:
+    return await coro == want  # type: ignore[misc]
