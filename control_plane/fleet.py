@@ -141,10 +141,7 @@ def agent_json(
     agent: Agent, desired_generation: int, now: datetime, offline_after_s: float
 ) -> dict:
     """Public view of an agent."""
-    online = (
-        agent.last_seen_at is not None
-        and (now - agent.last_seen_at).total_seconds() <= offline_after_s
-    )
+    online = agent_state(agent, now, offline_after_s) != "offline"
     return {
         "id": agent.id,
         "name": agent.name,
@@ -198,6 +195,8 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> Non
             "models": [m.to_json() for m in report.models],
             "lastError": report.last_error,
             "sentAt": format_time(report.sent_at),
+            # A report is a sign of life, whatever the broker last said.
+            "presence": "online",
         }
         if report.facts:
             # Facts declared at enrollment (the hourly cost) stay unless the agent restates them.

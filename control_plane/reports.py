@@ -272,6 +272,8 @@ def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
         return "failed"
     if states & {"downloading", "loading"}:
         return "updating"
+    if agent.status.get("presence") == "offline":  # the broker delivered its Last Will
+        return "offline"
     seen = agent.last_seen_at
     if seen is None or (now - seen).total_seconds() > offline_after_s:
         return "offline"

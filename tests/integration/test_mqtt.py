@@ -275,3 +275,37 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
 
 async def _eq(coro: object, want: int) -> bool:
     return await coro == want  # type: ignore[misc]
+
+
+async def test_control_plane_restart_loses_nothing_published_meanwhile(
+    tmp_path: Path, publisher: Publisher, broker: Broker
+) -> None:
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix,
+    )  # fmt: skip
+    cp = await start_control_plane(config)
+    port = cp.client.port
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+    await broker.load_passwords(cp)
+    try:
+        async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_interval_s=3600,
+                                 heartbeat_s=0.3) as agent:  # fmt: skip
+            await eventually(lambda: _true(agent.mqtt.connected), 10)  # type: ignore[union-attr]
+            await cp.rollout("1.0.0", "site=x")
+            await eventually(lambda: _true("iris" in agent.models), 10)
+            async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
+                await asyncio.sleep(0.5)
+                await cp.client.close()  # the control plane is gone; the broker stays
+                await asyncio.sleep(1.5)  # batches keep going to the broker meanwhile
+                cp = await start_control_plane(config, port=port)
+                await asyncio.sleep(0.5)
+            served = load.ok
+            assert agent.counters["pending_batches"] == 0  # nothing waited on HTTP
+        await eventually(lambda: _eq(stored_requests(cp), served), 15)
+        agents = (await (await cp.call("GET", "/agents")).json())["agents"]
+        assert agents[0]["id"] == ident.agent_id and agents[0]["state"] == "offline"  # its presence said so
+    finally:
+        await cp.client.close()
