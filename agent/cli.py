@@ -68,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--mqtt", help="broker URL, mqtt://host:1883 (default: from enrollment)")
     r.add_argument(
+        "--bundle-transport",
+        choices=("http", "mqtt", "auto"),
+        help="where blobs come from (http; auto: MQTT when HTTP fails)",
+    )
+    r.add_argument(
         "--poll-interval",
         type=float,
         help="seconds between HTTP polls while MQTT is connected (300)",

@@ -83,7 +83,7 @@ class ControlPlaneClient:
 
         Never writes past ``size``. Raises TransportError; the caller verifies the digest.
         """
-        have = await asyncio.to_thread(_partial_size, dest, size)
+        have = await asyncio.to_thread(partial_size, dest, size)
         if have == size:
             return
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{digest}"'} if have else {}
@@ -134,7 +134,7 @@ class ControlPlaneClient:
         return await self._post(f"/agents/{self.agent_id}/metrics", doc, "metrics")
 
 
-def _partial_size(dest: Path, size: int) -> int:
+def partial_size(dest: Path, size: int) -> int:
     """Bytes already downloaded; a partial file longer than the blob is discarded."""
     try:
         have = dest.stat().st_size

@@ -39,3 +39,6 @@ class AgentConfig:
     # HTTP fallback polls every poll_interval_s instead of long-polling.
     mqtt_url: str | None = None
     poll_interval_s: float = 300.0
+    # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
+    # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).
+    bundle_transport: str = "http"

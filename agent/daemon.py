@@ -12,6 +12,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -468,8 +469,29 @@ class Agent:
             self._set_progress(m, "downloading", f"retrying: {exc}")
             return "retry"
 
+    async def _over(self, http: Callable[[], Awaitable[Any]],
+                    mqtt: Callable[[], Awaitable[Any]]) -> Any:  # fmt: skip
+        """Run a fetch over the configured bundle transport (auto: HTTP, then MQTT)."""
+        mode = self.config.bundle_transport
+        if mode == "mqtt":
+            if self.mqtt is None:
+                raise UpdateError("bundle transport mqtt needs a broker (--mqtt or enrollment)")
+            return await mqtt()
+        try:
+            return await http()
+        except HttpStatusError:
+            raise
+        except TransportError:
+            if mode == "auto" and self.mqtt is not None and self.mqtt.connected:
+                log.info("control plane unreachable over HTTP: fetching over MQTT")
+                return await mqtt()
+            raise
+
     async def _fetch(self, m: DesiredModel) -> None:
-        envelope = await self.client.get_manifest(m.manifest_digest)
+        envelope = await self._over(
+            lambda: self.client.get_manifest(m.manifest_digest),
+            lambda: self.mqtt.fetch_manifest(m.manifest_digest),  # type: ignore[union-attr]
+        )
         manifest = verified_manifest(envelope, self.publishers, m)
         variant = choose_variant(manifest, self.facts)
         files = [f for f in manifest.files if f.role != "model" or f is variant]
@@ -516,8 +538,12 @@ class Agent:
 
             for attempt in range(1, self.config.download_attempts + 1):
                 try:
-                    await self.client.download_blob(
-                        f.digest, f.size, self.store.partial_path(f.digest), on_chunk
+                    part = self.store.partial_path(f.digest)
+                    await self._over(
+                        lambda part=part: self.client.download_blob(
+                            f.digest, f.size, part, on_chunk
+                        ),
+                        lambda part=part: self.mqtt.fetch_blob(f.digest, f.size, part, on_chunk),  # type: ignore[union-attr]
                     )
                     break
                 except HttpStatusError as exc:

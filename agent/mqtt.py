@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,10 +19,14 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.topics import DEFAULT_PREFIX, agent_topic
+from agent.client import OnChunk, partial_size
+from agent.exceptions import TransportError, UpdateError
+from protocol.topics import DEFAULT_PREFIX, MAX_CHUNK_BYTES, agent_topic
 
 log = logging.getLogger("modelfleet.agent.mqtt")
 SESSION_EXPIRY_S = 7 * 24 * 3600
+REQUEST_TIMEOUT_S = 15.0
+WINDOW = 4  # chunk requests in flight at once
 
 
 class MqttLink:
@@ -47,6 +53,7 @@ class MqttLink:
         self.on_change = on_change
         self.client: aiomqtt.Client | None = None
         self.connected = False
+        self._replies: dict[bytes, asyncio.Future[tuple[bytes, dict[str, str]]]] = {}
 
     def topic(self, kind: str) -> str:
         """One of this agent's topics."""
@@ -84,16 +91,92 @@ class MqttLink:
             self.client = client
             try:
                 await client.subscribe(self.topic("desired"), qos=1)
+                await client.subscribe(self.topic("blobs/response"), qos=1)
                 await client.publish(self.topic("presence"), b"online", qos=1, retain=True)
                 self._set(True)
                 log.info("MQTT connected to %s:%d", self.host, self.port)
+                response_topic = self.topic("blobs/response")
                 async for message in client.messages:
                     payload = message.payload
-                    if isinstance(payload, bytes | bytearray):
+                    if not isinstance(payload, bytes | bytearray):
+                        continue
+                    if str(message.topic) == response_topic:
+                        self._reply(bytes(payload), message.properties)
+                    else:
                         await self.on_desired(bytes(payload))
             finally:
                 self.client = None
+                for fut in self._replies.values():
+                    if not fut.done():
+                        fut.set_exception(TransportError("MQTT connection lost"))
+                self._replies.clear()
                 self._set(False)
+
+    def _reply(self, payload: bytes, props: Properties | None) -> None:
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        fut = self._replies.pop(bytes(corr), None) if corr else None
+        if fut is not None and not fut.done():
+            user = dict(getattr(props, "UserProperty", []) or [])
+            fut.set_result((payload, user))
+
+    async def request(self, doc: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        """Ask the control plane over MQTT 5 request/response; raises TransportError."""
+        client = self.client
+        if client is None or not self.connected:
+            raise TransportError("MQTT is not connected")
+        corr = uuid.uuid4().bytes
+        fut: asyncio.Future[tuple[bytes, dict[str, str]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._replies[corr] = fut
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.topic("blobs/response")
+        props.CorrelationData = corr
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await client.publish(self.topic("blobs/request"), json.dumps(doc).encode(),
+                                     qos=1, properties=props)  # fmt: skip
+                return await fut
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            raise TransportError(f"MQTT request {doc}: {exc!r}") from exc
+        finally:
+            self._replies.pop(corr, None)
+
+    async def fetch_manifest(self, digest: str) -> bytes:
+        """A version's signed manifest envelope; raises TransportError or UpdateError."""
+        data, user = await self.request({"manifest": digest})
+        if user.get("error"):
+            raise UpdateError(f"manifest {digest}: {user['error']}")
+        return data
+
+    async def fetch_blob(
+        self, digest: str, size: int, dest: Path, on_chunk: OnChunk | None = None
+    ) -> None:
+        """Fetch the missing chunks of a blob into ``dest`` with a bounded window in flight,
+        resuming from the bytes already there; the caller verifies the digest.
+
+        Raises TransportError (resume later) or UpdateError (the server has no such blob).
+        """
+        have = await asyncio.to_thread(partial_size, dest, size)
+        with dest.open("r+b" if have else "wb") as f:
+            f.seek(have)
+            f.truncate()
+            while have < size:
+                offsets = range(have, min(size, have + WINDOW * MAX_CHUNK_BYTES), MAX_CHUNK_BYTES)
+                replies = await asyncio.gather(*(
+                    self.request({"digest": digest, "offset": o,
+                                  "length": min(MAX_CHUNK_BYTES, size - o)}) for o in offsets
+                ))  # fmt: skip
+                for offset, (data, user) in zip(offsets, replies, strict=True):
+                    if user.get("error"):
+                        raise UpdateError(f"blob {digest}: {user['error']}")
+                    expected = min(MAX_CHUNK_BYTES, size - offset)
+                    if len(data) != expected or user.get("size") != str(size):
+                        raise TransportError(f"blob {digest}: bad chunk at {offset}")
+                    await asyncio.to_thread(f.write, data)
+                    have += len(data)
+                    if on_chunk is not None:
+                        await on_chunk(len(data), have)
 
     async def publish(self, kind: str, doc: dict[str, Any]) -> bool:
         """Publish a report QoS 1; False when not connected or it failed (use HTTP then)."""

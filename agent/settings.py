@@ -73,6 +73,12 @@ def _string(v: object) -> str:
     return v
 
 
+def _transport(v: object) -> str:
+    if v not in ("http", "mqtt", "auto"):
+        raise ValueError("must be http, mqtt or auto")
+    return str(v)
+
+
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError("must be true or false")
@@ -105,6 +111,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "added_latency_ms": (lambda v: _non_negative_float(v), 0.0),
     "mqtt": (_string, None),
     "poll_interval": (_positive(float), 300.0),
+    "bundle_transport": (_transport, "http"),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -189,4 +196,5 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         added_latency_s=s["added_latency_ms"] / 1000.0,
         mqtt_url=s["mqtt"],
         poll_interval_s=s["poll_interval"],
+        bundle_transport=s["bundle_transport"],
     )

@@ -695,7 +695,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if state.config.mqtt_url:
         from control_plane.mqtt import MqttBridge
 
-        bridge = MqttBridge(state.config, state.db, state.clock)
+        bridge = MqttBridge(state.config, state.db, state.clock, state.store)
         app[MQTT] = bridge
         state.notifier.listeners.append(bridge.notify)
         tasks.append(asyncio.create_task(bridge.run(), name="mqtt-bridge"))

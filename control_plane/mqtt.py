@@ -14,6 +14,7 @@ import random
 import socket
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -21,14 +22,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
-from control_plane import fleet
+from control_plane import fleet, registry
+from control_plane.blobstore import BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import ApiError
+from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
 from protocol.reports import metrics_from_json, status_from_json
-from protocol.topics import agent_topic, parse_agent_topic, shared_filter
+from protocol.topics import MAX_CHUNK_BYTES, agent_topic, parse_agent_topic, shared_filter
 
 log = logging.getLogger("modelfleet.control_plane.mqtt")
 SESSION_EXPIRY_S = 24 * 3600
@@ -45,10 +48,18 @@ def broker_address(url: str) -> tuple[str, int]:
 class MqttBridge:
     """One control plane replica's MQTT client."""
 
-    def __init__(self, config: ServerConfig, db: Database, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        db: Database,
+        clock: Callable[[], datetime],
+        store: BlobStore | None = None,
+    ) -> None:
         assert config.mqtt_url
         self.config = config
         self.db = db
+        self.store = store
+        self.client: aiomqtt.Client | None = None
         self.clock = clock
         self.host, self.port = broker_address(config.mqtt_url)
         self.prefix = config.mqtt_prefix
@@ -56,7 +67,7 @@ class MqttBridge:
         self.pending: asyncio.Queue[str] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.malformed = 0
-        self.stored = {"status": 0, "metrics": 0, "presence": 0}
+        self.stored = {"status": 0, "metrics": 0, "presence": 0, "blobs/request": 0}
 
     def notify(self, agent_ids: list[str]) -> None:
         """Desired state changed for these agents: publish it."""
@@ -86,7 +97,8 @@ class MqttBridge:
             password=self.config.mqtt_password, identifier=self.identifier,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
         ) as client:  # fmt: skip
-            for kind in ("status", "metrics", "presence"):
+            self.client = client
+            for kind in ("status", "metrics", "presence", "blobs/request"):
                 await client.subscribe(shared_filter(kind, self.prefix), qos=1)
             self.connected.set()
             log.info("MQTT connected to %s:%d", self.host, self.port)
@@ -94,7 +106,10 @@ class MqttBridge:
             publisher = asyncio.create_task(self._publisher(client), name="mqtt-publisher")
             try:
                 async for message in client.messages:
-                    await self.handle(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+                    await self.handle(
+                        str(message.topic), bytes(message.payload),  # type: ignore[arg-type]
+                        message.properties,
+                    )  # fmt: skip
             finally:
                 publisher.cancel()
                 await asyncio.gather(publisher, return_exceptions=True)
@@ -121,12 +136,16 @@ class MqttBridge:
                 self.pending.put_nowait(agent_id)  # sent again after the reconnect
                 raise
 
-    async def handle(self, topic: str, payload: bytes) -> None:
-        """Store one report; log, count and drop anything malformed."""
+    async def handle(
+        self, topic: str, payload: bytes, properties: Properties | None = None
+    ) -> None:
+        """Store one report (or answer a chunk request); log, count and drop anything malformed."""
         try:
             agent_id, kind = parse_agent_topic(topic, self.prefix)
             now = self.clock()
-            if kind == "presence":
+            if kind == "blobs/request":
+                await self._answer(agent_id, payload, properties)
+            elif kind == "presence":
                 await self._presence(agent_id, payload.decode(errors="replace"), now)
             else:
                 doc = json.loads(payload)
@@ -143,6 +162,48 @@ class MqttBridge:
             self.malformed += 1
             log.warning("dropped malformed MQTT message on %s: %s", topic, exc)
 
+    async def _answer(self, agent_id: str, payload: bytes, props: Properties | None) -> None:
+        """One chunk of a blob (or a manifest envelope) to the agent's own response topic."""
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        if not corr:
+            raise ProtocolError("a blob request needs correlation data")
+        doc = json.loads(payload)
+        if not isinstance(doc, dict):
+            raise ProtocolError("a blob request must be a JSON object")
+        data, size, error = b"", 0, ""
+        if "manifest" in doc:
+            try:
+                data = (
+                    await registry.get_envelope(self.db, check_digest(doc["manifest"]))
+                ).encode()
+                size = len(data)
+            except ApiError as exc:
+                error = exc.message
+        else:
+            digest = check_digest(doc.get("digest"), "digest")
+            offset, length = doc.get("offset"), doc.get("length", MAX_CHUNK_BYTES)
+            if (
+                not isinstance(offset, int)
+                or not isinstance(length, int)
+                or offset < 0
+                or not (0 < length <= MAX_CHUNK_BYTES)
+            ):
+                raise ProtocolError(f"offset and length (at most {MAX_CHUNK_BYTES}) must be counts")
+            assert self.store is not None
+            path = self.store.path(digest)
+            try:
+                data, size = await asyncio.to_thread(_read_chunk, path, offset, length)
+            except FileNotFoundError:
+                error = f"no blob {digest}"
+        reply = Properties(PacketTypes.PUBLISH)
+        reply.CorrelationData = corr
+        reply.UserProperty = [("size", str(size))] + ([("error", error)] if error else [])
+        client = self.client
+        if client is not None:
+            # Always the requester's own response topic: a request cannot aim answers elsewhere.
+            await client.publish(agent_topic(agent_id, "blobs/response", self.prefix), data,
+                                 qos=1, properties=reply)  # fmt: skip
+
     async def _presence(self, agent_id: str, text: str, now: datetime) -> None:
         if text not in ("online", "offline"):
             raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
@@ -153,3 +214,10 @@ class MqttBridge:
             agent.status = {**agent.status, "presence": text}
             if text == "online":
                 agent.last_seen_at = now
+
+
+def _read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, int]:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length), size

@@ -48,4 +48,6 @@ def acl_file(prefix: str = DEFAULT_PREFIX) -> str:
         f"pattern write {base}/%u/status\n"
         f"pattern write {base}/%u/metrics\n"
         f"pattern readwrite {base}/%u/presence\n"
+        f"pattern write {base}/%u/blobs/request\n"
+        f"pattern read {base}/%u/blobs/response\n"
     )

@@ -7,7 +7,9 @@ from protocol.exceptions import InvalidMessage
 
 DEFAULT_PREFIX = "modelfleet/v1"
 SHARED_GROUP = "modelfleet"
-AGENT_KINDS = ("desired", "status", "metrics", "presence")
+AGENT_KINDS = ("desired", "status", "metrics", "presence", "blobs/request", "blobs/response")
+# Bundles over MQTT: chunks of at most this many bytes answer one request each.
+MAX_CHUNK_BYTES = 128 * 1024
 
 
 def agent_topic(agent_id: str, kind: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -27,7 +29,7 @@ def parse_agent_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, st
     head = f"{prefix}/agents/"
     if not topic.startswith(head):
         raise InvalidMessage(f"topic {topic!r} is not under {head}", "topic")
-    parts = topic[len(head) :].split("/")
-    if len(parts) != 2 or not parts[0] or parts[1] not in AGENT_KINDS:
+    agent_id, _, kind = topic[len(head) :].partition("/")
+    if not agent_id or kind not in AGENT_KINDS:
         raise InvalidMessage(f"topic {topic!r} is not <agent id>/<kind>", "topic")
-    return parts[0], parts[1]
+    return agent_id, kind

@@ -29,6 +29,7 @@ from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, star
 from tests.integration.agent_helpers import Load, enroll_agent, eventually, running_agent
 from tests.integration.fleet_helpers import free_port
 from tests.integration.test_agent import stored_requests
+from tests.modelgen import iris_model
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 CP_PASSWORD = "cp-broker-secret"
@@ -306,6 +307,36 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
             assert agent.counters["pending_batches"] == 0  # nothing waited on HTTP
         await eventually(lambda: _eq(stored_requests(cp), served), 15)
         agents = (await (await cp.call("GET", "/agents")).json())["agents"]
-        assert agents[0]["id"] == ident.agent_id and agents[0]["state"] == "offline"  # its presence said so
+        assert (
+            agents[0]["id"] == ident.agent_id and agents[0]["state"] == "offline"
+        )  # its presence said so
     finally:
         await cp.client.close()
+
+
+async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
+    mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path
+) -> None:
+    cp = mcp
+    big = iris_model(seed=0, pad_bytes=3_000_000)
+    await cp.push(iris_bundle(publisher.key, "1.0.0", model=big, smoke_rows=1))
+    ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+    await broker.load_passwords(cp)
+    # The agent's only route out is the broker: its control plane URL leads nowhere.
+    identity = json.loads((tmp_path / "a/identity.json").read_text())
+    identity["server"] = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "a/identity.json").write_text(json.dumps(identity))
+    async with running_agent(tmp_path / "a", bundle_transport="mqtt", poll_interval_s=3600,
+                             poll_wait_s=1) as agent:  # fmt: skip
+        await eventually(lambda: _true(agent.mqtt.connected), 10)  # type: ignore[union-attr]
+        await cp.rollout("1.0.0", "site=x")
+        await eventually(lambda: _true(agent.counters["download_bytes"] > 1_000_000), 30, 0.01)
+        broker.stop()  # the broker goes away mid-blob ...
+        await asyncio.sleep(0.5)
+        await broker.start()  # ... and comes back
+        await eventually(lambda: _true("iris" in agent.models), 60)
+        received = agent.counters["download_bytes"]
+    assert len(big) <= received < len(big) * 1.15  # resumed from disk, not started over
+    bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
+    assert bridge.stored["blobs/request"] >= len(big) // (128 * 1024)
+    assert ident.agent_id
