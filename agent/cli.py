@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-cuda", action="store_true", default=None, help="never use the CUDA provider"
     )
     r.add_argument("--mqtt", help="broker URL, mqtt://host:1883 (default: from enrollment)")
+    r.add_argument("--mqtt-ca", help="CA file to verify an mqtts:// broker")
     r.add_argument(
         "--bundle-transport",
         choices=("http", "mqtt", "auto"),

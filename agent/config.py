@@ -38,6 +38,7 @@ class AgentConfig:
     # MQTT push: a broker URL overriding the one enrollment handed out; while connected, the
     # HTTP fallback polls every poll_interval_s instead of long-polling.
     mqtt_url: str | None = None
+    mqtt_ca_file: str | None = None  # for mqtts://
     poll_interval_s: float = 300.0
     # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
     # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).

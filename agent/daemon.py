@@ -161,7 +161,7 @@ class Agent:
 
         return MqttLink(
             self.identity.agent_id, url, given.get("username"), given.get("password"),
-            given.get("prefix", ""), self.handle_desired, changed,
+            given.get("prefix", ""), self.handle_desired, changed, self.config.mqtt_ca_file,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ lifecycle

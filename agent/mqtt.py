@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,11 +42,15 @@ class MqttLink:
         prefix: str,
         on_desired: Callable[[bytes], Awaitable[bool]],
         on_change: Callable[[bool], None],
+        ca_file: str | None = None,
     ) -> None:
         u = urlsplit(url)
-        if u.scheme != "mqtt" or not u.hostname:
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
             raise ValueError(f"broker URL must look like mqtt://host:1883, got {url!r}")
-        self.host, self.port = u.hostname, u.port or 1883
+        tls = u.scheme == "mqtts"
+        self.host, self.port = u.hostname, u.port or (8883 if tls else 1883)
+        # mqtts: verify the broker against a custom CA (or the system's).
+        self.tls = ssl.create_default_context(cafile=ca_file) if tls else None
         self.agent_id = agent_id
         self.username, self.password = username, password
         self.prefix = prefix or DEFAULT_PREFIX
@@ -86,7 +91,7 @@ class MqttLink:
         async with aiomqtt.Client(
             self.host, self.port, username=self.username, password=self.password,
             identifier=f"modelfleet-agent-{self.agent_id}", protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False, properties=props, will=will, keepalive=30,
+            clean_start=False, properties=props, will=will, keepalive=30, tls_context=self.tls,
         ) as client:  # fmt: skip
             self.client = client
             try:

@@ -112,6 +112,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "mqtt": (_string, None),
     "poll_interval": (_positive(float), 300.0),
     "bundle_transport": (_transport, "http"),
+    "mqtt_ca": (_string, None),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -197,4 +198,5 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         mqtt_url=s["mqtt"],
         poll_interval_s=s["poll_interval"],
         bundle_transport=s["bundle_transport"],
+        mqtt_ca_file=s["mqtt_ca"],
     )

@@ -33,6 +33,7 @@ class ServerConfig:
     mqtt_username: str = "modelfleet-control-plane"
     mqtt_password: str | None = None
     mqtt_prefix: str = "modelfleet/v1"
+    mqtt_ca_file: str | None = None  # for mqtts://: the CA that signed the broker's certificate
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -176,10 +176,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness plus a database round trip."""
+    """Liveness plus a database round trip, and the MQTT bridge's counters when there is one."""
     async with st(request).db.read() as s:
         await s.execute(select(1))
-    return json_response({"status": "ok"})
+    out: dict[str, Any] = {"status": "ok"}
+    bridge = request.app.get(MQTT)
+    if bridge is not None:
+        out["mqtt"] = {
+            "connected": bridge.connected.is_set(),  # type: ignore[attr-defined]
+            "stored": bridge.stored,  # type: ignore[attr-defined]
+            "malformed": bridge.malformed,  # type: ignore[attr-defined]
+        }
+    return json_response(out)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

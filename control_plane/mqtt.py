@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -37,12 +38,22 @@ log = logging.getLogger("modelfleet.control_plane.mqtt")
 SESSION_EXPIRY_S = 24 * 3600
 
 
-def broker_address(url: str) -> tuple[str, int]:
-    """(host, port) of ``mqtt://host:port``; raises ValueError."""
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """(host, port, TLS) of ``mqtt://host:1883`` or ``mqtts://host:8883``; raises ValueError."""
     u = urlsplit(url)
-    if u.scheme != "mqtt" or not u.hostname:
-        raise ValueError(f"broker URL must look like mqtt://host:1883, got {url!r}")
-    return u.hostname, u.port or 1883
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ValueError(
+            f"broker URL must look like mqtt://host:1883 or mqtts://host:8883, got {url!r}"
+        )
+    tls = u.scheme == "mqtts"
+    return u.hostname, u.port or (8883 if tls else 1883), tls
+
+
+def tls_context(tls: bool, ca_file: str | None) -> ssl.SSLContext | None:
+    """Verify the broker against a custom CA (or the system's) for mqtts://."""
+    if not tls:
+        return None
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class MqttBridge:
@@ -61,7 +72,8 @@ class MqttBridge:
         self.store = store
         self.client: aiomqtt.Client | None = None
         self.clock = clock
-        self.host, self.port = broker_address(config.mqtt_url)
+        self.host, self.port, tls = broker_address(config.mqtt_url)
+        self.tls = tls_context(tls, config.mqtt_ca_file)
         self.prefix = config.mqtt_prefix
         self.identifier = f"modelfleet-cp-{socket.gethostname()}-{config.port}"
         self.pending: asyncio.Queue[str] = asyncio.Queue()
@@ -96,6 +108,7 @@ class MqttBridge:
             self.host, self.port, username=self.config.mqtt_username,
             password=self.config.mqtt_password, identifier=self.identifier,
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+            tls_context=self.tls,
         ) as client:  # fmt: skip
             self.client = client
             for kind in ("status", "metrics", "presence", "blobs/request"):

@@ -87,6 +87,7 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "mqtt_public_url": ("MODELFLEET_MQTT_PUBLIC_URL", str, None),
     "mqtt_password": ("MODELFLEET_MQTT_PASSWORD", str, None),
     "mqtt_prefix": ("MODELFLEET_MQTT_PREFIX", str, "modelfleet/v1"),
+    "mqtt_ca": ("MODELFLEET_MQTT_CA", str, None),
 }  # fmt: skip
 
 
@@ -120,7 +121,8 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "controller_interval": getattr(args, "controller_interval", None),
            "mqtt": getattr(args, "mqtt", None),
            "mqtt_public_url": getattr(args, "mqtt_public_url", None),
-           "mqtt_prefix": getattr(args, "mqtt_prefix", None)}  # fmt: skip
+           "mqtt_prefix": getattr(args, "mqtt_prefix", None),
+           "mqtt_ca": getattr(args, "mqtt_ca", None)}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -165,6 +167,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         mqtt_public_url=s["mqtt_public_url"],
         mqtt_password=s["mqtt_password"],
         mqtt_prefix=s["mqtt_prefix"],
+        mqtt_ca_file=s["mqtt_ca"],
     )
 
 

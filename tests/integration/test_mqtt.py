@@ -39,18 +39,19 @@ pytestmark = pytest.mark.slow
 class Broker:
     """A mosquitto of our own: password file, pattern ACL, persistence, a free port."""
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    def __init__(self, root: Path, prefix: str, tls: bool = False) -> None:
         self.root = root
         self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
         self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         (root / "acl").write_text(acl_file(prefix))
         (root / "passwd").write_text(password_file([(CONTROL_PLANE_USER,
                                                       mosquitto_hash(CP_PASSWORD))]))  # fmt: skip
+        tls_lines = _make_tls(root) if tls else ""
         (root / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\n"
+            f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
             f"password_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
             f"persistence true\npersistence_location {root}/\n"
             # As root mosquitto would switch to its own user, who cannot read the test's files.
@@ -96,6 +97,39 @@ class Broker:
         return aiomqtt.Client("127.0.0.1", self.port, username=username, password=password,
                               identifier=f"test-{uuid.uuid4().hex[:8]}",
                               protocol=aiomqtt.ProtocolVersion.V5)  # fmt: skip
+
+
+def _make_tls(root: Path) -> str:
+    """A CA and a broker certificate for 127.0.0.1, made here; mosquitto config lines."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    pem = serialization.Encoding.PEM
+    (root / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (root / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (root / "key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    return f"cafile {root / 'ca.pem'}\ncertfile {root / 'cert.pem'}\nkeyfile {root / 'key.pem'}\n"
 
 
 @pytest.fixture
@@ -340,3 +374,67 @@ async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
     bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
     assert bridge.stored["blobs/request"] >= len(big) // (128 * 1024)
     assert ident.agent_id
+
+
+async def test_malformed_payloads_are_dropped_and_counted(
+    mcp: ControlPlane, broker: Broker, publisher: Publisher
+) -> None:
+    cp = mcp
+    r = await cp.call("POST", "/enrollment-tokens", json={})
+    token = (await r.json())["token"]
+    out = await (await cp.call("POST", "/agents/enroll", token="", json={"token": token})).json()
+    creds = out["mqtt"]
+    await broker.load_passwords(cp)
+    topic = lambda kind: agent_topic(creds["username"], kind, broker.prefix)  # noqa: E731
+    now = datetime.now(UTC).isoformat()
+    async with broker.client(creds["username"], creds["password"]) as c:
+        for kind, payload in [
+            ("status", b"not json"), ("status", b"[]"),
+            ("status", json.dumps({"agentId": "someone-else", "generation": 0,
+                                   "sentAt": now, "models": []}).encode()),
+            ("metrics", json.dumps({"agentId": creds["username"], "seq": 0}).encode()),
+            ("presence", b"maybe"), ("blobs/request", b"{}"),
+        ]:  # fmt: skip
+            await c.publish(topic(kind), payload, qos=1)
+        good = {"agentId": creds["username"], "generation": 0, "sentAt": now, "models": []}
+        await c.publish(topic("status"), json.dumps(good).encode(), qos=1)
+
+    async def counted() -> dict | None:
+        h = await (await cp.call("GET", "/health", token="")).json()
+        return h if h["mqtt"]["malformed"] == 6 and h["mqtt"]["stored"]["status"] == 1 else None
+
+    health = await eventually(counted, 10)
+    assert health["mqtt"]["connected"] is True
+    agent = await (await cp.call("GET", f"/agents/{creds['username']}")).json()
+    assert agent["lastSeen"] is not None  # the one good report was stored
+    assert publisher
+
+
+async def test_mqtts_with_a_custom_ca(tmp_path: Path, publisher: Publisher) -> None:
+    broker = Broker(tmp_path / "tls-broker", f"test-{uuid.uuid4().hex[:8]}/v1", tls=True)
+    await broker.start()
+    ca = str(broker.root / "ca.pem")
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix, mqtt_ca_file=ca,
+    )  # fmt: skip
+    cp = await start_control_plane(config)
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0"))
+        await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+        await broker.load_passwords(cp)
+        bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
+        await eventually(lambda: _true(bridge.connected.is_set()), 15)
+        # Without the CA the agent cannot verify the broker: it stays on HTTP.
+        async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
+            await asyncio.sleep(1.5)
+            assert agent.mqtt is not None and not agent.mqtt.connected
+        async with running_agent(tmp_path / "a", poll_interval_s=3600, mqtt_ca_file=ca) as agent:
+            await eventually(lambda: _true(agent.mqtt.connected), 15)  # type: ignore[union-attr]
+            before = agent.state.highest_generation
+            await cp.rollout("1.0.0", "site=x")
+            await eventually(lambda: _true(agent.state.highest_generation > before), 5)
+    finally:
+        await cp.client.close()
+        broker.stop()
