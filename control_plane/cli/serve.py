@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-publisher", type=Path, action="append", default=[],
                    metavar="FILE", help="a publisher's public key (repeatable)")  # fmt: skip
     p.add_argument("--max-bundle-mb", type=int, help="(512)")
+    p.add_argument("--mqtt", help="broker URL, mqtt://host:1883 or mqtts://host:8883")
+    p.add_argument("--mqtt-public-url", help="the broker URL agents dial, if different")
+    p.add_argument("--mqtt-prefix", help="topic prefix (modelfleet/v1)")
+    p.add_argument("--mqtt-ca", help="CA file to verify an mqtts:// broker")
     p.add_argument("--controller-interval", type=float,
                    help="seconds between looks at running rollouts (1.0)")  # fmt: skip
     p.set_defaults(func=cmd_server)
