@@ -348,8 +348,9 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
         await cp.client.close()
 
 
+@pytest.mark.parametrize("transport", ["mqtt", "auto"])
 async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
-    mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path
+    mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path, transport: str
 ) -> None:
     cp = mcp
     big = iris_model(seed=0, pad_bytes=3_000_000)
@@ -360,7 +361,7 @@ async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
     identity = json.loads((tmp_path / "a/identity.json").read_text())
     identity["server"] = f"http://127.0.0.1:{free_port()}"
     (tmp_path / "a/identity.json").write_text(json.dumps(identity))
-    async with running_agent(tmp_path / "a", bundle_transport="mqtt", poll_interval_s=3600,
+    async with running_agent(tmp_path / "a", bundle_transport=transport, poll_interval_s=3600,
                              poll_wait_s=1) as agent:  # fmt: skip
         await eventually(lambda: _true(agent.mqtt.connected), 10)  # type: ignore[union-attr]
         await cp.rollout("1.0.0", "site=x")
