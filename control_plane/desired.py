@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import and_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import (
@@ -85,42 +85,49 @@ def desired_models(
     return tuple(out)
 
 
-async def candidates_for(session: AsyncSession, agent_id: str) -> list[Candidate]:
-    """Every started rollout, with whether it moved this agent."""
-    rows = await session.execute(
-        select(
-            Rollout,
-            ModelVersion.version,
-            ModelVersion.manifest_digest,
-            Model.name,
-            RolloutTarget.agent_id,
-        )
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+async def candidates_for_many(
+    session: AsyncSession, agent_ids: list[str]
+) -> dict[str, list[Candidate]]:
+    """Every started rollout as each of these agents sees it: a few queries for any number."""
+    rows = (await session.execute(
+        select(Rollout, ModelVersion.version, ModelVersion.manifest_digest, Model.name)
         .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
         .join(Model, ModelVersion.model_id == Model.id)
-        .outerjoin(
-            RolloutTarget,
-            and_(RolloutTarget.rollout_id == Rollout.id, RolloutTarget.agent_id == agent_id),
-        )
         .where(Rollout.state != "pending")
-    )
-    out = []
-    for r, version, digest, model, moved in rows:
-        spec = r.options.get("spec", {})
-        out.append(
-            Candidate(
-                id=r.id,
-                model=model,
-                version=version,
-                manifest_digest=digest,
-                selector=selector_from_json(r.selector),
-                created_at=r.created_at,
-                state=r.state,
-                moved=moved is not None,
-                join_later=bool(spec.get("join_later", True)),
-                rollback=bool(spec.get("rollback", r.options.get("rollback", False))),
-                shadow_sample=(spec.get("shadow_sample", 0.05) if spec.get("shadow") else None),
+    )).all()  # fmt: skip
+    moved: set[tuple[str, str]] = set()
+    for chunk in _chunks(agent_ids):
+        found = await session.execute(
+            select(RolloutTarget.rollout_id, RolloutTarget.agent_id).where(
+                RolloutTarget.agent_id.in_(chunk)
             )
         )
+        moved.update((r, a) for r, a in found)
+    out: dict[str, list[Candidate]] = {a: [] for a in agent_ids}
+    for r, version, digest, model in rows:
+        spec = r.options.get("spec", {})
+        selector = selector_from_json(r.selector)
+        shadow = spec.get("shadow_sample", 0.05) if spec.get("shadow") else None
+        for agent_id in agent_ids:
+            out[agent_id].append(
+                Candidate(
+                    id=r.id,
+                    model=model,
+                    version=version,
+                    manifest_digest=digest,
+                    selector=selector,
+                    created_at=r.created_at,
+                    state=r.state,
+                    moved=(r.id, agent_id) in moved,
+                    join_later=bool(spec.get("join_later", True)),
+                    rollback=bool(spec.get("rollback", r.options.get("rollback", False))),
+                    shadow_sample=shadow,
+                )
+            )
     return out
 
 
@@ -133,8 +140,31 @@ class DesiredSigner:
 
     async def refresh(self, session: AsyncSession, agent: Agent, now: datetime) -> int | None:
         """Recompute one agent's desired state; return the new generation when it changed."""
-        models = desired_models(await candidates_for(session, agent.id), agent.labels)
-        return await self.write(session, agent.id, models, now)
+        changed = await self.refresh_many(session, [agent], now)
+        return changed.get(agent.id)
+
+    async def refresh_many(
+        self, session: AsyncSession, agents: list[Agent], now: datetime
+    ) -> dict[str, int]:
+        """Recompute these agents' desired states together; return {agent id: new generation}
+        for those that changed."""
+        ids = [a.id for a in agents]
+        candidates = await candidates_for_many(session, ids)
+        rows: dict[str, DesiredStateRow] = {}
+        for chunk in _chunks(ids):
+            found = await session.scalars(
+                select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(chunk))
+                .with_for_update()
+            )  # fmt: skip
+            rows.update((r.agent_id, r) for r in found)
+        changed = {}
+        for agent in agents:
+            models = desired_models(candidates[agent.id], agent.labels)
+            generation = self._apply(session, agent.id, models, now, rows.get(agent.id))
+            if generation is not None:
+                changed[agent.id] = generation
+        await session.flush()
+        return changed
 
     async def write(
         self,
@@ -146,10 +176,21 @@ class DesiredSigner:
     ) -> int | None:
         """Store a new generation when ``models`` changed (or ``force``); return it, else None."""
         row = await session.get(DesiredStateRow, agent_id, with_for_update=True)
-        if row is not None and not force:
-            current = desired_from_json(row.document)
-            if current.models == models:
-                return None
+        generation = self._apply(session, agent_id, models, now, row, force)
+        await session.flush()
+        return generation
+
+    def _apply(
+        self,
+        session: AsyncSession,
+        agent_id: str,
+        models: tuple[DesiredModel, ...],
+        now: datetime,
+        row: DesiredStateRow | None,
+        force: bool = False,
+    ) -> int | None:
+        if row is not None and not force and desired_from_json(row.document).models == models:
+            return None
         if row is None and not models and not force:
             return None
         generation = (row.generation if row else 0) + 1
@@ -170,5 +211,4 @@ class DesiredSigner:
             row.document = state.to_json()
             row.envelope = envelope
             row.updated_at = now
-        await session.flush()
         return generation

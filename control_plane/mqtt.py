@@ -137,17 +137,21 @@ class MqttBridge:
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         while True:
-            agent_id = await self.pending.get()
+            batch = {await self.pending.get()}
+            while not self.pending.empty() and len(batch) < 500:
+                batch.add(self.pending.get_nowait())
             async with self.db.read() as s:
-                row = await s.get(DesiredStateRow, agent_id)
-            if row is None:
-                continue
-            try:
-                await client.publish(agent_topic(agent_id, "desired", self.prefix),
-                                     row.envelope.encode(), qos=1, retain=True)  # fmt: skip
-            except aiomqtt.MqttError:
-                self.pending.put_nowait(agent_id)  # sent again after the reconnect
-                raise
+                rows = list(await s.scalars(
+                    select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(batch))
+                ))  # fmt: skip
+            for i, row in enumerate(rows):
+                try:
+                    await client.publish(agent_topic(row.agent_id, "desired", self.prefix),
+                                         row.envelope.encode(), qos=1, retain=True)  # fmt: skip
+                except aiomqtt.MqttError:
+                    for r in rows[i:]:  # sent again after the reconnect
+                        self.pending.put_nowait(r.agent_id)
+                    raise
 
     async def handle(
         self, topic: str, payload: bytes, properties: Properties | None = None

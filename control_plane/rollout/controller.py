@@ -86,12 +86,11 @@ async def refresh_agents(
     s: AsyncSession, signer: DesiredSigner, agent_ids: Iterable[str], now: datetime
 ) -> list[str]:
     """Recompute the desired state of these agents; return those whose generation moved."""
-    changed = []
-    for agent_id in sorted(set(agent_ids)):
-        agent = await s.get(Agent, agent_id)
-        if agent is not None and await signer.refresh(s, agent, now) is not None:
-            changed.append(agent_id)
-    return changed
+    ids = sorted(set(agent_ids))
+    agents: list[Agent] = []
+    for i in range(0, len(ids), 500):
+        agents += list(await s.scalars(select(Agent).where(Agent.id.in_(ids[i : i + 500]))))
+    return sorted(await signer.refresh_many(s, agents, now))
 
 
 async def _aggregate(
