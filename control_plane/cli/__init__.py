@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     publish.register(sub)
     operate.register(sub)
+    from control_plane.sim import register as register_sim
+
+    register_sim(sub)
     for ep in entry_points(group="modelfleet.cli"):
         ep.load()(sub)
     return parser

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 class Broker:
     """A mosquitto of our own: password file, pattern ACL, persistence, a free port."""
 
-    def __init__(self, root: Path, prefix: str, tls: bool = False) -> None:
+    def __init__(self, root: Path, prefix: str, tls: bool = False, anonymous: bool = False) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
@@ -50,9 +50,10 @@ class Broker:
         (root / "passwd").write_text(password_file([(CONTROL_PLANE_USER,
                                                       mosquitto_hash(CP_PASSWORD))]))  # fmt: skip
         tls_lines = _make_tls(root) if tls else ""
+        closed = f"password_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
+        auth = "allow_anonymous true\n" if anonymous else f"allow_anonymous false\n{closed}"
         (root / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\n{tls_lines}allow_anonymous false\n"
-            f"password_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
+            f"listener {self.port} 127.0.0.1\n{tls_lines}{auth}"
             f"persistence true\npersistence_location {root}/\n"
             # As root mosquitto would switch to its own user, who cannot read the test's files.
             + ("user root\n" if os.geteuid() == 0 else "")
@@ -436,6 +437,33 @@ async def test_mqtts_with_a_custom_ca(tmp_path: Path, publisher: Publisher) -> N
             before = agent.state.highest_generation
             await cp.rollout("1.0.0", "site=x")
             await eventually(lambda: _true(agent.state.highest_generation > before), 5)
+    finally:
+        await cp.client.close()
+        broker.stop()
+
+
+async def test_fleet_simulator_over_mqtt(tmp_path: Path, publisher: Publisher) -> None:
+    # Simulated agents enroll and connect at once: an open broker, as for benchmarks.
+    broker = Broker(tmp_path / "open-broker", f"test-{uuid.uuid4().hex[:8]}/v1", anonymous=True)
+    await broker.start()
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_prefix=broker.prefix,
+    )  # fmt: skip
+    cp = await start_control_plane(config)
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0"))
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [MODELFLEET, "sim", "--server", cp.url, "--token", cp.token, "--agents", "20",
+             "--transport", "mqtt", "--rollout", "iris:1.0.0", "--timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stdout + p.stderr
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["converged"] is True and out["transport"] == "mqtt" and out["active"] == 20
+        bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
+        assert bridge.stored["status"] >= 20  # their reports came over MQTT
     finally:
         await cp.client.close()
         broker.stop()
