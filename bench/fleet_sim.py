@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from control_plane.cli import main  # noqa: E402
+from control_plane.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["sim", *sys.argv[1:]]))
