@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # Alembic narrates every migration step and plugin at INFO; keep only its warnings.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     func: Command = args.func
     try:
         return func(args)
