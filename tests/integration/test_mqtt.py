@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -133,6 +134,15 @@ def _make_tls(root: Path) -> str:
     return f"cafile {root / 'ca.pem'}\ncertfile {root / 'cert.pem'}\nkeyfile {root / 'key.pem'}\n"
 
 
+def mqtt_config(tmp_path: Path, publisher: Publisher, broker: Broker, **extra: object) -> Any:
+    """A test control plane on SQLite that uses this broker."""
+    return dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix, **extra,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
     b = Broker(tmp_path / "broker", f"test-{uuid.uuid4().hex[:8]}/v1")
@@ -145,11 +155,7 @@ async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
 
 @pytest.fixture
 async def mcp(tmp_path: Path, publisher: Publisher, broker: Broker) -> AsyncIterator[ControlPlane]:
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
-        mqtt_prefix=broker.prefix,
-    )  # fmt: skip
+    config = mqtt_config(tmp_path, publisher, broker)
     plane = await start_control_plane(config)
     try:
         yield plane
@@ -277,11 +283,7 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
     tmp_path: Path, publisher: Publisher, broker: Broker
 ) -> None:
     broker.stop()  # the agent starts while the broker is down
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
-        mqtt_prefix=broker.prefix,
-    )  # fmt: skip
+    config = mqtt_config(tmp_path, publisher, broker)
     cp = await start_control_plane(config)
     try:
         await cp.push(iris_bundle(publisher.key, "1.0.0"))
@@ -316,11 +318,7 @@ async def _eq(coro: object, want: int) -> bool:
 async def test_control_plane_restart_loses_nothing_published_meanwhile(
     tmp_path: Path, publisher: Publisher, broker: Broker
 ) -> None:
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
-        mqtt_prefix=broker.prefix,
-    )  # fmt: skip
+    config = mqtt_config(tmp_path, publisher, broker)
     cp = await start_control_plane(config)
     port = cp.client.port
     await cp.push(iris_bundle(publisher.key, "1.0.0"))
@@ -416,11 +414,7 @@ async def test_mqtts_with_a_custom_ca(tmp_path: Path, publisher: Publisher) -> N
     broker = Broker(tmp_path / "tls-broker", f"test-{uuid.uuid4().hex[:8]}/v1", tls=True)
     await broker.start()
     ca = str(broker.root / "ca.pem")
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
-        mqtt_prefix=broker.prefix, mqtt_ca_file=ca,
-    )  # fmt: skip
+    config = mqtt_config(tmp_path, publisher, broker, mqtt_ca_file=ca)
     cp = await start_control_plane(config)
     try:
         await cp.push(iris_bundle(publisher.key, "1.0.0"))
@@ -446,11 +440,7 @@ async def test_fleet_simulator_over_mqtt(tmp_path: Path, publisher: Publisher) -
     # Simulated agents enroll and connect at once: an open broker, as for benchmarks.
     broker = Broker(tmp_path / "open-broker", f"test-{uuid.uuid4().hex[:8]}/v1", anonymous=True)
     await broker.start()
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_prefix=broker.prefix,
-    )  # fmt: skip
-    cp = await start_control_plane(config)
+    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
     try:
         await cp.push(iris_bundle(publisher.key, "1.0.0"))
         p = await asyncio.to_thread(
