@@ -60,13 +60,18 @@ modelfleet push iris-1.0.0.mfb
 
 step "two agents: one in the cloud, one on-prem"
 TOKEN=$(modelfleet enroll-token create --labels hw=cpu --max-uses 2)
-declare -A SERVE
+declare -A SERVE COST EXTRA
+COST[cloud]=1.20; COST[onprem]=0.15
+# The on-prem box is cheaper but (made) 2 ms slower, so the comparison has something to say.
+EXTRA[cloud]=""; EXTRA[onprem]="--added-latency-ms 2"
 for site in cloud onprem; do
   modelfleet agent enroll --server "$MODELFLEET_SERVER" --token "$TOKEN" \
-    --state-dir "./agent-$site" --labels "site=$site" --name "$site-1" >/dev/null
+    --state-dir "./agent-$site" --labels "site=$site" --name "$site-1" \
+    --cost-per-hour "${COST[$site]}" >/dev/null
   SERVE[$site]=$(free_port)
+  # shellcheck disable=SC2086
   modelfleet agent run --state-dir "./agent-$site" --serve "127.0.0.1:${SERVE[$site]}" \
-    --heartbeat 2 --metrics-interval 2 > "agent-$site.log" 2>&1 &
+    --heartbeat 2 --metrics-interval 2 ${EXTRA[$site]} > "agent-$site.log" 2>&1 &
   PIDS+=($!)
   echo "$site-1 serving on 127.0.0.1:${SERVE[$site]}"
 done
@@ -92,7 +97,43 @@ printf 'bad input -> '
 http POST "http://127.0.0.1:${SERVE[cloud]}/v2/models/iris/infer" \
   '{"inputs":[{"name":"y","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 
+step "a staged rollout of iris 2.0.0, gated on live error rate and latency"
+python "$ROOT/tests/modelgen.py" model2 --seed 1 >/dev/null
+modelfleet bundle build model2/model.onnx --name iris --version 2.0.0 --key publisher.key \
+  --smoke-input model2/smoke-in.npy --smoke-output model2/smoke-out.npy --out iris-2.0.0.mfb
+modelfleet push iris-2.0.0.mfb
+STAGED=$(modelfleet rollout create --model iris --version 2.0.0 --selector hw=cpu \
+  --stages 50%:4s,100% --max-error-rate 0.05 --max-p95-latency-ms 100 --min-requests 10)
+# Traffic while the first stage soaks, so the gate has figures to judge.
+for _ in $(seq 1 60); do
+  for site in cloud onprem; do
+    http POST "http://127.0.0.1:${SERVE[$site]}/v2/models/iris/infer" \
+      '{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}' >/dev/null
+  done
+  status=$(modelfleet rollout status "$STAGED")
+  grep -qiE "state: (completed|rolled_back|paused)" <<<"$status" && break
+  sleep 0.2
+done
+for _ in $(seq 1 50); do
+  status=$(modelfleet rollout status "$STAGED")
+  grep -qiE "state: (completed|rolled_back|paused)" <<<"$status" && break
+  sleep 0.2
+done
+modelfleet rollout status "$STAGED"
+
+step "where does iris run best (300 requests to each site, then the report)"
+python - "${SERVE[cloud]}" "${SERVE[onprem]}" <<'PY'
+import json, sys, urllib.request
+body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                               "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+for port in sys.argv[1:]:
+    for _ in range(300):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/iris/infer", data=body)
+        urllib.request.urlopen(req, timeout=10).read()
+PY
+sleep 2.5  # one metrics batch
+modelfleet report compare --model iris --since 10m
+
 step "the fleet"
-sleep 2.5  # one heartbeat and one metrics batch
 modelfleet agents list
 step "done: stopping everything (logs and state under demo-run/)"
