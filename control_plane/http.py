@@ -700,6 +700,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
     tasks = [asyncio.create_task(state.controller.run(), name="rollout-controller")]
+    if not state.db.is_sqlite:
+        from control_plane.pgnotify import PgNotifyBridge
+
+        pg = PgNotifyBridge(state.db.url, state.notifier)
+        state.notifier.listeners.append(pg.send)
+        tasks.append(asyncio.create_task(pg.run(), name="pg-notify"))
     if state.config.mqtt_url:
         from control_plane.mqtt import MqttBridge
 

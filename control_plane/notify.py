@@ -31,10 +31,14 @@ class DesiredNotifier:
                 self._events.pop(agent_id, None)
 
     def notify(self, agent_ids: Iterable[str]) -> None:
-        """Wake the waiters of these agents (and tell the listeners); later waits start fresh."""
+        """This replica changed these agents: tell the listeners and wake the waiters."""
         agent_ids = list(agent_ids)
         for listener in self.listeners:
             listener(agent_ids)
+        self.wake(agent_ids)
+
+    def wake(self, agent_ids: Iterable[str]) -> None:
+        """Wake the waiters of these agents only (a change another replica made)."""
         for agent_id in agent_ids:
             event = self._events.pop(agent_id, None)
             if event is not None:

@@ -145,3 +145,43 @@ async def test_two_replicas_on_one_postgres_move_each_stage_once(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_long_poll_on_one_replica_wakes_on_a_change_made_by_another(
+    tmp_path: Path, publisher: Publisher, pg_url: str
+) -> None:
+    data = tmp_path / "shared"
+    a = Server(data, pg_url, publisher, "a")
+    b = Server(data, pg_url, publisher, "b")
+    await a.start()
+    await b.start()
+    try:
+        token = (data / "admin-token").read_text().strip()
+        await call(a.url, token, "POST", "/bundles", data=iris_bundle(publisher.key))
+        t = await call(a.url, token, "POST", "/enrollment-tokens", {"labels": {"site": "x"}})
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{a.url}/api/v1/agents/enroll", json={"token": t["token"]}) as r,
+        ):
+            agent = await r.json()
+        headers = {"Authorization": f"Bearer {agent['credential']}"}
+
+        async def long_poll() -> tuple[int, float]:
+            async with (
+                aiohttp.ClientSession(headers=headers) as s,
+                s.get(f"{b.url}/api/v1/agents/{agent['agentId']}/desired?after=0&wait=20") as r,
+            ):
+                await r.read()
+                return r.status, time.monotonic()
+
+        poll = asyncio.create_task(long_poll())
+        await asyncio.sleep(0.5)  # the poll is waiting on replica b
+        t0 = time.monotonic()
+        await call(a.url, token, "POST", "/rollouts", {"model": "iris", "version": "1.0.0"})
+        status, answered = await poll
+        assert status == 200
+        # Woken by NOTIFY, not by b's next database re-read (every 5 s).
+        assert answered - t0 < 2.0
+    finally:
+        await a.stop()
+        await b.stop()
