@@ -23,6 +23,11 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/agent_overhead.py
+	$(BIN)/python bench/mqtt_push.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
+	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
+	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'
 
 lint: venv
 	$(BIN)/ruff check .
