@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from agent.backoff import Backoff
 from agent.buffer import MetricsBuffer
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
@@ -39,6 +38,7 @@ from agent.store import LocalStore
 from agent.systemd import Notifier
 from agent.trust import verified_manifest
 from agent.variants import choose_variant, providers_for
+from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError
 from protocol.manifest import FileEntry, Manifest

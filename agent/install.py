@@ -22,6 +22,7 @@ from agent.exceptions import AgentError
 from agent.facts import gather_facts
 from agent.settings import load_file
 from agent.state import Identity, StateDir
+from agent.statefile import write_atomic
 from agent.units import GPU_DROP_IN, render_agent_unit
 from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_labels
@@ -89,14 +90,6 @@ def render_config(layout: Layout, args: argparse.Namespace, keys: list[Path]) ->
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)
-
-
 def _owner() -> tuple[int, int] | None:
     try:
         pw = pwd.getpwnam(USER)
@@ -128,7 +121,7 @@ def install(args: argparse.Namespace) -> str:
             raise ValueError("a first install needs --server and --token")
         parse_labels(args.labels)
         keys = keys or sorted(layout.publishers.glob("*.pub"))
-        _write(layout.config, render_config(layout, args, keys), 0o600)
+        write_atomic(layout.config, render_config(layout, args, keys).encode(), 0o600)
     settings = load_file(layout.config)
     state = StateDir(Path(settings.get("state_dir", layout.state)))
     enrolled = state.identity_path.exists()
@@ -142,9 +135,9 @@ def install(args: argparse.Namespace) -> str:
         out = asyncio.run(enroll(server, table["token"], table.get("name"), labels, facts))
         identity = Identity(out["agentId"], server, out["credential"], out["name"], out["labels"])
         state.save_enrollment(identity, out["controlPlaneKey"], out.get("trustedPublishers", []))
-    _write(layout.unit, render_agent_unit(str(layout.venv), str(layout.etc)), 0o644)
+    write_atomic(layout.unit, render_agent_unit(str(layout.venv), str(layout.etc)).encode(), 0o644)
     if args.gpu:
-        _write(layout.drop_in, GPU_DROP_IN, 0o644)
+        write_atomic(layout.drop_in, GPU_DROP_IN.encode(), 0o644)
     owner = _owner() if real else None
     if owner is not None:
         for path in (layout.state, *layout.state.rglob("*")):

@@ -68,11 +68,6 @@ class MetricsRecorder:
         s.drift_sum += drift
         s.argmax_agree += agree
 
-    def window_counts(self, model: str, version: str) -> tuple[int, int]:
-        """(requests, errors) of a version in the current window."""
-        s = self._series.get((model, version))
-        return (s.requests, s.errors) if s else (0, 0)
-
     def take_window(self, now: datetime) -> Window | None:
         """Close the current window; None when nothing happened in it."""
         start, self._window_start = self._window_start, now

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from agent.client import OnChunk, partial_size
 from agent.exceptions import TransportError, UpdateError
+from protocol.backoff import Backoff
 from protocol.topics import DEFAULT_PREFIX, MAX_CHUNK_BYTES, agent_topic
 
 log = logging.getLogger("modelfleet.agent.mqtt")
@@ -66,15 +66,14 @@ class MqttLink:
 
     async def run(self) -> None:
         """Stay connected; back off with jitter while the broker is away."""
-        attempt = 0
+        backoff = Backoff(base=0.5, cap=30.0, factor=1.5)
         while True:
             try:
                 await self._session()
-                attempt = 0
+                backoff.reset()
             except aiomqtt.MqttError as exc:
                 self._set(False)
-                delay = random.uniform(0, min(30.0, 0.5 * 1.5 ** min(attempt, 10)))
-                attempt += 1
+                delay = backoff.next_delay()
                 log.info("MQTT %s:%d unavailable (%s); HTTP meanwhile, retry in %.1fs",
                          self.host, self.port, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import ApiError
+from protocol.backoff import Backoff
 from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
 from protocol.reports import metrics_from_json, status_from_json
@@ -88,15 +88,14 @@ class MqttBridge:
 
     async def run(self) -> None:
         """Connect, subscribe, publish and consume; reconnect with jittered back-off."""
-        attempt = 0
+        backoff = Backoff()
         while True:
             try:
                 await self._session()
-                attempt = 0
+                backoff.reset()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
-                delay = random.uniform(0, min(30.0, 0.5 * 2 ** min(attempt, 6)))
-                attempt += 1
+                delay = backoff.next_delay()
                 log.warning("MQTT broker %s:%d: %s; retrying in %.1fs", self.host, self.port,
                             exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)

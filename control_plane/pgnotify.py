@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 from control_plane.notify import DesiredNotifier
+from protocol.backoff import Backoff
 
 log = logging.getLogger("modelfleet.control_plane.pgnotify")
 CHANNEL = "modelfleet_desired"
@@ -44,17 +44,16 @@ class PgNotifyBridge:
 
     async def run(self) -> None:
         """Listen and send; reconnect with jittered back-off when the connection drops."""
-        attempt = 0
+        backoff = Backoff()
         while True:
             try:
                 conn = await asyncpg.connect(**self.connect_args, timeout=10)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                delay = random.uniform(0, min(30.0, 0.5 * 2 ** min(attempt, 6)))
-                attempt += 1
+                delay = backoff.next_delay()
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            attempt = 0
+            backoff.reset()
             try:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 while True:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ from typing import Any
 
 import pytest
 
+from tests.integration.fleet_helpers import free_port
 from tests.modelgen import write_iris
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cli:

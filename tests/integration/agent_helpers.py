@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,13 +21,15 @@ from tests.conftest import ControlPlane
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], within_s: float = 15.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any] | Any], within_s: float = 15.0, interval: float = 0.05
 ) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with its last value."""
+    """Poll ``check`` (plain or async) until it gives something truthy; fail with its last value."""
     deadline = time.monotonic() + within_s
     last: Any = None
     while time.monotonic() < deadline:
-        last = await check()
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(interval)

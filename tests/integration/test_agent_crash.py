@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,10 @@ import pytest
 from agent.failpoints import KILL_POINTS
 from tests.conftest import ControlPlane, Publisher, iris_bundle
 from tests.integration.agent_helpers import enroll_agent, eventually, infer, wait_active
+from tests.integration.fleet_helpers import free_port
 from tests.modelgen import iris_model
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_agent(state_dir: Path, port: int, failpoint: str | None = None) -> subprocess.Popen:

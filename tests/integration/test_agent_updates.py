@@ -126,7 +126,7 @@ async def test_offline_buffer_loses_and_doubles_nothing(
         async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
             await asyncio.sleep(0.5)
             await cp.client.close()  # the control plane goes away under load
-            await eventually(lambda: _true_if(agent.counters["pending_batches"] >= 3))
+            await eventually(lambda: agent.counters["pending_batches"] >= 3)
             await asyncio.sleep(0.5)
             cp = await start_control_plane(config, port=port)
             await asyncio.sleep(0.5)
@@ -136,10 +136,6 @@ async def test_offline_buffer_loses_and_doubles_nothing(
     assert await stored_requests(cp) == served
     assert (tmp_path / "a" / "metrics-buffer.db").exists()
     await cp.client.close()
-
-
-async def _true_if(value: bool) -> bool:
-    return value
 
 
 async def test_cut_download_resumes_without_fetching_twice(

@@ -175,15 +175,15 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
     bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
     async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
         assert agent.mqtt is not None
-        await eventually(lambda: _true(agent.mqtt is not None and agent.mqtt.connected), 10)
+        await eventually(lambda: agent.mqtt is not None and agent.mqtt.connected, 10)
         await asyncio.sleep(0.3)  # let the first (HTTP) poll settle into the hour-long wait
         for version in ("1.0.0", "2.0.0"):
             before = agent.state.highest_generation
             t0 = time.monotonic()
             await cp.rollout(version, "site=x")
-            await eventually(lambda b=before: _true(agent.state.highest_generation > b), 5, 0.005)
+            await eventually(lambda b=before: agent.state.highest_generation > b, 5, 0.005)
             assert time.monotonic() - t0 < 1.0  # pushed, not polled
-        await eventually(lambda: _true(bridge.stored["status"] > 0), 10)
+        await eventually(lambda: bridge.stored["status"] > 0, 10)
 
         # Someone with broker access (here: the control plane's broker account) but not the
         # control plane's key: a forged document, then a replay of a genuine older one.
@@ -193,7 +193,7 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
                               ).sign(generate_private_key()).to_bytes()  # fmt: skip
         async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
             await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), forged, qos=1)
-        await eventually(lambda: _true("signature" in (agent.last_error or "")), 5)
+        await eventually(lambda: "signature" in (agent.last_error or ""), 5)
         assert agent.state.highest_generation == 2
         old = json.loads((tmp_path / "a" / "state.json").read_text())["desired_envelope"]
         assert '"generation":2' in _payload(old)
@@ -201,12 +201,8 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
         async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
             await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), genuine_gen1,
                             qos=1)  # fmt: skip
-        await eventually(lambda: _true("older" in (agent.last_error or "")), 5)
-        await eventually(lambda: _true(agent.models["iris"].version == "2.0.0"), 10)
-
-
-async def _true(value: bool) -> bool:
-    return value
+        await eventually(lambda: "older" in (agent.last_error or ""), 5)
+        await eventually(lambda: agent.models["iris"].version == "2.0.0", 10)
 
 
 def _payload(envelope: str) -> str:
@@ -291,17 +287,17 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
         ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
         async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_wait_s=1) as agent:
             await cp.rollout("1.0.0", "site=x")
-            await eventually(lambda: _true("iris" in agent.models), 10)  # over HTTP
+            await eventually(lambda: "iris" in agent.models, 10)  # over HTTP
             assert agent.mqtt is not None and not agent.mqtt.connected
             async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
                 await broker.start()
                 await broker.load_passwords(cp)
-                await eventually(lambda: _true(agent.mqtt.connected), 20)  # type: ignore[union-attr]
+                await eventually(lambda: agent.mqtt.connected, 20)  # type: ignore[union-attr]
                 await cp.rollout("2.0.0", "site=x")
-                await eventually(lambda: _true(agent.models["iris"].version == "2.0.0"), 10)
+                await eventually(lambda: agent.models["iris"].version == "2.0.0", 10)
                 await asyncio.sleep(0.5)
                 broker.stop()
-                await eventually(lambda: _true(not agent.mqtt.connected), 20)  # type: ignore[union-attr]
+                await eventually(lambda: not agent.mqtt.connected, 20)  # type: ignore[union-attr]
                 await asyncio.sleep(0.5)
             assert load.failures == [] and load.transport_errors == 0
             served = load.ok
@@ -327,9 +323,9 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
     try:
         async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_interval_s=3600,
                                  heartbeat_s=0.3) as agent:  # fmt: skip
-            await eventually(lambda: _true(agent.mqtt.connected), 10)  # type: ignore[union-attr]
+            await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
             await cp.rollout("1.0.0", "site=x")
-            await eventually(lambda: _true("iris" in agent.models), 10)
+            await eventually(lambda: "iris" in agent.models, 10)
             async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
                 await asyncio.sleep(0.5)
                 await cp.client.close()  # the control plane is gone; the broker stays
@@ -362,13 +358,13 @@ async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
     (tmp_path / "a/identity.json").write_text(json.dumps(identity))
     async with running_agent(tmp_path / "a", bundle_transport=transport, poll_interval_s=3600,
                              poll_wait_s=1) as agent:  # fmt: skip
-        await eventually(lambda: _true(agent.mqtt.connected), 10)  # type: ignore[union-attr]
+        await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
         await cp.rollout("1.0.0", "site=x")
-        await eventually(lambda: _true(agent.counters["download_bytes"] > 1_000_000), 30, 0.01)
+        await eventually(lambda: agent.counters["download_bytes"] > 1_000_000, 30, 0.01)
         broker.stop()  # the broker goes away mid-blob ...
         await asyncio.sleep(0.5)
         await broker.start()  # ... and comes back
-        await eventually(lambda: _true("iris" in agent.models), 60)
+        await eventually(lambda: "iris" in agent.models, 60)
         received = agent.counters["download_bytes"]
     assert len(big) <= received < len(big) * 1.15  # resumed from disk, not started over
     bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
@@ -421,16 +417,16 @@ async def test_mqtts_with_a_custom_ca(tmp_path: Path, publisher: Publisher) -> N
         await enroll_agent(cp, tmp_path / "a", {"site": "x"})
         await broker.load_passwords(cp)
         bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
-        await eventually(lambda: _true(bridge.connected.is_set()), 15)
+        await eventually(lambda: bridge.connected.is_set(), 15)
         # Without the CA the agent cannot verify the broker: it stays on HTTP.
         async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
             await asyncio.sleep(1.5)
             assert agent.mqtt is not None and not agent.mqtt.connected
         async with running_agent(tmp_path / "a", poll_interval_s=3600, mqtt_ca_file=ca) as agent:
-            await eventually(lambda: _true(agent.mqtt.connected), 15)  # type: ignore[union-attr]
+            await eventually(lambda: agent.mqtt.connected, 15)  # type: ignore[union-attr]
             before = agent.state.highest_generation
             await cp.rollout("1.0.0", "site=x")
-            await eventually(lambda: _true(agent.state.highest_generation > before), 5)
+            await eventually(lambda: agent.state.highest_generation > before, 5)
     finally:
         await cp.client.close()
         broker.stop()
