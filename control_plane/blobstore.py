@@ -1,35 +1,202 @@
-"""Content-addressed blob store on a local (or shared) directory.
+"""Content-addressed blob stores: a directory (local or shared by replicas) or an S3 bucket.
 
-Blobs live at ``<root>/sha256/<2 hex>/<64 hex>``; writes go to a temp file, fsync, rename, so a
-reader never sees half a blob. The methods block: call them from a worker thread.
+Both keep a blob under its sha256 digest, ``sha256/<2 hex>/<64 hex>``, below their root or
+prefix, and offer the same blocking methods (call them from a worker thread): ``has``,
+``put`` (data already verified against its digest), ``size`` and ``open_range`` (an iterator
+of chunks, so a 200 MB blob is never held in memory). A missing blob raises
+:class:`BlobNotFound` from either.
+
+The directory store writes to a temp file, fsyncs and renames, so a reader never sees half a
+blob. The S3 store relies on S3's own atomic PUT; it talks to any S3-compatible server
+(AWS_ENDPOINT_URL, or ``endpoint_url``), with credentials from the usual AWS chain.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from control_plane.files import write_private
 from protocol.digest import digest_hex
 
+CHUNK = 256 * 1024
 
-class BlobStore:
-    """Files named by their sha256 digest."""
+
+class BlobNotFound(LookupError):
+    """No blob with that digest in the store."""
+
+
+def blob_key(digest: str) -> str:
+    """The relative name of a blob: ``sha256/ab/ab12...``."""
+    h = digest_hex(digest)
+    return f"sha256/{h[:2]}/{h}"
+
+
+class BlobStore(Protocol):
+    """What the control plane needs of a blob store."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for logs."""
+        ...
+
+    def has(self, digest: str) -> bool:
+        """Tell whether the blob is stored."""
+        ...
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Store ``data`` (already verified to match ``digest``) unless it is there already."""
+        ...
+
+    def size(self, digest: str) -> int:
+        """The blob's size in bytes; raises BlobNotFound."""
+        ...
+
+    def open_range(self, digest: str, start: int, length: int) -> Iterator[bytes]:
+        """Chunks of ``length`` bytes from ``start``; raises BlobNotFound."""
+        ...
+
+
+class DirectoryBlobStore:
+    """Files named by their sha256 digest below a directory."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "sha256").mkdir(parents=True, exist_ok=True)
 
+    def describe(self) -> str:
+        return str(self.root)
+
     def path(self, digest: str) -> Path:
         """Where the blob with this digest lives (whether or not it exists)."""
-        h = digest_hex(digest)
-        return self.root / "sha256" / h[:2] / h
+        return self.root / blob_key(digest)
 
     def has(self, digest: str) -> bool:
-        """Tell whether the blob is stored."""
         return self.path(digest).is_file()
 
     def put(self, digest: str, data: bytes) -> None:
-        """Store ``data`` (already verified to match ``digest``) unless it is there already."""
         dest = self.path(digest)
         if not dest.is_file():
             write_private(dest, data, 0o644)
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+    def open_range(self, digest: str, start: int, length: int) -> Iterator[bytes]:
+        try:
+            f = self.path(digest).open("rb")
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                f.seek(start)
+                left = length
+                while left > 0:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+                    yield chunk
+
+        return chunks()
+
+
+class S3BlobStore:
+    """Objects named by their sha256 digest in an S3-compatible bucket."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 client: Any = None) -> None:  # fmt: skip
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if client is None:
+            try:
+                import boto3
+            except ImportError:
+                raise ValueError(
+                    "an s3:// blob store needs boto3: pip install 'modelfleet[s3]'"
+                ) from None
+            client = boto3.client("s3", endpoint_url=endpoint_url)
+        self.client = client
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def key(self, digest: str) -> str:
+        """The object key of a blob."""
+        return f"{self.prefix}/{blob_key(digest)}" if self.prefix else blob_key(digest)
+
+    def _missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def has(self, digest: str) -> bool:
+        try:
+            self.size(digest)
+        except BlobNotFound:
+            return False
+        return True
+
+    def put(self, digest: str, data: bytes) -> None:
+        if not self.has(digest):
+            self.client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=data)
+
+    def size(self, digest: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise BlobNotFound(digest) from None
+            raise
+        return int(head["ContentLength"])
+
+    def open_range(self, digest: str, start: int, length: int) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        if length <= 0:
+            return iter(())
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(digest),
+                                         Range=f"bytes={start}-{start + length - 1}")  # fmt: skip
+        except ClientError as exc:
+            if self._missing(exc):
+                raise BlobNotFound(digest) from None
+            raise
+        body = obj["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(CHUNK)
+            finally:
+                body.close()
+
+        return chunks()
+
+
+def check_blob_store_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a directory path or ``s3://bucket[/prefix]``."""
+    u = urlsplit(url)
+    if u.scheme == "s3":
+        if not u.netloc:
+            raise ValueError(
+                f"an S3 blob store URL needs a bucket: s3://bucket/prefix, got {url!r}"
+            )
+    elif u.scheme not in ("", "file"):
+        raise ValueError(f"blob store must be a directory or s3://bucket/prefix, got {url!r}")
+
+
+def open_blob_store(url: str | None, default_dir: Path) -> BlobStore:
+    """The store a ``--blob-store`` value names (the data directory's blobs/ by default)."""
+    if not url:
+        return DirectoryBlobStore(default_dir)
+    check_blob_store_url(url)
+    u = urlsplit(url)
+    if u.scheme == "s3":
+        return S3BlobStore(u.netloc, u.path)
+    return DirectoryBlobStore(Path(u.path if u.scheme == "file" else url))

@@ -9,6 +9,23 @@ MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long each tier is kept, in seconds."""
+
+    raw_s: float = 6 * 3600.0
+    minute_s: float = 7 * 86400.0
+    hour_s: float = 400 * 86400.0
+    batches_s: float = 7 * 86400.0
+
+    def check(self) -> None:
+        """Raise ValueError unless every tier outlives the one it is rolled up from."""
+        if min(self.raw_s, self.minute_s, self.hour_s, self.batches_s) <= 0:
+            raise ValueError("retention periods must be positive")
+        if not self.raw_s <= self.minute_s <= self.hour_s:
+            raise ValueError("retention must grow from raw to minute to hour")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``create_app`` needs; defaults are the embedded single-replica setup."""
 
@@ -34,6 +51,12 @@ class ServerConfig:
     mqtt_password: str | None = None
     mqtt_prefix: str = "modelfleet/v1"
     mqtt_ca_file: str | None = None  # for mqtts://: the CA that signed the broker's certificate
+    # Metric roll-ups (control_plane/rollup.py): how long each tier is kept, how often to run.
+    retention: Retention = field(default_factory=Retention)
+    rollup_interval_s: float = 60.0
+    # Blobs: None = the directory <data_dir>/blobs (shared by replicas when it is on shared
+    # storage); a path = that directory; s3://bucket/prefix = an S3-compatible object store.
+    blob_store_url: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

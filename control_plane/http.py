@@ -25,12 +25,13 @@ from sqlalchemy import select
 
 from control_plane import fleet, registry, reports, rollouts
 from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
-from control_plane.blobstore import BlobStore
+from control_plane.blobstore import BlobNotFound, BlobStore, open_blob_store
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import DesiredStateRow
 from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
+from control_plane.ingest import Ingestor
 from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
 from control_plane.notify import DesiredNotifier
 from control_plane.rollout.controller import RolloutController
@@ -61,6 +62,7 @@ class State:
     trusted: dict[str, Ed25519PublicKey]
     clock: Clock
     controller: RolloutController
+    ingest: Ingestor
 
 
 STATE = web.AppKey("state", State)
@@ -179,7 +181,12 @@ async def health(request: web.Request) -> web.Response:
     """Liveness plus a database round trip, and the MQTT bridge's counters when there is one."""
     async with st(request).db.read() as s:
         await s.execute(select(1))
-    out: dict[str, Any] = {"status": "ok"}
+    ingest = st(request).ingest
+    out: dict[str, Any] = {
+        "status": "ok",
+        "ingest": {"reports": ingest.reports, "transactions": ingest.transactions,
+                   "largestBatch": ingest.largest_batch},
+    }  # fmt: skip
     bridge = request.app.get(MQTT)
     if bridge is not None:
         out["mqtt"] = {
@@ -276,10 +283,10 @@ def _parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
 async def get_blob(request: web.Request) -> web.StreamResponse:
     """A blob, with Range, ETag and Content-Length so downloads resume."""
     digest = check_digest(request.match_info["digest"], "digest")
-    path = st(request).store.path(digest)
+    store = st(request).store
     try:
-        size = (await asyncio.to_thread(path.stat)).st_size
-    except FileNotFoundError:
+        size = await asyncio.to_thread(store.size, digest)
+    except BlobNotFound:
         raise ApiError(404, "blob_not_found", f"no blob {digest}", "digest") from None
     etag = f'"{digest}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "immutable"}
@@ -302,15 +309,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
-    with path.open("rb") as f:
-        await asyncio.to_thread(f.seek, start)
-        left = length
-        while left > 0:
-            chunk = await asyncio.to_thread(f.read, min(BLOB_CHUNK, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-            await resp.write(chunk)
+    try:
+        chunks = await asyncio.to_thread(store.open_range, digest, start, length)
+    except BlobNotFound:  # removed between the size and the read: cut the response short
+        return resp
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        await resp.write(chunk)
     await resp.write_eof()
     return resp
 
@@ -426,7 +430,7 @@ async def post_status(request: web.Request) -> web.Response:
     agent_or_operator(request, agent_id, agent_only=True)
     state = st(request)
     body = fleet.parse_report_body(await read_json(request), agent_id)
-    await fleet.store_status(state.db, status_from_json(body), state.clock())
+    await state.ingest.status(status_from_json(body))
     return json_response({"stored": True})
 
 
@@ -436,7 +440,7 @@ async def post_metrics(request: web.Request) -> web.Response:
     agent_or_operator(request, agent_id, agent_only=True)
     state = st(request)
     batch = metrics_from_json(fleet.parse_report_body(await read_json(request), agent_id))
-    stored = await fleet.store_metrics(state.db, batch, state.clock())
+    stored = await state.ingest.metrics(batch)
     return json_response({"stored": stored, "duplicate": not stored, "seq": batch.seq})
 
 
@@ -692,6 +696,21 @@ def add_ui_routes(app: web.Application) -> None:
 # ------------------------------------------------------------------------------ the app
 
 
+async def _rollup_loop(state: State) -> None:
+    """Roll metric windows up (raw → minute → hour) and drop what is past retention."""
+    from control_plane.rollup import rollup
+
+    while True:
+        await asyncio.sleep(state.config.rollup_interval_s)
+        try:
+            await rollup(state.db, state.clock(), state.config.retention)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The loop's boundary: a failed pass (the database went away) is retried next time.
+            log.exception("metric roll-up failed")
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.db.migrate()
@@ -699,7 +718,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token_file = state.config.data_dir / "admin-token"
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
-    tasks = [asyncio.create_task(state.controller.run(), name="rollout-controller")]
+    state.ingest.start()
+    tasks = [
+        asyncio.create_task(state.controller.run(), name="rollout-controller"),
+        asyncio.create_task(_rollup_loop(state), name="metric-rollup"),
+    ]
     if not state.db.is_sqlite:
         from control_plane.pgnotify import PgNotifyBridge
 
@@ -709,7 +732,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if state.config.mqtt_url:
         from control_plane.mqtt import MqttBridge
 
-        bridge = MqttBridge(state.config, state.db, state.clock, state.store)
+        bridge = MqttBridge(state.config, state.db, state.clock, state.store, state.ingest)
         app[MQTT] = bridge
         state.notifier.listeners.append(bridge.notify)
         tasks.append(asyncio.create_task(bridge.run(), name="mqtt-bridge"))
@@ -719,6 +742,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await state.ingest.close()
     await state.db.close()
 
 
@@ -737,7 +761,7 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
     state = State(
         config=config,
         db=db,
-        store=BlobStore(config.blob_dir),
+        store=open_blob_store(config.blob_store_url, config.blob_dir),
         signer=signer,
         notifier=notifier,
         trusted=load_trusted_publishers(
@@ -745,6 +769,7 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         ),
         clock=clock,
         controller=RolloutController(db, signer, notifier, clock, config.controller_interval_s),
+        ingest=Ingestor(db, clock, max_age_s=config.retention.batches_s),
     )
     if not state.trusted:
         log.warning("no trusted publisher keys: every bundle push will be refused")

@@ -1,8 +1,13 @@
 """The control plane on MQTT: publish each agent's signed desired state (retained, QoS 1) and
 take status, metrics and presence from a shared subscription, so several replicas split them.
 
-Reports go through the same validation and storage as their HTTP routes. A malformed payload is
-logged with its topic, counted, and dropped; it never stops the loop.
+Reports go through the same validation and storage as their HTTP routes, batched with them by
+the process's Ingestor. Messages are handled concurrently (up to ``MAX_IN_FLIGHT``) so that
+reports arriving together share a transaction, and each QoS 1 message is acknowledged to the
+broker only once it is stored: a replica that dies between receiving and storing leaves it
+unacknowledged in its persistent session, and the broker sends it again. A database error is
+retried with back-off, holding the message, until it is stored. A malformed payload is logged
+with its topic, counted, acknowledged and dropped; it never stops the loop.
 """
 
 from __future__ import annotations
@@ -14,20 +19,21 @@ import socket
 import ssl
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
-from control_plane import fleet, registry
-from control_plane.blobstore import BlobStore
+from control_plane import registry
+from control_plane.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import ApiError
+from control_plane.ingest import Ingestor
 from protocol.backoff import Backoff
 from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
@@ -36,6 +42,7 @@ from protocol.topics import MAX_CHUNK_BYTES, agent_topic, parse_agent_topic, sha
 
 log = logging.getLogger("modelfleet.control_plane.mqtt")
 SESSION_EXPIRY_S = 24 * 3600
+MAX_IN_FLIGHT = 2000
 
 
 def broker_address(url: str) -> tuple[str, int, bool]:
@@ -65,11 +72,15 @@ class MqttBridge:
         db: Database,
         clock: Callable[[], datetime],
         store: BlobStore | None = None,
+        ingest: Ingestor | None = None,
     ) -> None:
         assert config.mqtt_url
         self.config = config
         self.db = db
         self.store = store
+        self.ingest = ingest or Ingestor(db, clock)
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._handlers: set[asyncio.Task[None]] = set()
         self.client: aiomqtt.Client | None = None
         self.clock = clock
         self.host, self.port, tls = broker_address(config.mqtt_url)
@@ -110,6 +121,9 @@ class MqttBridge:
             tls_context=self.tls,
         ) as client:  # fmt: skip
             self.client = client
+            # aiomqtt 2.5 has no manual acknowledgement of its own; paho's does it: a message
+            # is acknowledged only after it is stored (see _handle_and_ack).
+            client._client.manual_ack_set(True)
             for kind in ("status", "metrics", "presence", "blobs/request"):
                 await client.subscribe(shared_filter(kind, self.prefix), qos=1)
             self.connected.set()
@@ -118,14 +132,38 @@ class MqttBridge:
             publisher = asyncio.create_task(self._publisher(client), name="mqtt-publisher")
             try:
                 async for message in client.messages:
+                    await self._in_flight.acquire()
+                    task = asyncio.create_task(self._handle_and_ack(client, message))
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
+            finally:
+                publisher.cancel()
+                handlers = [publisher, *self._handlers]
+                for t in handlers:
+                    t.cancel()
+                await asyncio.gather(*handlers, return_exceptions=True)
+                self.connected.clear()
+
+    async def _handle_and_ack(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """Handle one message, retrying database errors, then acknowledge it to the broker."""
+        try:
+            backoff = Backoff(base=0.2, cap=5.0)
+            while True:
+                try:
                     await self.handle(
                         str(message.topic), bytes(message.payload),  # type: ignore[arg-type]
                         message.properties,
                     )  # fmt: skip
-            finally:
-                publisher.cancel()
-                await asyncio.gather(publisher, return_exceptions=True)
-                self.connected.clear()
+                    break
+                except (SQLAlchemyError, OSError) as exc:
+                    delay = backoff.next_delay()
+                    log.warning("storing MQTT message on %s failed (%s); retrying in %.1fs",
+                                message.topic, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
+        finally:
+            self._in_flight.release()
 
     async def _publish_all(self, client: aiomqtt.Client) -> None:
         """After a (re)connect the broker gets every agent's current document again."""
@@ -168,9 +206,9 @@ class MqttBridge:
                 if not isinstance(doc, dict) or doc.get("agentId") != agent_id:
                     raise ProtocolError("agentId does not match the topic's agent")
                 if kind == "status":
-                    await fleet.store_status(self.db, status_from_json(doc), now)
+                    await self.ingest.status(status_from_json(doc))
                 elif kind == "metrics":
-                    await fleet.store_metrics(self.db, metrics_from_json(doc), now)
+                    await self.ingest.metrics(metrics_from_json(doc))
                 else:
                     raise ProtocolError(f"the control plane does not take {kind} messages")
             self.stored[kind] += 1
@@ -206,10 +244,10 @@ class MqttBridge:
             ):
                 raise ProtocolError(f"offset and length (at most {MAX_CHUNK_BYTES}) must be counts")
             assert self.store is not None
-            path = self.store.path(digest)
             try:
-                data, size = await asyncio.to_thread(_read_chunk, path, offset, length)
-            except FileNotFoundError:
+                data, size = await asyncio.to_thread(_read_chunk, self.store, digest, offset,
+                                                     length)  # fmt: skip
+            except BlobNotFound:
                 error = f"no blob {digest}"
         reply = Properties(PacketTypes.PUBLISH)
         reply.CorrelationData = corr
@@ -232,8 +270,7 @@ class MqttBridge:
                 agent.last_seen_at = now
 
 
-def _read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, int]:
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(length), size
+def _read_chunk(store: BlobStore, digest: str, offset: int, length: int) -> tuple[bytes, int]:
+    size = store.size(digest)
+    length = max(0, min(length, size - offset))
+    return b"".join(store.open_range(digest, offset, length)), size

@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import select
 
 from control_plane.db.engine import Database
-from control_plane.db.models import Agent, MetricSeries, Model, ModelVersion, Rollout
+from control_plane.db.models import Agent, Model, ModelVersion, Rollout
 from control_plane.errors import ApiError
 from control_plane.rollout.spec import parse_duration
+from control_plane.rollup import SeriesRow, series_rows
 from protocol.exceptions import InvalidMessage
 from protocol.manifest import check_name
 from protocol.sketch import DDSketch
@@ -111,7 +112,7 @@ class Group:
         }
 
 
-def _key_value(dim: str, agent: Agent | None, row: MetricSeries) -> str:
+def _key_value(dim: str, agent: Agent | None, row: SeriesRow) -> str:
     if dim == "version":
         return row.version
     if dim == "agent":
@@ -167,18 +168,11 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _rows(db: Database, model: str, versions: list[str], window: Window
-                ) -> tuple[list[MetricSeries], dict[str, Agent]]:  # fmt: skip
+                ) -> tuple[list[SeriesRow], dict[str, Agent]]:  # fmt: skip
     async with db.read() as s:
         if await s.scalar(select(Model.id).where(Model.name == model)) is None:
             raise ApiError(404, "model_not_found", f"no model named {model!r}", "model")
-        q = select(MetricSeries).where(
-            MetricSeries.model == model,
-            MetricSeries.window_start >= window.start,
-            MetricSeries.window_start < window.end,
-        )
-        if versions:
-            q = q.where(MetricSeries.version.in_(versions))
-        rows = list(await s.scalars(q))
+        rows = await series_rows(s, model, window.start, window.end, versions)
         agents = {a.id: a for a in await s.scalars(select(Agent))}
     return rows, agents
 

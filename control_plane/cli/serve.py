@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sqlite3
 import tomllib
@@ -16,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from control_plane.cli.common import CliError
-from control_plane.config import ServerConfig
+from control_plane.config import Retention, ServerConfig
 
 log = logging.getLogger("modelfleet.server")
 
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mqtt-ca", help="CA file to verify an mqtts:// broker")
     p.add_argument("--controller-interval", type=float,
                    help="seconds between looks at running rollouts (1.0)")  # fmt: skip
+    p.add_argument("--retain-raw", help="keep raw metric windows this long, then roll them up "
+                   "per minute (6h)")  # fmt: skip
+    p.add_argument("--retain-minutes", help="keep per-minute roll-ups this long, then per "
+                   "hour (7d)")  # fmt: skip
+    p.add_argument("--retain-hours", help="keep per-hour roll-ups this long (400d)")
+    p.add_argument("--rollup-interval", type=float, help="seconds between roll-up passes (60)")
+    p.add_argument("--blob-store", help="where blobs live: a directory (default <data-dir>/blobs)"
+                   " or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")  # fmt: skip
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")
@@ -92,7 +101,28 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "mqtt_password": ("MODELFLEET_MQTT_PASSWORD", str, None),
     "mqtt_prefix": ("MODELFLEET_MQTT_PREFIX", str, "modelfleet/v1"),
     "mqtt_ca": ("MODELFLEET_MQTT_CA", str, None),
+    "retain_raw": ("MODELFLEET_RETAIN_RAW", lambda v: retention_seconds(v), 6 * 3600.0),
+    "retain_minutes": ("MODELFLEET_RETAIN_MINUTES", lambda v: retention_seconds(v), 7 * 86400.0),
+    "retain_hours": ("MODELFLEET_RETAIN_HOURS", lambda v: retention_seconds(v), 400 * 86400.0),
+    "rollup_interval": ("MODELFLEET_ROLLUP_INTERVAL", float, 60.0),
+    "blob_store": ("MODELFLEET_BLOB_STORE", str, None),
 }  # fmt: skip
+
+
+_RETENTION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+
+
+def retention_seconds(value: object) -> float:
+    """Seconds from ``90s``, ``30m``, ``6h``, ``7d`` or a number; raises ValueError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _RETENTION_RE.fullmatch(value)):
+        seconds = float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if not 60 <= seconds <= 10 * 365 * 86400:
+        raise ValueError(f"must be between 1m and 10 years, got {value!r}")
+    return seconds
 
 
 def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -126,9 +156,24 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "mqtt": getattr(args, "mqtt", None),
            "mqtt_public_url": getattr(args, "mqtt_public_url", None),
            "mqtt_prefix": getattr(args, "mqtt_prefix", None),
-           "mqtt_ca": getattr(args, "mqtt_ca", None)}  # fmt: skip
+           "mqtt_ca": getattr(args, "mqtt_ca", None),
+           "retain_raw": _opt(args, "retain_raw", retention_seconds),
+           "retain_minutes": _opt(args, "retain_minutes", retention_seconds),
+           "retain_hours": _opt(args, "retain_hours", retention_seconds),
+           "rollup_interval": getattr(args, "rollup_interval", None),
+           "blob_store": getattr(args, "blob_store", None)}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
+
+
+def _opt(args: argparse.Namespace, name: str, parser: Any) -> Any:
+    value = getattr(args, name, None)
+    if value is None:
+        return None
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise CliError(f"--{name.replace('_', '-')}: {exc}") from None
 
 
 def _parse(name: str, value: object, where: str) -> Any:
@@ -149,6 +194,21 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError("max_bundle_mb must be positive")
     if not 0 < s["controller_interval"] <= 3600:
         raise CliError("controller_interval must be between 0 and 3600 seconds")
+    if not 0 < s["rollup_interval"] <= 86400:
+        raise CliError("rollup_interval must be between 0 and 86400 seconds")
+    retention = Retention(s["retain_raw"], s["retain_minutes"], s["retain_hours"],
+                          max(s["retain_minutes"], 86400.0))  # fmt: skip
+    try:
+        retention.check()
+    except ValueError as exc:
+        raise CliError(f"retention: {exc}") from None
+    if s["blob_store"]:
+        from control_plane.blobstore import check_blob_store_url
+
+        try:
+            check_blob_store_url(s["blob_store"])
+        except ValueError as exc:
+            raise CliError(f"blob_store: {exc}") from None
     if s["mqtt"]:
         from control_plane.mqtt import broker_address
 
@@ -172,6 +232,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         mqtt_password=s["mqtt_password"],
         mqtt_prefix=s["mqtt_prefix"],
         mqtt_ca_file=s["mqtt_ca"],
+        retention=retention,
+        rollup_interval_s=s["rollup_interval"],
+        blob_store_url=s["blob_store"],
     )
 
 

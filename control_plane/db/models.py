@@ -203,7 +203,7 @@ class MetricBatch(Base):
     )
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     window_start: Mapped[datetime] = mapped_column(UTCDateTime)
-    window_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # retention deletes
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -227,3 +227,34 @@ class MetricSeries(Base):
     shadow_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     drift_sum: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     argmax_agree: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class MetricRollup(Base):
+    """Metric series of one agent and model version merged over a minute or an hour.
+
+    Raw series older than the raw retention are merged into minute rows, minute rows into hour
+    rows, and hour rows are dropped after theirs (control_plane/rollup.py), so the metric
+    tables stay bounded however long a fleet runs.
+    """
+
+    __tablename__ = "metric_rollups"
+    __table_args__ = (
+        UniqueConstraint(
+            "resolution_s", "agent_id", "model", "version", "bucket_start",
+            name="uq_metric_rollups_bucket",
+        ),
+        Index("ix_metric_rollups_model_bucket", "model", "bucket_start"),
+        Index("ix_metric_rollups_resolution_bucket", "resolution_s", "bucket_start"),
+    )  # fmt: skip
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    resolution_s: Mapped[int] = mapped_column(Integer)
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    agent_id: Mapped[str] = mapped_column(String(36))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    latency_sketch: Mapped[dict[str, Any]] = mapped_column(JSON)
+    shadow_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    drift_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    argmax_agree: Mapped[int] = mapped_column(BigInteger, default=0)

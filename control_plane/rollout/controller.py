@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db.engine import Database
 from control_plane.db.models import (
     Agent,
-    MetricSeries,
     Model,
     ModelVersion,
     Rollout,
@@ -33,6 +32,7 @@ from control_plane.rollout.cron import parse_cron
 from control_plane.rollout.gates import Aggregate
 from control_plane.rollout.machine import Event, Observation, RolloutView, Step, step
 from control_plane.rollout.spec import RolloutSpec, spec_from_json
+from control_plane.rollup import series_rows
 from protocol.labels import selector_from_json
 from protocol.sketch import DDSketch
 
@@ -100,9 +100,11 @@ async def _aggregate(
     agg = Aggregate()
     if not agents:
         return agg
-    q = select(MetricSeries).where(MetricSeries.model == model, MetricSeries.window_start >= since)
-    q = q.where(MetricSeries.version == version if same else MetricSeries.version != version)
-    for row in await s.scalars(q):
+    if same:
+        rows = await series_rows(s, model, since, versions=[version])
+    else:
+        rows = await series_rows(s, model, since, exclude_version=version)
+    for row in rows:
         if row.agent_id not in agents:
             continue
         agg.requests += row.requests

@@ -1,0 +1,261 @@
+"""Batched report ingest: many status reports and metric batches per transaction.
+
+Every HTTP handler and the MQTT bridge hands its report to one :class:`Ingestor` per process
+and waits for the result. A single writer task takes whatever has queued up (up to
+``max_batch``), stores it in one transaction and then answers each waiting caller, so a
+report is acknowledged only after its commit: group commit, as databases do with their own
+log. Under light load a batch is one report and nothing waits longer than before; under heavy
+load the cost of a transaction is shared by hundreds of reports.
+
+If a batch fails as a whole (a row that breaks a constraint, a database that went away), each
+report is retried alone, so one bad report cannot fail the others and every caller gets its own
+answer: stored, duplicate, or the error that says why not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane import fleet
+from control_plane.config import Retention
+from control_plane.db.engine import Database
+from control_plane.db.models import Agent, MetricBatch, MetricSeries
+from control_plane.errors import ApiError
+from protocol.reports import MetricsBatch, StatusReport
+from protocol.timeutil import format_time
+
+log = logging.getLogger("modelfleet.control_plane.ingest")
+
+# Rows per INSERT statement; keeps every statement under SQLite's and asyncpg's bound-parameter
+# limits (32,766) whatever the batch size.
+ROWS_PER_STATEMENT = 1000
+
+
+@dataclass
+class _Item:
+    report: StatusReport | MetricsBatch
+    future: asyncio.Future[bool] = field(repr=False)
+
+
+def _not_found(agent_id: str) -> ApiError:
+    return ApiError(404, "agent_not_found", f"no agent {agent_id}", "agentId")
+
+
+def status_values(agent: tuple[str, dict[str, Any]], report: StatusReport, now: datetime
+                  ) -> dict[str, Any]:  # fmt: skip
+    """The agents-row values one status report sets (see fleet.store_status)."""
+    agent_id, facts = agent
+    values: dict[str, Any] = {
+        "id": agent_id,
+        "status": {
+            "models": [m.to_json() for m in report.models],
+            "lastError": report.last_error,
+            "sentAt": format_time(report.sent_at),
+            "presence": "online",
+        },
+        "reported_generation": report.generation,
+        "last_seen_at": now,
+        "facts": facts,
+    }
+    if report.facts:
+        declared = {k: facts[k] for k in fleet.DECLARED_FACTS if k in facts}
+        values["facts"] = {**declared, **report.facts}
+    return values
+
+
+async def store_batch(
+    s: AsyncSession, reports: list[StatusReport | MetricsBatch], now: datetime, is_sqlite: bool
+) -> list[bool | ApiError]:
+    """Store reports in the open transaction; one result per report, in order.
+
+    A status gives True; a metrics batch gives True when stored and False when that
+    (agent, seq) was stored before (or earlier in this same batch). An unknown agent gives
+    ApiError 404 for its report and leaves the others alone.
+    """
+    ids = {r.agent_id for r in reports}
+    known: dict[str, dict[str, Any]] = {}
+    id_list = sorted(ids)
+    for i in range(0, len(id_list), ROWS_PER_STATEMENT):
+        chunk = id_list[i : i + ROWS_PER_STATEMENT]
+        for agent_id, facts in await s.execute(
+            select(Agent.id, Agent.facts).where(Agent.id.in_(chunk))
+        ):
+            known[agent_id] = facts
+    results: list[bool | ApiError] = []
+    latest_status: dict[str, StatusReport] = {}
+    new_batches: dict[tuple[str, int], MetricsBatch] = {}
+    for r in reports:
+        if r.agent_id not in known:
+            results.append(_not_found(r.agent_id))
+        elif isinstance(r, StatusReport):
+            latest_status[r.agent_id] = r  # several in one batch: the last one sent wins
+            results.append(True)
+        else:
+            results.append(True)  # settled below once we know which were new
+            new_batches.setdefault((r.agent_id, r.seq), r)
+
+    if latest_status:
+        rows = [status_values((a, known[a]), r, now) for a, r in latest_status.items()]
+        await s.execute(update(Agent), rows)  # bulk UPDATE by primary key (executemany)
+
+    inserted: set[tuple[str, int]] = set()
+    if new_batches:
+        dialect_insert = sqlite.insert if is_sqlite else postgresql.insert
+        batch_rows = [
+            {"agent_id": b.agent_id, "seq": b.seq, "window_start": b.window_start,
+             "window_end": b.window_end, "received_at": now}
+            for b in new_batches.values()
+        ]  # fmt: skip
+        for i in range(0, len(batch_rows), ROWS_PER_STATEMENT):
+            stmt = (
+                dialect_insert(MetricBatch)
+                .values(batch_rows[i : i + ROWS_PER_STATEMENT])
+                .on_conflict_do_nothing()
+                .returning(MetricBatch.agent_id, MetricBatch.seq)
+            )
+            inserted.update((a, q) for a, q in await s.execute(stmt))
+        series_rows = [
+            {"agent_id": b.agent_id, "seq": b.seq, "model": x.model, "version": x.version,
+             "window_start": b.window_start, "window_end": b.window_end,
+             "requests": x.requests, "errors": x.errors,
+             "latency_sketch": x.latency_ms.to_json(), "shadow_count": x.shadow_count,
+             "drift_sum": x.drift_sum, "argmax_agree": x.argmax_agree}
+            for key, b in new_batches.items() if key in inserted
+            for x in b.series
+        ]  # fmt: skip
+        for i in range(0, len(series_rows), ROWS_PER_STATEMENT):
+            await s.execute(insert(MetricSeries), series_rows[i : i + ROWS_PER_STATEMENT])
+        seen = sorted({a for a, _ in new_batches} - set(latest_status))
+        for i in range(0, len(seen), ROWS_PER_STATEMENT):
+            await s.execute(
+                update(Agent)
+                .where(Agent.id.in_(seen[i : i + ROWS_PER_STATEMENT]))
+                .values(last_seen_at=now)
+            )
+
+    # A metrics batch counts as stored only for its first occurrence that was inserted.
+    claimed: set[tuple[str, int]] = set()
+    for i, r in enumerate(reports):
+        if isinstance(r, MetricsBatch) and results[i] is True:
+            key = (r.agent_id, r.seq)
+            results[i] = key in inserted and key not in claimed
+            claimed.add(key)
+    return results
+
+
+class Ingestor:
+    """Collects reports from concurrent callers and writes them in shared transactions."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], datetime],
+        max_batch: int = 1000,
+        max_age_s: float = Retention().batches_s,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.max_batch = max_batch
+        # Metric batches older than this are past the dedupe horizon (control_plane/rollup.py):
+        # acknowledged and dropped, so a very late retry can never be counted twice.
+        self.max_age = timedelta(seconds=max_age_s)
+        self.too_old = 0
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        # Figures for /metrics and benchmarks: transactions and reports written.
+        self.transactions = 0
+        self.reports = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        """Start the writer task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ingest-writer")
+
+    async def close(self) -> None:
+        """Stop the writer once what is queued has been written."""
+        if self._task is None:
+            return
+        if not self._task.done():
+            await self._queue.join()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def status(self, report: StatusReport) -> None:
+        """Store a status report; raises ApiError 404 for an unknown agent."""
+        await self._submit(report)
+
+    async def metrics(self, batch: MetricsBatch) -> bool:
+        """Store a metrics batch once; False when this (agent, seq) was stored before."""
+        return await self._submit(batch)
+
+    async def _submit(self, report: StatusReport | MetricsBatch) -> bool:
+        if isinstance(report, MetricsBatch) and report.window_end < self.clock() - self.max_age:
+            self.too_old += 1
+            return False
+        if self._task is None or self._task.done():
+            # No writer (a tool or test using the functions directly): store it alone.
+            return await self._store_one(report)
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(report, fut))
+        return await fut
+
+    async def _store_one(self, report: StatusReport | MetricsBatch) -> bool:
+        now = self.clock()
+        if isinstance(report, StatusReport):
+            await fleet.store_status(self.db, report, now)
+            return True
+        return await fleet.store_metrics(self.db, report, now)
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < self.max_batch and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            try:
+                await self._write(items)
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+
+    async def _write(self, items: list[_Item]) -> None:
+        now = self.clock()
+        try:
+            async with self.db.write() as s:
+                results = await store_batch(s, [i.report for i in items], now, self.db.is_sqlite)
+        except Exception as exc:  # every report is retried alone below
+            if len(items) == 1:
+                self._settle(items[0], exc)
+                return
+            log.warning("batch of %d reports failed (%s); storing them one by one",
+                        len(items), exc)  # fmt: skip
+            for item in items:
+                try:
+                    self._settle(item, await self._store_one(item.report))
+                except Exception as one_exc:  # handed to that caller
+                    self._settle(item, one_exc)
+            return
+        self.transactions += 1
+        self.reports += len(items)
+        self.largest_batch = max(self.largest_batch, len(items))
+        for item, result in zip(items, results, strict=True):
+            self._settle(item, result)
+
+    @staticmethod
+    def _settle(item: _Item, result: bool | BaseException) -> None:
+        if item.future.done():  # the caller went away (client disconnected)
+            return
+        if isinstance(result, BaseException):
+            item.future.set_exception(result)
+        else:
+            item.future.set_result(result)
