@@ -30,6 +30,10 @@ from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusRepo
 from protocol.topics import agent_topic
 
 
+class SimError(Exception):
+    """The simulation cannot go on: a refusal from the control plane, a worker that died."""
+
+
 @dataclass
 class SimOptions:
     """What the simulated fleet does."""
@@ -47,6 +51,13 @@ class SimOptions:
     slow_s: float = 2.0
     status_interval_s: float = 15.0
     timeout_s: float = 300.0
+    processes: int = 1
+    stages: list[dict[str, Any]] | None = None  # None: one stage, 100%
+
+    @property
+    def servers(self) -> list[str]:
+        """Every control plane URL given (comma-separated): agents spread over them."""
+        return [u.strip().rstrip("/") for u in self.server.split(",") if u.strip()]
 
 
 class Fleet:
@@ -59,6 +70,12 @@ class Fleet:
         self.active_at: dict[str, float] = {}
         self.progress = asyncio.Event()
         self.expected: tuple[str, str] | None = None  # (model, version) being rolled out
+        # Reports: every metrics batch made is kept until a control plane acknowledged it.
+        self.batches_made = 0
+        self.batches_stored = 0
+        self.batches_duplicate = 0
+        self.batches_published = 0  # MQTT: acknowledged by the broker
+        self.failovers = 0
 
     async def fetch(self, s: aiohttp.ClientSession, agent: dict[str, Any], digest: str) -> None:
         """A blob, once per fleet (shared cache) or once per agent."""
@@ -72,16 +89,26 @@ class Fleet:
 
     async def _get(self, s: aiohttp.ClientSession, agent: dict[str, Any], digest: str) -> None:
         headers = {"Authorization": f"Bearer {agent['credential']}"}
-        async with s.get(f"{self.opts.server}/api/v1/blobs/{digest}", headers=headers) as r:
-            r.raise_for_status()
-            async for chunk in r.content.iter_chunked(1 << 16):
-                self.fetched_bytes += len(chunk)
+        servers = self.opts.servers
+        for attempt in range(20):
+            server = servers[(hash(agent["agentId"]) + attempt) % len(servers)]
+            try:
+                async with s.get(f"{server}/api/v1/blobs/{digest}", headers=headers) as r:
+                    r.raise_for_status()
+                    async for chunk in r.content.iter_chunked(1 << 16):
+                        self.fetched_bytes += len(chunk)
+                return
+            except (aiohttp.ClientError, TimeoutError):
+                self.failovers += 1
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        raise RuntimeError(f"could not fetch {digest} from any control plane")
 
 
 class SimAgent:
     """One simulated agent."""
 
-    def __init__(self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str) -> None:
+    def __init__(self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str, index: int = 0
+                 ) -> None:  # fmt: skip
         self.fleet = fleet
         self.e = enrolled
         self.id = enrolled["agentId"]
@@ -91,6 +118,36 @@ class SimAgent:
         self.models: list[ModelStatus] = []
         self.seq = 0
         self.headers = {"Authorization": f"Bearer {enrolled['credential']}"}
+        self.server_index = index
+        self.pending: list[dict[str, Any]] = []  # metrics batches not yet acknowledged
+        self._sending = asyncio.Lock()  # heartbeats and desired-state reports take turns
+
+    @property
+    def server(self) -> str:
+        servers = self.fleet.opts.servers
+        return servers[self.server_index % len(servers)]
+
+    def fail_over(self) -> None:
+        """The control plane did not answer: the next request goes to the next one."""
+        self.server_index += 1
+        self.fleet.failovers += 1
+
+    async def call(self, s: aiohttp.ClientSession, method: str, path: str,
+                   **kw: Any) -> tuple[int, bytes]:  # fmt: skip
+        """A request to this agent's control plane, failing over until one answers."""
+        delay = 0.05
+        while True:
+            try:
+                async with s.request(method, f"{self.server}/api/v1{path}", headers=self.headers,
+                                     **kw) as r:  # fmt: skip
+                    body = await r.read()
+                    if r.status < 500:
+                        return r.status, body
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            self.fail_over()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2.0, delay * 2)
 
     async def on_desired(self, s: aiohttp.ClientSession, envelope: bytes, mqtt: Any) -> None:
         try:
@@ -102,9 +159,8 @@ class SimAgent:
         self.generation = ds.generation
         models = []
         for m in ds.models:
-            async with s.get(f"{self.fleet.opts.server}/api/v1/manifests/{m.manifest_digest}",
-                             headers=self.headers) as r:  # fmt: skip
-                manifest = parse_manifest(_payload(await r.read()))
+            _, body = await self.call(s, "GET", f"/manifests/{m.manifest_digest}")
+            manifest = parse_manifest(_payload(body))
             await asyncio.gather(*(self.fleet.fetch(s, self.e, f.digest) for f in manifest.files))
             state = "failed" if self.behaviour == "failing" else "active"
             reason = "simulated failure" if state == "failed" else None
@@ -116,7 +172,7 @@ class SimAgent:
         if self.fleet.expected and any(
             (m.name, m.version, m.state) == (*self.fleet.expected, "active") for m in models
         ):
-            self.fleet.active_at.setdefault(self.id, time.monotonic())
+            self.fleet.active_at.setdefault(self.id, time.time())
             self.fleet.progress.set()
 
     async def report(self, s: aiohttp.ClientSession, mqtt: Any) -> None:
@@ -132,16 +188,34 @@ class SimAgent:
             series.append(w)
         batch = MetricsBatch(self.id, self.seq, now - timedelta(seconds=10), now,
                              tuple(series)).to_json()  # fmt: skip
+        self.fleet.batches_made += 1
         prefix = (self.e.get("mqtt") or {}).get("prefix", "")
         if mqtt is not None:
+            # QoS 1: the broker acknowledges; the control plane stores once it acknowledges.
             await mqtt.publish(agent_topic(self.id, "status", prefix), json.dumps(status), qos=1)
             await mqtt.publish(agent_topic(self.id, "metrics", prefix), json.dumps(batch), qos=1)
+            self.fleet.batches_published += 1
             return
-        base = f"{self.fleet.opts.server}/api/v1/agents/{self.id}"
-        async with s.post(f"{base}/status", json=status, headers=self.headers) as r:
-            await r.read()
-        async with s.post(f"{base}/metrics", json=batch, headers=self.headers) as r:
-            await r.read()
+        self.pending.append(batch)
+        await self.call(s, "POST", f"/agents/{self.id}/status", json=status)
+        await self.flush(s)
+
+    async def flush(self, s: aiohttp.ClientSession) -> None:
+        """Send every batch not yet acknowledged, oldest first; keep what is not."""
+        async with self._sending:
+            await self._flush(s)
+
+    async def _flush(self, s: aiohttp.ClientSession) -> None:
+        while self.pending:
+            code, body = await self.call(s, "POST", f"/agents/{self.id}/metrics",
+                                         json=self.pending[0])  # fmt: skip
+            if code != 200:
+                raise RuntimeError(f"metrics refused ({code}): {body[:200]!r}")
+            self.pending.pop(0)
+            if json.loads(body).get("stored"):
+                self.fleet.batches_stored += 1
+            else:
+                self.fleet.batches_duplicate += 1
 
     async def run(self, s: aiohttp.ClientSession) -> None:
         if self.behaviour == "offline":
@@ -159,12 +233,11 @@ class SimAgent:
     async def _run_http(self, s: aiohttp.ClientSession) -> None:
         beat = asyncio.create_task(self._heartbeats(s, None))
         try:
-            url = f"{self.fleet.opts.server}/api/v1/agents/{self.id}/desired"
             while True:
                 params = {"after": str(self.generation), "wait": "30"}
-                async with s.get(url, params=params, headers=self.headers) as r:
-                    body = await r.read() if r.status == 200 else None
-                if body:
+                code, body = await self.call(s, "GET", f"/agents/{self.id}/desired",
+                                             params=params)  # fmt: skip
+                if code == 200 and body:
                     await self.on_desired(s, body, None)
         finally:
             beat.cancel()
@@ -177,7 +250,7 @@ class SimAgent:
         creds = self.e.get("mqtt") or {}
         url = self.fleet.opts.mqtt or creds.get("url")
         if not url:
-            raise SystemExit("--transport mqtt needs --mqtt or a control plane with a broker")
+            raise SimError("--transport mqtt needs --mqtt or a control plane with a broker")
         host, port, tls = broker_address(url)
         async with aiomqtt.Client(
             host, port, username=creds.get("username"), password=creds.get("password"),
@@ -215,68 +288,232 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 3)
 
 
-async def simulate(opts: SimOptions, rollout: str | None) -> dict[str, Any]:
-    """Enroll, run the fleet, roll ``MODEL:VERSION`` out, and time the convergence."""
-    fleet = Fleet(opts)
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=120))  # fmt: skip
+
+
+async def _new_enrollment_token(s: aiohttp.ClientSession, opts: SimOptions) -> str:
     admin = {"Authorization": f"Bearer {opts.token}"}
-    rng = random.Random(7)
-    conn = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
-        async with s.post(f"{opts.server}/api/v1/enrollment-tokens", headers=admin,
-                          json={"labels": opts.labels, "maxUses": opts.agents}) as r:  # fmt: skip
-            r.raise_for_status()
-            enroll_token = (await r.json())["token"]
-        sims = []
-        for i in range(opts.agents):
-            async with s.post(f"{opts.server}/api/v1/agents/enroll",
-                              json={"token": enroll_token, "name": f"sim-{i}"}) as r:  # fmt: skip
-                r.raise_for_status()
-                behaviour = _behaviour(rng.random(), opts)
-                sims.append(SimAgent(fleet, await r.json(), behaviour))
-        tasks = [asyncio.create_task(a.run(s)) for a in sims]
+    async with s.post(f"{opts.servers[0]}/api/v1/enrollment-tokens", headers=admin,
+                      json={"labels": opts.labels, "maxUses": opts.agents}) as r:  # fmt: skip
+        if r.status != 201:
+            raise SimError(f"enrollment token refused ({r.status}): {await r.text()}")
+        return (await r.json())["token"]
+
+
+async def _start_agents(s: aiohttp.ClientSession, fleet: Fleet, token: str, count: int,
+                        first: int) -> tuple[list[SimAgent], list[asyncio.Task[None]]]:  # fmt: skip
+    """Enroll ``count`` agents (named from ``first``), 32 at a time, and start them."""
+    opts = fleet.opts
+    rng = random.Random(7 + first)
+    sem = asyncio.Semaphore(32)
+
+    async def enroll(i: int) -> SimAgent:
+        async with sem:
+            for attempt in range(10):
+                server = opts.servers[(i + attempt) % len(opts.servers)]
+                try:
+                    async with s.post(f"{server}/api/v1/agents/enroll",
+                                      json={"token": token, "name": f"sim-{i}"}) as r:  # fmt: skip
+                        if r.status == 201:
+                            return SimAgent(fleet, await r.json(), behaviours[i - first], i)
+                        if r.status < 500:
+                            raise SimError(f"enrollment refused ({r.status}): {await r.text()}")
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            raise SimError("no control plane answered the enrollment")
+
+    behaviours = [_behaviour(rng.random(), opts) for _ in range(count)]
+    sims = list(await asyncio.gather(*(enroll(first + i) for i in range(count))))
+    return sims, [asyncio.create_task(a.run(s)) for a in sims]
+
+
+async def _wait_active(fleet: Fleet, want: int, deadline: float) -> None:
+    """Until ``want`` agents report the expected version active, or the wall-clock deadline."""
+    while len(fleet.active_at) < want and time.time() < deadline:
+        fleet.progress.clear()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                await fleet.progress.wait()
+        except TimeoutError:
+            break
+
+
+async def _stop(s: aiohttp.ClientSession, sims: list[SimAgent], tasks: list[asyncio.Task[None]]
+                ) -> None:  # fmt: skip
+    """Stop the agents, then send what each still holds (no report is dropped at exit)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(a.flush(s) for a in sims if a.pending))
+    except TimeoutError:
+        pass
+
+
+def _figures(fleet: Fleet, sims: list[SimAgent]) -> dict[str, Any]:
+    return {"bytes_fetched": fleet.fetched_bytes, "metric_batches": fleet.batches_made,
+            "metric_batches_stored": fleet.batches_stored,
+            "metric_batches_duplicate": fleet.batches_duplicate,
+            "metric_batches_published": fleet.batches_published,
+            "metric_batches_pending": sum(len(a.pending) for a in sims),
+            "failovers": fleet.failovers}  # fmt: skip
+
+
+async def _create_rollout(s: aiohttp.ClientSession, opts: SimOptions, rollout: str) -> None:
+    model, _, version = rollout.partition(":")
+    selector = ",".join(f"{k}={v}" for k, v in opts.labels.items())
+    admin = {"Authorization": f"Bearer {opts.token}"}
+    body: dict[str, Any] = {"model": model, "version": version, "selector": selector}
+    if opts.stages:
+        body["stages"] = opts.stages
+    async with s.post(f"{opts.servers[0]}/api/v1/rollouts", headers=admin, json=body) as r:
+        if r.status != 201:
+            raise SimError(f"rollout refused: {await r.text()}")
+
+
+def _summary(opts: SimOptions, times: list[float], want: int) -> dict[str, Any]:
+    return {"agents": opts.agents, "transport": opts.transport, "processes": opts.processes,
+            "converged": len(times) == want, "active": len(times), "expected": want,
+            "converge_s": round(max(times), 3) if times else None,
+            "p50_s": _pct(times, 0.5), "p99_s": _pct(times, 0.99)}  # fmt: skip
+
+
+async def simulate(opts: SimOptions, rollout: str | None) -> dict[str, Any]:
+    """Enroll, run the fleet, roll ``MODEL:VERSION`` out, and time the convergence.
+
+    Every agent must report the version active: offline or failing ones cannot, so a run told
+    to have them does not converge (and waits out its timeout).
+    """
+    if opts.processes > 1:
+        return await asyncio.to_thread(_simulate_in_processes, opts, rollout)
+    fleet = Fleet(opts)
+    if rollout:  # agents already on it when the rollout starts count as converged at once
+        fleet.expected = tuple(rollout.split(":", 1))  # type: ignore[assignment]
+    async with _session() as s:
+        token = await _new_enrollment_token(s, opts)
+        sims, tasks = await _start_agents(s, fleet, token, opts.agents, 0)
         await asyncio.sleep(1.0)  # let connections settle
         out: dict[str, Any] = {"agents": opts.agents, "transport": opts.transport}
         try:
             if rollout:
-                model, _, version = rollout.partition(":")
-                fleet.expected = (model, version)
-                selector = ",".join(f"{k}={v}" for k, v in opts.labels.items())
-                t0 = time.monotonic()
-                async with s.post(f"{opts.server}/api/v1/rollouts", headers=admin,
-                                  json={"model": model, "version": version,
-                                        "selector": selector}) as r:  # fmt: skip
-                    if r.status != 201:
-                        raise SystemExit(f"rollout refused: {await r.text()}")
-                # Every agent must report the version active: offline or failing ones cannot, so
-                # a run told to have them does not converge (and waits out its --timeout).
-                want = len(sims)
-                deadline = t0 + opts.timeout_s
-                while len(fleet.active_at) < want and time.monotonic() < deadline:
-                    fleet.progress.clear()
-                    try:
-                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                            await fleet.progress.wait()
-                    except TimeoutError:
-                        break
-                times = [t - t0 for t in fleet.active_at.values()]
-                out.update({
-                    "converged": len(times) == want, "active": len(times), "expected": want,
-                    "converge_s": round(max(times), 3) if times else None,
-                    "p50_s": _pct(times, 0.5), "p99_s": _pct(times, 0.99),
-                    "bytes_fetched": fleet.fetched_bytes,
-                })  # fmt: skip
+                t0 = time.time()
+                await _create_rollout(s, opts, rollout)
+                await _wait_active(fleet, len(sims), t0 + opts.timeout_s)
+                times = [max(0.0, t - t0) for t in fleet.active_at.values()]
+                out = _summary(opts, times, len(sims))
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _stop(s, sims, tasks)
+        out.update(_figures(fleet, sims))
     return out
+
+
+# ------------------------------------------------------------------ several processes
+# The parent makes the enrollment token and the rollout; each worker process enrolls and runs
+# its share of the agents on its own event loop and sends back, over a pipe, when each of them
+# reported the version active (wall clock, comparable across processes on one machine).
+
+
+def _worker(opts: SimOptions, token: str, count: int, first: int, rollout: str | None,
+            conn: Any) -> None:  # fmt: skip
+    async def main() -> None:
+        fleet = Fleet(opts)
+        if rollout:  # known before any desired state can arrive
+            fleet.expected = tuple(rollout.split(":", 1))  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        async with _session() as s:
+            sims, tasks = await _start_agents(s, fleet, token, count, first)
+            conn.send(("ready", count))
+            go = await loop.run_in_executor(None, conn.recv)
+            try:
+                if go[0] == "go":
+                    await _wait_active(fleet, count, go[1])
+                    conn.send(("done", list(fleet.active_at.values())))
+                    await loop.run_in_executor(None, conn.recv)  # "stop"
+            finally:
+                await _stop(s, sims, tasks)
+            conn.send(("figures", _figures(fleet, sims)))
+
+    asyncio.run(main())
+
+
+def _simulate_in_processes(opts: SimOptions, rollout: str | None) -> dict[str, Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+
+    async def token() -> str:
+        async with _session() as s:
+            return await _new_enrollment_token(s, opts)
+
+    tok = asyncio.run(token())
+    shares = [opts.agents // opts.processes + (i < opts.agents % opts.processes)
+              for i in range(opts.processes)]  # fmt: skip
+    pipes, procs, first = [], [], 0
+    for share in shares:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(opts, tok, share, first, rollout, child), daemon=True)
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+        first += share
+    try:
+        for c in pipes:
+            if not c.poll(opts.timeout_s) or c.recv()[0] != "ready":
+                raise SimError("a simulator process did not start")
+        time.sleep(1.0)  # let connections settle
+        out: dict[str, Any] = {"agents": opts.agents, "transport": opts.transport,
+                               "processes": opts.processes}  # fmt: skip
+        if rollout:
+            t0 = time.time()
+
+            async def create() -> None:
+                async with _session() as s:
+                    await _create_rollout(s, opts, rollout)
+
+            asyncio.run(create())
+            for c in pipes:
+                c.send(("go", t0 + opts.timeout_s))
+            times: list[float] = []
+            for c in pipes:
+                if c.poll(opts.timeout_s + 30):
+                    times += [max(0.0, t - t0) for t in c.recv()[1]]
+            out = _summary(opts, times, opts.agents)
+        for c in pipes:
+            c.send(("stop",))
+        totals: dict[str, Any] = {}
+        for c in pipes:
+            while c.poll(90):
+                kind, figures = c.recv()
+                if kind == "figures":
+                    for k, v in figures.items():
+                        totals[k] = totals.get(k, 0) + v
+                    break
+        out.update(totals)
+        return out
+    except (EOFError, BrokenPipeError) as exc:
+        raise SimError(f"a simulator process died: {exc!r}") from None
+    finally:
+        for c in pipes:
+            c.close()  # a worker still waiting for orders sees EOF and ends
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+SERVER_HELP = (
+    "control plane URL; several, comma-separated, spread the agents over replicas (an agent "
+    "fails over to the next one when its own does not answer)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``modelfleet sim``."""
     p = sub.add_parser("sim", help="simulate a fleet of agents against a control plane")
-    p.add_argument("--server", required=True)
+    p.add_argument("--server", required=True, help=SERVER_HELP)
     p.add_argument("--token", required=True, help="an operator API token")
     p.add_argument("--agents", type=int, required=True)
     p.add_argument("--transport", choices=("http", "mqtt"), default="http")
@@ -289,6 +526,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--failing", type=float, default=0.0, help="fraction reporting failure")
     p.add_argument("--status-interval", type=float, default=15.0)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--stages", help="stages of the rollout, as for `rollout create` "
+                   "(10%%:30s,50%%:30s,100%%); default one stage of 100%%")  # fmt: skip
+    p.add_argument("--processes", type=int, default=1,
+                   help="worker processes sharing the agents (use every core)")  # fmt: skip
     p.set_defaults(func=cmd_sim)
 
 
@@ -303,13 +544,32 @@ def cmd_sim(args: argparse.Namespace) -> int:
             raise CliError(f"--{name} must be a fraction between 0 and 1")
     if args.rollout and ":" not in args.rollout:
         raise CliError("--rollout takes MODEL:VERSION")
+    stages = None
+    if args.stages:
+        from control_plane.rollout.spec import parse_stages_text
+        from protocol.exceptions import InvalidMessage
+
+        try:
+            stages = parse_stages_text(args.stages)
+        except InvalidMessage as exc:
+            raise CliError(f"--stages: {exc}") from None
+    if not 1 <= args.processes <= 256 or args.processes > args.agents:
+        raise CliError("--processes must be between 1 and the number of agents")
+    for url in args.server.split(","):
+        if not url.strip().startswith(("http://", "https://")):
+            raise CliError(f"--server takes http(s):// URLs, got {url.strip()!r}")
     opts = SimOptions(
         server=args.server.rstrip("/"), token=args.token, agents=args.agents,
         transport=args.transport, mqtt=args.mqtt, labels=parse_labels(args.labels),
         shared_cache=not args.no_shared_cache, offline=args.offline, slow=args.slow,
         failing=args.failing, status_interval_s=args.status_interval, timeout_s=args.timeout,
+        processes=args.processes, stages=stages,
     )  # fmt: skip
-    out = asyncio.run(simulate(opts, args.rollout))
+    try:
+        out = asyncio.run(simulate(opts, args.rollout))
+    except SimError as exc:
+        print(f"modelfleet sim: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(out))
     sys.stdout.flush()
     return 0 if out.get("converged", True) else 1

@@ -4,6 +4,7 @@ PostgreSQL. Every stage moves exactly once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -53,7 +54,11 @@ class Server:
     async def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            await asyncio.to_thread(self.proc.wait, 20)
+            try:
+                await asyncio.to_thread(self.proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # open long-polls can hold a graceful stop up
+                await asyncio.to_thread(self.proc.wait, 10)
 
 
 async def call(url: str, token: str, method: str, path: str, body: Any = None,
@@ -183,5 +188,72 @@ async def test_a_long_poll_on_one_replica_wakes_on_a_change_made_by_another(
         # Woken by NOTIFY, not by b's next database re-read (every 5 s).
         assert answered - t0 < 2.0
     finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_replica_killed_mid_rollout_with_200_simulated_agents(
+    tmp_path: Path, publisher: Publisher, pg_url: str
+) -> None:
+    """2 replicas + PostgreSQL + 200 simulated agents (2 processes) through a staged rollout;
+    one replica is killed with SIGKILL mid-rollout and restarted. The rollout completes with
+    every stage once, every agent converges, and every metrics batch the agents made is stored
+    exactly once (agents fail over to the other replica and retry what was not acknowledged)."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    data = tmp_path / "shared"
+    a = Server(data, pg_url, publisher, "a")
+    b = Server(data, pg_url, publisher, "b")
+    await a.start()
+    await b.start()
+    sim: asyncio.subprocess.Process | None = None
+    try:
+        token = (data / "admin-token").read_text().strip()
+        await call(a.url, token, "POST", "/bundles", data=iris_bundle(publisher.key))
+        sim = await asyncio.create_subprocess_exec(
+            MODELFLEET, "sim", "--server", f"{a.url},{b.url}", "--token", token,
+            "--agents", "200", "--processes", "2", "--labels", "site=sim",
+            "--rollout", "iris:1.0.0", "--stages", "10%:2s,50%:2s,100%",
+            "--status-interval", "1", "--timeout", "120",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        rollout: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            rollouts = (await call(b.url, token, "GET", "/rollouts"))["rollouts"]
+            if rollouts:
+                rollout = await call(b.url, token, "GET", f"/rollouts/{rollouts[0]['id']}")
+                if rollout["progress"]["moved"] >= 20:
+                    break
+            await asyncio.sleep(0.1)
+        assert rollout, "the simulator never created its rollout"
+        await asyncio.sleep(0.5)  # the simulator has its answer to the create
+        await a.stop(signal.SIGKILL)  # mid-rollout, with agents long-polling it
+        await asyncio.sleep(2)
+        await a.start()
+        out_b, err_b = await asyncio.wait_for(sim.communicate(), 150)
+        lines = out_b.decode().strip().splitlines()
+        assert sim.returncode == 0 and lines, err_b.decode()[-3000:]
+        out = json.loads(lines[-1])
+        assert out["converged"] is True and out["active"] == 200
+        assert out["failovers"] > 0  # the kill was felt
+        assert out["metric_batches_pending"] == 0
+        assert out["metric_batches_stored"] + out["metric_batches_duplicate"] == (
+            out["metric_batches"])  # fmt: skip
+        done = await wait_done(b.url, token, rollout["id"])
+        assert_each_stage_once(done, 3, 200)
+        u = make_url(pg_url)
+        conn = await asyncpg.connect(host=u.host, port=u.port or 5432, user=u.username,
+                                     password=u.password, database=u.database)  # fmt: skip
+        try:
+            stored = await conn.fetchval("SELECT count(*) FROM metric_batches")
+        finally:
+            await conn.close()
+        assert stored == out["metric_batches"]  # none lost, none twice
+    finally:
+        if sim is not None and sim.returncode is None:
+            sim.kill()
+            await sim.wait()
         await a.stop()
         await b.stop()

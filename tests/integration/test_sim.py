@@ -42,7 +42,17 @@ async def test_sim_converges_and_fails_when_agents_fail(
                           "--failing", "0.5", "--timeout", "5")  # fmt: skip
     assert code == 1 and out["converged"] is False and out["active"] < 10
 
-    code, _ = await sim("--agents", "0")
-    assert code == 2
+    # Two worker processes sharing 20 agents, every report acknowledged before they exit.
+    code, out = await sim("--agents", "20", "--labels", "site=sim3", "--rollout", "iris:2.0.0",
+                          "--processes", "2", "--status-interval", "0.5")  # fmt: skip
+    assert code == 0, out
+    assert out["processes"] == 2 and out["converged"] is True and out["active"] == 20
+    assert out["metric_batches"] >= 20 and out["metric_batches_pending"] == 0
+    assert out["metric_batches_stored"] + out["metric_batches_duplicate"] == out["metric_batches"]
+
+    for bad in (["--agents", "0"], ["--agents", "2", "--processes", "3"],
+                ["--agents", "2", "--server", "ftp://x"]):  # fmt: skip
+        code, _ = await sim(*bad)
+        assert code == 2, bad
     r = await cp.call("GET", "/fleet")
-    assert (await r.json())["agents"] == 40
+    assert (await r.json())["agents"] == 60
