@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="RATE",
         help="bytes per second for all downloads, e.g. 500k or 20M",
     )
+    r.add_argument(
+        "--download-min-rate",
+        type=_rate,
+        metavar="RATE",
+        help="abandon (and resume) a download slower than this on average (16k)",
+    )
     r.add_argument("--max-concurrent-downloads", type=int, help="(2)")
     r.add_argument("--disk-budget-mb", type=float, help="cap on the blob store's size")
     r.add_argument(

@@ -31,6 +31,10 @@ class AgentConfig:
     max_concurrent_downloads: int = 2
     max_download_rate: float | None = None  # bytes per second, all downloads together
     download_attempts: int = 5
+    # Slow retrieval: an attempt must average at least download_min_rate bytes per second
+    # after download_grace_s, else it is abandoned (and resumed, up to download_attempts).
+    download_min_rate: float = 16 * 1024.0
+    download_grace_s: float = 30.0
     disk_budget_bytes: int | None = None  # None: only the free space of the disk counts
     failpoints: tuple[str, ...] = ()
     # Demos and tests: an artificial delay on every inference, to stand for a slower machine.

@@ -43,6 +43,7 @@ from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError
 from protocol.manifest import FileEntry, Manifest
 from protocol.reports import MetricsBatch, ModelStatus, StatusReport
+from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
 log = logging.getLogger("modelfleet.agent")
@@ -131,6 +132,9 @@ class Agent:
         self.probation: dict[str, Probation] = {}
         self.shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self.last_error: str | None = None
+        # Expiry of the desired state we act on: past it we keep serving but report "stale"
+        # (a control plane, or someone between us, that stopped sending fresh documents).
+        self.desired_expires_at: datetime | None = None
         self.facts = gather_facts()
         self.metrics = MetricsRecorder(_utcnow())
         self.counters: dict[str, float] = {
@@ -223,10 +227,11 @@ class Agent:
             try:
                 ds = accept_desired(
                     self.state.desired_envelope.encode(), self.cp_keys,
-                    self.identity.agent_id, 0, _utcnow(),
+                    self.identity.agent_id, 0, _utcnow(), allow_expired=True,
                 )  # fmt: skip
                 if ds is not None:
                     self.from_control_plane = ds.models
+                    self.desired_expires_at = ds.expires_at
             except ProtocolError as exc:
                 log.warning("stored desired state not used: %s", exc)
         self._merge_desired()
@@ -289,6 +294,7 @@ class Agent:
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.progress.clear()
         self.from_control_plane = ds.models
+        self.desired_expires_at = ds.expires_at
         self._merge_desired()
         self.state.highest_generation = ds.generation
         self.state.desired_envelope = envelope.decode()
@@ -536,15 +542,26 @@ class Agent:
                     half_reported = True
                     self.failpoints.hit("download-midway")
 
+            # A server that trickles bytes (slow retrieval) must not hold the update forever.
+            deadline = self.config.download_grace_s + f.size / self.config.download_min_rate
             for attempt in range(1, self.config.download_attempts + 1):
                 try:
                     part = self.store.partial_path(f.digest)
-                    await self._over(
-                        lambda part=part: self.client.download_blob(
-                            f.digest, f.size, part, on_chunk
-                        ),
-                        lambda part=part: self.mqtt.fetch_blob(f.digest, f.size, part, on_chunk),  # type: ignore[union-attr]
-                    )
+                    try:
+                        async with asyncio.timeout(deadline):
+                            await self._over(
+                                lambda part=part: self.client.download_blob(
+                                    f.digest, f.size, part, on_chunk
+                                ),
+                                lambda part=part, link=self.mqtt: link.fetch_blob(  # type: ignore[union-attr]
+                                    f.digest, f.size, part, on_chunk
+                                ),
+                            )
+                    except TimeoutError:
+                        raise TransportError(
+                            f"blob {f.digest}: slower than {self.config.download_min_rate:.0f} "
+                            f"bytes/s on average (deadline {deadline:.0f}s)"
+                        ) from None
                     break
                 except HttpStatusError as exc:
                     if 400 <= exc.status < 500:
@@ -731,6 +748,13 @@ class Agent:
 
     # ------------------------------------------------------------------------ reports
 
+    def desired_freshness(self) -> dict[str, Any]:
+        """``desiredState``: none, current, or stale (expired, still served); and the expiry."""
+        if self.desired_expires_at is None:
+            return {"desiredState": "none"}
+        state = "stale" if _utcnow() >= self.desired_expires_at else "current"
+        return {"desiredState": state, "desiredExpiresAt": format_time(self.desired_expires_at)}
+
     def status_report(self) -> StatusReport:
         """The agent's status now."""
         models = [
@@ -755,6 +779,7 @@ class Agent:
             extra={
                 "metricsPending": int(self.counters["pending_batches"]),
                 "metricsDropped": int(self.counters["dropped_batches"]),
+                **self.desired_freshness(),
             },
         )
 

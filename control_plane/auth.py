@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -16,6 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Agent, ApiToken
 from control_plane.files import write_private
+
+# What an operator's API token may do. ``admin`` may do everything; the others are least
+# privilege for automation: a dashboard reads (fleet:read), a CI job pushes bundles
+# (models:write), a release tool starts and steers rollouts (rollouts:write).
+SCOPES = ("fleet:read", "models:write", "rollouts:write", "admin")
 
 API_TOKEN_PREFIX = "mfa_"
 AGENT_CREDENTIAL_PREFIX = "mfc_"
@@ -40,6 +46,10 @@ class Operator:
     name: str
     scopes: tuple[str, ...]
 
+    def allows(self, scope: str) -> bool:
+        """Whether this token carries ``scope`` (admin carries every scope)."""
+        return "admin" in self.scopes or scope in self.scopes
+
 
 @dataclass(frozen=True)
 class AgentCaller:
@@ -51,14 +61,18 @@ class AgentCaller:
 Principal = Operator | AgentCaller
 
 
-async def resolve(session: AsyncSession, token: str) -> Principal | None:
-    """Find who holds ``token``, or None."""
+async def resolve(session: AsyncSession, token: str, now: datetime | None = None
+                  ) -> Principal | None:  # fmt: skip
+    """Find who holds ``token``, or None (also for an expired or revoked API token)."""
+    now = now or datetime.now(UTC)
     h = hash_secret(token)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
         agent_id = await session.scalar(select(Agent.id).where(Agent.credential_hash == h))
         return AgentCaller(agent_id) if agent_id else None
     row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
-    if row is None:
+    if row is None or row.revoked_at is not None:
+        return None
+    if row.expires_at is not None and now >= row.expires_at:
         return None
     return Operator(row.id, row.name, tuple(row.scopes))
 

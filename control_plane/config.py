@@ -57,6 +57,9 @@ class ServerConfig:
     # Blobs: None = the directory <data_dir>/blobs (shared by replicas when it is on shared
     # storage); a path = that directory; s3://bucket/prefix = an S3-compatible object store.
     blob_store_url: str | None = None
+    # Requests per second per API token or agent credential (0: no limit), and the burst.
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: float = 200.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -20,12 +20,14 @@ class ControlPlaneError(Exception):
 class ApiError(ControlPlaneError):
     """A refused request, rendered as ``{"error": {"code", "message", "field"?}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers or {}
 
     def to_json(self) -> dict[str, object]:
         """The error body."""

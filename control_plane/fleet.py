@@ -154,6 +154,7 @@ def agent_json(
         "reportedGeneration": agent.reported_generation,
         "models": agent.status.get("models", []),
         "lastError": agent.status.get("lastError"),
+        "desiredState": agent.status.get("desiredState", "unknown"),
         "state": agent_state(agent, now, offline_after_s),
     }
 
@@ -197,6 +198,8 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> Non
             "sentAt": format_time(report.sent_at),
             # A report is a sign of life, whatever the broker last said.
             "presence": "online",
+            # The agent's own word on its desired state: current, or stale (expired, served).
+            "desiredState": str(report.extra.get("desiredState", "unknown"))[:16],
         }
         if report.facts:
             # Facts declared at enrollment (the hourly cost) stay unless the agent restates them.

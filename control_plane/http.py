@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from control_plane import fleet, registry, reports, rollouts
+from control_plane import audit, fleet, registry, reports, rollouts, tokens
 from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
 from control_plane.blobstore import BlobNotFound, BlobStore, open_blob_store
 from control_plane.config import ServerConfig
@@ -34,6 +35,7 @@ from control_plane.errors import ApiError
 from control_plane.ingest import Ingestor
 from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
 from control_plane.notify import DesiredNotifier
+from control_plane.ratelimit import RateLimiter
 from control_plane.rollout.controller import RolloutController
 from protocol.bundle import BundleLimits
 from protocol.digest import check_digest
@@ -63,6 +65,7 @@ class State:
     clock: Clock
     controller: RolloutController
     ingest: Ingestor
+    limiter: RateLimiter | None = None
 
 
 STATE = web.AppKey("state", State)
@@ -143,7 +146,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.to_json(), exc.status)
+        resp = json_response(exc.to_json(), exc.status)
+        resp.headers.update(exc.headers)
+        return resp
     except InvalidMessage as exc:
         return json_response(ApiError(400, "invalid", str(exc), exc.field).to_json(), 400)
     except web.HTTPException as exc:
@@ -155,6 +160,54 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The boundary of every request: log it, answer 500, keep serving.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(ApiError(500, "internal", "internal server error").to_json(), 500)
+
+
+def scoped(route: Route) -> Handler:
+    """The route's handler behind its scope check: an operator's token must carry the scope."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        p = request.get(PRINCIPAL)
+        if isinstance(p, Operator) and not p.allows(route.scope):
+            raise ApiError(403, "insufficient_scope",
+                           f"this API token lacks the {route.scope!r} scope this route needs",
+                           "scope")  # fmt: skip
+        return await route.handler(request)
+
+    return handler
+
+
+AUDIT_QUIET = re.compile(r"^/api/v1/agents/[^/]+/(status|metrics|desired)$")
+
+
+@web.middleware
+async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Record every change (any method but GET/HEAD) and every refusal (401, 403, 429)."""
+    resp = await handler(request)
+    status = resp.status
+    refused = status in (401, 403, 429)
+    change = request.method not in ("GET", "HEAD", "OPTIONS")
+    if not request.path.startswith("/api/v1/") or not (refused or change):
+        return resp
+    if not refused and (AUDIT_QUIET.match(request.path) or status >= 500):
+        return resp  # an agent's routine report (data, not a change), or nothing changed
+    p = request.get(PRINCIPAL)
+    if isinstance(p, Operator):
+        actor = f"token:{p.token_id}:{p.name}"
+    elif isinstance(p, AgentCaller):
+        actor = f"agent:{p.agent_id}"
+    else:
+        actor = "anonymous"
+    route = request.match_info.route.resource
+    detail = {"route": route.canonical if route is not None else None}
+    try:
+        await audit.append(st(request).db, st(request).clock(), actor,
+                           f"{request.method} {detail['route'] or request.path}", request.path,
+                           status, request.remote or "", detail)  # fmt: skip
+    except Exception:
+        # The answer already happened; a lost audit row is logged loudly, never hidden.
+        log.exception("could not append to the audit log: %s %s %s", actor, request.method,
+                      request.path)  # fmt: skip
+    return resp
 
 
 @web.middleware
@@ -171,6 +224,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal is None:
         raise ApiError(401, "unauthenticated", "the bearer token is not valid")
     request[PRINCIPAL] = principal
+    limiter = st(request).limiter
+    if limiter is not None:
+        key = ("token", principal.token_id) if isinstance(principal, Operator) else (
+            "agent", principal.agent_id)  # fmt: skip
+        wait = limiter.take(key)
+        if wait:
+            raise ApiError(429, "rate_limited",
+                           f"too many requests from this {key[0]}; retry in {wait:.1f}s",
+                           headers={"Retry-After": RateLimiter.retry_after(wait)})  # fmt: skip
     return await handler(request)
 
 
@@ -509,6 +571,39 @@ async def get_fleet(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------ route table
 
 
+async def post_token(request: web.Request) -> web.Response:
+    """Create an API token."""
+    operator(request)
+    state = st(request)
+    return json_response(await tokens.create_token(state.db, await read_json(request),
+                                                   state.clock()), 201)  # fmt: skip
+
+
+async def get_tokens(request: web.Request) -> web.Response:
+    """List API tokens."""
+    operator(request)
+    state = st(request)
+    return json_response({"tokens": await tokens.list_tokens(state.db, state.clock())})
+
+
+async def delete_token(request: web.Request) -> web.Response:
+    """Revoke an API token."""
+    operator(request)
+    state = st(request)
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, "invalid", "token id must be a number", "id")
+    return json_response(await tokens.revoke_token(state.db, int(raw), state.clock()))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    """Audit events after ``after`` (an id), at most ``limit`` (1000)."""
+    operator(request)
+    after = int(query_number(request, "after", 0, 2**62))
+    limit = int(query_number(request, "limit", 1000, 1000)) or 1
+    return json_response(await audit.list_events(st(request).db, after, limit))
+
+
 @dataclass(frozen=True)
 class Route:
     """One route and what the OpenAPI document says of it."""
@@ -520,6 +615,7 @@ class Route:
     auth: str  # "none" | "operator" | "agent" | "agent-or-operator" | "any"
     body: str | None = None  # media type of the request body
     responses: tuple[int, ...] = (200,)
+    scope: str = "fleet:read"  # what an operator's API token needs here (admin has all)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -533,6 +629,7 @@ ROUTES: tuple[Route, ...] = (
         "operator",
         "application/vnd.modelfleet.bundle.v1+tar",
         (200, 201, 400, 409, 413, 422),
+        scope="models:write",
     ),
     Route("GET", "/api/v1/models", get_models, "List models", "operator"),
     Route(
@@ -570,6 +667,7 @@ ROUTES: tuple[Route, ...] = (
         "operator",
         "application/json",
         (201, 400),
+        scope="admin",
     ),
     Route(
         "POST",
@@ -625,6 +723,7 @@ ROUTES: tuple[Route, ...] = (
         "operator",
         "application/json",
         (201, 400, 404, 409),
+        scope="rollouts:write",
     ),
     Route("GET", "/api/v1/rollouts", get_rollouts, "List rollouts", "operator"),
     Route(
@@ -663,6 +762,45 @@ ROUTES: tuple[Route, ...] = (
         "operator",
         "application/json",
         (200, 400, 404, 409),
+        scope="rollouts:write",
+    ),
+    Route(
+        "POST",
+        "/api/v1/tokens",
+        post_token,
+        "Create an API token with scopes (the secret is shown once)",
+        "operator",
+        "application/json",
+        (201, 400),
+        scope="admin",
+    ),
+    Route(
+        "GET",
+        "/api/v1/tokens",
+        get_tokens,
+        "List API tokens (never their secrets)",
+        "operator",
+        scope="admin",
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/tokens/{id}",
+        delete_token,
+        "Revoke an API token at once",
+        "operator",
+        None,
+        (200, 404),
+        scope="admin",
+    ),
+    Route(
+        "GET",
+        "/api/v1/audit",
+        get_audit,
+        "The hash-chained audit log, oldest first",
+        "operator",
+        None,
+        (200, 400),
+        scope="admin",
     ),
 )
 
@@ -770,15 +908,19 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         clock=clock,
         controller=RolloutController(db, signer, notifier, clock, config.controller_interval_s),
         ingest=Ingestor(db, clock, max_age_s=config.retention.batches_s),
+        limiter=RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
+        if config.rate_limit_per_s > 0
+        else None,
     )
     if not state.trusted:
         log.warning("no trusted publisher keys: every bundle push will be refused")
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_json_bytes
+        middlewares=[audit_middleware, error_middleware, auth_middleware],
+        client_max_size=config.max_json_bytes,
     )
     app[STATE] = state
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        app.router.add_route(r.method, r.path, scoped(r))
     add_ui_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     return app

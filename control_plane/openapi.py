@@ -73,7 +73,8 @@ def _operation(r: Route) -> dict[str, Any]:
         for n, d, s in _QUERY.get(r.path, [])
     ]
     responses: dict[str, Any] = {}
-    for code in r.responses + ((401,) if r.auth != "none" else ()):
+    extra = (401, 403) if r.auth != "none" else ()
+    for code in r.responses + tuple(c for c in extra if c not in r.responses):
         resp: dict[str, Any] = {"description": _STATUS_TEXT.get(code, str(code))}
         if code >= 400:
             resp["content"] = {
@@ -87,6 +88,8 @@ def _operation(r: Route) -> dict[str, Any]:
         "responses": responses,
         "x-modelfleet-auth": r.auth,
     }
+    if r.auth in ("operator", "agent-or-operator", "any"):
+        op["x-modelfleet-scope"] = r.scope
     if params:
         op["parameters"] = params
     if r.auth != "none":
@@ -129,13 +132,16 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "API token, or an agent's own credential for that agent's routes. Errors are "
         '`{"error": {"code", "message", "field"?}}`.',
         "",
-        "| method | path | who | summary |",
-        "| --- | --- | --- | --- |",
+        "An operator's token reaches a route only if it carries the route's scope (`admin` "
+        "carries all): `fleet:read`, `models:write`, `rollouts:write` or `admin`.",
+        "",
+        "| method | path | who | scope | summary |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             lines.append(f"| {method.upper()} | `{path}` | {op['x-modelfleet-auth']} | "
-                         f"{op['summary']} |")  # fmt: skip
+                         f"{op.get('x-modelfleet-scope', '')} | {op['summary']} |")  # fmt: skip
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             lines += ["", f"## {method.upper()} {path}", "", op["description"], ""]

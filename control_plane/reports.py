@@ -260,7 +260,7 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
 
 
 def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
-    """online, offline, updating or failed."""
+    """online, offline, updating, failed, or stale (its desired state expired)."""
     states = {m.get("state") for m in agent.status.get("models", [])}
     if states & {"failed", "refused"}:
         return "failed"
@@ -271,6 +271,8 @@ def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
     seen = agent.last_seen_at
     if seen is None or (now - seen).total_seconds() > offline_after_s:
         return "offline"
+    if agent.status.get("desiredState") == "stale":  # serving, on an expired desired state
+        return "stale"
     return "online"
 
 

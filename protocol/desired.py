@@ -162,13 +162,16 @@ def accept_desired(
     agent_id: str,
     highest_generation: int,
     now: datetime,
+    *,
+    allow_expired: bool = False,
 ) -> DesiredState | None:
     """Verify a desired-state envelope for this agent.
 
     Returns the state when its generation is newer than ``highest_generation``, None when it is
     the same generation (nothing to do). Raises SignatureError when not signed by the control
     plane, InvalidMessage when malformed or addressed to another agent, and ReplayError when
-    its generation went down or it has expired.
+    its generation went down or it has expired. ``allow_expired`` is for an agent restarting
+    from the document it had already accepted: it keeps serving it (and reports itself stale).
     """
     envelope = parse_envelope(envelope_bytes)
     payload, _ = verify(envelope, control_plane_keys, DESIRED_PAYLOAD_TYPE)
@@ -182,7 +185,7 @@ def accept_desired(
             f"desired state generation {state.generation} is older than "
             f"{highest_generation}, already accepted"
         )
-    if now >= state.expires_at:
+    if now >= state.expires_at and not allow_expired:
         raise ReplayError(f"desired state expired at {format_time(state.expires_at)}")
     if state.generation == highest_generation:
         return None

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
-from control_plane.cli import operate, publish, serve
+from control_plane.cli import operate, publish, security, serve
 from control_plane.cli.common import CliError
 
 Command = Callable[[argparse.Namespace], int]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)
     publish.register(sub)
     operate.register(sub)
+    security.register(sub)
     from control_plane.sim import register as register_sim
 
     register_sim(sub)

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "hour (7d)")  # fmt: skip
     p.add_argument("--retain-hours", help="keep per-hour roll-ups this long (400d)")
     p.add_argument("--rollup-interval", type=float, help="seconds between roll-up passes (60)")
+    p.add_argument("--rate-limit", type=float, help="requests per second per API token or agent "
+                   "credential, bursts of 4x (50; 0 turns it off)")  # fmt: skip
     p.add_argument("--blob-store", help="where blobs live: a directory (default <data-dir>/blobs)"
                    " or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")  # fmt: skip
     p.set_defaults(func=cmd_server)
@@ -106,6 +108,7 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "retain_hours": ("MODELFLEET_RETAIN_HOURS", lambda v: retention_seconds(v), 400 * 86400.0),
     "rollup_interval": ("MODELFLEET_ROLLUP_INTERVAL", float, 60.0),
     "blob_store": ("MODELFLEET_BLOB_STORE", str, None),
+    "rate_limit": ("MODELFLEET_RATE_LIMIT", float, 50.0),
 }  # fmt: skip
 
 
@@ -161,7 +164,8 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "retain_minutes": _opt(args, "retain_minutes", retention_seconds),
            "retain_hours": _opt(args, "retain_hours", retention_seconds),
            "rollup_interval": getattr(args, "rollup_interval", None),
-           "blob_store": getattr(args, "blob_store", None)}  # fmt: skip
+           "blob_store": getattr(args, "blob_store", None),
+           "rate_limit": getattr(args, "rate_limit", None)}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -194,6 +198,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError("max_bundle_mb must be positive")
     if not 0 < s["controller_interval"] <= 3600:
         raise CliError("controller_interval must be between 0 and 3600 seconds")
+    if not 0 <= s["rate_limit"] <= 1e6:
+        raise CliError("rate_limit must be between 0 (off) and 1000000 requests per second")
     if not 0 < s["rollup_interval"] <= 86400:
         raise CliError("rollup_interval must be between 0 and 86400 seconds")
     retention = Retention(s["retain_raw"], s["retain_minutes"], s["retain_hours"],
@@ -235,6 +241,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         retention=retention,
         rollup_interval_s=s["rollup_interval"],
         blob_store_url=s["blob_store"],
+        rate_limit_per_s=s["rate_limit"],
+        rate_limit_burst=max(20.0, 4 * s["rate_limit"]),
     )
 
 

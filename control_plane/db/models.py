@@ -100,6 +100,8 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class EnrollmentToken(Base):
@@ -258,3 +260,24 @@ class MetricRollup(Base):
     shadow_count: Mapped[int] = mapped_column(BigInteger, default=0)
     drift_sum: Mapped[float] = mapped_column(Float, default=0.0)
     argmax_agree: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AuditEvent(Base):
+    """One entry of the append-only audit log; each row's hash covers the previous row's.
+
+    ``hash = sha256(prev_hash + canonical JSON of the row)`` (control_plane/audit.py), so an
+    edited or deleted row breaks the chain from there on; ``modelfleet audit verify`` checks it.
+    """
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)  # fmt: skip
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(200))
+    target: Mapped[str] = mapped_column(String(500))
+    outcome: Mapped[int] = mapped_column(Integer)
+    remote: Mapped[str] = mapped_column(String(100))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -152,3 +152,10 @@ async def test_token_bucket_holds_downloads_to_the_rate() -> None:
         await bucket.consume(62_500)  # 1.5 MB in all
     # A lower bound only: however slow the machine, the limit cannot be beaten.
     assert time.monotonic() - t0 >= 0.45
+
+
+def test_inference_port_binds_loopback_unless_configured() -> None:
+    from agent.settings import merge, serve_address
+
+    assert serve_address(merge({}, {})["serve"]) == ("127.0.0.1", 8510)
+    assert serve_address(merge({"serve": "0.0.0.0:9000"}, {})["serve"]) == ("0.0.0.0", 9000)
