@@ -55,6 +55,13 @@ class MetricsBuffer:
         row = self._db.execute("SELECT seq, body FROM batches ORDER BY seq LIMIT 1").fetchone()
         return (row[0], json.loads(row[1])) if row else None
 
+    def batch(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` pending batches, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, body FROM batches ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [(seq, json.loads(body)) for seq, body in rows]
+
     def ack(self, seq: int) -> None:
         """Forget a batch the control plane has stored."""
         self._db.execute("DELETE FROM batches WHERE seq=?", (seq,))

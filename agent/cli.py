@@ -19,6 +19,7 @@ from agent.facts import gather_facts
 from agent.settings import SETTINGS, load_file, merge, parse_rate, to_config
 from agent.state import Identity, StateDir
 from agent.systemd import Notifier
+from agent.tls import client_context
 from protocol.exceptions import InvalidMessage
 from protocol.labels import check_labels, parse_labels
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--name")
     e.add_argument("--labels", help="k=v,k2=v2")
     e.add_argument("--cost-per-hour", type=float, help="declared hourly cost of this machine")
+    _tls_options(e)
     e.set_defaults(func=cmd_enroll)
 
     r = asub.add_parser("run", help="run the agent daemon")
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--heartbeat", type=float, help="seconds between heartbeats (15)")
     r.add_argument("--poll-wait", type=float, help="long-poll seconds (30)")
     r.add_argument("--metrics-interval", type=float, help="seconds per metrics batch (10)")
+    r.add_argument("--metrics-ack-timeout", type=float,
+                   help="resend a batch sent over MQTT the control plane has not acknowledged "
+                   "after this many seconds (30)")  # fmt: skip
     r.add_argument(
         "--max-download-rate",
         type=_rate,
@@ -89,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="demos and tests: delay every inference this much (a slower machine)",
     )
+    _tls_options(r)
     r.set_defaults(func=cmd_run)
 
     i = asub.add_parser("import", help="install a signed bundle with no route to the control plane")
@@ -101,6 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from agent.install import register_install
 
     register_install(asub)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca", help="CA file that signed an https:// control plane's certificate")
+    p.add_argument("--client-cert", help="client certificate for mutual TLS")
+    p.add_argument("--client-key", help="its private key")
 
 
 def _rate(text: str) -> float:
@@ -150,7 +162,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             return _fail("--cost-per-hour must be >= 0", 2)
         facts["costPerHour"] = args.cost_per_hour
     try:
-        out = asyncio.run(enroll(server, token, name, labels, facts))
+        tls = client_context(args.ca or file.get("ca"), args.client_cert or file.get("client_cert"),
+                             args.client_key or file.get("client_key"))  # fmt: skip
+        out = asyncio.run(enroll(server, token, name, labels, facts, tls))
         identity = Identity(
             agent_id=out["agentId"],
             server=server,

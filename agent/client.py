@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,19 @@ OnChunk = Callable[[int, int], Awaitable[None]]
 class ControlPlaneClient:
     """Talks to one control plane with this agent's credential."""
 
-    def __init__(self, server: str, credential: str, agent_id: str) -> None:
+    def __init__(self, server: str, credential: str, agent_id: str,
+                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.server = server.rstrip("/")
+        self.ssl_context = ssl_context
         self.agent_id = agent_id
         self._headers = {"Authorization": f"Bearer {credential}"}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ControlPlaneClient:
         self._session = aiohttp.ClientSession(
-            headers=self._headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            connector=aiohttp.TCPConnector(ssl=self.ssl_context or True),
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
         return self
 
@@ -154,8 +159,9 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> byt
 
 
 async def enroll(
-    server: str, token: str, name: str | None, labels: dict[str, str], facts: dict[str, Any]
-) -> dict[str, Any]:
+    server: str, token: str, name: str | None, labels: dict[str, str], facts: dict[str, Any],
+    ssl_context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Enroll with an enrollment token; returns the control plane's answer.
 
     Raises TransportError (HttpStatusError for a refusal).
@@ -165,7 +171,10 @@ async def enroll(
         body["name"] = name
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=30),
+                connector=aiohttp.TCPConnector(ssl=ssl_context or True),
+            ) as s,
             s.post(f"{server.rstrip('/')}/api/v1/agents/enroll", json=body) as resp,
         ):
             if resp.status != 201:

@@ -18,6 +18,9 @@ class AgentConfig:
     heartbeat_s: float = 15.0
     poll_wait_s: float = 30.0
     metrics_interval_s: float = 10.0
+    # A batch published over MQTT and not acknowledged by the control plane within this long
+    # is sent again (a broker can lose what it holds in flight, or while no replica listens).
+    metrics_ack_timeout_s: float = 30.0
     max_pending_batches: int = 10_000  # on-disk buffer; the oldest go first beyond this
     inference_threads: int = max(2, os.cpu_count() or 2)
     allow_cuda: bool = True
@@ -43,6 +46,10 @@ class AgentConfig:
     # HTTP fallback polls every poll_interval_s instead of long-polling.
     mqtt_url: str | None = None
     mqtt_ca_file: str | None = None  # for mqtts://
+    # https:// control planes: a custom CA to verify them, and a client certificate (mTLS).
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
     poll_interval_s: float = 300.0
     # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
     # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).

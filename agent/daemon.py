@@ -36,6 +36,7 @@ from agent.runtime import LoadedModel, check_feeds, load_model, run_smoke_test
 from agent.state import Identity, StateDir
 from agent.store import LocalStore
 from agent.systemd import Notifier
+from agent.tls import client_context
 from agent.trust import verified_manifest
 from agent.variants import choose_variant, providers_for
 from protocol.backoff import Backoff
@@ -120,8 +121,9 @@ class Agent:
         )
         self.failpoints = Failpoints(config.failpoints)
         self.client = ControlPlaneClient(
-            self.identity.server, self.identity.credential, self.identity.agent_id
-        )
+            self.identity.server, self.identity.credential, self.identity.agent_id,
+            client_context(config.ca_file, config.client_cert_file, config.client_key_file),
+        )  # fmt: skip
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
         self.models: dict[str, LoadedModel] = {}
         self.desired: tuple[DesiredModel, ...] = ()
@@ -132,6 +134,7 @@ class Agent:
         self.probation: dict[str, Probation] = {}
         self.shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self.last_error: str | None = None
+        self._sent_over_mqtt: dict[int, float] = {}  # metrics seq -> when published, unacked
         # Expiry of the desired state we act on: past it we keep serving but report "stale"
         # (a control plane, or someone between us, that stopped sending fresh documents).
         self.desired_expires_at: datetime | None = None
@@ -162,10 +165,15 @@ class Agent:
         def changed(connected: bool) -> None:
             self._transport_changed.set()
             self._status_dirty.set()
+            if connected:
+                # What was in flight when the link dropped may be lost with a restarted broker:
+                # send every unacknowledged batch again now (its seq makes that harmless).
+                self._sent_over_mqtt.clear()
 
         return MqttLink(
             self.identity.agent_id, url, given.get("username"), given.get("password"),
             given.get("prefix", ""), self.handle_desired, changed, self.config.mqtt_ca_file,
+            self._metrics_acked,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ lifecycle
@@ -828,15 +836,32 @@ class Agent:
         self.counters["pending_batches"] = pending
         self.counters["dropped_batches"] = dropped
 
+    async def _metrics_acked(self, seq: int) -> None:
+        """The control plane stored batch ``seq`` (said over MQTT): forget it."""
+        self._sent_over_mqtt.pop(seq, None)
+        await asyncio.to_thread(self.buffer.ack, seq)
+        await self._refresh_buffer_counters()
+
     async def _flush_metrics(self) -> None:
-        """Send buffered batches oldest first; raises TransportError when the link fails."""
+        """Send buffered batches oldest first; raises TransportError when the link fails.
+
+        Over HTTP a batch goes when the control plane answers that it stored it. Over MQTT the
+        broker's PUBACK is not enough (a broker restart can lose what it had in flight to the
+        control plane): the batch stays until the control plane's metrics/ack names it, and is
+        sent again (by MQTT or HTTP) if that does not come within metrics_ack_timeout_s. Its
+        seq makes every resend harmless.
+        """
         try:
-            while (item := await asyncio.to_thread(self.buffer.oldest)) is not None:
-                seq, body = item
-                # Over MQTT the broker's PUBACK lets the batch go; its seq makes a resend after
-                # a reconnect harmless, as over HTTP.
-                if not (self.mqtt is not None and await self.mqtt.publish("metrics", body)):
-                    await self.client.post_metrics(body)
+            now = time.monotonic()
+            for seq, body in await asyncio.to_thread(self.buffer.batch, 200):
+                sent = self._sent_over_mqtt.get(seq)
+                if sent is not None and now - sent < self.config.metrics_ack_timeout_s:
+                    continue  # on its way; the acknowledgement will let it go
+                if self.mqtt is not None and await self.mqtt.publish("metrics", body):
+                    self._sent_over_mqtt[seq] = time.monotonic()
+                    continue
+                await self.client.post_metrics(body)
+                self._sent_over_mqtt.pop(seq, None)
                 await asyncio.to_thread(self.buffer.ack, seq)
         finally:
             await self._refresh_buffer_counters()

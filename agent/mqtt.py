@@ -43,6 +43,7 @@ class MqttLink:
         on_desired: Callable[[bytes], Awaitable[bool]],
         on_change: Callable[[bool], None],
         ca_file: str | None = None,
+        on_metrics_ack: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         u = urlsplit(url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
@@ -56,6 +57,7 @@ class MqttLink:
         self.prefix = prefix or DEFAULT_PREFIX
         self.on_desired = on_desired
         self.on_change = on_change
+        self.on_metrics_ack = on_metrics_ack
         self.client: aiomqtt.Client | None = None
         self.connected = False
         self._replies: dict[bytes, asyncio.Future[tuple[bytes, dict[str, str]]]] = {}
@@ -96,16 +98,20 @@ class MqttLink:
             try:
                 await client.subscribe(self.topic("desired"), qos=1)
                 await client.subscribe(self.topic("blobs/response"), qos=1)
+                await client.subscribe(self.topic("metrics/ack"), qos=1)
                 await client.publish(self.topic("presence"), b"online", qos=1, retain=True)
                 self._set(True)
                 log.info("MQTT connected to %s:%d", self.host, self.port)
                 response_topic = self.topic("blobs/response")
+                ack_topic = self.topic("metrics/ack")
                 async for message in client.messages:
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
                         continue
                     if str(message.topic) == response_topic:
                         self._reply(bytes(payload), message.properties)
+                    elif str(message.topic) == ack_topic:
+                        await self._metrics_ack(bytes(payload))
                     else:
                         await self.on_desired(bytes(payload))
             finally:
@@ -115,6 +121,15 @@ class MqttLink:
                         fut.set_exception(TransportError("MQTT connection lost"))
                 self._replies.clear()
                 self._set(False)
+
+    async def _metrics_ack(self, payload: bytes) -> None:
+        try:
+            seq = json.loads(payload)["seq"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed metrics acknowledgement: %r", payload[:80])
+            return
+        if isinstance(seq, int) and not isinstance(seq, bool) and self.on_metrics_ack:
+            await self.on_metrics_ack(seq)
 
     def _reply(self, payload: bytes, props: Properties | None) -> None:
         corr = getattr(props, "CorrelationData", None) if props is not None else None

@@ -60,6 +60,10 @@ class ServerConfig:
     # Requests per second per API token or agent credential (0: no limit), and the burst.
     rate_limit_per_s: float = 50.0
     rate_limit_burst: float = 200.0
+    # HTTPS: certificate and key; with a client CA, mutual TLS (every client shows a cert).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -162,6 +162,9 @@ class MqttBridge:
                     await asyncio.sleep(delay)
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)
+        except aiomqtt.MqttError as exc:
+            # The link dropped mid-answer: unacknowledged, the broker sends it again.
+            log.info("MQTT message on %s left for redelivery: %s", message.topic, exc)
         finally:
             self._in_flight.release()
 
@@ -208,13 +211,24 @@ class MqttBridge:
                 if kind == "status":
                     await self.ingest.status(status_from_json(doc))
                 elif kind == "metrics":
-                    await self.ingest.metrics(metrics_from_json(doc))
+                    batch = metrics_from_json(doc)
+                    stored = await self.ingest.metrics(batch)
+                    # End to end: the agent forgets a batch only on this word, not on the
+                    # broker's PUBACK (a broker restart can lose what it had in flight).
+                    ack = json.dumps({"seq": batch.seq, "stored": stored}).encode()
+                    await self._publish(agent_topic(agent_id, "metrics/ack", self.prefix), ack)
                 else:
                     raise ProtocolError(f"the control plane does not take {kind} messages")
             self.stored[kind] += 1
         except (ProtocolError, ValueError, ApiError) as exc:
             self.malformed += 1
             log.warning("dropped malformed MQTT message on %s: %s", topic, exc)
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        client = self.client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        await client.publish(topic, payload, qos=1)
 
     async def _answer(self, agent_id: str, payload: bytes, props: Properties | None) -> None:
         """One chunk of a blob (or a manifest envelope) to the agent's own response topic."""

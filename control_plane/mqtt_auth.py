@@ -47,6 +47,7 @@ def acl_file(prefix: str = DEFAULT_PREFIX) -> str:
         f"pattern read {base}/%u/desired\n"
         f"pattern write {base}/%u/status\n"
         f"pattern write {base}/%u/metrics\n"
+        f"pattern read {base}/%u/metrics/ack\n"
         f"pattern readwrite {base}/%u/presence\n"
         f"pattern write {base}/%u/blobs/request\n"
         f"pattern read {base}/%u/blobs/response\n"

@@ -25,7 +25,7 @@ from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.exceptions import ProtocolError
 from protocol.labels import parse_labels
-from protocol.manifest import parse_manifest
+from protocol.manifest import Manifest, parse_manifest
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
 from protocol.topics import agent_topic
 
@@ -66,6 +66,7 @@ class Fleet:
     def __init__(self, opts: SimOptions) -> None:
         self.opts = opts
         self.cache: dict[str, asyncio.Task[None]] = {}
+        self.manifests: dict[str, asyncio.Task[Manifest]] = {}
         self.fetched_bytes = 0
         self.active_at: dict[str, float] = {}
         self.progress = asyncio.Event()
@@ -76,6 +77,22 @@ class Fleet:
         self.batches_duplicate = 0
         self.batches_published = 0  # MQTT: acknowledged by the broker
         self.failovers = 0
+
+    async def manifest(self, s: aiohttp.ClientSession, agent: SimAgent, digest: str) -> Manifest:
+        """A version's signed manifest, once per fleet (shared cache) or once per agent."""
+
+        async def get() -> Manifest:
+            code, body = await agent.call(s, "GET", f"/manifests/{digest}")
+            if code != 200:
+                raise SimError(f"manifest {digest}: HTTP {code}")
+            return parse_manifest(_payload(body))
+
+        if not self.opts.shared_cache:
+            return await get()
+        task = self.manifests.get(digest)
+        if task is None:
+            task = self.manifests[digest] = asyncio.create_task(get())
+        return await asyncio.shield(task)
 
     async def fetch(self, s: aiohttp.ClientSession, agent: dict[str, Any], digest: str) -> None:
         """A blob, once per fleet (shared cache) or once per agent."""
@@ -159,8 +176,7 @@ class SimAgent:
         self.generation = ds.generation
         models = []
         for m in ds.models:
-            _, body = await self.call(s, "GET", f"/manifests/{m.manifest_digest}")
-            manifest = parse_manifest(_payload(body))
+            manifest = await self.fleet.manifest(s, self, m.manifest_digest)
             await asyncio.gather(*(self.fleet.fetch(s, self.e, f.digest) for f in manifest.files))
             state = "failed" if self.behaviour == "failing" else "active"
             reason = "simulated failure" if state == "failed" else None

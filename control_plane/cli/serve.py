@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "hour (7d)")  # fmt: skip
     p.add_argument("--retain-hours", help="keep per-hour roll-ups this long (400d)")
     p.add_argument("--rollup-interval", type=float, help="seconds between roll-up passes (60)")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain first)")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA "
+                   "(mutual TLS for agents and operators)")  # fmt: skip
     p.add_argument("--rate-limit", type=float, help="requests per second per API token or agent "
                    "credential, bursts of 4x (50; 0 turns it off)")  # fmt: skip
     p.add_argument("--blob-store", help="where blobs live: a directory (default <data-dir>/blobs)"
@@ -109,6 +114,9 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "rollup_interval": ("MODELFLEET_ROLLUP_INTERVAL", float, 60.0),
     "blob_store": ("MODELFLEET_BLOB_STORE", str, None),
     "rate_limit": ("MODELFLEET_RATE_LIMIT", float, 50.0),
+    "tls_cert": ("MODELFLEET_TLS_CERT", str, None),
+    "tls_key": ("MODELFLEET_TLS_KEY", str, None),
+    "tls_client_ca": ("MODELFLEET_TLS_CLIENT_CA", str, None),
 }  # fmt: skip
 
 
@@ -165,7 +173,10 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "retain_hours": _opt(args, "retain_hours", retention_seconds),
            "rollup_interval": getattr(args, "rollup_interval", None),
            "blob_store": getattr(args, "blob_store", None),
-           "rate_limit": getattr(args, "rate_limit", None)}  # fmt: skip
+           "rate_limit": getattr(args, "rate_limit", None),
+           "tls_cert": getattr(args, "tls_cert", None),
+           "tls_key": getattr(args, "tls_key", None),
+           "tls_client_ca": getattr(args, "tls_client_ca", None)}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -198,6 +209,13 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError("max_bundle_mb must be positive")
     if not 0 < s["controller_interval"] <= 3600:
         raise CliError("controller_interval must be between 0 and 3600 seconds")
+    if bool(s["tls_cert"]) != bool(s["tls_key"]):
+        raise CliError("tls_cert and tls_key go together")
+    if s["tls_client_ca"] and not s["tls_cert"]:
+        raise CliError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if s[name] and not Path(s[name]).is_file():
+            raise CliError(f"{name} {s[name]}: no such file")
     if not 0 <= s["rate_limit"] <= 1e6:
         raise CliError("rate_limit must be between 0 (off) and 1000000 requests per second")
     if not 0 < s["rollup_interval"] <= 86400:
@@ -242,8 +260,28 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         rollup_interval_s=s["rollup_interval"],
         blob_store_url=s["blob_store"],
         rate_limit_per_s=s["rate_limit"],
+        tls_cert_file=s["tls_cert"],
+        tls_key_file=s["tls_key"],
+        tls_client_ca_file=s["tls_client_ca"],
         rate_limit_burst=max(20.0, 4 * s["rate_limit"]),
     )
+
+
+def server_tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for --tls-cert/--tls-key; with --tls-client-ca every client must present a
+    certificate that CA signed (mutual TLS). Raises CliError for unreadable files."""
+    if not config.tls_cert_file:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        if config.tls_client_ca_file:
+            ctx.load_verify_locations(config.tls_client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"TLS: {exc}") from None
+    return ctx
 
 
 async def serve(config: ServerConfig) -> None:
@@ -256,15 +294,18 @@ async def serve(config: ServerConfig) -> None:
         app = create_app(config)
     except ConfigError as exc:
         raise CliError(str(exc), 1) from None
+    tls = server_tls_context(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
     await site.start()
     log.info(
-        "control plane listening on http://%s:%d (database %s)",
+        "control plane listening on %s://%s:%d (database %s)%s",
+        "https" if tls else "http",
         config.host,
         config.port,
         config.database_url.split("@")[-1],
+        ", client certificates required" if config.tls_client_ca_file else "",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

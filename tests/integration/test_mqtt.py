@@ -333,7 +333,8 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
                 cp = await start_control_plane(config, port=port)
                 await asyncio.sleep(0.5)
             served = load.ok
-            assert agent.counters["pending_batches"] == 0  # nothing waited on HTTP
+            # Every batch is let go on the control plane's own acknowledgement over MQTT.
+            await eventually(lambda: agent.counters["pending_batches"] == 0, 15)
         await eventually(lambda: _eq(stored_requests(cp), served), 15)
         agents = (await (await cp.call("GET", "/agents")).json())["agents"]
         assert (
@@ -453,3 +454,50 @@ async def test_fleet_simulator_over_mqtt(tmp_path: Path, publisher: Publisher) -
     finally:
         await cp.client.close()
         broker.stop()
+
+
+async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_report(
+    tmp_path: Path, publisher: Publisher, broker: Broker
+) -> None:
+    """The broker goes away while a rollout moves the agent, and comes back: the agent gets
+    the new version (over HTTP meanwhile, then MQTT again), and every request served is
+    stored exactly once."""
+    config = mqtt_config(tmp_path, publisher, broker)
+    cp = await start_control_plane(config)
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0"))
+        await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+        ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+        await broker.load_passwords(cp)
+        async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_wait_s=1,
+                                 heartbeat_s=0.3, metrics_ack_timeout_s=2.0) as agent:  # fmt: skip
+            await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
+            await cp.rollout("1.0.0", "site=x")
+            await eventually(lambda: "iris" in agent.models, 10)
+            async with Load(agent.serve_port) as load:  # type: ignore[arg-type]
+                await asyncio.sleep(0.5)
+                broker.stop()  # mid-flight: reports on their way, a rollout about to start
+                await cp.rollout("2.0.0", "site=x")
+                await eventually(lambda: agent.models["iris"].version == "2.0.0", 15)
+                await broker.start()
+                await broker.load_passwords(cp)
+                await eventually(lambda: agent.mqtt.connected, 20)  # type: ignore[union-attr]
+                await asyncio.sleep(0.5)
+            assert load.failures == [] and load.transport_errors == 0
+            served = load.ok
+            # The agent lets a batch go only on the control plane's acknowledgement, and sends
+            # what was unacknowledged again after the reconnect.
+            try:
+                await eventually(lambda: _eq(stored_requests(cp), served), 20)
+            except AssertionError:
+                h = await (await cp.call("GET", "/health")).json()
+                raise AssertionError(
+                    f"stored {await stored_requests(cp)} of {served}; agent pending "
+                    f"{agent.counters['pending_batches']}, in flight {len(agent._sent_over_mqtt)},"
+                    f" dropped {agent.counters['dropped_batches']}; control plane {h}"
+                ) from None
+            await eventually(lambda: agent.counters["pending_batches"] == 0, 10)
+        a = await (await cp.call("GET", f"/agents/{ident.agent_id}")).json()
+        assert [m["version"] for m in a["models"] if m["state"] == "active"] == ["2.0.0"]
+    finally:
+        await cp.client.close()
