@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test soak bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "modelfleet needs Python 3.11+"'
@@ -21,10 +21,16 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# The agent killed with -9 at 200 random moments of its update (20 in `make test`).
+soak: venv
+	MODELFLEET_SOAK_RUNS=200 $(BIN)/pytest -q tests/integration/test_agent_crash.py -k soak
+
 bench: venv
 	$(BIN)/python bench/agent_overhead.py
 	$(BIN)/python bench/mqtt_push.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/convergence.py
+	$(BIN)/python bench/download.py
 	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
 	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
 	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--state-dir", type=Path)
     i.add_argument("--trust-publisher", type=Path, action="append", default=[], metavar="FILE")
     i.set_defaults(func=cmd_import)
+
+    rc = asub.add_parser(
+        "rotate-credential", help="get a new credential from the control plane (no downtime)"
+    )
+    rc.add_argument("--config", type=Path)
+    rc.add_argument("--state-dir", type=Path)
+    _tls_options(rc)
+    rc.set_defaults(func=cmd_rotate_credential)
 
     from agent.install import register_install
 
@@ -238,6 +247,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(run_agent(config, build if args.config else None))
     except (AgentError, ValueError) as exc:
         return _fail(str(exc))
+    return 0
+
+
+def cmd_rotate_credential(args: argparse.Namespace) -> int:
+    """Ask for a new credential, write it to identity.json; the daemon takes it on SIGHUP.
+
+    The old credential keeps working until the new one is first used, so a running agent is
+    never locked out, whichever order things happen in.
+    """
+    from agent.client import rotate_credential
+    from agent.statefile import write_json
+
+    try:
+        s = merge(_cli_settings(args), _file_settings(args.config))
+        if s["state_dir"] is None:
+            return _fail("--state-dir is required (or set state_dir in --config)", 2)
+        dirs = StateDir(Path(s["state_dir"]))
+        ident = dirs.load_identity()
+        tls = client_context(s["ca"], s["client_cert"], s["client_key"])
+        new = asyncio.run(rotate_credential(ident.server, ident.credential, ident.agent_id, tls))
+        write_json(dirs.identity_path, {**asdict(ident), "credential": new})
+    except AgentError as exc:
+        return _fail(str(exc))
+    print("credential rotated; reload the agent (systemctl reload modelfleet-agent) to use it")
     return 0
 
 

@@ -119,6 +119,12 @@ class ControlPlaneClient:
         if have != size:
             raise TransportError(f"blob {digest}: connection ended at {have} of {size} bytes")
 
+    def set_credential(self, credential: str) -> None:
+        """Use a rotated credential from the next request on."""
+        self._headers["Authorization"] = f"Bearer {credential}"
+        if self._session is not None:
+            self._session.headers["Authorization"] = f"Bearer {credential}"
+
     async def _post(self, path: str, doc: dict[str, Any], what: str) -> dict[str, Any]:
         try:
             async with self.session.post(
@@ -182,3 +188,14 @@ async def enroll(
             return await resp.json()
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise TransportError(f"enroll: {exc!r}") from exc
+
+
+async def rotate_credential(server: str, credential: str, agent_id: str,
+                            ssl_context: ssl.SSLContext | None = None) -> str:  # fmt: skip
+    """A new credential for this agent; raises TransportError (HttpStatusError on refusal)."""
+    async with ControlPlaneClient(server, credential, agent_id, ssl_context) as c:
+        out = await c._post(f"/agents/{agent_id}/credential", {}, "rotate credential")
+    new = out.get("credential")
+    if not isinstance(new, str) or not new.startswith("mfc_"):
+        raise TransportError("rotate credential: the control plane sent no credential")
+    return new

@@ -7,6 +7,7 @@ server; leaving it stops accepting requests, drains, flushes metrics once, and d
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import random
@@ -336,6 +337,12 @@ class Agent:
             config = replace(config, state_dir=old.state_dir, serve_host=old.serve_host,
                              serve_port=old.serve_port)  # fmt: skip
         self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
+        identity = self.dirs.load_identity()
+        if identity.credential != self.identity.credential:
+            # `agent rotate-credential` wrote a new one: use it (its first use retires the old).
+            self.identity = identity
+            self.client.set_credential(identity.credential)
+            log.info("using the rotated credential")
         self.config = config
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self.pins = imported(config.state_dir)
@@ -373,7 +380,14 @@ class Agent:
                 backoff.reset()
                 await self._reconcile_wake.wait()
             self._reconcile_wake.clear()
-            incomplete = await self.reconcile()
+            try:
+                incomplete = await self.reconcile()
+            except Exception as exc:
+                # The loop's boundary: an unexpected failure (a state file that cannot be
+                # written, say) is reported and retried with back-off; serving goes on.
+                log.exception("reconcile failed")
+                self._note_error(f"update step failed: {exc}")
+                incomplete = True
 
     def _installed(self) -> set[str]:
         return {
@@ -510,7 +524,19 @@ class Agent:
         variant = choose_variant(manifest, self.facts)
         files = [f for f in manifest.files if f.role != "model" or f is variant]
         await self._ensure_room(files)
-        await asyncio.gather(*(self._download(f) for f in files))
+        try:
+            await asyncio.gather(*(self._download(f) for f in files))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled up under us (something else wrote to it): give back what this
+            # version took and say so; the running version is untouched.
+            for f in files:
+                await asyncio.to_thread(self.store.partial_path(f.digest).unlink, True)
+            raise UpdateError(
+                f"disk full while downloading {m.name} {m.version}: {exc.strerror}; "
+                "the partial download was removed"
+            ) from None
         self.failpoints.hit("before-manifest-saved")
         await asyncio.to_thread(self.store.save_manifest, m.manifest_digest, envelope)
 

@@ -38,6 +38,7 @@ from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
 from tests.integration.agent_helpers import CuttingProxy  # noqa: E402
 from tests.integration.fleet_helpers import free_port  # noqa: E402
+from tests.modelgen import iris_model  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
@@ -100,8 +101,10 @@ async def main(mb: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"blob_mb": mb}
     try:
-        blob = os.urandom(mb * 1_000_000)  # incompressible, like trained weights
+        # A real ONNX model with mb MB of random (incompressible, like trained) weights.
+        blob = iris_model(pad_bytes=mb * 1_000_000)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        size = len(blob)
         bundle, _ = build_bundle(blob, "big", "1.0.0", [key])
         del blob
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
@@ -122,7 +125,6 @@ async def main(mb: int) -> dict[str, Any]:
             async with s.post(f"{base}/api/v1/agents/enroll", json={"token": token}) as r:
                 agent = await r.json()
         cred, aid = agent["credential"], agent["agentId"]
-        size = mb * 1_000_000
         dest = tmp / "blob"
         if shutil.which("curl"):
             out["curl_direct"] = await curl(f"{base}/api/v1/blobs/{digest}", cred, dest, digest,

@@ -12,16 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Agent, ApiToken
 from control_plane.files import write_private
-
-# What an operator's API token may do. ``admin`` may do everything; the others are least
-# privilege for automation: a dashboard reads (fleet:read), a CI job pushes bundles
-# (models:write), a release tool starts and steers rollouts (rollouts:write).
-SCOPES = ("fleet:read", "models:write", "rollouts:write", "admin")
 
 API_TOKEN_PREFIX = "mfa_"
 AGENT_CREDENTIAL_PREFIX = "mfc_"
@@ -56,6 +51,8 @@ class AgentCaller:
     """A caller holding an agent credential."""
 
     agent_id: str
+    # Authenticated with its pending rotated credential: its first use retires the old one.
+    rotated: bool = False
 
 
 Principal = Operator | AgentCaller
@@ -67,8 +64,13 @@ async def resolve(session: AsyncSession, token: str, now: datetime | None = None
     now = now or datetime.now(UTC)
     h = hash_secret(token)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
-        agent_id = await session.scalar(select(Agent.id).where(Agent.credential_hash == h))
-        return AgentCaller(agent_id) if agent_id else None
+        row = (await session.execute(
+            select(Agent.id, Agent.credential_hash).where(
+                or_(Agent.credential_hash == h, Agent.next_credential_hash == h),
+                Agent.revoked_at.is_(None),
+            )
+        )).first()  # fmt: skip
+        return AgentCaller(row[0], rotated=row[1] != h) if row else None
     row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
     if row is None or row.revoked_at is not None:
         return None

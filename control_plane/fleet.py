@@ -190,7 +190,7 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> Non
     """Keep an agent's latest status; raises ApiError 404 for an unknown agent."""
     async with db.write() as s:
         agent = await s.get(Agent, report.agent_id)
-        if agent is None:
+        if agent is None or agent.revoked_at is not None:
             raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
         agent.status = {
             "models": [m.to_json() for m in report.models],
@@ -242,7 +242,7 @@ async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> boo
                 )
             )
         agent = await s.get(Agent, batch.agent_id)
-        if agent is None:
+        if agent is None or agent.revoked_at is not None:
             raise ApiError(404, "agent_not_found", f"no agent {batch.agent_id}", "agentId")
         agent.last_seen_at = now
         await s.flush()

@@ -24,7 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from control_plane import audit, fleet, registry, reports, rollouts, tokens
+from control_plane import audit, credentials, fleet, registry, reports, rollouts, tokens
 from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
 from control_plane.blobstore import BlobNotFound, BlobStore, open_blob_store
 from control_plane.config import ServerConfig
@@ -224,6 +224,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal is None:
         raise ApiError(401, "unauthenticated", "the bearer token is not valid")
     request[PRINCIPAL] = principal
+    if isinstance(principal, AgentCaller) and principal.rotated:
+        await credentials.promote(st(request).db, principal.agent_id, token.strip())
     limiter = st(request).limiter
     if limiter is not None:
         key = ("token", principal.token_id) if isinstance(principal, Operator) else (
@@ -571,6 +573,24 @@ async def get_fleet(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------ route table
 
 
+async def post_credential(request: web.Request) -> web.Response:
+    """A new credential for the calling agent; the old one works until the new one is used."""
+    agent_id = request.match_info["id"]
+    agent_or_operator(request, agent_id, agent_only=True)
+    credential = await credentials.rotate(st(request).db, agent_id)
+    return json_response({"agentId": agent_id, "credential": credential})
+
+
+async def post_revoke(request: web.Request) -> web.Response:
+    """Revoke an agent: its credential, its broker password and its desired state go at once."""
+    operator(request)
+    state = st(request)
+    agent_id = request.match_info["id"]
+    await credentials.revoke(state.db, agent_id, state.clock())
+    state.notifier.notify([agent_id])  # wakes its long-poll; the MQTT bridge clears its topic
+    return json_response({"agentId": agent_id, "revoked": True})
+
+
 async def post_token(request: web.Request) -> web.Response:
     """Create an API token."""
     operator(request)
@@ -763,6 +783,25 @@ ROUTES: tuple[Route, ...] = (
         "application/json",
         (200, 400, 404, 409),
         scope="rollouts:write",
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/credential",
+        post_credential,
+        "Rotate the agent's credential (its own credential only)",
+        "agent",
+        "application/json",
+        (200, 403, 404),
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/revoke",
+        post_revoke,
+        "Revoke an agent at once",
+        "operator",
+        "application/json",
+        (200, 404),
+        scope="admin",
     ),
     Route(
         "POST",

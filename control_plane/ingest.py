@@ -99,7 +99,7 @@ async def store_batch(
     for i in range(0, len(id_list), ROWS_PER_STATEMENT):
         chunk = id_list[i : i + ROWS_PER_STATEMENT]
         for agent_id, facts in await s.execute(
-            select(Agent.id, Agent.facts).where(Agent.id.in_(chunk))
+            select(Agent.id, Agent.facts).where(Agent.id.in_(chunk), Agent.revoked_at.is_(None))
         ):
             known[agent_id] = facts
     results: list[bool | ApiError] = []

@@ -184,6 +184,10 @@ class MqttBridge:
                 rows = list(await s.scalars(
                     select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(batch))
                 ))  # fmt: skip
+            # An agent with no desired state (revoked): clear its retained document.
+            for gone in sorted(batch - {r.agent_id for r in rows}):
+                await client.publish(agent_topic(gone, "desired", self.prefix), b"", qos=1,
+                                     retain=True)  # fmt: skip
             for i, row in enumerate(rows):
                 try:
                     await client.publish(agent_topic(row.agent_id, "desired", self.prefix),
@@ -277,7 +281,7 @@ class MqttBridge:
             raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
         async with self.db.write() as s:
             agent = await s.get(Agent, agent_id)
-            if agent is None:
+            if agent is None or agent.revoked_at is not None:
                 raise ProtocolError(f"no agent {agent_id}")
             agent.status = {**agent.status, "presence": text}
             if text == "online":

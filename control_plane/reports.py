@@ -260,7 +260,9 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
 
 
 def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
-    """online, offline, updating, failed, or stale (its desired state expired)."""
+    """online, offline, updating, failed, stale (its desired state expired), or revoked."""
+    if agent.revoked_at is not None:
+        return "revoked"
     states = {m.get("state") for m in agent.status.get("models", [])}
     if states & {"failed", "refused"}:
         return "failed"

@@ -125,6 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--selector", help="only agents this label selector matches")
     add_client_options(al)
     al.set_defaults(func=cmd_agents_list)
+    ar = asub.add_parser("revoke", help="cut an agent off at once (HTTP and MQTT)")
+    ar.add_argument("id")
+    add_client_options(ar)
+    ar.set_defaults(func=cmd_agents_revoke)
 
     m = sub.add_parser("models", help="models")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -191,6 +195,17 @@ def format_agents(agents: list[dict[str, Any]]) -> str:
         seen = _ago(a.get("lastSeen")) + ("" if a.get("online") else " (offline)")
         rows.append([a["id"][:8], a["name"], labels, seen, models])
     return _table(rows, ["ID", "NAME", "LABELS", "LAST SEEN", "MODELS"])
+
+
+def cmd_agents_revoke(args: argparse.Namespace) -> int:
+    """Revoke an agent."""
+    _, out = asyncio.run(api_call(args, "POST", f"/agents/{args.id}/revoke", json_body={}))
+    text = (
+        f"agent {args.id} revoked: regenerate the broker's password file "
+        "(modelfleet mqtt passwd) and SIGHUP mosquitto to refuse its MQTT login too"
+    )
+    _print(args, out, text)
+    return 0
 
 
 def cmd_agents_list(args: argparse.Namespace) -> int:

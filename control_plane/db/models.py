@@ -121,6 +121,9 @@ class Agent(Base):
     """An enrolled agent and the last status it reported."""
 
     __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("next_credential_hash", name="uq_agents_next_credential_hash"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -131,6 +134,9 @@ class Agent(Base):
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[dict[str, Any]] = mapped_column(JSON)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Rotation: a new credential valid beside the old one until its first use retires the old.
+    next_credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Rollout(Base):

@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from control_plane.auth import SCOPES
 from control_plane.http import ROUTES, STATE
 from control_plane.ratelimit import RateLimiter
+from control_plane.scopes import SCOPES
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
@@ -43,13 +43,20 @@ async def test_every_route_against_every_scope_and_agent_credentials(
     other = await cp.enroll({"site": "b"})
     tokens = {scope: (await make_token(cp, [scope]))["token"] for scope in SCOPES}
     victim = await make_token(cp, ["fleet:read"])  # the DELETE route revokes this one
+    victim_agent = await cp.enroll({"site": "c"})  # and the revoke route this one
     ids = {"name": "iris", "digest": digest, "id": str(uuid.uuid4()), "action": "pause"}
     checked = 0
     for route in ROUTES:
         if route.auth == "none":
             continue
-        ids["id"] = str(victim["id"]) if "/tokens/" in route.path else (
-            me["agentId"] if "/agents/{id}" in route.path else str(uuid.uuid4()))  # fmt: skip
+        if "/tokens/" in route.path:
+            ids["id"] = str(victim["id"])
+        elif route.path.endswith("/revoke"):
+            ids["id"] = victim_agent["agentId"]  # revoking `me` would end the matrix
+        elif "/agents/{id}" in route.path:
+            ids["id"] = me["agentId"]
+        else:
+            ids["id"] = str(uuid.uuid4())
         path = concrete(route.path, ids)
         kw: dict[str, Any] = {}
         if route.body == "application/json":

@@ -93,3 +93,56 @@ async def test_kill_9_during_update(
         assert await asyncio.to_thread(agent.wait, 20) == 0
     check_store(state_dir)
     assert not list((state_dir / "partial").iterdir())
+
+
+SOAK_RUNS = int(os.environ.get("MODELFLEET_SOAK_RUNS", "20"))
+
+
+@pytest.mark.slow
+async def test_kill_9_at_random_moments_soak(
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    """SOAK_RUNS times (20 in `make test`, 200 in `make soak`): start the agent, check it serves
+    a whole verified version, start a rollout to the other version (up, or an explicit rollback
+    down), and kill -9 it at a random moment of the update; the store is never corrupt."""
+    import random
+
+    cp = cp_sqlite
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1,
+                              model=iris_model(seed=1, pad_bytes=500_000)))  # fmt: skip
+    state_dir = tmp_path / "a"
+    ident = await enroll_agent(cp, state_dir, {"site": "x"})
+    port = free_port()
+    rng = random.Random(int(os.environ.get("MODELFLEET_SOAK_SEED", "7")))
+    rollout = await cp.rollout("1.0.0", "site=x")
+    target, seen = "1.0.0", set()
+    for run in range(SOAK_RUNS):
+        agent = start_agent(state_dir, port)
+        try:
+            version = await eventually(lambda: serving_version(port), 20)
+            assert version in ("1.0.0", "2.0.0"), (run, version)
+            seen.add(version)
+            target = "2.0.0" if target == "1.0.0" else "1.0.0"
+            rollout = await cp.rollout(target, "site=x", supersedes=rollout["id"],
+                                       rollback=target == "1.0.0")  # fmt: skip
+            await asyncio.sleep(rng.uniform(0.0, 0.8))
+        finally:
+            agent.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(agent.wait, 20)
+        check_store(state_dir)
+    agent = start_agent(state_dir, port)
+    try:
+        # Straight after the last restart it serves a whole version, then finishes the update.
+        assert await eventually(lambda: serving_version(port), 20) in ("1.0.0", "2.0.0")
+        await eventually(lambda: _is(serving_version(port), target), 30)
+        await wait_active(cp, ident.agent_id, target, 30)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.wait, 20) == 0
+    check_store(state_dir)
+    assert seen == {"1.0.0", "2.0.0"} or SOAK_RUNS < 4
+
+
+async def _is(coro: object, want: str) -> bool:
+    return await coro == want  # type: ignore[misc]

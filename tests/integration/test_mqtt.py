@@ -501,3 +501,51 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
         assert [m["version"] for m in a["models"] if m["state"] == "active"] == ["2.0.0"]
     finally:
         await cp.client.close()
+
+
+async def test_revoked_agent_is_cut_off_on_mqtt(
+    mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path
+) -> None:
+    """After revocation its reports are refused, its retained desired state is cleared, and a
+    regenerated password file keeps it out of the broker."""
+    cp = mcp
+    await cp.push(iris_bundle(publisher.key, "1.0.0"))
+    ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+    assert ident.mqtt is not None
+    await broker.load_passwords(cp)
+    await cp.rollout("1.0.0", "site=x")
+    bridge = cp.client.server.app[MQTT]  # type: ignore[union-attr]
+    topic = agent_topic(ident.agent_id, "desired", broker.prefix)
+    async with broker.client(ident.agent_id, ident.mqtt["password"]) as c:
+        await c.subscribe(topic, qos=1)
+        async with asyncio.timeout(5):
+            async for m in c.messages:
+                assert m.payload  # the retained signed document
+                break
+    assert (await cp.call("POST", f"/agents/{ident.agent_id}/revoke")).status == 200
+    before = bridge.malformed
+    status = {"agentId": ident.agent_id, "generation": 1, "models": [],
+              "sentAt": "2026-11-25T00:00:00Z"}  # fmt: skip
+    async with broker.client(ident.agent_id, ident.mqtt["password"]) as c:
+        await c.publish(agent_topic(ident.agent_id, "status", broker.prefix),
+                        json.dumps(status).encode(), qos=1)  # fmt: skip
+    await eventually(lambda: bridge.malformed > before, 10)  # refused: no such agent
+
+    async def cleared() -> bool:
+        async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
+            await c.subscribe(topic, qos=1)
+            try:
+                async with asyncio.timeout(1):
+                    async for m in c.messages:
+                        return not m.payload
+            except TimeoutError:
+                return True  # nothing retained any more
+        return False
+
+    await eventually(cleared, 10)
+    await broker.load_passwords(cp)  # the regenerated file leaves it out
+    try:
+        async with broker.client(ident.agent_id, ident.mqtt["password"]):
+            raise AssertionError("a revoked agent connected to the broker")
+    except aiomqtt.MqttError:
+        pass

@@ -159,3 +159,17 @@ def test_inference_port_binds_loopback_unless_configured() -> None:
 
     assert serve_address(merge({}, {})["serve"]) == ("127.0.0.1", 8510)
     assert serve_address(merge({"serve": "0.0.0.0:9000"}, {})["serve"]) == ("0.0.0.0", 9000)
+
+
+def test_the_agent_process_does_not_import_the_server_stack() -> None:
+    """`modelfleet agent run` loads the CLI of every group; the control plane's database stack
+    (SQLAlchemy, about 30 MB resident) must stay out of the agent's memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, control_plane.cli, agent.cli, agent.daemon; "
+            "print(sorted(m for m in ('sqlalchemy', 'alembic', 'asyncpg', 'boto3') "
+            "if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()  # fmt: skip
+    assert out == "[]", out

@@ -1,0 +1,61 @@
+"""Agent credentials: rotation without downtime, and revocation that cuts an agent off.
+
+Rotation: the agent asks for a new credential with its current one; the new one is stored as
+``next_credential_hash`` beside the old, so the agent keeps working with either while it writes
+the new one to disk and picks it up; the first request made with the new one retires the old.
+Revocation: both hashes are replaced by values no secret hashes to, the MQTT password hash is
+dropped (the next ``modelfleet mqtt passwd`` leaves the agent out of the broker's password
+file), the desired state is deleted (its retained MQTT copy is cleared), and the control plane
+refuses the agent's reports on HTTP and MQTT from that moment.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from sqlalchemy import delete, update
+
+from control_plane.auth import AGENT_CREDENTIAL_PREFIX, hash_secret, new_secret
+from control_plane.db.engine import Database
+from control_plane.db.models import Agent, DesiredStateRow
+from control_plane.errors import ApiError
+
+
+async def rotate(db: Database, agent_id: str) -> str:
+    """A new credential for the agent (the old one stays valid until the new one is used)."""
+    credential = new_secret(AGENT_CREDENTIAL_PREFIX)
+    async with db.write() as s:
+        agent = await s.get(Agent, agent_id)
+        if agent is None or agent.revoked_at is not None:
+            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+        agent.next_credential_hash = hash_secret(credential)
+    return credential
+
+
+async def promote(db: Database, agent_id: str, token: str) -> None:
+    """The rotated credential was used: it becomes the only one."""
+    h = hash_secret(token)
+    async with db.write() as s:
+        await s.execute(
+            update(Agent)
+            .where(Agent.id == agent_id, Agent.next_credential_hash == h)
+            .values(credential_hash=h, next_credential_hash=None)
+        )
+
+
+async def revoke(db: Database, agent_id: str, now: datetime) -> None:
+    """Cut the agent off at once; raises ApiError 404. Revoking twice keeps the first time."""
+    async with db.write() as s:
+        agent = await s.get(Agent, agent_id)
+        if agent is None:
+            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+        if agent.revoked_at is not None:
+            return
+        agent.revoked_at = now
+        # Not a hex digest: no presented secret can ever hash to it.
+        agent.credential_hash = "revoked:" + secrets.token_hex(24)
+        agent.next_credential_hash = None
+        agent.mqtt_password_hash = None
+        agent.status = {**agent.status, "presence": "offline"}
+        await s.execute(delete(DesiredStateRow).where(DesiredStateRow.agent_id == agent_id))

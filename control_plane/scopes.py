@@ -1,0 +1,6 @@
+"""The scopes an operator's API token may carry (kept free of imports: the CLI reads it)."""
+
+# ``admin`` may do everything; the others are least privilege for automation: a dashboard reads
+# (fleet:read), a CI job pushes bundles (models:write), a release tool starts and steers
+# rollouts (rollouts:write).
+SCOPES = ("fleet:read", "models:write", "rollouts:write", "admin")

@@ -1,0 +1,88 @@
+"""Agent credentials: rotation with no downtime, revocation that cuts the agent off."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from control_plane.db.models import Agent
+from control_plane.http import STATE
+from tests.conftest import ControlPlane, Publisher, iris_bundle
+from tests.integration.agent_helpers import enroll_agent, eventually, running_agent, wait_active
+
+MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+
+
+async def agent_call(cp: ControlPlane, credential: str, agent_id: str) -> int:
+    return (await cp.call("GET", f"/agents/{agent_id}", token=credential)).status
+
+
+async def test_rotation_keeps_the_agent_working_and_retires_the_old_credential(
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    cp = cp_sqlite
+    await cp.push(iris_bundle(publisher.key))
+    await cp.push(iris_bundle(publisher.key, version="2.0.0", seed=1))
+    ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+    old = ident.credential
+    async with running_agent(tmp_path / "a") as agent:
+        await cp.rollout(selector="site=x")
+        await wait_active(cp, ident.agent_id, "1.0.0")
+        p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agent", "rotate-credential",
+                                    "--state-dir", str(tmp_path / "a")], capture_output=True,
+                                    text=True, timeout=60)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        new = agent.dirs.load_identity().credential
+        assert new != old and new.startswith("mfc_")
+        # Both work until the new one is used: the running agent is never locked out.
+        assert await agent_call(cp, old, ident.agent_id) == 200
+        agent.reload(agent.config)  # what SIGHUP does: the daemon picks the new one up
+
+        async def retired() -> bool:
+            async with cp.client.app[STATE].db.read() as s:
+                a = await s.scalar(select(Agent).where(Agent.id == ident.agent_id))
+                return a is not None and a.next_credential_hash is None
+
+        await eventually(retired)
+        assert await agent_call(cp, old, ident.agent_id) == 401
+        assert await agent_call(cp, new, ident.agent_id) == 200
+        # The agent goes on working with it: a new rollout reaches it.
+        await cp.rollout(version="2.0.0", selector="site=x")
+        await wait_active(cp, ident.agent_id, "2.0.0")
+    # Another agent's credential cannot rotate this one's.
+    other = await cp.enroll({"site": "y"})
+    r = await cp.call("POST", f"/agents/{ident.agent_id}/credential", token=other["credential"])
+    assert r.status == 403
+
+
+async def test_revocation_cuts_the_agent_off_at_once(
+    cp: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    await cp.push(iris_bundle(publisher.key))
+    a = await cp.enroll({"site": "x"})
+    aid, cred = a["agentId"], a["credential"]
+    await cp.rollout(selector="site=x")
+    assert await agent_call(cp, cred, aid) == 200
+    reader = await cp.call("POST", "/tokens", json={"name": "r", "scopes": ["fleet:read"]})
+    r = await cp.call("POST", f"/agents/{aid}/revoke",
+                      token=(await reader.json())["token"])  # fmt: skip
+    assert r.status == 403  # revoking needs admin
+    r = await cp.call("POST", f"/agents/{aid}/revoke")
+    assert r.status == 200 and (await r.json())["revoked"] is True
+    assert await agent_call(cp, cred, aid) == 401
+    r = await cp.call("GET", f"/agents/{aid}/desired", token=cred, params={"wait": "0"})
+    assert r.status == 401
+    view = await (await cp.call("GET", f"/agents/{aid}")).json()
+    assert view["state"] == "revoked" and view["desiredGeneration"] == 0
+    async with cp.client.app[STATE].db.read() as s:
+        row = await s.get(Agent, aid)
+        assert row is not None and row.mqtt_password_hash is None
+    p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agents", "revoke", aid, "--server",
+                                cp.url, "--token", cp.token], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    assert p.returncode == 0 and "revoked" in p.stdout, p.stderr  # idempotent
+    assert (await cp.call("POST", "/agents/nope/revoke")).status == 404
