@@ -53,6 +53,7 @@ class AgentCaller:
     agent_id: str
     # Authenticated with its pending rotated credential: its first use retires the old one.
     rotated: bool = False
+    pending: bool = False  # enrolled, not approved yet
 
 
 Principal = Operator | AgentCaller
@@ -65,12 +66,12 @@ async def resolve(session: AsyncSession, token: str, now: datetime | None = None
     h = hash_secret(token)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
         row = (await session.execute(
-            select(Agent.id, Agent.credential_hash).where(
+            select(Agent.id, Agent.credential_hash, Agent.pending).where(
                 or_(Agent.credential_hash == h, Agent.next_credential_hash == h),
                 Agent.revoked_at.is_(None),
             )
         )).first()  # fmt: skip
-        return AgentCaller(row[0], rotated=row[1] != h) if row else None
+        return AgentCaller(row[0], rotated=row[1] != h, pending=row[2]) if row else None
     row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
     if row is None or row.revoked_at is not None:
         return None

@@ -19,6 +19,7 @@ from sqlalchemy import delete, update
 from control_plane.auth import AGENT_CREDENTIAL_PREFIX, hash_secret, new_secret
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
+from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 
 
@@ -59,3 +60,19 @@ async def revoke(db: Database, agent_id: str, now: datetime) -> None:
         agent.mqtt_password_hash = None
         agent.status = {**agent.status, "presence": "offline"}
         await s.execute(delete(DesiredStateRow).where(DesiredStateRow.agent_id == agent_id))
+
+
+async def approve(db: Database, signer: DesiredSigner, agent_id: str, now: datetime) -> list[str]:
+    """Let a pending agent in: it gets its desired state and its place in rollouts.
+
+    Returns the agents whose desired state changed (to notify); raises ApiError 404.
+    """
+    async with db.write() as s:
+        agent = await s.get(Agent, agent_id)
+        if agent is None or agent.revoked_at is not None:
+            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+        if not agent.pending:
+            return []
+        agent.pending = False
+        changed = await signer.refresh(s, agent, now)
+    return [agent_id] if changed is not None else []

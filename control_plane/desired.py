@@ -159,7 +159,10 @@ class DesiredSigner:
             rows.update((r.agent_id, r) for r in found)
         changed = {}
         for agent in agents:
-            models = desired_models(candidates[agent.id], agent.labels)
+            if agent.pending or agent.revoked_at is not None:
+                models: tuple[DesiredModel, ...] = ()  # not approved, or cut off: nothing
+            else:
+                models = desired_models(candidates[agent.id], agent.labels)
             generation = self._apply(session, agent.id, models, now, rows.get(agent.id))
             if generation is not None:
                 changed[agent.id] = generation

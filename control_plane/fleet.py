@@ -49,6 +49,9 @@ async def create_enrollment_token(
     ttl = get_number(body, "ttlSeconds", default=default_ttl_s, minimum=1)
     if ttl > MAX_TOKEN_TTL_S:
         raise ApiError(400, "invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
+    approval = body.get("requireApproval", False)
+    if not isinstance(approval, bool):
+        raise ApiError(400, "invalid", "requireApproval must be true or false", "requireApproval")
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl)
     async with db.write() as s:
@@ -59,6 +62,7 @@ async def create_enrollment_token(
             uses=0,
             expires_at=expires,
             created_at=now,
+            require_approval=approval,
         )
         s.add(row)
         await s.flush()
@@ -69,6 +73,7 @@ async def create_enrollment_token(
         "labels": labels,
         "maxUses": max_uses,
         "expiresAt": format_time(expires),
+        "requireApproval": approval,
     }
 
 
@@ -130,11 +135,13 @@ async def enroll(
             reported_generation=0,
             status={},
             mqtt_password_hash=mosquitto_hash(mqtt_password),
+            pending=et.require_approval,
         )
         s.add(agent)
         await s.flush()
         await signer.refresh(s, agent, now)
-    return {"agentId": agent_id, "name": agent.name, "labels": labels}, credential, mqtt_password
+    return ({"agentId": agent_id, "name": agent.name, "labels": labels,
+             "pending": agent.pending}, credential, mqtt_password)  # fmt: skip
 
 
 def agent_json(

@@ -162,11 +162,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_response(ApiError(500, "internal", "internal server error").to_json(), 500)
 
 
+# What an agent that waits for approval may do: be seen (status) and wait (long-poll).
+PENDING_ROUTES = {"/api/v1/agents/{id}", "/api/v1/agents/{id}/desired",
+                  "/api/v1/agents/{id}/status"}  # fmt: skip
+
+
 def scoped(route: Route) -> Handler:
     """The route's handler behind its scope check: an operator's token must carry the scope."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         p = request.get(PRINCIPAL)
+        if isinstance(p, AgentCaller) and p.pending and route.path not in PENDING_ROUTES:
+            raise ApiError(403, "pending_approval",
+                           "this agent waits for an operator's approval", "agentId")  # fmt: skip
         if isinstance(p, Operator) and not p.allows(route.scope):
             raise ApiError(403, "insufficient_scope",
                            f"this API token lacks the {route.scope!r} scope this route needs",
@@ -581,6 +589,16 @@ async def post_credential(request: web.Request) -> web.Response:
     return json_response({"agentId": agent_id, "credential": credential})
 
 
+async def post_approve(request: web.Request) -> web.Response:
+    """Approve an agent that enrolled with a token requiring approval."""
+    operator(request)
+    state = st(request)
+    agent_id = request.match_info["id"]
+    changed = await credentials.approve(state.db, state.signer, agent_id, state.clock())
+    state.notifier.notify(changed)
+    return json_response({"agentId": agent_id, "approved": True})
+
+
 async def post_revoke(request: web.Request) -> web.Response:
     """Revoke an agent: its credential, its broker password and its desired state go at once."""
     operator(request)
@@ -792,6 +810,16 @@ ROUTES: tuple[Route, ...] = (
         "agent",
         "application/json",
         (200, 403, 404),
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/approve",
+        post_approve,
+        "Approve an agent waiting for approval",
+        "operator",
+        "application/json",
+        (200, 404),
+        scope="admin",
     ),
     Route(
         "POST",

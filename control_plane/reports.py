@@ -260,9 +260,12 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
 
 
 def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
-    """online, offline, updating, failed, stale (its desired state expired), or revoked."""
+    """online, offline, updating, failed, stale (its desired state expired), pending (waits
+    for approval), or revoked."""
     if agent.revoked_at is not None:
         return "revoked"
+    if agent.pending:
+        return "pending"
     states = {m.get("state") for m in agent.status.get("models", [])}
     if states & {"failed", "refused"}:
         return "failed"

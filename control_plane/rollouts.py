@@ -54,7 +54,8 @@ async def create_rollout(db: Database, body: dict[str, Any], now: datetime) -> s
             raise ApiError(
                 404, "version_not_found", f"{spec.model} {spec.version} is not published", "version"
             )
-        agents = list(await s.scalars(select(Agent)))
+        agents = [a for a in await s.scalars(select(Agent))
+                  if not a.pending and a.revoked_at is None]  # fmt: skip
         mine = {a.id for a in agents if spec.selector.matches(a.labels)}
         active = await s.scalars(
             select(Rollout)

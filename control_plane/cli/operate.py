@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--labels", default="", help="labels granted to agents, k=v,k2=v2")
     c.add_argument("--max-uses", type=int, default=1)
     c.add_argument("--ttl", type=float, default=24 * 3600, help="seconds until it expires")
+    c.add_argument(
+        "--require-approval",
+        action="store_true",
+        help="agents enrolled with it wait until `modelfleet agents approve`",
+    )
     add_client_options(c)
     c.set_defaults(func=cmd_enroll_token_create)
 
@@ -125,6 +130,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--selector", help="only agents this label selector matches")
     add_client_options(al)
     al.set_defaults(func=cmd_agents_list)
+    ap = asub.add_parser("approve", help="let in an agent that waits for approval")
+    ap.add_argument("id")
+    add_client_options(ap)
+    ap.set_defaults(func=cmd_agents_approve)
     ar = asub.add_parser("revoke", help="cut an agent off at once (HTTP and MQTT)")
     ar.add_argument("id")
     add_client_options(ar)
@@ -161,7 +170,8 @@ def cmd_enroll_token_create(args: argparse.Namespace) -> int:
         labels = parse_labels(args.labels)
     except InvalidMessage as exc:
         raise CliError(f"--labels: {exc}") from None
-    body = {"labels": labels, "maxUses": args.max_uses, "ttlSeconds": args.ttl}
+    body = {"labels": labels, "maxUses": args.max_uses, "ttlSeconds": args.ttl,
+            "requireApproval": args.require_approval}  # fmt: skip
     _, out = asyncio.run(api_call(args, "POST", "/enrollment-tokens", json_body=body))
     _print(args, out, out["token"])
     return 0
@@ -195,6 +205,13 @@ def format_agents(agents: list[dict[str, Any]]) -> str:
         seen = _ago(a.get("lastSeen")) + ("" if a.get("online") else " (offline)")
         rows.append([a["id"][:8], a["name"], labels, seen, models])
     return _table(rows, ["ID", "NAME", "LABELS", "LAST SEEN", "MODELS"])
+
+
+def cmd_agents_approve(args: argparse.Namespace) -> int:
+    """Approve a pending agent."""
+    _, out = asyncio.run(api_call(args, "POST", f"/agents/{args.id}/approve", json_body={}))
+    _print(args, out, f"agent {args.id} approved")
+    return 0
 
 
 def cmd_agents_revoke(args: argparse.Namespace) -> int:

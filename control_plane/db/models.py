@@ -115,6 +115,9 @@ class EnrollmentToken(Base):
     uses: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Agents enrolled with it wait as "pending" until an operator approves them.
+    require_approval: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())  # fmt: skip
 
 
 class Agent(Base):
@@ -137,6 +140,9 @@ class Agent(Base):
     # Rotation: a new credential valid beside the old one until its first use retires the old.
     next_credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Enrolled with a token that requires approval, and not approved yet: no desired state, no
+    # place in rollouts, no downloads.
+    pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Rollout(Base):

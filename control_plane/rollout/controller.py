@@ -132,7 +132,9 @@ async def advance(
     """Run the machine on one locked rollout; return its new view and the agents to refresh."""
     view = view_of(r)
     spec: RolloutSpec = view.spec
-    agents = list(await s.scalars(select(Agent)))
+    # Pending (not approved) and revoked agents take no part in rollouts.
+    agents = [a for a in await s.scalars(select(Agent))
+              if not a.pending and a.revoked_at is None]  # fmt: skip
     matching = [a for a in agents if spec.selector.matches(a.labels)]
     order = tuple(cohort_order(r.id, [(a.id, a.labels.get("site")) for a in matching]))
     moved = {

@@ -86,3 +86,40 @@ async def test_revocation_cuts_the_agent_off_at_once(
                                 timeout=60)  # fmt: skip
     assert p.returncode == 0 and "revoked" in p.stdout, p.stderr  # idempotent
     assert (await cp.call("POST", "/agents/nope/revoke")).status == 404
+
+
+async def test_enrollment_waiting_for_approval(cp: ControlPlane, publisher: Publisher) -> None:
+    r = await cp.push(iris_bundle(publisher.key))
+    digest = (await r.json())["manifestDigest"]
+    r = await cp.call("POST", "/enrollment-tokens",
+                      json={"labels": {"site": "x"}, "requireApproval": True})  # fmt: skip
+    assert r.status == 201 and (await r.json())["requireApproval"] is True
+    token = (await r.json())["token"]
+    r = await cp.call("POST", "/agents/enroll", token="", json={"token": token})
+    a = await r.json()
+    assert r.status == 201 and a["pending"] is True
+    aid, cred = a["agentId"], a["credential"]
+    await cp.rollout(selector="site=x")
+    view = await (await cp.call("GET", f"/agents/{aid}")).json()
+    assert view["state"] == "pending" and view["desiredGeneration"] == 0
+    # It may be seen and wait, nothing more.
+    r = await cp.call("GET", f"/agents/{aid}/desired", token=cred, params={"wait": "0"})
+    assert r.status == 204
+    r = await cp.call("POST", f"/agents/{aid}/status", token=cred,
+                      json={"agentId": aid, "generation": 0, "models": [],
+                            "sentAt": "2026-11-25T00:00:00Z"})  # fmt: skip
+    assert r.status == 200
+    r = await cp.call("GET", f"/manifests/{digest}", token=cred)
+    assert r.status == 403 and (await r.json())["error"]["code"] == "pending_approval"
+    assert (await cp.call("POST", "/enrollment-tokens",
+                          json={"requireApproval": "yes"})).status == 400  # fmt: skip
+    p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agents", "approve", aid, "--server",
+                                cp.url, "--token", cp.token], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    # Approved: the completed rollout places its version on it, downloads are open.
+    r = await cp.call("GET", f"/agents/{aid}/desired", token=cred, params={"wait": "5"})
+    assert r.status == 200 and b"payload" in await r.read()
+    assert (await cp.call("GET", f"/manifests/{digest}", token=cred)).status == 200
+    view = await (await cp.call("GET", f"/agents/{aid}")).json()
+    assert view["state"] != "pending" and view["desiredGeneration"] == 1
