@@ -67,7 +67,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(
             # A .mfb body is binary tar, which schemathesis cannot generate (the .mfb reader
             # has its own property tests); revoking tokens would revoke the one in use.
             "--exclude-path", "/api/v1/bundles", "--exclude-path", "/api/v1/tokens/{id}",
-        ], capture_output=True, text=True, timeout=300)  # fmt: skip
+        ], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
         assert "passed" in p.stdout and "Stateful" in p.stdout
         assert server.poll() is None  # and the server is still up
