@@ -166,10 +166,10 @@ class Agent:
         def changed(connected: bool) -> None:
             self._transport_changed.set()
             self._status_dirty.set()
-            if connected:
-                # What was in flight when the link dropped may be lost with a restarted broker:
-                # send every unacknowledged batch again now (its seq makes that harmless).
-                self._sent_over_mqtt.clear()
+            # What was in flight when the link changed may never be acknowledged (a broker gone,
+            # or restarted): send every unacknowledged batch again at the next flush, over HTTP
+            # while the broker is away (its seq makes that harmless).
+            self._sent_over_mqtt.clear()
 
         return MqttLink(
             self.identity.agent_id, url, given.get("username"), given.get("password"),

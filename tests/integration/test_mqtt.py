@@ -301,6 +301,8 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
                 await asyncio.sleep(0.5)
             assert load.failures == [] and load.transport_errors == 0
             served = load.ok
+            # Batches in flight over MQTT when the broker went are sent again over HTTP.
+            await eventually(lambda: agent.counters["pending_batches"] == 0, 15)
         await eventually(lambda: _eq(stored_requests(cp), served), 10)
         assert ident.agent_id
     finally:
