@@ -193,25 +193,35 @@ async def get_agent(db: Database, agent_id: str, now: datetime, offline_after_s:
         return agent_json(agent, row.generation if row else 0, now, offline_after_s)
 
 
+def status_document(report: StatusReport) -> dict[str, Any]:
+    """What an agent's status report leaves in ``agents.status``."""
+    return {
+        "models": [m.to_json() for m in report.models],
+        "lastError": report.last_error,
+        "sentAt": format_time(report.sent_at),
+        # A report is a sign of life, whatever the broker last said.
+        "presence": "online",
+        # The agent's own word on its desired state: current, or stale (expired, served).
+        "desiredState": str(report.extra.get("desiredState", "unknown"))[:16],
+    }
+
+
+def merged_facts(stored: dict[str, Any], report: StatusReport) -> dict[str, Any]:
+    """The agent's facts after a report: declared facts (the hourly cost) stay unless restated."""
+    if not report.facts:
+        return stored
+    declared = {k: stored[k] for k in DECLARED_FACTS if k in stored}
+    return {**declared, **report.facts}
+
+
 async def store_status(db: Database, report: StatusReport, now: datetime) -> None:
     """Keep an agent's latest status; raises ApiError 404 for an unknown agent."""
     async with db.write() as s:
         agent = await s.get(Agent, report.agent_id)
         if agent is None or agent.revoked_at is not None:
             raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
-        agent.status = {
-            "models": [m.to_json() for m in report.models],
-            "lastError": report.last_error,
-            "sentAt": format_time(report.sent_at),
-            # A report is a sign of life, whatever the broker last said.
-            "presence": "online",
-            # The agent's own word on its desired state: current, or stale (expired, served).
-            "desiredState": str(report.extra.get("desiredState", "unknown"))[:16],
-        }
-        if report.facts:
-            # Facts declared at enrollment (the hourly cost) stay unless the agent restates them.
-            declared = {k: agent.facts[k] for k in DECLARED_FACTS if k in agent.facts}
-            agent.facts = {**declared, **report.facts}
+        agent.status = status_document(report)
+        agent.facts = merged_facts(agent.facts, report)
         agent.reported_generation = report.generation
         agent.last_seen_at = now
 

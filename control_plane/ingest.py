@@ -31,7 +31,6 @@ from control_plane.db.engine import Database
 from control_plane.db.models import Agent, MetricBatch, MetricSeries
 from control_plane.errors import ApiError
 from protocol.reports import MetricsBatch, StatusReport
-from protocol.timeutil import format_time
 
 log = logging.getLogger("modelfleet.control_plane.ingest")
 
@@ -62,26 +61,11 @@ def _not_found(agent_id: str) -> ApiError:
 
 def status_values(agent: tuple[str, dict[str, Any]], report: StatusReport, now: datetime
                   ) -> dict[str, Any]:  # fmt: skip
-    """The agents-row values one status report sets (see fleet.store_status)."""
+    """The agents-row values one status report sets, as fleet.store_status sets them."""
     agent_id, facts = agent
-    values: dict[str, Any] = {
-        "b_id": agent_id,
-        "b_status": {
-            "models": [m.to_json() for m in report.models],
-            "lastError": report.last_error,
-            "sentAt": format_time(report.sent_at),
-            "presence": "online",
-            # The agent's own word on its desired state: current, or stale (expired, served).
-            "desiredState": str(report.extra.get("desiredState", "unknown"))[:16],
-        },
-        "b_generation": report.generation,
-        "b_seen": now,
-        "b_facts": facts,
-    }
-    if report.facts:
-        declared = {k: facts[k] for k in fleet.DECLARED_FACTS if k in facts}
-        values["b_facts"] = {**declared, **report.facts}
-    return values
+    return {"b_id": agent_id, "b_status": fleet.status_document(report),
+            "b_generation": report.generation, "b_seen": now,
+            "b_facts": fleet.merged_facts(facts, report)}  # fmt: skip
 
 
 async def store_batch(

@@ -186,41 +186,34 @@ async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merge
     await s.flush()
 
 
-async def _raw_to_minutes(s: AsyncSession, cutoff: datetime, limit: int) -> int:
+async def _roll(s: AsyncSession, table: type[MetricSeries] | type[MetricRollup],
+                conditions: list[Any], start: Any, resolution: int, limit: int) -> int:  # fmt: skip
+    """Move up to ``limit`` rows of ``table`` matching ``conditions`` into ``resolution``
+    buckets (``start`` is the column their bucket is taken from); return how many moved."""
     rows = list(await s.scalars(
-        select(MetricSeries).where(MetricSeries.window_start < cutoff)
-        .order_by(MetricSeries.id).limit(limit)
+        select(table).where(*conditions).order_by(table.id).limit(limit)
     ))  # fmt: skip
     if not rows:
         return 0
     groups: dict[Key, _Merged] = {}
     for r in rows:
-        key = (r.agent_id, r.model, r.version, _bucket(_aware(r.window_start), MINUTE))
-        _add(groups, key, r)
-    await _merge_into(s, MINUTE, groups)
+        bucket = _bucket(_aware(getattr(r, start.key)), resolution)
+        _add(groups, (r.agent_id, r.model, r.version, bucket), r)
     ids = [r.id for r in rows]
     for i in range(0, len(ids), CHUNK):
-        await s.execute(delete(MetricSeries).where(MetricSeries.id.in_(ids[i : i + CHUNK])))
+        await s.execute(delete(table).where(table.id.in_(ids[i : i + CHUNK])))
+    await _merge_into(s, resolution, groups)
     return len(rows)
+
+
+async def _raw_to_minutes(s: AsyncSession, cutoff: datetime, limit: int) -> int:
+    return await _roll(s, MetricSeries, [MetricSeries.window_start < cutoff],
+                       MetricSeries.window_start, MINUTE, limit)  # fmt: skip
 
 
 async def _minutes_to_hours(s: AsyncSession, cutoff: datetime, limit: int) -> int:
-    rows = list(await s.scalars(
-        select(MetricRollup)
-        .where(MetricRollup.resolution_s == MINUTE, MetricRollup.bucket_start < cutoff)
-        .order_by(MetricRollup.id).limit(limit)
-    ))  # fmt: skip
-    if not rows:
-        return 0
-    groups: dict[Key, _Merged] = {}
-    for r in rows:
-        key = (r.agent_id, r.model, r.version, _bucket(_aware(r.bucket_start), HOUR))
-        _add(groups, key, r)
-    ids = [r.id for r in rows]
-    for i in range(0, len(ids), CHUNK):
-        await s.execute(delete(MetricRollup).where(MetricRollup.id.in_(ids[i : i + CHUNK])))
-    await _merge_into(s, HOUR, groups)
-    return len(rows)
+    conditions = [MetricRollup.resolution_s == MINUTE, MetricRollup.bucket_start < cutoff]
+    return await _roll(s, MetricRollup, conditions, MetricRollup.bucket_start, HOUR, limit)
 
 
 async def _locked(s: AsyncSession, is_sqlite: bool) -> bool:
