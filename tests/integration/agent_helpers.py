@@ -20,6 +20,11 @@ from agent.state import Identity, StateDir
 from tests.conftest import ControlPlane
 
 
+async def resolves_to(awaitable: Awaitable[Any], want: Any) -> bool:
+    """For ``eventually``: whether ``awaitable`` gives ``want``."""
+    return await awaitable == want
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any] | Any], within_s: float = 15.0, interval: float = 0.05
 ) -> Any:

@@ -19,7 +19,13 @@ import pytest
 
 from agent.failpoints import KILL_POINTS
 from tests.conftest import ControlPlane, Publisher, iris_bundle
-from tests.integration.agent_helpers import enroll_agent, eventually, infer, wait_active
+from tests.integration.agent_helpers import (
+    enroll_agent,
+    eventually,
+    infer,
+    resolves_to,
+    wait_active,
+)
 from tests.integration.fleet_helpers import free_port
 from tests.modelgen import iris_model
 
@@ -135,14 +141,10 @@ async def test_kill_9_at_random_moments_soak(
     try:
         # Straight after the last restart it serves a whole version, then finishes the update.
         assert await eventually(lambda: serving_version(port), 20) in ("1.0.0", "2.0.0")
-        await eventually(lambda: _is(serving_version(port), target), 30)
+        await eventually(lambda: resolves_to(serving_version(port), target), 30)
         await wait_active(cp, ident.agent_id, target, 30)
     finally:
         agent.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(agent.wait, 20) == 0
     check_store(state_dir)
     assert seen == {"1.0.0", "2.0.0"} or SOAK_RUNS < 4
-
-
-async def _is(coro: object, want: str) -> bool:
-    return await coro == want  # type: ignore[misc]

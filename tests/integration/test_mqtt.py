@@ -27,7 +27,13 @@ from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import Load, enroll_agent, eventually, running_agent
+from tests.integration.agent_helpers import (
+    Load,
+    enroll_agent,
+    eventually,
+    resolves_to,
+    running_agent,
+)
 from tests.integration.fleet_helpers import free_port
 from tests.integration.test_agent import stored_requests
 from tests.modelgen import iris_model
@@ -303,14 +309,10 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
             served = load.ok
             # Batches in flight over MQTT when the broker went are sent again over HTTP.
             await eventually(lambda: agent.counters["pending_batches"] == 0, 15)
-        await eventually(lambda: _eq(stored_requests(cp), served), 10)
+        await eventually(lambda: resolves_to(stored_requests(cp), served), 10)
         assert ident.agent_id
     finally:
         await cp.client.close()
-
-
-async def _eq(coro: object, want: int) -> bool:
-    return await coro == want  # type: ignore[misc]
 
 
 async def test_control_plane_restart_loses_nothing_published_meanwhile(
@@ -337,7 +339,7 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
             served = load.ok
             # Every batch is let go on the control plane's own acknowledgement over MQTT.
             await eventually(lambda: agent.counters["pending_batches"] == 0, 15)
-        await eventually(lambda: _eq(stored_requests(cp), served), 15)
+        await eventually(lambda: resolves_to(stored_requests(cp), served), 15)
         agents = (await (await cp.call("GET", "/agents")).json())["agents"]
         assert (
             agents[0]["id"] == ident.agent_id and agents[0]["state"] == "offline"
@@ -490,7 +492,7 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
             # The agent lets a batch go only on the control plane's acknowledgement, and sends
             # what was unacknowledged again after the reconnect.
             try:
-                await eventually(lambda: _eq(stored_requests(cp), served), 20)
+                await eventually(lambda: resolves_to(stored_requests(cp), served), 20)
             except AssertionError:
                 h = await (await cp.call("GET", "/health")).json()
                 raise AssertionError(

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import Load, enroll_agent, eventually, running_agent
+from tests.integration.agent_helpers import (
+    Load,
+    enroll_agent,
+    eventually,
+    resolves_to,
+    running_agent,
+)
 from tests.integration.fleet_helpers import free_port
 from tests.integration.test_agent import stored_requests
 
@@ -87,12 +93,8 @@ async def test_postgres_restarted_under_ingest_load_loses_nothing(
             served = load.ok
             # Reports that failed while the database was away were kept and sent again.
             await eventually(lambda: agent.counters["pending_batches"] == 0, 30)
-        await eventually(lambda: _eq(stored_requests(cp), served), 20)
+        await eventually(lambda: resolves_to(stored_requests(cp), served), 20)
         r = await cp.call("GET", "/health")
         assert r.status == 200  # the control plane reconnected
     finally:
         await cp.client.close()
-
-
-async def _eq(coro: object, want: int) -> bool:
-    return await coro == want  # type: ignore[misc]
