@@ -83,24 +83,27 @@ class BlobAttacker(LoopbackProxy):
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
-        self.target: str | None = None  # the digest whose download is attacked
-        self.mode = ""
+        # digest -> how its download is attacked; attacks stay on, so an earlier version that
+        # is still being retried with backoff never gets through when the next case starts
+        self.attacks: dict[str, str] = {}
         self.swap_with = b""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.target and request.path.endswith(f"/blobs/{self.target}"):
+        digest = request.path.rsplit("/blobs/", 1)[-1] if "/blobs/" in request.path else ""
+        mode = self.attacks.get(digest)
+        if mode:
             resp = web.StreamResponse(status=200)
             resp.content_type = "application/octet-stream"
-            if self.mode == "swap":  # mix-and-match: a genuine file of another version
+            if mode == "swap":  # mix-and-match: a genuine file of another version
                 resp.content_length = len(self.swap_with)
                 await resp.prepare(request)
                 await resp.write(self.swap_with)
-            elif self.mode == "endless":  # never-ending response, no length
+            elif mode == "endless":  # never-ending response, no length
                 await resp.prepare(request)
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     for _ in range(100_000):
                         await resp.write(b"\0" * 65536)
-            elif self.mode == "trickle":  # slow retrieval: a byte now and then
+            elif mode == "trickle":  # slow retrieval: a byte now and then
                 await resp.prepare(request)
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     for _ in range(600):
@@ -143,8 +146,8 @@ async def test_mix_and_match_endless_data_and_slow_retrieval_are_refused(
             for seed, (version, mode, reason) in enumerate(cases, start=1):
                 bundle = iris_bundle(publisher.key, version=version, seed=seed)
                 assert (await cp.push(bundle)).status == 201
-                proxy.target, _ = model_digest(bundle)
-                proxy.mode, proxy.swap_with = mode, v1_model
+                digest, _ = model_digest(bundle)
+                proxy.attacks[digest], proxy.swap_with = mode, v1_model
                 await cp.rollout(version=version, selector="site=x")
 
                 async def refused(version: str = version, reason: str = reason) -> dict | None:
