@@ -182,7 +182,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             labels=out["labels"],
             mqtt=out.get("mqtt"),
         )
-        dirs.save_enrollment(identity, out["controlPlaneKey"], out.get("trustedPublishers", []))
+        dirs.save_enrollment(
+            identity, out["controlPlaneKey"], out.get("trustedPublishers", []), out.get("keyset")
+        )
     except AgentError as exc:
         return _fail(str(exc))
     except (KeyError, TypeError) as exc:

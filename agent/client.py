@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,6 +69,26 @@ class ControlPlaneClient:
                 return await _read_capped(resp, MAX_ENVELOPE_BYTES, "desired state")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"desired state: {exc!r}") from exc
+
+    async def get_keyset_chain(self, after: int) -> list[bytes]:
+        """The signed key set versions after ``after``, oldest first; raises TransportError."""
+        try:
+            async with self.session.get(
+                self._url("/keyset"), params={"after": str(after)},
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:  # fmt: skip
+                if resp.status != 200:
+                    raise HttpStatusError(resp.status, await resp.text(), "key set")
+                raw = await _read_capped(resp, 4 * MAX_ENVELOPE_BYTES, "key set")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransportError(f"key set: {exc!r}") from exc
+        try:
+            chain = json.loads(raw).get("chain")
+        except (ValueError, AttributeError):
+            chain = None
+        if not isinstance(chain, list) or not all(isinstance(e, str) for e in chain):
+            raise HttpStatusError(200, raw[:200].decode(errors="replace"), "key set")
+        return [e.encode() for e in chain]
 
     async def get_manifest(self, digest: str) -> bytes:
         """The signed manifest envelope of a version; raises TransportError."""

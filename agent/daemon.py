@@ -42,7 +42,8 @@ from agent.trust import verified_manifest
 from agent.variants import choose_variant, providers_for
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
-from protocol.exceptions import ProtocolError
+from protocol.exceptions import ProtocolError, SignatureError
+from protocol.keyset import follow_chain
 from protocol.manifest import FileEntry, Manifest
 from protocol.reports import MetricsBatch, ModelStatus, StatusReport
 from protocol.timeutil import format_time
@@ -113,8 +114,10 @@ class Agent:
         self.started = time.monotonic()
         self.dirs = StateDir(config.state_dir)
         self.identity: Identity = self.dirs.load_identity()
-        self.cp_keys = self.dirs.control_plane_keys()
-        self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
+        self.keyset = self.dirs.load_keyset()
+        self._set_trust(config)
+        self._keyset_lock = asyncio.Lock()
+        self._keyset_check = True  # look for a newer key set before the next manifest
         self.state = self.dirs.load_state()
         self.store = LocalStore(config.state_dir)
         self.buffer = MetricsBuffer(
@@ -288,10 +291,19 @@ class Agent:
     async def handle_desired(self, envelope: bytes) -> bool:
         """Verify and adopt a desired-state envelope; False (and reported) when refused."""
         try:
-            ds = accept_desired(
-                envelope, self.cp_keys, self.identity.agent_id,
-                self.state.highest_generation, _utcnow(),
-            )  # fmt: skip
+            try:
+                ds = accept_desired(
+                    envelope, self.cp_keys, self.identity.agent_id,
+                    self.state.highest_generation, _utcnow(),
+                )  # fmt: skip
+            except SignatureError:
+                # Perhaps signed by a rotated control plane key that a newer key set lists.
+                if not await self.refresh_keyset():
+                    raise
+                ds = accept_desired(
+                    envelope, self.cp_keys, self.identity.agent_id,
+                    self.state.highest_generation, _utcnow(),
+                )  # fmt: skip
         except ProtocolError as exc:
             self._note_error(f"refused desired state: {exc}")
             log.warning("refused desired state: %s", exc)
@@ -302,6 +314,7 @@ class Agent:
                  ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.progress.clear()
+        self._keyset_check = True  # publishers may have changed too: look before verifying
         self.from_control_plane = ds.models
         self.desired_expires_at = ds.expires_at
         self._merge_desired()
@@ -336,7 +349,7 @@ class Agent:
             old = self.config
             config = replace(config, state_dir=old.state_dir, serve_host=old.serve_host,
                              serve_port=old.serve_port)  # fmt: skip
-        self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
+        self._set_trust(config)
         identity = self.dirs.load_identity()
         if identity.credential != self.identity.credential:
             # `agent rotate-credential` wrote a new one: use it (its first use retires the old).
@@ -358,6 +371,59 @@ class Agent:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval_s / 2)
+
+    # ------------------------------------------------------------------------ trust
+
+    def _set_trust(self, config: AgentConfig) -> None:
+        """Which keys sign desired states and bundles: the key set's roles when the fleet has
+        one, else the keys from enrollment plus the configured publisher files."""
+        if self.keyset is None:
+            self.cp_keys = self.dirs.control_plane_keys()
+            self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
+            self.publisher_threshold = 1
+            return
+        self.cp_keys = self.keyset.trusted("controlPlane")
+        self.publishers = self.keyset.trusted("publishers")
+        self.publisher_threshold = self.keyset.threshold("publishers")
+        if config.trusted_publisher_files:
+            log.warning("key set version %d decides the trusted publishers: trust_publisher "
+                        "files are not used", self.keyset.version)  # fmt: skip
+
+    async def refresh_keyset(self) -> int:
+        """Follow the key set versions after the one held; return how many were accepted.
+
+        Each must be signed by the root keys of the one before (protocol/keyset.py); a refused
+        one is reported and the held version stays.
+        """
+        async with self._keyset_lock:
+            self._keyset_check = False
+            after = self.keyset.version if self.keyset else 0
+            try:
+                chain = await self.client.get_keyset_chain(after)
+            except TransportError as exc:
+                log.warning("key set not refreshed: %s", exc)
+                self._keyset_check = True
+                return 0
+            if not chain:
+                return 0
+            try:
+                keyset, applied = follow_chain(self.keyset, chain, _utcnow())
+            except ProtocolError as exc:
+                self._note_error(f"refused key set: {exc}")
+                log.warning("refused key set: %s", exc)
+                return 0
+            await asyncio.to_thread(self.dirs.save_keyset, chain[-1])
+            self.keyset = keyset
+            self._set_trust(self.config)
+            log.info("key set version %d accepted: %d publisher key(s), %d needed, %d control "
+                     "plane key(s)", keyset.version, len(self.publishers),
+                     self.publisher_threshold, len(self.cp_keys))  # fmt: skip
+            self._status_dirty.set()
+            return applied
+
+    async def _keyset_fresh(self) -> None:
+        if self._keyset_check:
+            await self.refresh_keyset()
 
     def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
@@ -520,7 +586,8 @@ class Agent:
             lambda: self.client.get_manifest(m.manifest_digest),
             lambda: self.mqtt.fetch_manifest(m.manifest_digest),  # type: ignore[union-attr]
         )
-        manifest = verified_manifest(envelope, self.publishers, m)
+        await self._keyset_fresh()
+        manifest = verified_manifest(envelope, self.publishers, m, self.publisher_threshold)
         variant = choose_variant(manifest, self.facts)
         files = [f for f in manifest.files if f.role != "model" or f is variant]
         await self._ensure_room(files)
@@ -621,7 +688,7 @@ class Agent:
         envelope = await asyncio.to_thread(self.store.load_manifest, m.manifest_digest)
         if envelope is None:
             raise UpdateError(f"{m.name} {m.version} is not installed")
-        manifest = verified_manifest(envelope, self.publishers, m)
+        manifest = verified_manifest(envelope, self.publishers, m, self.publisher_threshold)
         variant = choose_variant(manifest, self.facts)
         for f in manifest.files:
             if f.role == "model" and f is not variant:
@@ -814,6 +881,7 @@ class Agent:
                 "metricsPending": int(self.counters["pending_batches"]),
                 "metricsDropped": int(self.counters["dropped_batches"]),
                 **self.desired_freshness(),
+                "keysetVersion": self.keyset.version if self.keyset else None,
             },
         )
 

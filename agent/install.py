@@ -134,7 +134,9 @@ def install(args: argparse.Namespace) -> str:
         server = table["server"]
         out = asyncio.run(enroll(server, table["token"], table.get("name"), labels, facts))
         identity = Identity(out["agentId"], server, out["credential"], out["name"], out["labels"])
-        state.save_enrollment(identity, out["controlPlaneKey"], out.get("trustedPublishers", []))
+        state.save_enrollment(
+            identity, out["controlPlaneKey"], out.get("trustedPublishers", []), out.get("keyset")
+        )
     write_atomic(layout.unit, render_agent_unit(str(layout.venv), str(layout.etc)).encode(), 0o644)
     if args.gpu:
         write_atomic(layout.drop_in, GPU_DROP_IN.encode(), 0o644)

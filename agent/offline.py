@@ -34,11 +34,15 @@ def import_bundle(state_dir: Path, bundle: Path, extra_trust: tuple[Path, ...]) 
     """
     dirs = StateDir(state_dir)
     dirs.load_identity()  # an agent must be enrolled here: its keys decide what is trusted
-    trusted = dirs.trusted_publishers(extra_trust)
+    keyset = dirs.load_keyset()
+    if keyset is None:
+        trusted, threshold = dirs.trusted_publishers(extra_trust), 1
+    else:  # the fleet's key set decides, as it does for versions the control plane names
+        trusted, threshold = keyset.trusted("publishers"), keyset.threshold("publishers")
     try:
         with bundle.open("rb") as f:
             b = read_bundle(f)
-        verify_bundle(b, trusted)
+        verify_bundle(b, trusted, threshold)
     except OSError as exc:
         raise UpdateError(f"{bundle}: {exc.strerror}") from None
     except ProtocolError as exc:

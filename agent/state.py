@@ -5,6 +5,8 @@ Layout (all files 0600, written atomically)::
     identity.json        agent id, server URL, credential, name, labels
     control-plane.pub    the key that signs this agent's desired state
     trusted/*.pub        publisher keys handed out at enrollment
+    keyset.json          the newest signed key set accepted (when the fleet has one): it then
+                         decides the publishers (k-of-n) and the control plane keys instead
     state.json           highest generation accepted, active versions, next metrics seq
     blobs/, manifests/   the local content-addressed store (agent/store.py)
 """
@@ -12,6 +14,7 @@ Layout (all files 0600, written atomically)::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.exceptions import AgentConfigError
 from agent.statefile import read_json, write_atomic, write_json
 from protocol.dsse import keyring, load_public_key
-from protocol.exceptions import InvalidMessage
+from protocol.exceptions import InvalidMessage, ProtocolError
+from protocol.keyset import KeySet, open_first
 
 
 @dataclass(frozen=True)
@@ -57,22 +61,50 @@ class StateDir:
         self.control_plane_key_path = root / "control-plane.pub"
         self.trusted_dir = root / "trusted"
         self.state_path = root / "state.json"
+        self.keyset_path = root / "keyset.json"
 
     def save_enrollment(
-        self, identity: Identity, control_plane_key_pem: str, trusted_pems: list[str]
-    ) -> None:
-        """Write what enrollment returned; raises AgentConfigError for a bad key."""
+        self, identity: Identity, control_plane_key_pem: str, trusted_pems: list[str],
+        keyset: str | None = None, now: datetime | None = None,
+    ) -> None:  # fmt: skip
+        """Write what enrollment returned; raises AgentConfigError for a bad key or key set."""
         try:
             load_public_key(control_plane_key_pem.encode())
             keys = [load_public_key(p.encode()) for p in trusted_pems]
         except InvalidMessage as exc:
             raise AgentConfigError(f"enrollment returned a bad key: {exc}") from None
+        if keyset is not None:
+            try:
+                open_first(keyset.encode(), now or datetime.now(UTC))
+            except ProtocolError as exc:
+                raise AgentConfigError(f"enrollment returned a bad key set: {exc}") from None
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         for i, (pem, _) in enumerate(zip(trusted_pems, keys, strict=True)):
             write_atomic(self.trusted_dir / f"publisher-{i}.pub", pem.encode())
         write_atomic(self.control_plane_key_path, control_plane_key_pem.encode())
+        if keyset is not None:
+            write_atomic(self.keyset_path, keyset.encode())
         write_json(self.identity_path, asdict(identity))
+
+    def load_keyset(self) -> KeySet | None:
+        """The key set accepted last (checked when it was accepted), or None when the fleet has
+        none; raises AgentConfigError when the file is not a key set signed by its roots."""
+        try:
+            data = self.keyset_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AgentConfigError(f"{self.keyset_path}: {exc.strerror}") from None
+        try:
+            # It was current when accepted; expiry only matters for a version on offer.
+            return open_first(data, datetime.min.replace(tzinfo=UTC))
+        except ProtocolError as exc:
+            raise AgentConfigError(f"{self.keyset_path}: {exc}") from None
+
+    def save_keyset(self, envelope: bytes) -> None:
+        """Keep the newest accepted key set."""
+        write_atomic(self.keyset_path, envelope)
 
     def load_identity(self) -> Identity:
         """Read identity.json; raises AgentConfigError when the agent is not enrolled."""

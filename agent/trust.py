@@ -15,16 +15,19 @@ from protocol.manifest import Manifest, parse_manifest
 
 
 def verified_manifest(
-    envelope_bytes: bytes, publishers: Mapping[str, Ed25519PublicKey], wanted: DesiredModel
+    envelope_bytes: bytes,
+    publishers: Mapping[str, Ed25519PublicKey],
+    wanted: DesiredModel,
+    threshold: int = 1,
 ) -> Manifest:
-    """The manifest of ``wanted`` if a trusted publisher signed exactly it.
+    """The manifest of ``wanted`` if ``threshold`` trusted publishers signed exactly it.
 
     The payload's digest must be the one the signed desired state names, and the manifest's
     name and version must match it (no mix-and-match). Raises UpdateError with the reason.
     """
     try:
         envelope = parse_envelope(envelope_bytes)
-        payload, _ = verify(envelope, publishers, MANIFEST_PAYLOAD_TYPE)
+        payload, _ = verify(envelope, publishers, MANIFEST_PAYLOAD_TYPE, threshold)
         if sha256_digest(payload) != wanted.manifest_digest:
             raise UpdateError(
                 f"manifest digest is {sha256_digest(payload)}, desired state names "

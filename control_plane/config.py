@@ -35,6 +35,7 @@ class ServerConfig:
     port: int = 8400
     trusted_publisher_files: tuple[Path, ...] = ()
     signing_key_file: Path | None = None  # None: <data_dir>/control-plane.key
+    keyset_file: Path | None = None  # a signed key set to install at start (protocol/keyset.py)
     max_bundle_bytes: int = 512 * MiB
     max_json_bytes: int = 1 * MiB
     long_poll_max_s: float = 60.0

@@ -162,6 +162,7 @@ def agent_json(
         "models": agent.status.get("models", []),
         "lastError": agent.status.get("lastError"),
         "desiredState": agent.status.get("desiredState", "unknown"),
+        "keysetVersion": agent.status.get("keysetVersion"),
         "state": agent_state(agent, now, offline_after_s),
     }
 
@@ -203,7 +204,14 @@ def status_document(report: StatusReport) -> dict[str, Any]:
         "presence": "online",
         # The agent's own word on its desired state: current, or stale (expired, served).
         "desiredState": str(report.extra.get("desiredState", "unknown"))[:16],
+        # The key set version the agent trusts (None: the fleet has none, or it has not one).
+        "keysetVersion": _small_int(report.extra.get("keysetVersion")),
     }
+
+
+def _small_int(value: object) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
+    return value if ok else None  # type: ignore[return-value]
 
 
 def merged_facts(stored: dict[str, Any], report: StatusReport) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
-from control_plane import audit, credentials, fleet, registry, reports, rollouts, tokens
+from control_plane import audit, credentials, fleet, keyset, registry, reports, rollouts, tokens
 from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
 from control_plane.blobstore import BlobNotFound, BlobStore, open_blob_store
 from control_plane.config import ServerConfig
@@ -164,7 +164,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 # What an agent that waits for approval may do: be seen (status) and wait (long-poll).
 PENDING_ROUTES = {"/api/v1/agents/{id}", "/api/v1/agents/{id}/desired",
-                  "/api/v1/agents/{id}/status"}  # fmt: skip
+                  "/api/v1/agents/{id}/status", "/api/v1/keyset"}  # fmt: skip
 
 
 def scoped(route: Route) -> Handler:
@@ -300,7 +300,8 @@ async def post_bundle(request: web.Request) -> web.Response:
         if size == 0:
             raise ApiError(400, "invalid_bundle", "request body is empty")
         limits = BundleLimits(max_total_bytes=limit, max_member_bytes=limit)
-        result = await registry.ingest_bundle(state.db, state.store, state.trusted, path, limits)
+        trust = await keyset.publisher_trust(state.db, state.trusted)
+        result = await registry.ingest_bundle(state.db, state.store, trust, path, limits)
     finally:
         await asyncio.to_thread(path.unlink, missing_ok=True)
     log.info("push %s %s %s", result.name, result.version, "stored" if result.created else "same")
@@ -410,13 +411,16 @@ async def post_enroll(request: web.Request) -> web.Response:
         state.db, state.signer, body, state.clock()
     )
     log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
+    trust = await keyset.publisher_trust(state.db, state.trusted)
     out = {
         **agent,
         "credential": credential,
         "controlPlaneKey": public_key_to_pem(state.signer.key.public_key()).decode(),
-        "trustedPublishers": [public_key_to_pem(k).decode() for k in state.trusted.values()],
+        "trustedPublishers": [public_key_to_pem(k).decode() for k in trust.keys.values()],
         "heartbeatSeconds": state.config.heartbeat_s,
     }
+    if (found := await keyset.latest(state.db)) is not None:
+        out["keyset"] = found[1]  # the agent trusts it as it trusts this answer (TLS)
     cfg = state.config
     if cfg.mqtt_url:
         out["mqtt"] = {
@@ -642,6 +646,31 @@ async def get_audit(request: web.Request) -> web.Response:
     return json_response(await audit.list_events(st(request).db, after, limit))
 
 
+async def get_keyset(request: web.Request) -> web.Response:
+    """The newest key set (summary and envelope); with ``after``, every version after it."""
+    state = st(request)
+    found = await keyset.latest(state.db)
+    out: dict[str, Any] = {
+        "keyset": found[0].summary() if found else None,
+        "envelope": found[1] if found else None,
+    }
+    if "after" in request.query:
+        after = int(query_number(request, "after", 0, 2**31))
+        out["chain"] = await keyset.chain_after(state.db, after)
+    return json_response(out)
+
+
+async def put_keyset(request: web.Request) -> web.Response:
+    """Install the next key set version: the stored version's root keys must have signed it."""
+    operator(request)
+    state = st(request)
+    body = await read_json(request)
+    envelope = json.dumps(body, sort_keys=True).encode()
+    ks = await keyset.install(state.db, envelope, state.signer.key.public_key(), state.clock())
+    log.info("key set version %d installed", ks.version)
+    return json_response({"keyset": ks.summary()})
+
+
 @dataclass(frozen=True)
 class Route:
     """One route and what the OpenAPI document says of it."""
@@ -678,6 +707,25 @@ ROUTES: tuple[Route, ...] = (
         "operator",
         None,
         (200, 404),
+    ),
+    Route(
+        "GET",
+        "/api/v1/keyset",
+        get_keyset,
+        "The signed key set: trusted publishers (k-of-n), control plane keys, root keys",
+        "any",
+        None,
+        (200, 400),
+    ),
+    Route(
+        "PUT",
+        "/api/v1/keyset",
+        put_keyset,
+        "Install the next key set version, signed by the current root keys",
+        "operator",
+        "application/json",
+        (200, 400, 409, 422),
+        scope="admin",
     ),
     Route(
         "GET",
@@ -923,6 +971,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token_file = state.config.data_dir / "admin-token"
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
+    signing_public = state.signer.key.public_key()
+    if state.config.keyset_file is not None:
+        await keyset.import_file(state.db, state.config.keyset_file, signing_public, state.clock())
+    await keyset.check_signer_listed(state.db, signing_public)
+    if (found := await keyset.latest(state.db)) is not None:
+        if state.config.trusted_publisher_files:
+            log.warning("key set version %d decides which publishers are trusted: the "
+                        "--trust-publisher files are not used", found[0].version)  # fmt: skip
+    elif not state.trusted:
+        log.warning("no trusted publisher keys: every bundle push will be refused")
     state.ingest.start()
     tasks = [
         asyncio.create_task(state.controller.run(), name="rollout-controller"),
@@ -979,8 +1037,6 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         if config.rate_limit_per_s > 0
         else None,
     )
-    if not state.trusted:
-        log.warning("no trusted publisher keys: every bundle push will be refused")
     app = web.Application(
         middlewares=[audit_middleware, error_middleware, auth_middleware],
         client_max_size=config.max_json_bytes,

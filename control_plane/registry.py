@@ -16,6 +16,7 @@ from control_plane.blobstore import BlobStore
 from control_plane.db.engine import Database
 from control_plane.db.models import Blob, Model, ModelVersion
 from control_plane.errors import ApiError
+from control_plane.keyset import PublisherTrust
 from protocol.bundle import Bundle, BundleLimits, read_bundle, verify_bundle
 from protocol.exceptions import DigestMismatch, InvalidMessage, ProtocolError, SignatureError
 from protocol.timeutil import format_time
@@ -41,11 +42,11 @@ class PushResult:
 
 
 def _read_verified(
-    path: Path, trusted: Mapping[str, Ed25519PublicKey], limits: BundleLimits
+    path: Path, trusted: Mapping[str, Ed25519PublicKey], threshold: int, limits: BundleLimits
 ) -> tuple[Bundle, list[str]]:
     with path.open("rb") as f:
         bundle = read_bundle(f, limits)
-    return bundle, verify_bundle(bundle, trusted)
+    return bundle, verify_bundle(bundle, trusted, threshold)
 
 
 def protocol_error_to_api(exc: ProtocolError) -> ApiError:
@@ -83,13 +84,16 @@ def _same_or_conflict(existing: ModelVersion, bundle: Bundle) -> PushResult:
 async def ingest_bundle(
     db: Database,
     store: BlobStore,
-    trusted: Mapping[str, Ed25519PublicKey],
+    trust: PublisherTrust,
     path: Path,
     limits: BundleLimits,
 ) -> PushResult:
-    """Verify the bundle at ``path`` and store it; raises ApiError for anything refused."""
+    """Verify the bundle at ``path`` (``trust.threshold`` distinct publisher signatures) and
+    store it; raises ApiError for anything refused."""
     try:
-        bundle, keyids = await asyncio.to_thread(_read_verified, path, trusted, limits)
+        bundle, keyids = await asyncio.to_thread(
+            _read_verified, path, trust.keys, trust.threshold, limits
+        )
     except ProtocolError as exc:
         raise protocol_error_to_api(exc) from None
     m = bundle.manifest

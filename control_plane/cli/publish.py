@@ -21,6 +21,7 @@ from protocol.bundle import check_file, read_bundle, verify_bundle, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
     MANIFEST_PAYLOAD_TYPE,
+    Envelope,
     generate_private_key,
     key_id,
     keyring,
@@ -53,12 +54,15 @@ VARIANT_KEYS = {"accelerator", "arch", "os", "minMemoryBytes"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the keys and bundle commands."""
-    keys = sub.add_parser("keys", help="publisher keys")
+    keys = sub.add_parser("keys", help="key pairs and the fleet's signed key set")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     gen = ksub.add_parser("generate", help="make an Ed25519 key pair: OUT.key (0600) + OUT.pub")
     gen.add_argument("--out", required=True, help="path prefix of the two files")
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
     gen.set_defaults(func=cmd_keys_generate)
+    from control_plane.cli import keyset
+
+    keyset.register(ksub)
 
     bundle = sub.add_parser("bundle", help="build and verify .mfb bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
@@ -71,7 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     b.add_argument("--name", required=True)
     b.add_argument("--version", required=True)
-    b.add_argument("--key", required=True, type=Path, help="publisher private key")
+    b.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        action="append",
+        help="publisher private key (repeatable: one signature each)",
+    )
     b.add_argument("--out", type=Path, help="default: NAME-VERSION.mfb")
     b.add_argument("--smoke-input", type=Path, help=".npy fed to the first input")
     b.add_argument("--smoke-output", type=Path, help=".npy expected from the first output")
@@ -80,7 +90,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = bsub.add_parser("verify", help="check a bundle's signature and every digest")
     v.add_argument("bundle", type=Path)
     v.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY")
+    v.add_argument("--threshold", type=int, default=1,
+                   help="distinct trusted signatures needed (1)")  # fmt: skip
     v.set_defaults(func=cmd_bundle_verify)
+    sg = bsub.add_parser("sign", help="add a publisher's signature to a bundle (k-of-n: each "
+                         "publisher signs with their own key)")  # fmt: skip
+    sg.add_argument("bundle", type=Path)
+    sg.add_argument("--key", required=True, type=Path, help="publisher private key")
+    sg.add_argument("--out", type=Path, help="default: overwrite the bundle")
+    sg.set_defaults(func=cmd_bundle_sign)
     x = bsub.add_parser("export", help="rebuild a published version's .mfb from the control plane "
                         "(for sites with no route to it)")  # fmt: skip
     x.add_argument("--model", required=True)
@@ -230,9 +248,9 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     """Build and sign a bundle."""
     try:
         name, version = check_name(args.name, "--name"), check_version(args.version, "--version")
-        key = load_private_key(_read(args.key, "--key"))
+        keys = [load_private_key(_read(k, "--key")) for k in args.key]
     except ProtocolError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"--key: {exc}") from None
     if bool(args.smoke_input) != bool(args.smoke_output):
         raise CliError("--smoke-input and --smoke-output go together")
     smoke = None
@@ -252,7 +270,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     runtime = runtime_of(args.model)
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
     data, manifest = build_bundle(
-        _read(args.model, "model"), name, version, [key], smoke, args.tolerance,
+        _read(args.model, "model"), name, version, keys, smoke, args.tolerance,
         runtime=runtime, variants=variants,
     )  # fmt: skip
     out = args.out or Path(f"{name}-{version}.mfb")
@@ -298,7 +316,9 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     try:
         with args.bundle.open("rb") as f:
             bundle = read_bundle(f)
-        keyids = verify_bundle(bundle, trusted)
+        if args.threshold < 1:
+            raise CliError("--threshold must be >= 1")
+        keyids = verify_bundle(bundle, trusted, args.threshold)
     except OSError as exc:
         raise CliError(f"{args.bundle}: {exc.strerror}") from None
     except ProtocolError as exc:
@@ -317,6 +337,33 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_bundle_sign(args: argparse.Namespace) -> int:
+    """Add a signature over the same manifest; every file's digest is checked first."""
+    try:
+        key = load_private_key(_read(args.key, "--key"))
+    except ProtocolError as exc:
+        raise CliError(f"--key: {exc}") from None
+    try:
+        with args.bundle.open("rb") as f:
+            bundle = read_bundle(f)
+        for fe in bundle.manifest.files:
+            check_file(bundle.files[fe.path], fe.digest, fe.size, f"file {fe.path!r}")
+    except OSError as exc:
+        raise CliError(f"{args.bundle}: {exc.strerror}") from None
+    except ProtocolError as exc:
+        raise CliError(f"{args.bundle}: {exc}", 1) from None
+    env = bundle.envelope
+    kid = key_id(key.public_key())
+    mine = sign(env.payload_type, env.payload, [key]).signatures
+    others = tuple(s for s in env.signatures if s[0] != kid)
+    buf = io.BytesIO()
+    write_bundle(buf, Envelope(env.payload_type, env.payload, others + mine), bundle.files)
+    out = args.out or args.bundle
+    write_private(out, buf.getvalue(), 0o644)
+    print(f"wrote {out}: {len(others) + 1} signature(s), added key id {kid}")
     return 0
 
 

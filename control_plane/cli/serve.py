@@ -33,6 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", help="database URL (default: SQLite in the data dir)")
     p.add_argument("--trust-publisher", type=Path, action="append", default=[],
                    metavar="FILE", help="a publisher's public key (repeatable)")  # fmt: skip
+    p.add_argument("--keyset", type=Path, metavar="FILE",
+                   help="a signed key set (modelfleet keys rotate --init) to install at start; "
+                   "from then on it decides which publishers are trusted")  # fmt: skip
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help="the key desired states are signed with (<data-dir>/control-plane.key)",
+    )
     p.add_argument("--max-bundle-mb", type=int, help="(512)")
     p.add_argument("--mqtt", help="broker URL, mqtt://host:1883 or mqtts://host:8883")
     p.add_argument("--mqtt-public-url", help="the broker URL agents dial, if different")
@@ -101,6 +110,8 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "trust_publishers": ("MODELFLEET_TRUST_PUBLISHERS",
                          lambda v: [Path(p) for p in (v.split(":") if isinstance(v, str) else v)],
                          []),
+    "keyset": ("MODELFLEET_KEYSET", Path, None),
+    "signing_key": ("MODELFLEET_SIGNING_KEY", Path, None),
     "max_bundle_mb": ("MODELFLEET_MAX_BUNDLE_MB", int, 512),
     "controller_interval": ("MODELFLEET_CONTROLLER_INTERVAL", float, 1.0),
     "mqtt": ("MODELFLEET_MQTT", str, None),
@@ -161,6 +172,8 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
             out[name] = _parse(name, env[var], var)
     cli = {"data_dir": args.data_dir, "db": args.db,
            "trust_publishers": getattr(args, "trust_publisher", None) or None,
+           "keyset": getattr(args, "keyset", None),
+           "signing_key": getattr(args, "signing_key", None),
            "host": getattr(args, "host", None), "port": getattr(args, "port", None),
            "max_bundle_mb": getattr(args, "max_bundle_mb", None),
            "controller_interval": getattr(args, "controller_interval", None),
@@ -243,8 +256,12 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for f in s["trust_publishers"]:
         if not f.is_file():
             raise CliError(f"trusted publisher key {f}: no such file")
+    if s["keyset"] is not None and not s["keyset"].is_file():
+        raise CliError(f"key set {s['keyset']}: no such file")
     return ServerConfig(
         data_dir=s["data_dir"],
+        keyset_file=s["keyset"],
+        signing_key_file=s["signing_key"],
         db_url=s["db"],
         host=s["host"],
         port=s["port"],

@@ -17,6 +17,7 @@ from protocol.bundle import BundleLimits, read_bundle
 from protocol.desired import accept_desired, desired_from_json
 from protocol.dsse import generate_private_key, keyring, parse_envelope, sign
 from protocol.exceptions import ProtocolError
+from protocol.keyset import KEYSET_PAYLOAD_TYPE, keyset_from_json, open_first
 from protocol.labels import parse_selector, selector_from_json
 from protocol.manifest import manifest_from_json, parse_manifest
 from protocol.reports import metrics_from_json, status_from_json
@@ -33,7 +34,9 @@ KEYS = st.sampled_from([
     "rollback", "shadow", "sample", "files", "path", "digest", "size", "mediaType", "runtime",
     "inputs", "outputs", "shape", "datatype", "smokeTest", "variants", "schemaVersion", "key",
     "operator", "values", "payload", "payloadType", "signatures", "keyid", "sig", "facts",
-    "lastError", "created", "shadowCount", "driftSum", "argmaxAgree", "x",
+    "lastError", "created", "shadowCount", "driftSum", "argmaxAgree", "x", "type", "keys",
+    "roles", "root", "publishers", "controlPlane", "keyids", "threshold", "keytype",
+    "publicKey",
 ])  # fmt: skip
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
@@ -61,12 +64,22 @@ def test_json_parsers_raise_only_protocol_errors(doc: Any) -> None:
 
 
 @SETTINGS
+@given(JSON)
+def test_signed_but_malformed_keyset_is_refused_cleanly(doc: Any) -> None:
+    """A key set payload of any shape, validly signed: a value or our error, nothing else."""
+    only_protocol_errors(keyset_from_json, doc)
+    env = sign(KEYSET_PAYLOAD_TYPE, json.dumps(doc, default=str).encode(), [KEY])
+    only_protocol_errors(open_first, env.to_bytes(), datetime.now(UTC))
+
+
+@SETTINGS
 @given(st.binary(max_size=400) | JSON.map(lambda d: json.dumps(d, default=str).encode()))
 def test_byte_parsers_raise_only_protocol_errors(data: bytes) -> None:
     only_protocol_errors(parse_envelope, data)
     only_protocol_errors(parse_manifest, data)
     keys = keyring([KEY.public_key()])
     only_protocol_errors(accept_desired, data, keys, "agent", 0, datetime.now(UTC))
+    only_protocol_errors(open_first, data, datetime.now(UTC))
 
 
 @SETTINGS

@@ -1,0 +1,170 @@
+"""The key set on the control plane: stored versions, what they trust, how a new one gets in.
+
+A root of trust enters only from the server's own disk (``--keyset FILE``, read at start);
+after that the API accepts a version only when the root keys of the stored one signed it
+(``PUT /api/v1/keyset``), so an API token alone can never make a new publisher trusted.
+While no key set is installed, the publisher keys given by file are trusted, one signature
+each, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.db.engine import Database
+from control_plane.db.models import KeySetRow
+from control_plane.errors import ApiError, ConfigError
+from protocol.dsse import key_id, parse_envelope
+from protocol.exceptions import InvalidMessage, ProtocolError, ReplayError
+from protocol.fields import load_json_object
+from protocol.keyset import KeySet, keyset_from_json, next_keyset, open_first
+
+log = logging.getLogger("modelfleet.control_plane")
+
+
+@dataclass(frozen=True)
+class PublisherTrust:
+    """Which keys may sign a bundle, and how many of them must."""
+
+    keys: Mapping[str, Ed25519PublicKey]
+    threshold: int
+    keyset_version: int | None  # None: no key set, the server's publisher key files
+
+
+def _decode(envelope: str) -> KeySet:
+    """A stored version (verified when it was stored)."""
+    return keyset_from_json(load_json_object(parse_envelope(envelope.encode()).payload, "keyset"))
+
+
+async def latest(db: Database) -> tuple[KeySet, str] | None:
+    """The newest stored key set and its envelope, or None."""
+    async with db.read() as s:
+        row = await s.scalar(select(KeySetRow).order_by(KeySetRow.version.desc()).limit(1))
+    return (_decode(row.envelope), row.envelope) if row else None
+
+
+async def chain_after(db: Database, version: int) -> list[str]:
+    """The envelopes of every version after ``version``, oldest first."""
+    async with db.read() as s:
+        rows = await s.scalars(
+            select(KeySetRow.envelope).where(KeySetRow.version > version)
+            .order_by(KeySetRow.version)
+        )  # fmt: skip
+        return list(rows)
+
+
+async def publisher_trust(db: Database, files: Mapping[str, Ed25519PublicKey]) -> PublisherTrust:
+    """The publisher keys a pushed bundle is checked against (read per push: replicas may have
+    installed a newer key set since)."""
+    found = await latest(db)
+    if found is None:
+        return PublisherTrust(files, 1, None)
+    ks = found[0]
+    return PublisherTrust(ks.trusted("publishers"), ks.threshold("publishers"), ks.version)
+
+
+def _check_signer(ks: KeySet, signing_key: Ed25519PublicKey) -> None:
+    kid = key_id(signing_key)
+    if kid not in ks.roles["controlPlane"].keyids:
+        raise ApiError(
+            409, "signing_key_not_listed",
+            f"this control plane signs desired states with key {kid[:16]}, which key set "
+            f"version {ks.version} does not list under controlPlane: its agents would refuse "
+            "every desired state. List it (beside the new key) until every replica signs "
+            "with the new one.",
+            "roles.controlPlane",
+        )  # fmt: skip
+
+
+async def install(
+    db: Database, envelope: bytes, signing_key: Ed25519PublicKey, now: datetime
+) -> KeySet:
+    """Store the version after the newest one; raises ApiError (nothing stored) when it does
+    not follow it: not signed by the current root keys, an old version, a skipped one."""
+    found = await latest(db)
+    if found is None:
+        raise ApiError(
+            409, "no_keyset",
+            "this control plane has no key set yet: the first one is installed from the "
+            "server's disk (modelfleet server --keyset FILE), never over the API",
+        )  # fmt: skip
+    try:
+        ks = next_keyset(found[0], envelope, now)
+    except ReplayError as exc:
+        raise ApiError(409, "keyset_not_newer", str(exc), "version") from None
+    except InvalidMessage as exc:
+        raise ApiError(400 if exc.field != "version" else 409, "invalid_keyset", str(exc),
+                       exc.field) from None  # fmt: skip
+    except ProtocolError as exc:
+        raise ApiError(422, "untrusted_keyset", str(exc)) from None
+    _check_signer(ks, signing_key)
+    await _store(db, ks, envelope)
+    return ks
+
+
+async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
+    try:
+        async with db.write() as s:
+            newest = await s.scalar(select(func.max(KeySetRow.version)))
+            if (newest or 0) != ks.version - 1:
+                raise ApiError(
+                    409,
+                    "keyset_not_newer",
+                    f"key set version {newest} was stored meanwhile",
+                    "version",
+                )
+            s.add(KeySetRow(version=ks.version, envelope=envelope.decode()))
+    except IntegrityError:
+        raise ApiError(
+            409, "keyset_not_newer", f"key set version {ks.version} was stored meanwhile", "version"
+        ) from None
+
+
+async def import_file(db: Database, path: Path, signing_key: Ed25519PublicKey,
+                      now: datetime) -> KeySet | None:  # fmt: skip
+    """At start: install the key set in ``path`` if it is newer than the stored one.
+
+    The file is trusted as a first key set (it came from the server's own disk); a newer one
+    than stored must follow the stored version. Raises ConfigError naming what is wrong.
+    """
+    try:
+        data = await asyncio.to_thread(path.read_bytes)
+    except OSError as exc:
+        raise ConfigError(f"key set {path}: {exc.strerror}") from None
+    found = await latest(db)
+    try:
+        if found is None:
+            ks = open_first(data, now)
+        else:
+            file_ks = _decode(parse_envelope(data).to_bytes().decode())
+            if file_ks.version <= found[0].version:
+                return found[0]  # already in (or superseded over the API)
+            ks = next_keyset(found[0], data, now)
+    except ProtocolError as exc:
+        raise ConfigError(f"key set {path}: {exc}") from None
+    try:
+        _check_signer(ks, signing_key)
+    except ApiError as exc:
+        raise ConfigError(f"key set {path}: {exc.message}") from None
+    await _store(db, ks, data)
+    log.info("installed key set version %d from %s", ks.version, path)
+    return ks
+
+
+async def check_signer_listed(db: Database, signing_key: Ed25519PublicKey) -> None:
+    """At start: refuse to run with a signing key the newest key set does not list."""
+    found = await latest(db)
+    if found is not None:
+        try:
+            _check_signer(found[0], signing_key)
+        except ApiError as exc:
+            raise ConfigError(exc.message) from None
