@@ -51,6 +51,9 @@ class AgentConfig:
     client_cert_file: str | None = None
     client_key_file: str | None = None
     poll_interval_s: float = 300.0
+    # How often to look for a newer signed key set (also done before verifying a new
+    # version's manifest, and when a desired state is signed by a key not yet trusted).
+    keyset_refresh_s: float = 300.0
     # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
     # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).
     bundle_transport: str = "http"

@@ -203,6 +203,7 @@ class Agent:
             ("reconcile", self._reconcile_loop()),
             ("status", self._status_loop()),
             ("metrics", self._metrics_loop()),
+            ("keyset", self._keyset_loop()),
         ]
         if self.notifier.watchdog_s:
             loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_s)))
@@ -420,6 +421,13 @@ class Agent:
                      self.publisher_threshold, len(self.cp_keys))  # fmt: skip
             self._status_dirty.set()
             return applied
+
+    async def _keyset_loop(self) -> None:
+        """Look for a newer key set now and then: a control plane key or a publisher removed
+        from the key set is refused from the next look on."""
+        while True:
+            await self.refresh_keyset()
+            await asyncio.sleep(self.config.keyset_refresh_s)
 
     async def _keyset_fresh(self) -> None:
         if self._keyset_check:

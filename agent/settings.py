@@ -116,6 +116,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "added_latency_ms": (lambda v: _non_negative_float(v), 0.0),
     "mqtt": (_string, None),
     "poll_interval": (_positive(float), 300.0),
+    "keyset_refresh": (_positive(float), 300.0),
     "bundle_transport": (_transport, "http"),
     "mqtt_ca": (_string, None),
 }
@@ -204,6 +205,7 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         added_latency_s=s["added_latency_ms"] / 1000.0,
         mqtt_url=s["mqtt"],
         poll_interval_s=s["poll_interval"],
+        keyset_refresh_s=s["keyset_refresh"],
         bundle_transport=s["bundle_transport"],
         mqtt_ca_file=s["mqtt_ca"],
         ca_file=s["ca"],

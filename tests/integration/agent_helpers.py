@@ -56,7 +56,9 @@ async def enroll_agent(
     identity = Identity(
         out["agentId"], url, out["credential"], out["name"], out["labels"], out.get("mqtt")
     )
-    StateDir(state_dir).save_enrollment(identity, out["controlPlaneKey"], out["trustedPublishers"])
+    StateDir(state_dir).save_enrollment(
+        identity, out["controlPlaneKey"], out["trustedPublishers"], out.get("keyset")
+    )
     return identity
 
 
