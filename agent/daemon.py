@@ -7,6 +7,7 @@ server; leaving it stops accepting requests, drains, flushes metrics once, and d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -50,6 +51,7 @@ from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
 log = logging.getLogger("modelfleet.agent")
+KEYSET_WAIT_S = 5.0  # how long a manifest check waits for a key set look in progress
 
 
 def _utcnow() -> datetime:
@@ -117,7 +119,7 @@ class Agent:
         self.keyset = self.dirs.load_keyset()
         self._set_trust(config)
         self._keyset_lock = asyncio.Lock()
-        self._keyset_check = True  # look for a newer key set before the next manifest
+        self._keyset_task: asyncio.Task[int] | None = None  # a look started by a new generation
         self.state = self.dirs.load_state()
         self.store = LocalStore(config.state_dir)
         self.buffer = MetricsBuffer(
@@ -221,9 +223,10 @@ class Agent:
             await self._runner.cleanup()
         if self.mqtt is not None:
             await self.mqtt.say_offline()
-        for t in self._tasks:
+        tasks = [*self._tasks, *([self._keyset_task] if self._keyset_task else [])]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._cut_metrics()
         try:
             async with asyncio.timeout(3):
@@ -315,7 +318,7 @@ class Agent:
                  ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.progress.clear()
-        self._keyset_check = True  # publishers may have changed too: look before verifying
+        self._look_for_keyset()  # publishers may have changed too: look before verifying
         self.from_control_plane = ds.models
         self.desired_expires_at = ds.expires_at
         self._merge_desired()
@@ -397,13 +400,11 @@ class Agent:
         one is reported and the held version stays.
         """
         async with self._keyset_lock:
-            self._keyset_check = False
             after = self.keyset.version if self.keyset else 0
             try:
                 chain = await self.client.get_keyset_chain(after)
             except TransportError as exc:
-                log.warning("key set not refreshed: %s", exc)
-                self._keyset_check = True
+                log.warning("key set not refreshed: %s", exc)  # the periodic look tries again
                 return 0
             if not chain:
                 return 0
@@ -429,9 +430,18 @@ class Agent:
             await self.refresh_keyset()
             await asyncio.sleep(self.config.keyset_refresh_s)
 
+    def _look_for_keyset(self) -> None:
+        """Start a look for a newer key set (a new generation may come with new publishers)."""
+        if self._keyset_task is None or self._keyset_task.done():
+            self._keyset_task = asyncio.create_task(self.refresh_keyset(), name="agent-keyset")
+
     async def _keyset_fresh(self) -> None:
-        if self._keyset_check:
-            await self.refresh_keyset()
+        """Before a manifest is verified, wait a little for a look in progress to finish; with
+        no HTTP route (MQTT only) the held key set is used after KEYSET_WAIT_S."""
+        task = self._keyset_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), KEYSET_WAIT_S)
 
     def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
