@@ -1,13 +1,24 @@
 """Bearer tokens: operators' API tokens and agents' credentials.
 
-Secrets are 256-bit random strings, so a plain sha256 is enough to store them (no password
-stretching is needed for a secret nobody chose). Lookups go by that hash.
+Agent credentials are stored as scrypt hashes (``scrypt$log2N$r$p$salt$hash``), so a copy of
+the database does not hand out working credentials even to someone with a large budget for
+guessing. A salted hash cannot be searched for, so each agent row also keeps a lookup key: the
+first 16 hex digits of the credential's sha256, which says nothing usable about a 256-bit
+secret. A credential that verified once is remembered in memory (by its stored hash and a
+digest of it), so only an agent's first request to a process pays for scrypt; a rotation or a
+revocation changes the stored hash or the row, and the memory no longer matches.
+Credentials stored by older versions as a bare sha256 still work and are re-stored as scrypt
+at their first use. API tokens and enrollment tokens keep a sha256 (looked up by it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import hmac
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +40,75 @@ def new_secret(prefix: str) -> str:
 
 
 def hash_secret(secret: str) -> str:
-    """The stored form of a secret."""
+    """The stored form of an API or enrollment token (a sha256, looked up by)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# scrypt cost: N = 2^14, r = 8, p = 1 (16 MiB, about 50 ms on one core here). Stored with the
+# hash, so it can be raised later without breaking what is stored.
+SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
+_VERIFIED_MAX = 100_000
+_verified: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+
+
+def credential_lookup(secret: str) -> str:
+    """The lookup key of an agent credential (not a verifier: scrypt is)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def _scrypt(secret: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
+    n = 1 << log2_n
+    return hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                          maxmem=256 * n * r + 1024 * 1024)  # fmt: skip
+
+
+def hash_credential(secret: str) -> str:
+    """The stored form of an agent credential: scrypt with a fresh salt (CPU bound: call it
+    in a thread from async code)."""
+    salt = secrets.token_bytes(16)
+    dk = _scrypt(secret, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${SCRYPT_LOG2_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(dk)}"
+
+
+def is_legacy(stored: str) -> bool:
+    """A credential stored by an older version as a bare sha256."""
+    return not stored.startswith("scrypt$")
+
+
+def check_credential(secret: str, stored: str) -> bool:
+    """Whether ``secret`` is the credential ``stored`` was made from (constant time)."""
+    if stored.startswith("scrypt$"):
+        try:
+            _, log2_n, r, p, salt, dk = stored.split("$")
+            got = _scrypt(secret, _unb64(salt), int(log2_n), int(r), int(p))
+            return hmac.compare_digest(got, _unb64(dk))
+        except (ValueError, TypeError):
+            return False  # not a hash this version wrote
+    if len(stored) == 64:  # legacy sha256 hex
+        return hmac.compare_digest(hash_secret(secret), stored)
+    return False  # revoked: no secret matches
+
+
+async def verify_credential(secret: str, stored: str) -> bool:
+    """:func:`check_credential`, remembered after the first success; scrypt in a thread."""
+    key = (stored, hashlib.sha256(secret.encode()).digest())
+    if key in _verified:
+        _verified.move_to_end(key)
+        return True
+    if not await asyncio.to_thread(check_credential, secret, stored):
+        return False
+    _verified[key] = None
+    if len(_verified) > _VERIFIED_MAX:
+        _verified.popitem(last=False)
+    return True
 
 
 @dataclass(frozen=True)
@@ -54,6 +132,7 @@ class AgentCaller:
     # Authenticated with its pending rotated credential: its first use retires the old one.
     rotated: bool = False
     pending: bool = False  # enrolled, not approved yet
+    legacy: bool = False  # stored as a bare sha256 by an older version: re-store as scrypt
 
 
 Principal = Operator | AgentCaller
@@ -63,21 +142,34 @@ async def resolve(session: AsyncSession, token: str, now: datetime | None = None
                   ) -> Principal | None:  # fmt: skip
     """Find who holds ``token``, or None (also for an expired or revoked API token)."""
     now = now or datetime.now(UTC)
-    h = hash_secret(token)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
-        row = (await session.execute(
-            select(Agent.id, Agent.credential_hash, Agent.pending).where(
-                or_(Agent.credential_hash == h, Agent.next_credential_hash == h),
-                Agent.revoked_at.is_(None),
-            )
-        )).first()  # fmt: skip
-        return AgentCaller(row[0], rotated=row[1] != h, pending=row[2]) if row else None
+        return await _resolve_agent(session, token)
+    h = hash_secret(token)
     row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
     if row is None or row.revoked_at is not None:
         return None
     if row.expires_at is not None and now >= row.expires_at:
         return None
     return Operator(row.id, row.name, tuple(row.scopes))
+
+
+async def _resolve_agent(session: AsyncSession, token: str) -> AgentCaller | None:
+    lookup = credential_lookup(token)
+    row = (await session.execute(
+        select(Agent.id, Agent.pending, Agent.credential_lookup, Agent.credential_hash,
+               Agent.next_credential_lookup, Agent.next_credential_hash).where(
+            or_(Agent.credential_lookup == lookup, Agent.next_credential_lookup == lookup),
+            Agent.revoked_at.is_(None),
+        )
+    )).first()  # fmt: skip
+    if row is None:
+        return None
+    agent_id, pending, cur_lookup, cur_hash, next_lookup, next_hash = row
+    if cur_lookup == lookup and await verify_credential(token, cur_hash):
+        return AgentCaller(agent_id, pending=pending, legacy=is_legacy(cur_hash))
+    if next_lookup == lookup and next_hash and await verify_credential(token, next_hash):
+        return AgentCaller(agent_id, rotated=True, pending=pending)
+    return None
 
 
 async def ensure_admin_token(session: AsyncSession, token_file: Path) -> bool:

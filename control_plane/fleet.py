@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth import (
     AGENT_CREDENTIAL_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
+    credential_lookup,
+    hash_credential,
     hash_secret,
     new_secret,
 )
@@ -94,6 +97,12 @@ async def enroll(
     agent_id = str(uuid.uuid4())
     credential = new_secret(AGENT_CREDENTIAL_PREFIX)
     mqtt_password = new_password()
+    # scrypt costs ~50 ms: only for a token that exists, and outside the write transaction.
+    async with db.read() as s:
+        known = await s.scalar(
+            select(EnrollmentToken.id).where(EnrollmentToken.token_hash == hash_secret(token))
+        )
+    stored = await asyncio.to_thread(hash_credential, credential) if known else "unknown"
     async with db.write() as s:
         et = await s.scalar(
             select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))
@@ -129,7 +138,8 @@ async def enroll(
             name=name or f"agent-{agent_id[:8]}",
             labels=labels,
             facts=facts,
-            credential_hash=hash_secret(credential),
+            credential_hash=stored,
+            credential_lookup=credential_lookup(credential),
             enrolled_at=now,
             last_seen_at=now,
             reported_generation=0,

@@ -234,6 +234,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[PRINCIPAL] = principal
     if isinstance(principal, AgentCaller) and principal.rotated:
         await credentials.promote(st(request).db, principal.agent_id, token.strip())
+    elif isinstance(principal, AgentCaller) and principal.legacy:
+        await credentials.upgrade(st(request).db, principal.agent_id, token.strip())
     limiter = st(request).limiter
     if limiter is not None:
         key = ("token", principal.token_id) if isinstance(principal, Operator) else (

@@ -131,14 +131,19 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(128))
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
-    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # scrypt of the credential (control_plane/auth.py), found by its lookup key.
+    credential_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    credential_lookup: Mapped[str | None] = mapped_column(String(16), nullable=True,
+                                                          index=True, unique=True)  # fmt: skip
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[dict[str, Any]] = mapped_column(JSON)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # Rotation: a new credential valid beside the old one until its first use retires the old.
-    next_credential_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    next_credential_hash: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    next_credential_lookup: Mapped[str | None] = mapped_column(String(16), nullable=True,
+                                                               index=True, unique=True)  # fmt: skip
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Enrolled with a token that requires approval, and not approved yet: no desired state, no
     # place in rollouts, no downloads.

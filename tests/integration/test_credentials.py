@@ -123,3 +123,58 @@ async def test_enrollment_waiting_for_approval(cp: ControlPlane, publisher: Publ
     assert (await cp.call("GET", f"/manifests/{digest}", token=cred)).status == 200
     view = await (await cp.call("GET", f"/agents/{aid}")).json()
     assert view["state"] != "pending" and view["desiredGeneration"] == 1
+
+
+async def test_a_credential_stored_before_scrypt_survives_the_migration_and_is_re_stored(
+    tmp_path: Path, publisher: Publisher, db_url: str
+) -> None:
+    """An agent enrolled by a version that stored a bare sha256 keeps working after the
+    upgrade, and its first request re-stores the credential as scrypt."""
+    import hashlib
+    import uuid
+    from datetime import UTC, datetime
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from control_plane.db.engine import Database, alembic_config
+    from tests.conftest import cp_config, start_control_plane
+
+    db = Database(db_url)
+    credential = "mfc_" + uuid.uuid4().hex + uuid.uuid4().hex
+    legacy = hashlib.sha256(credential.encode()).hexdigest()
+    agent_id = str(uuid.uuid4())
+
+    def to_0009(conn):  # type: ignore[no-untyped-def]
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0009")
+
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(to_0009)
+            await conn.execute(
+                text(
+                    "INSERT INTO agents (id, name, labels, facts, credential_hash, enrolled_at, "
+                    "reported_generation, status, pending) VALUES (:id, 'old', '{}', '{}', :h, :t, "
+                    "0, '{}', false)"
+                ),
+                {"id": agent_id, "h": legacy, "t": datetime.now(UTC)},
+            )
+    finally:
+        await db.close()
+    cp = await start_control_plane(cp_config(tmp_path, db_url, publisher))  # migrates to head
+    try:
+        assert await agent_call(cp, credential, agent_id) == 200
+        assert await agent_call(cp, credential[:-1] + "A", agent_id) == 401
+        async with cp.client.app[STATE].db.read() as s:
+            a = await s.scalar(select(Agent).where(Agent.id == agent_id))
+        assert a is not None and a.credential_hash.startswith("scrypt$")
+        assert legacy not in a.credential_hash
+        assert await agent_call(cp, credential, agent_id) == 200  # and it still works
+        fresh = await cp.enroll({"site": "x"})
+        async with cp.client.app[STATE].db.read() as s:
+            b = await s.scalar(select(Agent).where(Agent.id == fresh["agentId"]))
+        assert b is not None and b.credential_hash.startswith("scrypt$14$8$1$")
+    finally:
+        await cp.client.close()

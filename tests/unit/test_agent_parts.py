@@ -173,3 +173,22 @@ def test_the_agent_process_does_not_import_the_server_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip()  # fmt: skip
     assert out == "[]", out
+
+
+def test_agent_credentials_are_stored_as_salted_scrypt() -> None:
+    """control_plane/auth.py: what a stolen copy of the database holds."""
+    import hashlib
+
+    from control_plane.auth import check_credential, credential_lookup, hash_credential
+
+    secret = "mfc_" + "s" * 43
+    a, b = hash_credential(secret), hash_credential(secret)
+    assert a.startswith("scrypt$14$8$1$") and a != b  # a fresh salt each time
+    sha = hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in a and sha not in a and credential_lookup(secret) == sha[:16]
+    assert check_credential(secret, a) and check_credential(secret, b)
+    assert not check_credential(secret + "x", a)
+    assert check_credential(secret, sha)  # stored by an older version: still verifies
+    assert not check_credential(secret + "x", sha)
+    for bad in ("revoked:" + "0" * 48, "scrypt$14$8$1$!!$!!", "scrypt$99", "", a[:-4]):
+        assert not check_credential(secret, bad), bad
