@@ -44,9 +44,14 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-# scrypt cost: N = 2^14, r = 8, p = 1 (16 MiB, about 50 ms on one core here). Stored with the
-# hash, so it can be raised later without breaking what is stored.
-SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
+# scrypt cost: N = 2^12, r = 8, p = 1 (4 MiB, about 13 ms on one core here), the default of
+# `modelfleet server --credential-cost` (log2 N). The secrets are 256 random bits, so the cost
+# is defence in depth, not what keeps them from being guessed; what it costs is paid again by
+# every agent's first request after a restart (10,000 agents: ~130 s of CPU at 2^12, ~500 s at
+# 2^14) and in memory per verification in flight. Stored with each hash, so a changed cost
+# applies to credentials made from then on without breaking those stored.
+SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 12, 8, 1
+CREDENTIAL_COSTS = range(10, 21)
 _VERIFIED_MAX = 100_000
 _verified: OrderedDict[tuple[str, bytes], None] = OrderedDict()
 
@@ -70,12 +75,12 @@ def _scrypt(secret: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
                           maxmem=256 * n * r + 1024 * 1024)  # fmt: skip
 
 
-def hash_credential(secret: str) -> str:
+def hash_credential(secret: str, log2_n: int = SCRYPT_LOG2_N) -> str:
     """The stored form of an agent credential: scrypt with a fresh salt (CPU bound: call it
     in a thread from async code)."""
     salt = secrets.token_bytes(16)
-    dk = _scrypt(secret, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${SCRYPT_LOG2_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(dk)}"
+    dk = _scrypt(secret, salt, log2_n, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${log2_n}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(dk)}"
 
 
 def is_legacy(stored: str) -> bool:
@@ -88,6 +93,8 @@ def check_credential(secret: str, stored: str) -> bool:
     if stored.startswith("scrypt$"):
         try:
             _, log2_n, r, p, salt, dk = stored.split("$")
+            if int(log2_n) not in CREDENTIAL_COSTS or int(r) != SCRYPT_R or int(p) != SCRYPT_P:
+                return False  # not parameters this version writes: never an unbounded cost
             got = _scrypt(secret, _unb64(salt), int(log2_n), int(r), int(p))
             return hmac.compare_digest(got, _unb64(dk))
         except (ValueError, TypeError):

@@ -36,6 +36,7 @@ class ServerConfig:
     trusted_publisher_files: tuple[Path, ...] = ()
     signing_key_file: Path | None = None  # None: <data_dir>/control-plane.key
     keyset_file: Path | None = None  # a signed key set to install at start (protocol/keyset.py)
+    credential_cost: int = 12  # log2 of scrypt's N for agent credentials (control_plane/auth.py)
     max_bundle_bytes: int = 512 * MiB
     max_json_bytes: int = 1 * MiB
     long_poll_max_s: float = 60.0

@@ -20,6 +20,7 @@ from sqlalchemy import delete, update
 
 from control_plane.auth import (
     AGENT_CREDENTIAL_PREFIX,
+    SCRYPT_LOG2_N,
     credential_lookup,
     hash_credential,
     is_legacy,
@@ -31,10 +32,10 @@ from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 
 
-async def rotate(db: Database, agent_id: str) -> str:
+async def rotate(db: Database, agent_id: str, cost: int = SCRYPT_LOG2_N) -> str:
     """A new credential for the agent (the old one stays valid until the new one is used)."""
     credential = new_secret(AGENT_CREDENTIAL_PREFIX)
-    stored = await asyncio.to_thread(hash_credential, credential)
+    stored = await asyncio.to_thread(hash_credential, credential, cost)
     async with db.write() as s:
         agent = await s.get(Agent, agent_id)
         if agent is None or agent.revoked_at is not None:
@@ -57,10 +58,10 @@ async def promote(db: Database, agent_id: str, token: str) -> None:
         )  # fmt: skip
 
 
-async def upgrade(db: Database, agent_id: str, token: str) -> None:
+async def upgrade(db: Database, agent_id: str, token: str, cost: int = SCRYPT_LOG2_N) -> None:
     """A credential stored as a bare sha256 by an older version was used (and verified):
     store it as scrypt from now on."""
-    stored = await asyncio.to_thread(hash_credential, token)
+    stored = await asyncio.to_thread(hash_credential, token, cost)
     async with db.write() as s:
         agent = await s.get(Agent, agent_id)
         if agent is not None and is_legacy(agent.credential_hash) and agent.revoked_at is None:

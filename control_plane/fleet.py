@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth import (
     AGENT_CREDENTIAL_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
+    SCRYPT_LOG2_N,
     credential_lookup,
     hash_credential,
     hash_secret,
@@ -81,8 +82,9 @@ async def create_enrollment_token(
 
 
 async def enroll(
-    db: Database, signer: DesiredSigner, body: dict[str, Any], now: datetime
-) -> tuple[dict[str, Any], str, str]:
+    db: Database, signer: DesiredSigner, body: dict[str, Any], now: datetime,
+    credential_cost: int = SCRYPT_LOG2_N,
+) -> tuple[dict[str, Any], str, str]:  # fmt: skip
     """Enroll an agent with an enrollment token; return (agent fields, credential).
 
     Raises ApiError 401 for an unknown token, 403 for an expired or used-up one.
@@ -102,7 +104,8 @@ async def enroll(
         known = await s.scalar(
             select(EnrollmentToken.id).where(EnrollmentToken.token_hash == hash_secret(token))
         )
-    stored = await asyncio.to_thread(hash_credential, credential) if known else "unknown"
+    stored = (await asyncio.to_thread(hash_credential, credential, credential_cost)
+              if known else "unknown")  # fmt: skip
     async with db.write() as s:
         et = await s.scalar(
             select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))

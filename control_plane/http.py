@@ -235,7 +235,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if isinstance(principal, AgentCaller) and principal.rotated:
         await credentials.promote(st(request).db, principal.agent_id, token.strip())
     elif isinstance(principal, AgentCaller) and principal.legacy:
-        await credentials.upgrade(st(request).db, principal.agent_id, token.strip())
+        await credentials.upgrade(st(request).db, principal.agent_id, token.strip(),
+                                  st(request).config.credential_cost)  # fmt: skip
     limiter = st(request).limiter
     if limiter is not None:
         key = ("token", principal.token_id) if isinstance(principal, Operator) else (
@@ -410,7 +411,7 @@ async def post_enroll(request: web.Request) -> web.Response:
     state = st(request)
     body = await read_json(request)
     agent, credential, mqtt_password = await fleet.enroll(
-        state.db, state.signer, body, state.clock()
+        state.db, state.signer, body, state.clock(), state.config.credential_cost
     )
     log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
     trust = await keyset.publisher_trust(state.db, state.trusted)
@@ -591,7 +592,9 @@ async def post_credential(request: web.Request) -> web.Response:
     """A new credential for the calling agent; the old one works until the new one is used."""
     agent_id = request.match_info["id"]
     agent_or_operator(request, agent_id, agent_only=True)
-    credential = await credentials.rotate(st(request).db, agent_id)
+    credential = await credentials.rotate(
+        st(request).db, agent_id, st(request).config.credential_cost
+    )
     return json_response({"agentId": agent_id, "credential": credential})
 
 

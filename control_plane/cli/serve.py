@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.auth import CREDENTIAL_COSTS
 from control_plane.cli.common import CliError
 from control_plane.config import Retention, ServerConfig
 
@@ -41,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="the key desired states are signed with (<data-dir>/control-plane.key)",
+    )
+    p.add_argument(
+        "--credential-cost",
+        type=int,
+        metavar="LOG2N",
+        help="scrypt cost of stored agent credentials, log2 of N, 10..20 (12: 4 MiB "
+        "and ~13 ms per enrollment, and per agent's first request to a replica)",
     )
     p.add_argument("--max-bundle-mb", type=int, help="(512)")
     p.add_argument("--mqtt", help="broker URL, mqtt://host:1883 or mqtts://host:8883")
@@ -112,6 +120,7 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
                          []),
     "keyset": ("MODELFLEET_KEYSET", Path, None),
     "signing_key": ("MODELFLEET_SIGNING_KEY", Path, None),
+    "credential_cost": ("MODELFLEET_CREDENTIAL_COST", int, 12),
     "max_bundle_mb": ("MODELFLEET_MAX_BUNDLE_MB", int, 512),
     "controller_interval": ("MODELFLEET_CONTROLLER_INTERVAL", float, 1.0),
     "mqtt": ("MODELFLEET_MQTT", str, None),
@@ -174,6 +183,7 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "trust_publishers": getattr(args, "trust_publisher", None) or None,
            "keyset": getattr(args, "keyset", None),
            "signing_key": getattr(args, "signing_key", None),
+           "credential_cost": getattr(args, "credential_cost", None),
            "host": getattr(args, "host", None), "port": getattr(args, "port", None),
            "max_bundle_mb": getattr(args, "max_bundle_mb", None),
            "controller_interval": getattr(args, "controller_interval", None),
@@ -256,12 +266,15 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for f in s["trust_publishers"]:
         if not f.is_file():
             raise CliError(f"trusted publisher key {f}: no such file")
+    if s["credential_cost"] not in CREDENTIAL_COSTS:
+        raise CliError(f"credential_cost: {s['credential_cost']} is not between 10 and 20")
     if s["keyset"] is not None and not s["keyset"].is_file():
         raise CliError(f"key set {s['keyset']}: no such file")
     return ServerConfig(
         data_dir=s["data_dir"],
         keyset_file=s["keyset"],
         signing_key_file=s["signing_key"],
+        credential_cost=s["credential_cost"],
         db_url=s["db"],
         host=s["host"],
         port=s["port"],

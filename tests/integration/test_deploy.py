@@ -136,6 +136,15 @@ def test_server_settings_precedence_and_errors(tmp_path: Path) -> None:
         cfg.write_text(text)
         with pytest.raises(CliError, match=fragment):
             load_settings(args, {})
+    from control_plane.cli.serve import _config
+
+    for text, fragment in [("credential_cost = 9\n", "credential_cost: 9 is not between"),
+                           ("keyset = '/no/such.json'\n", "no such file")]:  # fmt: skip
+        cfg.write_text(text)
+        with pytest.raises(CliError, match=fragment):
+            _config(args)
+    cfg.write_text("credential_cost = 12\n")
+    assert _config(args).credential_cost == 12
 
 
 def test_agent_toml_errors_name_the_setting(tmp_path: Path) -> None:

@@ -183,12 +183,15 @@ def test_agent_credentials_are_stored_as_salted_scrypt() -> None:
 
     secret = "mfc_" + "s" * 43
     a, b = hash_credential(secret), hash_credential(secret)
-    assert a.startswith("scrypt$14$8$1$") and a != b  # a fresh salt each time
+    assert a.startswith("scrypt$12$8$1$") and a != b  # a fresh salt each time
     sha = hashlib.sha256(secret.encode()).hexdigest()
     assert secret not in a and sha not in a and credential_lookup(secret) == sha[:16]
     assert check_credential(secret, a) and check_credential(secret, b)
     assert not check_credential(secret + "x", a)
     assert check_credential(secret, sha)  # stored by an older version: still verifies
     assert not check_credential(secret + "x", sha)
-    for bad in ("revoked:" + "0" * 48, "scrypt$14$8$1$!!$!!", "scrypt$99", "", a[:-4]):
+    c = hash_credential(secret, 14)  # a cost raised later: stored with the hash
+    assert c.startswith("scrypt$14$") and check_credential(secret, c)
+    huge = "scrypt$30" + a[len("scrypt$12") :]  # a planted row must not cost 2^30
+    for bad in ("revoked:" + "0" * 48, "scrypt$12$8$1$!!$!!", "scrypt$99", "", a[:-4], huge):
         assert not check_credential(secret, bad), bad
