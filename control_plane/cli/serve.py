@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.auth import CREDENTIAL_COSTS
 from control_plane.cli.common import CliError
 from control_plane.config import Retention, ServerConfig
 
@@ -266,6 +265,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for f in s["trust_publishers"]:
         if not f.is_file():
             raise CliError(f"trusted publisher key {f}: no such file")
+    from control_plane.auth import CREDENTIAL_COSTS  # here: the agent's CLI must not load it
+
     if s["credential_cost"] not in CREDENTIAL_COSTS:
         raise CliError(f"credential_cost: {s['credential_cost']} is not between 10 and 20")
     if s["keyset"] is not None and not s["keyset"].is_file():
