@@ -3,9 +3,10 @@
 In process: one sha256 (the raw baseline, what API tokens still use), one scrypt hash (what an
 enrollment or a rotation pays), one scrypt check (an agent's first request to a process), and
 a remembered check (every request after).
-Over HTTP, one `modelfleet server` on SQLite: enrollments per second (16 at a time), and the
-response time of an agent's first request (scrypt), of its next ones (remembered), and of the
-same route with an operator's API token (sha256 lookup: the baseline in the same run).
+Over HTTP, one `modelfleet server` on SQLite per `--credential-cost` (10, 12 the default,
+14): enrollments per second (16 at a time), and the response time of an agent's first request
+(scrypt), of its next ones (remembered), and of the same route with an operator's API token
+(sha256 lookup: the baseline in the same run).
 
 Prints one JSON line; writes bench/results/credentials.json.
 
@@ -72,12 +73,13 @@ async def in_process() -> dict[str, float]:
     }
 
 
-async def over_http(agents: int) -> dict[str, Any]:
+async def over_http(agents: int, cost: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     port = free_port()
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen([MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port",
-                             str(port), "--rate-limit", "0"], stdout=log, stderr=log)  # fmt: skip
+                             str(port), "--rate-limit", "0", "--credential-cost", str(cost)],
+                            stdout=log, stderr=log)  # fmt: skip
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
         async with aiohttp.ClientSession() as s:
@@ -123,6 +125,7 @@ async def over_http(agents: int) -> dict[str, Any]:
         proc.wait(10)
     ms = 1e3
     return {
+        "credential_cost_log2n": cost,
         "agents": agents,
         "enrollments_per_s": round(agents / enroll_s, 1),
         "agent_first_request_p50_ms": round(pct(first, 0.5) * ms, 2),
@@ -132,7 +135,10 @@ async def over_http(agents: int) -> dict[str, Any]:
 
 
 async def main(agents: int) -> dict[str, Any]:
-    return {"in_process": await in_process(), "http_sqlite": await over_http(agents)}
+    out: dict[str, Any] = {"in_process": await in_process()}
+    for cost in (10, 12, 14):  # 12 is the default
+        out[f"http_sqlite_cost_{cost}"] = await over_http(agents, cost)
+    return out
 
 
 if __name__ == "__main__":
