@@ -528,7 +528,8 @@ async def post_rollout(request: web.Request) -> web.Response:
     operator(request)
     state = st(request)
     body = await read_json(request)
-    rollout_id = await rollouts.create_rollout(state.db, body, state.clock())
+    trust = await keyset.publisher_trust(state.db, state.trusted)
+    rollout_id = await rollouts.create_rollout(state.db, body, state.clock(), trust)
     await state.controller.advance_one(rollout_id)
     return json_response(await rollouts.get_rollout(state.db, rollout_id), 201)
 

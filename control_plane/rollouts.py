@@ -23,6 +23,7 @@ from control_plane.db.models import (
 )
 from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
+from control_plane.keyset import PublisherTrust
 from control_plane.notify import DesiredNotifier
 from control_plane.rollout.controller import (
     add_events,
@@ -33,14 +34,34 @@ from control_plane.rollout.controller import (
 )
 from control_plane.rollout.machine import ACTIVE_STATES, CommandError, Event, command
 from control_plane.rollout.spec import parse_spec
+from protocol.dsse import MANIFEST_PAYLOAD_TYPE, parse_envelope, verify
+from protocol.exceptions import ProtocolError
 from protocol.timeutil import format_time
 
 
-async def create_rollout(db: Database, body: dict[str, Any], now: datetime) -> str:
+def _still_trusted(mv: ModelVersion, model: str, trust: PublisherTrust) -> None:
+    """A version pushed under an older rule (a publisher since revoked, a lower threshold) is
+    refused here, with the reason, rather than by every agent it would reach."""
+    try:
+        verify(parse_envelope(mv.envelope.encode()), trust.keys, MANIFEST_PAYLOAD_TYPE,
+               trust.threshold)  # fmt: skip
+    except ProtocolError as exc:
+        rule = (f"key set version {trust.keyset_version}" if trust.keyset_version
+                else "the trusted publisher keys")  # fmt: skip
+        raise ApiError(422, "untrusted_signature",
+                       f"{model} {mv.version} no longer meets {rule}: {exc}; agents would refuse "
+                       "it (publish it again with the signatures now needed)",
+                       "version") from None  # fmt: skip
+
+
+async def create_rollout(
+    db: Database, body: dict[str, Any], now: datetime, trust: PublisherTrust | None = None
+) -> str:
     """Record a new rollout (pending until the controller starts it); return its id.
 
-    Raises InvalidMessage for a bad body, ApiError 404 when the version is not published and
-    409 when it would touch agents an active rollout of the same model holds.
+    Raises InvalidMessage for a bad body, ApiError 404 when the version is not published, 422
+    when its signatures no longer meet ``trust`` (agents would refuse it) and 409 when it would
+    touch agents an active rollout of the same model holds.
     """
     spec = parse_spec(body)
     rollout_id = str(uuid.uuid4())
@@ -54,6 +75,8 @@ async def create_rollout(db: Database, body: dict[str, Any], now: datetime) -> s
             raise ApiError(
                 404, "version_not_found", f"{spec.model} {spec.version} is not published", "version"
             )
+        if trust is not None:
+            _still_trusted(mv, spec.model, trust)
         agents = [a for a in await s.scalars(select(Agent))
                   if not a.pending and a.revoked_at is None]  # fmt: skip
         mine = {a.id for a in agents if spec.selector.matches(a.labels)}

@@ -78,6 +78,9 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
                 assert agent.keyset is not None and agent.keyset.version == 1
                 await cp.rollout(selector="site=x")
                 await wait_active(cp, ident.agent_id, "1.0.0")
+                # A second agent, not started yet, is moved to 2.0.0 while that is still valid.
+                ident2 = await enroll_agent(cp, tmp_path / "a2", {"site": "late"}, proxy.url)
+                await cp.rollout(version="2.0.0", selector="site=late")
 
                 # k-of-n: a second publisher, two signatures needed from now on.
                 p = await run_cli(
@@ -104,16 +107,23 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
                 assert p.returncode == 0 and "2 signature(s)" in p.stdout, p.stderr
                 assert (await cp.push(path.read_bytes())).status == 201
 
-                # The agent holds the version pushed under the old rule to the new one.
-                await cp.rollout(version="2.0.0", selector="site=x")
+                # A version pushed under the old rule: no new rollout of it, and an agent it
+                # was already headed for follows the key set and refuses it.
+                r = await cp.call("POST", "/rollouts", json={"model": "iris", "version": "2.0.0",
+                                                             "selector": "site=x"})  # fmt: skip
+                err = (await r.json())["error"]
+                assert r.status == 422 and "no longer meets key set version 2" in err["message"]
 
                 async def refused() -> dict | None:
-                    m = await model_state(cp, ident.agent_id, "2.0.0")
+                    m = await model_state(cp, ident2.agent_id, "2.0.0")
                     ok = m and m["state"] == "failed" and "needs 2" in (m.get("reason") or "")
                     return m if ok else None
 
-                await eventually(refused, within_s=20)
-                assert agent.keyset.version == 2 and agent.publisher_threshold == 2
+                async with running_agent(tmp_path / "a2", keyset_refresh_s=0.5) as agent2:
+                    await eventually(refused, within_s=20)
+                    assert agent2.keyset is not None and agent2.keyset.version == 2
+                    assert agent2.publisher_threshold == 2 and not agent2.models
+                await eventually(lambda: agent.keyset.version == 2 or None, within_s=10)
                 status, out = await infer(agent.serve_port)
                 assert status == 200 and out["model_version"] == "1.0.0"
                 await cp.rollout(version="3.0.0", selector="site=x")
