@@ -814,7 +814,7 @@ ROUTES: tuple[Route, ...] = (
         "Create a staged rollout",
         "operator",
         "application/json",
-        (201, 400, 404, 409),
+        (201, 400, 404, 409, 422),
         scope="rollouts:write",
     ),
     Route("GET", "/api/v1/rollouts", get_rollouts, "List rollouts", "operator"),
