@@ -31,7 +31,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [MODELFLEET, "server", "--data-dir", str(data_dir), "--port", str(self.port),
                      "--db", db, "--trust-publisher", str(publisher.pub_path),
-                     "--controller-interval", "0.1"]  # fmt: skip
+                     "--controller-interval", "0.1",
+                     # These tests are about replicas, not credential storage: the cheapest
+                     # scrypt cost spares them 200 agents x 2 replicas of hashing.
+                     "--credential-cost", "10"]  # fmt: skip
         self.log = data_dir.parent / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
