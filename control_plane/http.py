@@ -414,7 +414,8 @@ async def post_enroll(request: web.Request) -> web.Response:
         state.db, state.signer, body, state.clock(), state.config.credential_cost
     )
     log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
-    trust = await keyset.publisher_trust(state.db, state.trusted)
+    found = await keyset.latest(state.db)
+    trust = keyset.trust_of(found[0] if found else None, state.trusted)
     out = {
         **agent,
         "credential": credential,
@@ -422,7 +423,7 @@ async def post_enroll(request: web.Request) -> web.Response:
         "trustedPublishers": [public_key_to_pem(k).decode() for k in trust.keys.values()],
         "heartbeatSeconds": state.config.heartbeat_s,
     }
-    if (found := await keyset.latest(state.db)) is not None:
+    if found is not None:
         out["keyset"] = found[1]  # the agent trusts it as it trusts this answer (TLS)
     cfg = state.config
     if cfg.mqtt_url:
@@ -977,14 +978,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         token_file = state.config.data_dir / "admin-token"
         if await ensure_admin_token(s, token_file):
             log.warning("empty database: wrote an admin API token to %s", token_file)
-    signing_public = state.signer.key.public_key()
-    if state.config.keyset_file is not None:
-        await keyset.import_file(state.db, state.config.keyset_file, signing_public, state.clock())
-    await keyset.check_signer_listed(state.db, signing_public)
-    if (found := await keyset.latest(state.db)) is not None:
+    ks = await keyset.at_start(state.db, state.config.keyset_file,
+                               state.signer.key.public_key(), state.clock())  # fmt: skip
+    if ks is not None:
         if state.config.trusted_publisher_files:
             log.warning("key set version %d decides which publishers are trusted: the "
-                        "--trust-publisher files are not used", found[0].version)  # fmt: skip
+                        "--trust-publisher files are not used", ks.version)  # fmt: skip
     elif not state.trusted:
         log.warning("no trusted publisher keys: every bundle push will be refused")
     state.ingest.start()

@@ -40,16 +40,16 @@ class PublisherTrust:
     keyset_version: int | None  # None: no key set, the server's publisher key files
 
 
-def _decode(envelope: str) -> KeySet:
-    """A stored version (verified when it was stored)."""
-    return keyset_from_json(load_json_object(parse_envelope(envelope.encode()).payload, "keyset"))
+def _decode(envelope: bytes) -> KeySet:
+    """The payload of a key set envelope, not verified (a stored one was, when stored)."""
+    return keyset_from_json(load_json_object(parse_envelope(envelope).payload, "keyset"))
 
 
 async def latest(db: Database) -> tuple[KeySet, str] | None:
     """The newest stored key set and its envelope, or None."""
     async with db.read() as s:
         row = await s.scalar(select(KeySetRow).order_by(KeySetRow.version.desc()).limit(1))
-    return (_decode(row.envelope), row.envelope) if row else None
+    return (_decode(row.envelope.encode()), row.envelope) if row else None
 
 
 async def chain_after(db: Database, version: int) -> list[str]:
@@ -66,9 +66,13 @@ async def publisher_trust(db: Database, files: Mapping[str, Ed25519PublicKey]) -
     """The publisher keys a pushed bundle is checked against (read per push: replicas may have
     installed a newer key set since)."""
     found = await latest(db)
-    if found is None:
+    return trust_of(found[0] if found else None, files)
+
+
+def trust_of(ks: KeySet | None, files: Mapping[str, Ed25519PublicKey]) -> PublisherTrust:
+    """What ``ks`` trusts for bundles; without a key set, the publisher key files, one each."""
+    if ks is None:
         return PublisherTrust(files, 1, None)
-    ks = found[0]
     return PublisherTrust(ks.trusted("publishers"), ks.threshold("publishers"), ks.version)
 
 
@@ -129,26 +133,40 @@ async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
         ) from None
 
 
-async def import_file(db: Database, path: Path, signing_key: Ed25519PublicKey,
-                      now: datetime) -> KeySet | None:  # fmt: skip
-    """At start: install the key set in ``path`` if it is newer than the stored one.
+async def at_start(db: Database, path: Path | None, signing_key: Ed25519PublicKey,
+                   now: datetime) -> KeySet | None:  # fmt: skip
+    """At start: install the key set in ``path`` (if given) when it is newer than the stored
+    one, and refuse to run with a signing key the newest version does not list. Returns the
+    newest version, or None. Raises ConfigError naming what is wrong.
 
-    The file is trusted as a first key set (it came from the server's own disk); a newer one
-    than stored must follow the stored version. Raises ConfigError naming what is wrong.
+    The file is trusted as a first key set (it came from the server's own disk); one newer
+    than the stored version must follow it.
     """
+    found = await latest(db)
+    newest = found[0] if found else None
+    if path is not None:
+        newest = await _import_file(db, path, newest, signing_key, now)
+    if newest is not None:
+        try:
+            _check_signer(newest, signing_key)
+        except ApiError as exc:
+            raise ConfigError(exc.message) from None
+    return newest
+
+
+async def _import_file(db: Database, path: Path, stored: KeySet | None,
+                       signing_key: Ed25519PublicKey, now: datetime) -> KeySet | None:  # fmt: skip
     try:
         data = await asyncio.to_thread(path.read_bytes)
     except OSError as exc:
         raise ConfigError(f"key set {path}: {exc.strerror}") from None
-    found = await latest(db)
     try:
-        if found is None:
+        if stored is None:
             ks = open_first(data, now)
         else:
-            file_ks = _decode(parse_envelope(data).to_bytes().decode())
-            if file_ks.version <= found[0].version:
-                return found[0]  # already in (or superseded over the API)
-            ks = next_keyset(found[0], data, now)
+            if _decode(data).version <= stored.version:
+                return stored  # already in (or superseded over the API)
+            ks = next_keyset(stored, data, now)
     except ProtocolError as exc:
         raise ConfigError(f"key set {path}: {exc}") from None
     try:
@@ -158,13 +176,3 @@ async def import_file(db: Database, path: Path, signing_key: Ed25519PublicKey,
     await _store(db, ks, data)
     log.info("installed key set version %d from %s", ks.version, path)
     return ks
-
-
-async def check_signer_listed(db: Database, signing_key: Ed25519PublicKey) -> None:
-    """At start: refuse to run with a signing key the newest key set does not list."""
-    found = await latest(db)
-    if found is not None:
-        try:
-            _check_signer(found[0], signing_key)
-        except ApiError as exc:
-            raise ConfigError(exc.message) from None

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from control_plane.cli.common import CliError, add_client_options, api_call
 from control_plane.files import write_private
 from protocol.dsse import key_id, load_private_key, load_public_key
-from protocol.exceptions import InvalidMessage, ProtocolError
+from protocol.exceptions import ProtocolError
 from protocol.keyset import (
     ROLES,
     KeySet,
@@ -190,7 +190,7 @@ async def _rotate(args: argparse.Namespace) -> int:
     data = sign_keyset(ks, signers).to_bytes()
     try:
         next_keyset(current, data, now)
-    except (InvalidMessage, ProtocolError) as exc:
+    except ProtocolError as exc:
         raise CliError(f"version {ks.version} would be refused: {exc}") from None
     if args.out:
         write_private(args.out, data, 0o644)
