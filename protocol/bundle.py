@@ -149,9 +149,14 @@ def verify_bundle(
     Raises SignatureError or DigestMismatch.
     """
     _, keyids = verify(bundle.envelope, trusted, MANIFEST_PAYLOAD_TYPE, threshold)
+    check_files(bundle)
+    return keyids
+
+
+def check_files(bundle: Bundle) -> None:
+    """Raise DigestMismatch unless every file has the size and digest its manifest gives."""
     for f in bundle.manifest.files:
         check_file(bundle.files[f.path], f.digest, f.size, f"file {f.path!r}")
-    return keyids
 
 
 __all__ = [
@@ -160,6 +165,7 @@ __all__ = [
     "BundleLimits",
     "ProtocolError",
     "check_file",
+    "check_files",
     "read_bundle",
     "verify_bundle",
     "write_bundle",

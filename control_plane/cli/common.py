@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,14 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """A file an argument names; raises CliError naming the argument and the file."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{what} {path}: {exc.strerror}") from None
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from control_plane.cli.common import CliError, add_client_options, api_call
+from control_plane.cli.common import CliError, add_client_options, api_call, read_file
 from control_plane.files import write_private
 from protocol.dsse import key_id, load_private_key, load_public_key
 from protocol.exceptions import ProtocolError
@@ -66,10 +66,7 @@ def register(ksub: argparse._SubParsersAction) -> None:
 
 def _public(arg: str, flag: str) -> Ed25519PublicKey:
     """A public key from a .pub file, or from a private key file (its public half)."""
-    try:
-        data = Path(arg).read_bytes()
-    except OSError as exc:
-        raise CliError(f"{flag} {arg}: {exc.strerror}") from None
+    data = read_file(Path(arg), flag)
     try:
         if b"PRIVATE KEY" in data:
             return load_private_key(data).public_key()
@@ -159,9 +156,7 @@ async def _rotate(args: argparse.Namespace) -> int:
     signers = []
     for p in args.root_key:
         try:
-            signers.append(load_private_key(p.read_bytes()))
-        except OSError as exc:
-            raise CliError(f"--root-key {p}: {exc.strerror}") from None
+            signers.append(load_private_key(read_file(p, "--root-key")))
         except ProtocolError as exc:
             raise CliError(f"--root-key {p}: {exc}") from None
     now = datetime.now(UTC)

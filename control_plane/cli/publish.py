@@ -15,9 +15,15 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control_plane.cli.common import CliError, add_client_options, api_call, client_settings
+from control_plane.cli.common import (
+    CliError,
+    add_client_options,
+    api_call,
+    client_settings,
+    read_file,
+)
 from control_plane.files import write_private
-from protocol.bundle import check_file, read_bundle, verify_bundle, write_bundle
+from protocol.bundle import check_file, check_files, read_bundle, verify_bundle, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
     MANIFEST_PAYLOAD_TYPE,
@@ -106,13 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--out", type=Path, help="default: MODEL-VERSION.mfb")
     add_client_options(x)
     x.set_defaults(func=cmd_bundle_export)
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CliError(f"{what} {path}: {exc.strerror}") from None
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -248,7 +247,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     """Build and sign a bundle."""
     try:
         name, version = check_name(args.name, "--name"), check_version(args.version, "--version")
-        keys = [load_private_key(_read(k, "--key")) for k in args.key]
+        keys = [load_private_key(read_file(k, "--key")) for k in args.key]
     except ProtocolError as exc:
         raise CliError(f"--key: {exc}") from None
     if bool(args.smoke_input) != bool(args.smoke_output):
@@ -260,7 +259,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
             ("--smoke-input", args.smoke_input),
             ("--smoke-output", args.smoke_output),
         ):
-            data = _read(path, flag)
+            data = read_file(path, flag)
             try:
                 np.load(io.BytesIO(data), allow_pickle=False)
             except ValueError as exc:
@@ -270,7 +269,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     runtime = runtime_of(args.model)
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
     data, manifest = build_bundle(
-        _read(args.model, "model"), name, version, keys, smoke, args.tolerance,
+        read_file(args.model, "model"), name, version, keys, smoke, args.tolerance,
         runtime=runtime, variants=variants,
     )  # fmt: skip
     out = args.out or Path(f"{name}-{version}.mfb")
@@ -304,13 +303,13 @@ def _parse_variant(text: str, runtime: str) -> Variant:
             requires[key] = int(value)
         else:
             requires[key] = value
-    return Variant(name, _read(path, f"--variant {name}"), requires)
+    return Variant(name, read_file(path, f"--variant {name}"), requires)
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
     """Verify a bundle against trusted keys; exit 1 when it does not verify."""
     try:
-        trusted = keyring(load_public_key(_read(p, "--trust")) for p in args.trust)
+        trusted = keyring(load_public_key(read_file(p, "--trust")) for p in args.trust)
     except ProtocolError as exc:
         raise CliError(f"--trust: {exc}") from None
     try:
@@ -343,14 +342,13 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
 def cmd_bundle_sign(args: argparse.Namespace) -> int:
     """Add a signature over the same manifest; every file's digest is checked first."""
     try:
-        key = load_private_key(_read(args.key, "--key"))
+        key = load_private_key(read_file(args.key, "--key"))
     except ProtocolError as exc:
         raise CliError(f"--key: {exc}") from None
     try:
         with args.bundle.open("rb") as f:
             bundle = read_bundle(f)
-        for fe in bundle.manifest.files:
-            check_file(bundle.files[fe.path], fe.digest, fe.size, f"file {fe.path!r}")
+        check_files(bundle)
     except OSError as exc:
         raise CliError(f"{args.bundle}: {exc.strerror}") from None
     except ProtocolError as exc:
