@@ -19,6 +19,14 @@ from tests.conftest import ControlPlane
 from tests.integration.agent_helpers import enroll_agent
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+
+
+async def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    """Run the ``modelfleet`` command with these arguments, capturing its output."""
+    return await asyncio.to_thread(subprocess.run, [MODELFLEET, *map(str, args)],
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
 ONE_ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                        "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
 TWO_ROWS = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,7 @@ from control_plane.http import ROUTES, STATE
 from control_plane.ratelimit import RateLimiter
 from control_plane.scopes import SCOPES
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+from tests.integration.fleet_helpers import run_cli
 
 
 async def make_token(cp: ControlPlane, scopes: list[str], **extra: Any) -> dict[str, Any]:
@@ -127,11 +124,6 @@ async def test_tokens_expire_and_revoke_at_once(cp: ControlPlane) -> None:
     assert len((await (await cp.call("GET", "/tokens")).json())["tokens"]) == before
     assert (await cp.call("DELETE", "/tokens/99999")).status == 404
     assert (await cp.call("DELETE", "/tokens/abc")).status == 400
-
-
-async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(subprocess.run, [MODELFLEET, *args], capture_output=True,
-                                   text=True, timeout=60)  # fmt: skip
 
 
 async def test_audit_log_records_changes_and_refusals_and_detects_tampering(

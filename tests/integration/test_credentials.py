@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from pathlib import Path
 
 from sqlalchemy import select
@@ -13,8 +12,7 @@ from control_plane.db.models import Agent
 from control_plane.http import STATE
 from tests.conftest import ControlPlane, Publisher, iris_bundle
 from tests.integration.agent_helpers import enroll_agent, eventually, running_agent, wait_active
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+from tests.integration.fleet_helpers import MODELFLEET
 
 
 async def agent_call(cp: ControlPlane, credential: str, agent_id: str) -> int:

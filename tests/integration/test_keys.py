@@ -3,10 +3,7 @@ k-of-n threshold, and rotates the control plane's own key with no agent re-enrol
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,13 +31,7 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-
-
-async def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(subprocess.run, [MODELFLEET, *map(str, args)],
-                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+from tests.integration.fleet_helpers import run_cli
 
 
 async def keyset_version(cp: ControlPlane) -> int | None:

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,11 +33,10 @@ from tests.integration.agent_helpers import (
     resolves_to,
     running_agent,
 )
-from tests.integration.fleet_helpers import free_port
+from tests.integration.fleet_helpers import MODELFLEET, free_port
 from tests.integration.test_agent import stored_requests
 from tests.modelgen import iris_model
 
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 CP_PASSWORD = "cp-broker-secret"
 pytestmark = pytest.mark.slow
 

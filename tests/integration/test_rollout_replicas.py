@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,9 +16,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import Publisher, iris_bundle
-from tests.integration.fleet_helpers import free_port
+from tests.integration.fleet_helpers import MODELFLEET, free_port
 
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 pytestmark = pytest.mark.slow
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ControlPlane, Publisher, iris_bundle
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+from tests.integration.fleet_helpers import MODELFLEET
 
 
 @pytest.mark.slow

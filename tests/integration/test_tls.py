@@ -7,7 +7,6 @@ import datetime as dt
 import ipaddress
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from agent.client import ControlPlaneClient, enroll
 from agent.exceptions import AgentConfigError, TransportError
 from agent.tls import client_context
 from tests.conftest import Publisher
-from tests.integration.fleet_helpers import free_port
+from tests.integration.fleet_helpers import MODELFLEET, free_port
 
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 pytestmark = pytest.mark.slow
 
 
