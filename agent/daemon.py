@@ -381,14 +381,13 @@ class Agent:
     def _set_trust(self, config: AgentConfig) -> None:
         """Which keys sign desired states and bundles: the key set's roles when the fleet has
         one, else the keys from enrollment plus the configured publisher files."""
+        self.publishers, self.publisher_threshold = self.dirs.publisher_trust(
+            self.keyset, config.trusted_publisher_files
+        )
         if self.keyset is None:
             self.cp_keys = self.dirs.control_plane_keys()
-            self.publishers = self.dirs.trusted_publishers(config.trusted_publisher_files)
-            self.publisher_threshold = 1
             return
         self.cp_keys = self.keyset.trusted("controlPlane")
-        self.publishers = self.keyset.trusted("publishers")
-        self.publisher_threshold = self.keyset.threshold("publishers")
         if config.trusted_publisher_files:
             log.warning("key set version %d decides the trusted publishers: trust_publisher "
                         "files are not used", self.keyset.version)  # fmt: skip

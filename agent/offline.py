@@ -34,11 +34,8 @@ def import_bundle(state_dir: Path, bundle: Path, extra_trust: tuple[Path, ...]) 
     """
     dirs = StateDir(state_dir)
     dirs.load_identity()  # an agent must be enrolled here: its keys decide what is trusted
-    keyset = dirs.load_keyset()
-    if keyset is None:
-        trusted, threshold = dirs.trusted_publishers(extra_trust), 1
-    else:  # the fleet's key set decides, as it does for versions the control plane names
-        trusted, threshold = keyset.trusted("publishers"), keyset.threshold("publishers")
+    # The fleet's key set decides when there is one, as for versions the control plane names.
+    trusted, threshold = dirs.publisher_trust(dirs.load_keyset(), extra_trust)
     try:
         with bundle.open("rb") as f:
             b = read_bundle(f)

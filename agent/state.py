@@ -136,6 +136,15 @@ class StateDir:
                 raise AgentConfigError(f"trusted publisher key {p}: {exc}") from None
         return keyring(keys)
 
+    def publisher_trust(
+        self, keyset: KeySet | None, extra: tuple[Path, ...] = ()
+    ) -> tuple[dict[str, Ed25519PublicKey], int]:
+        """(publisher keys, signatures a manifest needs): the key set's publishers role when
+        the fleet has one, else enrollment's keys plus ``extra`` files, one signature each."""
+        if keyset is None:
+            return self.trusted_publishers(extra), 1
+        return keyset.trusted("publishers"), keyset.threshold("publishers")
+
     def load_state(self) -> PersistentState:
         """Read state.json (defaults when absent); raises AgentConfigError when malformed."""
         doc: dict[str, Any] | None = read_json(self.state_path)
