@@ -32,6 +32,7 @@ from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 from control_plane.mqtt_auth import mosquitto_hash, new_password
 from control_plane.reports import agent_state
+from control_plane.status_order import newer_than_stored, order_values
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
 from protocol.labels import Selector, check_labels
 from protocol.reports import MetricsBatch, StatusReport
@@ -235,16 +236,36 @@ def merged_facts(stored: dict[str, Any], report: StatusReport) -> dict[str, Any]
     return {**declared, **report.facts}
 
 
-async def store_status(db: Database, report: StatusReport, now: datetime) -> None:
-    """Keep an agent's latest status; raises ApiError 404 for an unknown agent."""
+async def store_status(db: Database, report: StatusReport, now: datetime) -> bool:
+    """Keep an agent's status if it is newer than the stored one; False when it is not.
+
+    A stale report (control_plane/status_order.py) is still a sign of life: it moves
+    ``last_seen_at`` and nothing else. Raises ApiError 404 for an unknown or revoked agent.
+    """
     async with db.write() as s:
-        agent = await s.get(Agent, report.agent_id)
-        if agent is None or agent.revoked_at is not None:
+        found = await s.execute(
+            select(Agent.facts).where(Agent.id == report.agent_id, Agent.revoked_at.is_(None))
+        )
+        row = found.first()
+        if row is None:
             raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
-        agent.status = status_document(report)
-        agent.facts = merged_facts(agent.facts, report)
-        agent.reported_generation = report.generation
-        agent.last_seen_at = now
+        # Conditional: whatever another transaction (or replica) stored meanwhile, the
+        # database keeps the newest; a read here would only race it.
+        stored = await s.execute(
+            update(Agent)
+            .where(Agent.id == report.agent_id, newer_than_stored(report))
+            .values(
+                status=status_document(report),
+                facts=merged_facts(row.facts, report),
+                reported_generation=report.generation,
+                last_seen_at=now,
+                **order_values(report),
+            )
+        )
+        if stored.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        await s.execute(update(Agent).where(Agent.id == report.agent_id).values(last_seen_at=now))
+        return False
 
 
 async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> bool:

@@ -510,8 +510,10 @@ async def post_status(request: web.Request) -> web.Response:
     agent_or_operator(request, agent_id, agent_only=True)
     state = st(request)
     body = fleet.parse_report_body(await read_json(request), agent_id)
-    await state.ingest.status(status_from_json(body))
-    return json_response({"stored": True})
+    # Stale (older than the stored status, control_plane/status_order.py): a 200 all the
+    # same, so the agent does not send it again; its next report is newer.
+    stored = await state.ingest.status(status_from_json(body))
+    return json_response({"stored": stored, "stale": not stored})
 
 
 async def post_metrics(request: web.Request) -> web.Response:

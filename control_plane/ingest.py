@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import BigInteger, Boolean, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane import fleet
 from control_plane.config import Retention
 from control_plane.db.engine import Database
-from control_plane.db.models import Agent, MetricBatch, MetricSeries
+from control_plane.db.models import Agent, MetricBatch, MetricSeries, UTCDateTime
 from control_plane.errors import ApiError
+from control_plane.status_order import StatusOrder, supersedes_stored
 from protocol.reports import MetricsBatch, StatusReport
 
 log = logging.getLogger("modelfleet.control_plane.ingest")
@@ -41,12 +42,37 @@ ROWS_PER_STATEMENT = 1000
 
 _agents = Agent.__table__
 # Core executemany: the ORM's bulk UPDATE costs about as much per row as the database does.
+# Conditional: a row changes only when the report is newer than what it holds (see
+# control_plane/status_order.py), so a late report never replaces a newer one, whichever
+# replica or transport stored that. last_seen_at is set for every report, stale or not, below.
 STATUS_UPDATE = (
     update(_agents)
-    .where(_agents.c.id == bindparam("b_id"))
-    .values(status=bindparam("b_status"), reported_generation=bindparam("b_generation"),
-            last_seen_at=bindparam("b_seen"), facts=bindparam("b_facts"))
-)  # fmt: skip
+    .where(
+        _agents.c.id == bindparam("b_id"),
+        supersedes_stored(
+            epoch=bindparam("b_epoch", type_=BigInteger),
+            seq=bindparam("b_seq", type_=BigInteger),
+            sent_at=bindparam("b_sent", type_=UTCDateTime),
+            unordered=bindparam("b_unordered", type_=Boolean),
+        ),
+    )
+    .values(
+        status=bindparam("b_status"),
+        reported_generation=bindparam("b_generation"),
+        facts=bindparam("b_facts"),
+        status_epoch=bindparam("b_epoch"),
+        status_seq=bindparam("b_seq"),
+        status_sent_at=bindparam("b_sent"),
+    )
+)
+
+# What the last_seen_at update reads back: the order of the status each row holds.
+SEEN_RETURNING = (
+    _agents.c.id,
+    _agents.c.status_epoch,
+    _agents.c.status_seq,
+    _agents.c.status_sent_at,
+)
 
 
 @dataclass
@@ -59,13 +85,19 @@ def _not_found(agent_id: str) -> ApiError:
     return ApiError(404, "agent_not_found", f"no agent {agent_id}", "agentId")
 
 
-def status_values(agent: tuple[str, dict[str, Any]], report: StatusReport, now: datetime
-                  ) -> dict[str, Any]:  # fmt: skip
-    """The agents-row values one status report sets, as fleet.store_status sets them."""
-    agent_id, facts = agent
-    return {"b_id": agent_id, "b_status": fleet.status_document(report),
-            "b_generation": report.generation, "b_seen": now,
-            "b_facts": fleet.merged_facts(facts, report)}  # fmt: skip
+def status_values(facts: dict[str, Any], report: StatusReport) -> dict[str, Any]:
+    """STATUS_UPDATE's parameters for one report, the values fleet.store_status sets."""
+    order = StatusOrder.of(report)
+    return {
+        "b_id": report.agent_id,
+        "b_status": fleet.status_document(report),
+        "b_generation": report.generation,
+        "b_facts": fleet.merged_facts(facts, report),
+        "b_epoch": order.epoch,
+        "b_seq": order.seq,
+        "b_sent": order.sent_at,
+        "b_unordered": not order.ordered,
+    }
 
 
 async def store_batch(
@@ -73,9 +105,12 @@ async def store_batch(
 ) -> list[bool | ApiError]:
     """Store reports in the open transaction; one result per report, in order.
 
-    A status gives True; a metrics batch gives True when stored and False when that
+    A status gives True when it is the agent's status now, False when it is stale: older
+    than the stored one, or than another of the same agent in this batch (the newest wins,
+    not the last to arrive). A metrics batch gives True when stored and False when that
     (agent, seq) was stored before (or earlier in this same batch). An unknown agent gives
-    ApiError 404 for its report and leaves the others alone.
+    ApiError 404 for its report and leaves the others alone. Every report of a known agent,
+    stale or not, moves its last_seen_at.
     """
     ids = {r.agent_id for r in reports}
     known: dict[str, dict[str, Any]] = {}
@@ -93,14 +128,16 @@ async def store_batch(
         if r.agent_id not in known:
             results.append(_not_found(r.agent_id))
         elif isinstance(r, StatusReport):
-            latest_status[r.agent_id] = r  # several in one batch: the last one sent wins
-            results.append(True)
+            held = latest_status.get(r.agent_id)
+            if held is None or StatusOrder.of(r).supersedes(StatusOrder.of(held)):
+                latest_status[r.agent_id] = r
+            results.append(True)  # settled below once we know which is stored
         else:
             results.append(True)  # settled below once we know which were new
             new_batches.setdefault((r.agent_id, r.seq), r)
 
     if latest_status:
-        rows = [status_values((a, known[a]), r, now) for a, r in latest_status.items()]
+        rows = [status_values(known[a], r) for a, r in latest_status.items()]
         await s.execute(STATUS_UPDATE, rows)  # one executemany, no ORM bookkeeping per row
 
     inserted: set[tuple[str, int]] = set()
@@ -130,18 +167,29 @@ async def store_batch(
         ]  # fmt: skip
         for i in range(0, len(series_rows), ROWS_PER_STATEMENT):
             await s.execute(insert(MetricSeries), series_rows[i : i + ROWS_PER_STATEMENT])
-        seen = sorted({a for a, _ in new_batches} - set(latest_status))
-        for i in range(0, len(seen), ROWS_PER_STATEMENT):
-            await s.execute(
-                update(Agent)
-                .where(Agent.id.in_(seen[i : i + ROWS_PER_STATEMENT]))
-                .values(last_seen_at=now)
-            )
 
-    # A metrics batch counts as stored only for its first occurrence that was inserted.
+    # Every report is a sign of life. The same statement reads back the order each row holds
+    # now (ours if our UPDATE applied: the row stays locked by this transaction), which says
+    # which status reports were stored.
+    stored_order: dict[str, StatusOrder] = {}
+    seen = sorted(set(latest_status) | {a for a, _ in new_batches})
+    for i in range(0, len(seen), ROWS_PER_STATEMENT):
+        for agent_id, epoch, seq, sent_at in await s.execute(
+            update(_agents)
+            .where(_agents.c.id.in_(seen[i : i + ROWS_PER_STATEMENT]))
+            .values(last_seen_at=now)
+            .returning(*SEEN_RETURNING)
+        ):
+            stored_order[agent_id] = StatusOrder(epoch, seq, sent_at)
+
+    # A status counts as stored when it is the one its agent's row holds now; a metrics batch
+    # only for its first occurrence that was inserted.
     claimed: set[tuple[str, int]] = set()
     for i, r in enumerate(reports):
-        if isinstance(r, MetricsBatch) and results[i] is True:
+        if isinstance(r, StatusReport) and results[i] is True:
+            newest = r is latest_status[r.agent_id]
+            results[i] = newest and stored_order.get(r.agent_id) == StatusOrder.of(r)
+        elif isinstance(r, MetricsBatch) and results[i] is True:
             key = (r.agent_id, r.seq)
             results[i] = key in inserted and key not in claimed
             claimed.add(key)
@@ -187,9 +235,12 @@ class Ingestor:
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
-    async def status(self, report: StatusReport) -> None:
-        """Store a status report; raises ApiError 404 for an unknown agent."""
-        await self._submit(report)
+    async def status(self, report: StatusReport) -> bool:
+        """Store a status report if it is newer than the stored one; False when stale.
+
+        Raises ApiError 404 for an unknown agent.
+        """
+        return await self._submit(report)
 
     async def metrics(self, batch: MetricsBatch) -> bool:
         """Store a metrics batch once; False when this (agent, seq) was stored before."""
@@ -209,8 +260,7 @@ class Ingestor:
     async def _store_one(self, report: StatusReport | MetricsBatch) -> bool:
         now = self.clock()
         if isinstance(report, StatusReport):
-            await fleet.store_status(self.db, report, now)
-            return True
+            return await fleet.store_status(self.db, report, now)
         return await fleet.store_metrics(self.db, report, now)
 
     async def _run(self) -> None:

@@ -280,7 +280,9 @@ class MqttBridge:
         if text not in ("online", "offline"):
             raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
         async with self.db.write() as s:
-            agent = await s.get(Agent, agent_id)
+            # Locked: the status is rewritten whole, so a status report stored between a
+            # plain read and this write would be undone (PostgreSQL; SQLite writes one at once).
+            agent = await s.get(Agent, agent_id, with_for_update=True)
             if agent is None or agent.revoked_at is not None:
                 raise ProtocolError(f"no agent {agent_id}")
             agent.status = {**agent.status, "presence": text}

@@ -25,6 +25,8 @@ from protocol.timeutil import format_time, parse_time
 MODEL_STATES = ("downloading", "loading", "active", "failed", "refused")
 MAX_MODELS_PER_REPORT = 256
 MAX_SERIES_PER_BATCH = 1024
+MAX_ORDER = 2**63 - 1  # a status report's epoch and seq
+STATUS_FIELDS = ("agentId", "generation", "sentAt", "models", "facts", "lastError", "epoch", "seq")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class StatusReport:
     facts: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The agent's own order of its reports: ``epoch`` grows at every agent start, ``seq`` with
+    # every report since. (0, 0) is a report without an order (an agent older than the field).
+    epoch: int = 0
+    seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON form, unknown fields kept."""
@@ -74,6 +80,8 @@ class StatusReport:
             "sentAt": format_time(self.sent_at),
             "models": [m.to_json() for m in self.models],
             "facts": self.facts,
+            "epoch": self.epoch,
+            "seq": self.seq,
         }
         if self.last_error:
             doc["lastError"] = self.last_error
@@ -113,8 +121,19 @@ def status_from_json(doc: object) -> StatusReport:
         models=tuple(models),
         facts=facts,
         last_error=get_str(d, "lastError", optional=True, max_len=2000),
-        extra=extra_fields(d, ("agentId", "generation", "sentAt", "models", "facts", "lastError")),
+        extra=extra_fields(d, STATUS_FIELDS),
+        epoch=_order_int(d, "epoch"),
+        seq=_order_int(d, "seq"),
     )
+
+
+def _order_int(d: dict[str, Any], key: str) -> int:
+    """``epoch`` or ``seq`` of a status report: absent is 0, else an integer in 0..2**63-1 (a
+    signed 64-bit column holds it on either database)."""
+    value = get_int(d, key, default=0)
+    if value > MAX_ORDER:
+        raise InvalidMessage(f"{key} must be <= {MAX_ORDER}", key)
+    return value
 
 
 @dataclass

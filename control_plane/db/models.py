@@ -139,6 +139,11 @@ class Agent(Base):
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The agent's own order of the report ``status`` came from: a report is stored only when
+    # newer (control_plane/status_order.py). (0, 0) and no time: none stored yet, or old rows.
+    status_epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    status_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    status_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # Rotation: a new credential valid beside the old one until its first use retires the old.
     next_credential_hash: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -82,14 +82,15 @@ async def test_one_bad_report_does_not_fail_the_batch(cp: ControlPlane) -> None:
             ingest.status(status_from_json(status(aid, 7))),
             ingest.metrics(batch(aid, 1)),  # the same batch again in the same transaction
             ingest.status(status_from_json(status("00000000-0000-0000-0000-000000000001", 1))),
-            ingest.status(status_from_json(status(aid, 9))),  # the last one sent wins
+            # No epoch/seq (an older agent): the later sentAt wins, a tie the last to arrive.
+            ingest.status(status_from_json(status(aid, 9))),
             return_exceptions=True,
         )
     finally:
         await ingest.close()
     assert results[0] is True
     assert isinstance(results[1], ApiError) and results[1].status == 404
-    assert results[2] is None and results[5] is None
+    assert results[2] is False and results[5] is True  # 7 is stale beside 9
     assert results[3] is False
     assert isinstance(results[4], ApiError) and results[4].status == 404
     async with state.db.read() as s:
