@@ -154,6 +154,10 @@ class Agent:
         self._download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         self._reconcile_wake = asyncio.Event()
         self._status_dirty = asyncio.Event()
+        # The order of status reports, (epoch, seq): see status_report. The epoch is taken
+        # from the state dir on entry.
+        self._status_epoch = 0
+        self._status_seq = 0
         self._state_dirty = False
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -186,6 +190,7 @@ class Agent:
 
     async def __aenter__(self) -> Agent:
         await self.client.__aenter__()
+        self._status_epoch = await asyncio.to_thread(self.dirs.next_status_epoch, time.time())
         await self._restore()
         from agent.serve import create_serve_app
 
@@ -874,7 +879,15 @@ class Agent:
         return {"desiredState": state, "desiredExpiresAt": format_time(self.desired_expires_at)}
 
     def status_report(self) -> StatusReport:
-        """The agent's status now."""
+        """The agent's status now, numbered after every report built before it.
+
+        (epoch, seq) only grows: the epoch is kept in the state dir and grows at every start
+        (StateDir.next_status_epoch: one fsync a start, none a report), seq counts reports
+        since in memory. The control plane stores a report only when it is newer than the one
+        it holds, so one delivered late (by a broker after an outage, after a newer one went
+        over HTTP) changes nothing; the agent does not resend a report it was told is stale.
+        """
+        self._status_seq += 1
         models = [
             ModelStatus(lm.name, lm.version, lm.manifest_digest, "active", variant=lm.variant)
             for lm in sorted(self.models.values(), key=lambda x: x.name)
@@ -900,6 +913,8 @@ class Agent:
                 **self.desired_freshness(),
                 "keysetVersion": self.keyset.version if self.keyset else None,
             },
+            epoch=self._status_epoch,
+            seq=self._status_seq,
         )
 
     async def _status_loop(self) -> None:

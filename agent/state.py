@@ -8,6 +8,7 @@ Layout (all files 0600, written atomically)::
     keyset.json          the newest signed key set accepted (when the fleet has one): it then
                          decides the publishers (k-of-n) and the control plane keys instead
     state.json           highest generation accepted, active versions, next metrics seq
+    status-epoch         the epoch of this run's status reports (grows at every start)
     blobs/, manifests/   the local content-addressed store (agent/store.py)
 """
 
@@ -25,6 +26,7 @@ from agent.statefile import read_json, write_atomic, write_json
 from protocol.dsse import keyring, load_public_key
 from protocol.exceptions import InvalidMessage, ProtocolError
 from protocol.keyset import KeySet, open_first
+from protocol.reports import MAX_ORDER
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class StateDir:
         self.trusted_dir = root / "trusted"
         self.state_path = root / "state.json"
         self.keyset_path = root / "keyset.json"
+        self.status_epoch_path = root / "status-epoch"
 
     def save_enrollment(
         self, identity: Identity, control_plane_key_pem: str, trusted_pems: list[str],
@@ -144,6 +147,26 @@ class StateDir:
         if keyset is None:
             return self.trusted_publishers(extra), 1
         return keyset.trusted("publishers"), keyset.threshold("publishers")
+
+    def next_status_epoch(self, now_s: float) -> int:
+        """The epoch of this run's status reports, kept before it is used (one fsync a start).
+
+        It is above every epoch this directory handed out before, and at least the Unix time
+        in seconds: a state directory put back from a backup still starts above the epochs
+        its agent used since (with a clock that is right), and a clock set back does not
+        matter (the stored epoch + 1 wins). A file that does not hold an epoch counts as 0.
+        """
+        try:
+            previous = int(self.status_epoch_path.read_text())
+        except FileNotFoundError:
+            previous = 0
+        except (OSError, ValueError, UnicodeDecodeError):
+            previous = 0  # unreadable: the clock is the floor, as on a first start
+        if not 0 <= previous < MAX_ORDER:
+            previous = 0
+        epoch = min(max(previous + 1, int(now_s)), MAX_ORDER)
+        write_atomic(self.status_epoch_path, str(epoch).encode())
+        return epoch
 
     def load_state(self) -> PersistentState:
         """Read state.json (defaults when absent); raises AgentConfigError when malformed."""
