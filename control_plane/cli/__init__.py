@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+from control_plane import redact
 from control_plane.cli import operate, publish, security, serve
 from control_plane.cli.common import CliError
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    redact.install()  # no secret in any log line, whoever writes it
     if not args.verbose:
         # Alembic narrates every migration step and plugin at INFO; keep only its warnings.
         logging.getLogger("alembic").setLevel(logging.WARNING)
