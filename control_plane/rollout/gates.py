@@ -105,9 +105,10 @@ def evaluate(
             add("max_p95_latency_ratio", round(ratio, 4), gates.max_p95_latency_ratio,
                 ratio > gates.max_p95_latency_ratio,
                 f"p95 {p95:.3f} ms against baseline {base:.3f} ms")  # fmt: skip
-    if gates.max_failed_agents is not None:
-        limit = gates.max_failed_agents.limit(cohort)
-        add("max_failed_agents", failed_agents, limit, failed_agents > limit)
+    # Always in force: the operator's limit, or the default one (see spec.DEFAULT_FAILED_AGENTS).
+    limit = gates.failed_agents_limit.limit(cohort)
+    note = "the default limit" if gates.max_failed_agents is None else None
+    add("max_failed_agents", failed_agents, limit, failed_agents > limit, note)
     if gates.max_mean_abs_output_drift is not None:
         drift = new.mean_abs_drift
         if drift is None:

@@ -1,5 +1,5 @@
 """The rollout state machine. Pure: a view of the rollout and an observation of the fleet in,
-the next state, the agents to move and the timeline events out.
+the next state, the agents to move, the timeline events and what a running stage waits on out.
 
 States::
 
@@ -8,6 +8,12 @@ States::
                  v   |                                       or paused (on_failure=pause)
                paused                          operator: pause / resume / promote / abort
     terminal: completed, aborted, rolled_back, superseded
+
+A running rollout also fails (by on_failure) when more moved agents report the new version
+failed or refused than ``gates.max_failed_agents`` allows (a default applies: see spec.py),
+checked on every step, and when a stage makes no progress for ``max_stall``. Progress is
+defined in ``_stall_clock``: only a wait on gates counts toward a stall; a soak, a closed
+maintenance window and a rate limit are waits by design and never do.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from control_plane.rollout.gates import Aggregate, GateResult, evaluate
-from control_plane.rollout.spec import RolloutSpec
+from control_plane.rollout.spec import RolloutSpec, format_duration
 from protocol.timeutil import format_time
 
 ACTIVE_STATES = ("pending", "running", "paused")
@@ -35,6 +41,10 @@ class RolloutView:
     stage_index: int = 0
     soak_started_at: datetime | None = None
     promoted: bool = False  # an operator skipped this stage's soak and gates
+    # The stall clock: since when the stage has waited without progress in a wait that counts
+    # (None: it is not stalled), and how many samples of the new version it had then.
+    stalled_since: datetime | None = None
+    stall_mark: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Observation:
     new: Aggregate = field(default_factory=Aggregate)  # new version, cohort, since soak start
     baseline: Aggregate = field(default_factory=Aggregate)  # old version, others, same window
     window_open: bool = True
+    active: int = 0  # moved agents reporting the new version active (for the waiting reason)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,19 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """Why a running stage does not move on now."""
+
+    on: str  # "window" | "rate_limit" | "soak" | "gates"
+    reason: str
+    stalls: bool = False  # whether time spent waiting so counts toward max_stall
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"on": self.on, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Step:
     """What the machine decided."""
 
@@ -68,6 +92,7 @@ class Step:
     move: tuple[str, ...] = ()
     events: tuple[Event, ...] = ()
     gate_results: tuple[GateResult, ...] | None = None
+    waiting: Waiting | None = None
 
     @property
     def changed(self) -> bool:
@@ -75,18 +100,74 @@ class Step:
         return bool(self.move or self.events)
 
 
-def _fail(view: RolloutView, reason: str, figures: dict[str, Any],
-          results: tuple[GateResult, ...] | None = None) -> Step:  # fmt: skip
+def _fail(
+    view: RolloutView,
+    reason: str,
+    figures: dict[str, Any],
+    results: tuple[GateResult, ...] | None = None,
+    before: tuple[Event, ...] = (),
+) -> Step:
     state = "rolled_back" if view.spec.on_failure == "rollback" else "paused"
     action = "rolling back every moved agent" if state == "rolled_back" else "pausing"
     event = Event("failed", f"{reason}; {action}", view.stage_index, figures)
-    return Step(replace(view, state=state), (), (event,), results)
+    view = replace(view, state=state, stalled_since=None, stall_mark=0)
+    return Step(view, (), (*before, event), results)
+
+
+def _activity(obs: Observation, spec: RolloutSpec) -> str:
+    failed = f", {obs.failed_agents} failed" if obs.failed_agents else ""
+    return f"{obs.active} of {len(obs.moved)} moved agents active on {spec.version}{failed}"
+
+
+def _gate_wait(r: GateResult, version: str) -> str:
+    if r.gate == "min_requests":
+        return f"min_requests: {r.value} of {r.threshold:g} requests on {version} since the soak"
+    return f"{r.gate}: {r.note or 'waiting'}"
 
 
 def step(view: RolloutView, obs: Observation) -> Step:
     """Decide the next move of a pending or running rollout; others are left as they are."""
     if view.state not in ("pending", "running"):
         return Step(view)
+    return _stall_clock(_decide(view, obs), obs)
+
+
+def _stall_clock(st: Step, obs: Observation) -> Step:
+    """Fail a stage that has waited on its gates for max_stall with nothing moving.
+
+    Progress is a move, a timeline event (a cohort filled, a stage passed) or a new sample of
+    the new version (a request or a shadow score) while the gates wait for traffic. Only a wait
+    on gates counts: it is the wait that never ends by itself (the cohort threw the version out,
+    or nobody sends it traffic). A soak ends by the clock; a closed maintenance window opens
+    again (the deadline bounds calendar time); a rate limit lets agents through every minute.
+    """
+    view, waiting = st.view, st.waiting
+    if view.state != "running" or waiting is None or not waiting.stalls:
+        if view.stalled_since is None:
+            return st
+        return replace(st, view=replace(view, stalled_since=None, stall_mark=0))
+    samples = obs.new.requests + obs.new.shadow_count
+    if view.stalled_since is None or st.move or st.events or samples > view.stall_mark:
+        return replace(st, view=replace(view, stalled_since=obs.now, stall_mark=samples))
+    stalled_s = (obs.now - view.stalled_since).total_seconds()
+    limit = view.spec.max_stall_json()
+    if stalled_s < view.spec.stall_limit_s:
+        return st
+    default = " by default" if limit["default"] else ""
+    figures = {
+        "cause": "max_stall",
+        "waiting": waiting.to_json(),
+        "max_stall": limit,
+        "stalled_since": format_time(view.stalled_since),
+    }
+    reason = (
+        f"stage {view.stage_index + 1} made no progress for {format_duration(stalled_s)} "
+        f"(max_stall {limit['value']}{default}) waiting on {waiting.reason}"
+    )
+    return _fail(view, reason, figures, st.gate_results)
+
+
+def _decide(view: RolloutView, obs: Observation) -> Step:
     spec = view.spec
     events: list[Event] = []
     if view.state == "pending":
@@ -94,16 +175,23 @@ def step(view: RolloutView, obs: Observation) -> Step:
         events.append(Event("started", f"stage 1 of {len(spec.stages)}: {spec.stages[0]}", 0,
                             {"matching_agents": len(obs.order)}))  # fmt: skip
     if spec.deadline is not None and obs.now > spec.deadline:
-        return _fail(view, f"deadline {format_time(spec.deadline)} passed before completion", {})
+        reason = f"deadline {format_time(spec.deadline)} passed before completion"
+        return _fail(view, reason, {}, before=tuple(events))
     cohort = len(obs.moved)
-    limit = spec.gates.max_failed_agents
-    if limit is not None and obs.failed_agents > limit.limit(cohort):
-        return _fail(
-            view,
-            f"{obs.failed_agents} of {cohort} moved agents failed to activate "
-            f"(limit {limit.to_json()})",
-            {"failed_agents": obs.failed_agents, "cohort": cohort},
+    limit = spec.gates.failed_agents_limit
+    if obs.failed_agents > limit.limit(cohort):
+        default = spec.gates.max_failed_agents is None
+        figures = {
+            "cause": "max_failed_agents",
+            "failed_agents": obs.failed_agents,
+            "cohort": cohort,
+            "max_failed_agents": {"value": limit.to_json(), "default": default},
+        }
+        reason = (
+            f"{obs.failed_agents} of {cohort} moved agents failed to activate {spec.version} "
+            f"(max_failed_agents {limit.to_json()}{' by default' if default else ''})"
         )
+        return _fail(view, reason, figures, before=tuple(events))
     k = view.stage_index
     stage = spec.stages[k]
     target = stage.size(len(obs.order))
@@ -111,7 +199,11 @@ def step(view: RolloutView, obs: Observation) -> Step:
     need = target - in_cohort
     if need > 0:
         if not obs.window_open:
-            return Step(view, (), tuple(events))
+            why = (
+                f"maintenance window '{spec.maintenance_window}' closed: {need} of {target} "
+                f"agents of stage {k + 1} still to move"
+            )
+            return Step(view, (), tuple(events), waiting=Waiting("window", why))
         allowance = need
         if spec.max_agents_per_minute is not None:
             recent = sum(1 for t in obs.moved.values() if t > obs.now - timedelta(minutes=1))
@@ -122,15 +214,22 @@ def step(view: RolloutView, obs: Observation) -> Step:
             events.append(Event("cohort", f"stage {k + 1}: {target} of {len(obs.order)} agents "
                                 f"on {spec.version}", k,
                                 {"cohort": target, "matching_agents": len(obs.order)}))  # fmt: skip
-        return Step(view, move, tuple(events))
+            return Step(view, move, tuple(events))
+        why = (
+            f"rate limit: max_agents_per_minute {spec.max_agents_per_minute}; "
+            f"{need - len(move)} of {target} agents of stage {k + 1} still to move"
+        )
+        return Step(view, move, tuple(events), waiting=Waiting("rate_limit", why))
     if view.soak_started_at is None:
         view = replace(view, soak_started_at=obs.now)
     results = None
     if view.promoted:
         view = replace(view, promoted=False)
     elif stage.soak_s > 0:
-        if obs.now < view.soak_started_at + timedelta(seconds=stage.soak_s):  # type: ignore[operator]
-            return Step(view, (), tuple(events))
+        soak_end = view.soak_started_at + timedelta(seconds=stage.soak_s)  # type: ignore[operator]
+        if obs.now < soak_end:
+            why = f"stage {k + 1} soaks until {format_time(soak_end)}; {_activity(obs, spec)}"
+            return Step(view, (), tuple(events), waiting=Waiting("soak", why))
         verdict, results = evaluate(spec.gates, obs.new, obs.baseline, obs.failed_agents, cohort)
         figures = {"new": obs.new.summary(), "baseline": obs.baseline.summary(),
                    "gates": [r.to_json() for r in results]}  # fmt: skip
@@ -138,9 +237,12 @@ def step(view: RolloutView, obs: Observation) -> Step:
             failing = ", ".join(
                 f"{r.gate} {r.value} > {r.threshold:g}" for r in results if r.outcome == "fail"
             )
-            return _fail(view, f"stage {k + 1} gates failed: {failing}", figures, results)
+            reason = f"stage {k + 1} gates failed: {failing}"
+            return _fail(view, reason, figures, results, tuple(events))
         if verdict == "wait":
-            return Step(view, (), tuple(events), results)
+            waits = "; ".join(_gate_wait(r, spec.version) for r in results if r.outcome == "wait")
+            why = f"stage {k + 1} gates wait: {waits} ({_activity(obs, spec)})"
+            return Step(view, (), tuple(events), results, Waiting("gates", why, stalls=True))
         events.append(Event("gates_passed", f"stage {k + 1} passed its gates after "
                             f"{stage.soak_s:g}s", k, figures))  # fmt: skip
     if k == len(spec.stages) - 1:
@@ -171,8 +273,9 @@ def command(view: RolloutView, name: str, rollback: bool = True) -> Step:
     if name == "resume":
         if state != "paused":
             raise CommandError(f"rollout is {state}, not paused")
-        # The stage's soak starts again: the window before the pause may hold bad figures.
-        return Step(replace(view, state="running", soak_started_at=None),
+        # The stage's soak starts again: the window before the pause may hold bad figures; the
+        # stall clock starts again too (time spent paused is the operator's, not a stall).
+        return Step(replace(view, state="running", soak_started_at=None, stalled_since=None),
                     (), (Event("resumed", "resumed by operator; the stage soaks again",
                                view.stage_index),))  # fmt: skip
     if name == "promote":

@@ -16,6 +16,17 @@ from protocol.manifest import check_name, check_version
 from protocol.timeutil import format_time, parse_time
 
 ON_FAILURE = ("rollback", "pause")
+# When an operator names no max_failed_agents: more than a tenth of the moved agents reporting
+# the new version failed or refused ends the rollout by its on_failure, because a version the
+# agents themselves throw out is a failed rollout. A tenth rather than zero so that one broken
+# device among hundreds does not undo the version everywhere; in a first stage of up to nine
+# agents a single failure already trips it. An explicit "100%" tolerates any number.
+DEFAULT_MAX_FAILED_PERCENT = 10.0
+# When a rollout names no max_stall: a stage whose gates wait this long past the end of the soak
+# with no new sample of the new version ends the rollout by its on_failure. Longer than the
+# typical soak, short enough that a rollout nobody watches is not left half-way for a night.
+DEFAULT_MAX_STALL_S = 1800.0
+STALL_OFF = "off"
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 MAX_STAGES = 20
 
@@ -90,6 +101,9 @@ class FailedAgentsLimit:
         return self.count if self.count is not None else f"{self.percent:g}%"
 
 
+DEFAULT_FAILED_AGENTS = FailedAgentsLimit(percent=DEFAULT_MAX_FAILED_PERCENT)
+
+
 @dataclass(frozen=True)
 class Gates:
     """Health gates evaluated at the end of each soak; None disables a gate."""
@@ -100,6 +114,20 @@ class Gates:
     min_requests: int = 0
     max_failed_agents: FailedAgentsLimit | None = None
     max_mean_abs_output_drift: float | None = None
+
+    @property
+    def failed_agents_limit(self) -> FailedAgentsLimit:
+        """The failed-agents limit in force: the operator's, or DEFAULT_FAILED_AGENTS."""
+        if self.max_failed_agents is None:
+            return DEFAULT_FAILED_AGENTS
+        return self.max_failed_agents
+
+    def effective_json(self) -> dict[str, dict[str, Any]]:
+        """Every gate in force with its value, the defaulted ones marked ``"default": true``."""
+        doc = {k: {"value": v, "default": False} for k, v in self.to_json().items()}
+        if self.max_failed_agents is None:
+            doc["max_failed_agents"] = {"value": DEFAULT_FAILED_AGENTS.to_json(), "default": True}
+        return doc
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (only the gates that are set)."""
@@ -133,6 +161,18 @@ class RolloutSpec:
     shadow_sample: float = 0.05
     rollback: bool = False
     supersedes: str | None = None
+    max_stall_s: float | None = None  # None: DEFAULT_MAX_STALL_S; math.inf: never ("off")
+
+    @property
+    def stall_limit_s(self) -> float:
+        """Seconds a stage may wait without progress before the rollout fails (inf: never)."""
+        return DEFAULT_MAX_STALL_S if self.max_stall_s is None else self.max_stall_s
+
+    def max_stall_json(self) -> dict[str, Any]:
+        """The stall bound in force, ``{"value": "30m", "default": true}``."""
+        s = self.stall_limit_s
+        value = STALL_OFF if math.isinf(s) else format_duration(s)
+        return {"value": value, "default": self.max_stall_s is None}
 
     def to_json(self) -> dict[str, Any]:
         """JSON form, the shape the REST body takes."""
@@ -157,6 +197,8 @@ class RolloutSpec:
             doc["maintenance_window"] = self.maintenance_window
         if self.supersedes:
             doc["supersedes"] = self.supersedes
+        if self.max_stall_s is not None:
+            doc["max_stall"] = self.max_stall_json()["value"]
         return doc
 
 
@@ -256,11 +298,22 @@ def _gates(doc: object) -> Gates:
     )
 
 
+def _max_stall(value: object) -> float | None:
+    if value is None:
+        return None
+    if value == STALL_OFF:
+        return math.inf
+    seconds = parse_duration(value, "max_stall")
+    if seconds < 1:
+        raise InvalidMessage("max_stall must be at least 1s, or 'off'", "max_stall")
+    return seconds
+
+
 def parse_spec(body: dict[str, Any]) -> RolloutSpec:
     """Validate a rollout body; raises InvalidMessage naming the bad field."""
     known = {"model", "version", "selector", "stages", "gates", "on_failure", "join_later",
              "max_agents_per_minute", "deadline", "maintenance_window", "shadow",
-             "shadow_sample", "rollback", "supersedes"}  # fmt: skip
+             "shadow_sample", "rollback", "supersedes", "max_stall"}  # fmt: skip
     for key in body:
         if key not in known:
             raise InvalidMessage(f"{key} is not a rollout field", key)
@@ -319,6 +372,7 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
         shadow_sample=sample if sample is not None else 0.05,
         rollback=_bool(body, "rollback", False),
         supersedes=supersedes,
+        max_stall_s=_max_stall(body.get("max_stall")),
     )
 
 
