@@ -11,6 +11,10 @@ head hash so that it can be compared with one recorded earlier (``--expect-head`
 Appends are serialised across replicas with a PostgreSQL advisory lock held for the
 transaction (SQLite has one writer already), so the chain never forks.
 
+Refusals repeated by one source are coalesced (:class:`RefusalLog`): the first is a row of
+its own, the rest within a window one row with their count, so a flood of bad tokens cannot
+grow the log faster than a few rows a minute per source.
+
 Not recorded: reads (GET), and an agent's own successful reports (status, metrics) and
 long-polls, which are data rather than changes and would drown the log; an agent's refused
 report is recorded like any refusal.
@@ -67,6 +71,73 @@ async def append(
         row.hash = chain_hash(row.prev_hash, event_fields(row))
         s.add(row)
     return row.hash
+
+
+@dataclass
+class _Run:
+    """Refusals of one kind since the row that was written for the first of them."""
+
+    started: datetime
+    last: datetime
+    route: str | None
+    repeated: int = 0
+
+
+class RefusalLog:
+    """Refusals (401, 403, 429) coalesced per source, actor, outcome and route.
+
+    The first refusal of a kind is appended at once, like any event; those that follow within
+    ``window_s`` are only counted, and one more row says how many there were (``detail``:
+    ``repeated``, ``first``, ``last``) when the window ends: at the next refusal of that kind
+    after it, at :meth:`flush` (the server calls it every window) or at shutdown. A flood of
+    refusals therefore costs at most two rows per kind per window, and every row is appended
+    by :func:`append`, so the chain stays one verifiable chain. Memory is bounded by
+    ``max_kinds``; past it, refusals are counted under the source ``*``.
+    """
+
+    def __init__(self, db: Database, window_s: float, max_kinds: int = 10_000) -> None:
+        self.db = db
+        self.window_s = window_s
+        self.max_kinds = max_kinds
+        self._runs: dict[tuple[str, str, int, str], _Run] = {}
+
+    async def record(self, at: datetime, actor: str, action: str, target: str, outcome: int,
+                     remote: str, route: str | None) -> None:  # fmt: skip
+        """Record one refusal: a row now, or a count in the open run of its kind."""
+        key = (remote, actor, outcome, action)
+        if key not in self._runs and len(self._runs) >= self.max_kinds:
+            await self.flush(at)
+            if len(self._runs) >= self.max_kinds:
+                key = ("*", actor, outcome, action)
+        run = self._runs.get(key)
+        if run is not None and (at - run.started).total_seconds() < self.window_s:
+            run.repeated += 1
+            run.last = at
+            return
+        self._runs[key] = _Run(started=at, last=at, route=route)  # before any await: one row
+        if run is not None and run.repeated:
+            await self._summary(key, run)
+        await append(self.db, at, actor, action, target, outcome, remote, {"route": route})
+
+    async def flush(self, now: datetime | None = None) -> None:
+        """Write the count of every run whose window has ended (every run when ``now`` is
+        None, as at shutdown) and forget those runs."""
+        ended = [
+            (key, run) for key, run in self._runs.items()
+            if now is None or (now - run.started).total_seconds() >= self.window_s
+        ]  # fmt: skip
+        for key, _ in ended:
+            del self._runs[key]
+        for key, run in ended:
+            if run.repeated:
+                await self._summary(key, run)
+
+    async def _summary(self, key: tuple[str, str, int, str], run: _Run) -> None:
+        remote, actor, outcome, action = key
+        detail = {"route": run.route, "repeated": run.repeated,
+                  "first": format_time(run.started), "last": format_time(run.last)}  # fmt: skip
+        await append(self.db, run.last, actor, action, run.route or action, outcome, remote,
+                     detail)  # fmt: skip
 
 
 def event_json(row: AuditEvent) -> dict[str, Any]:

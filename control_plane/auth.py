@@ -22,12 +22,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Row, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Agent, ApiToken
 from control_plane.files import write_private
+
+if TYPE_CHECKING:
+    from control_plane.db.engine import Database
 
 API_TOKEN_PREFIX = "mfa_"
 AGENT_CREDENTIAL_PREFIX = "mfc_"
@@ -145,12 +149,23 @@ class AgentCaller:
 Principal = Operator | AgentCaller
 
 
+async def authenticate(db: Database, token: str) -> Principal | None:
+    """:func:`resolve` that holds a database session only for the lookup: scrypt (a worker
+    thread, which may be queued behind others) runs after the session is back in the pool."""
+    async with db.read() as s:
+        if not token.startswith(AGENT_CREDENTIAL_PREFIX):
+            return await resolve(s, token)
+        row = await _agent_row(s, token)
+    return None if row is None else await _verify_agent(row, token)
+
+
 async def resolve(session: AsyncSession, token: str, now: datetime | None = None
                   ) -> Principal | None:  # fmt: skip
     """Find who holds ``token``, or None (also for an expired or revoked API token)."""
     now = now or datetime.now(UTC)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
-        return await _resolve_agent(session, token)
+        row = await _agent_row(session, token)
+        return None if row is None else await _verify_agent(row, token)
     h = hash_secret(token)
     row = await session.scalar(select(ApiToken).where(ApiToken.token_hash == h))
     if row is None or row.revoked_at is not None:
@@ -160,17 +175,19 @@ async def resolve(session: AsyncSession, token: str, now: datetime | None = None
     return Operator(row.id, row.name, tuple(row.scopes))
 
 
-async def _resolve_agent(session: AsyncSession, token: str) -> AgentCaller | None:
+async def _agent_row(session: AsyncSession, token: str) -> Row[Any] | None:
     lookup = credential_lookup(token)
-    row = (await session.execute(
+    return (await session.execute(
         select(Agent.id, Agent.pending, Agent.credential_lookup, Agent.credential_hash,
                Agent.next_credential_lookup, Agent.next_credential_hash).where(
             or_(Agent.credential_lookup == lookup, Agent.next_credential_lookup == lookup),
             Agent.revoked_at.is_(None),
         )
     )).first()  # fmt: skip
-    if row is None:
-        return None
+
+
+async def _verify_agent(row: Row[Any], token: str) -> AgentCaller | None:
+    lookup = credential_lookup(token)
     agent_id, pending, cur_lookup, cur_hash, next_lookup, next_hash = row
     if cur_lookup == lookup and await verify_credential(token, cur_hash):
         return AgentCaller(agent_id, pending=pending, legacy=is_legacy(cur_hash))

@@ -66,6 +66,27 @@ class ServerConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
+    # Connections (control_plane/netguard.py): a request head must arrive within
+    # header_timeout_s, an idle kept-alive connection closes after keepalive_timeout_s, a
+    # JSON body must arrive within body_timeout_s, and at most max_connections are open (an
+    # HTTP agent holds up to two: its long-poll and a report; an MQTT agent none).
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+    # Unauthenticated refusals (401, and 4xx on public routes such as enroll) per second per
+    # source address, and the burst; past them the source gets 429 (0: no limit).
+    refusal_rate_per_s: float = 10.0
+    refusal_burst: float = 100.0
+    # Refusals repeated by one source within this many seconds share one audit row.
+    audit_coalesce_s: float = 60.0
+    # Database sessions open at once in this process (the pool's size), and how long a
+    # request waits for one before it is answered 503 with Retry-After.
+    db_pool_size: int | None = None  # None: 15 on SQLite, 30 on PostgreSQL
+    db_wait_s: float = 10.0
+    # SIGTERM: seconds from the signal to exit, whatever is open (long-polls are answered
+    # at once, in-flight requests get part of it, then background tasks stop).
+    drain_s: float = 10.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

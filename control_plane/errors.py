@@ -4,6 +4,8 @@
 
     ControlPlaneError
     ├── ApiError            an HTTP request is refused; carries status, code, message, field
+    ├── DatabaseBusy        no database connection within the wait (pool exhausted, or the
+    │                       server refuses more): 503 with Retry-After at the HTTP edge
     └── ConfigError         the server cannot start with the configuration it was given
 
 Protocol errors (``protocol.exceptions.ProtocolError``) raised while parsing a request are
@@ -35,6 +37,18 @@ class ApiError(ControlPlaneError):
         if self.field:
             err["field"] = self.field
         return {"error": err}
+
+
+class DatabaseBusy(ControlPlaneError):
+    """No database connection could be had in time; worth retrying after ``retry_after_s``.
+
+    Raised by ``control_plane.db.engine.Database`` for its own wait, SQLAlchemy's pool
+    timeout and PostgreSQL's "too many connections", translated there once.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ConfigError(ControlPlaneError):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("modelfleet.control_plane.files")
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -21,3 +24,14 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or make an existing one 0700, whatever the umask (a directory
+    that is not ours to change is left as it is, with a warning)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o777 != 0o700:
+            path.chmod(0o700)
+    except OSError as exc:
+        log.warning("could not make %s private (0700): %s", path, exc)

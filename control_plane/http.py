@@ -8,14 +8,14 @@ document, so the two cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
 from control_plane import audit, credentials, fleet, keyset, registry, reports, rollouts, tokens
-from control_plane.auth import AgentCaller, Operator, ensure_admin_token, resolve
+from control_plane.auth import AgentCaller, Operator, authenticate, ensure_admin_token
 from control_plane.blobstore import BlobNotFound, BlobStore, open_blob_store
 from control_plane.config import ServerConfig
-from control_plane.db.engine import Database
+from control_plane.db.engine import Database, PoolLimits
 from control_plane.db.models import DesiredStateRow
 from control_plane.desired import DesiredSigner
-from control_plane.errors import ApiError
+from control_plane.errors import ApiError, DatabaseBusy
+from control_plane.files import ensure_private_dir
 from control_plane.ingest import Ingestor
 from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
 from control_plane.notify import DesiredNotifier
@@ -66,6 +67,17 @@ class State:
     controller: RolloutController
     ingest: Ingestor
     limiter: RateLimiter | None = None
+    # Unauthenticated refusals per source address (see source_limit_middleware).
+    refusal_limiter: RateLimiter | None = None
+    refusals: audit.RefusalLog | None = None
+    # Set when SIGTERM's drain begins: long-polls answer at once instead of waiting.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    polling: dict[str, int] = field(default_factory=dict)  # agent id -> long-polls waiting
+
+    def drain(self) -> None:
+        """Begin draining: every waiting long-poll answers now, new ones at once."""
+        self.draining.set()
+        self.notifier.wake(list(self.polling))
 
 
 STATE = web.AppKey("state", State)
@@ -96,10 +108,17 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     limit = st(request).config.max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
-    return load_json_object(data, "request body", max_bytes=limit)
+    data = bytearray()
+    try:
+        async with asyncio.timeout(st(request).config.body_timeout_s):
+            # read() answers with what has arrived: read until the end of the body.
+            while chunk := await request.content.read(limit + 1 - len(data)):
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
+    return load_json_object(bytes(data), "request body", max_bytes=limit)
 
 
 def operator(request: web.Request) -> Operator:
@@ -146,11 +165,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        resp = json_response(exc.to_json(), exc.status)
-        resp.headers.update(exc.headers)
-        return resp
+        return error_response(exc)
     except InvalidMessage as exc:
         return json_response(ApiError(400, "invalid", str(exc), exc.field).to_json(), 400)
+    except DatabaseBusy as exc:
+        # Every connection is in use (or the server refuses more): the caller may retry.
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        retry = {"Retry-After": RateLimiter.retry_after(exc.retry_after_s)}
+        return error_response(
+            ApiError(503, "database_busy", "the database is busy; retry shortly", headers=retry)
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -184,6 +208,45 @@ def scoped(route: Route) -> Handler:
     return handler
 
 
+def source_of(request: web.Request) -> str:
+    """The key of a request's source: its address, or its /64 for IPv6 (one host's share)."""
+    remote = request.remote or ""
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+@web.middleware
+async def source_limit_middleware(request: web.Request, handler: Handler
+                                  ) -> web.StreamResponse:  # fmt: skip
+    """Bound what one source may spend on unauthenticated refusals: 429 once it is spent.
+
+    A 401 anywhere, and any 4xx of a public route (enroll with a bad token or body), costs
+    the source one token; authenticated callers have their own limit (auth_middleware) and
+    are not charged for a 403. Health checks are never refused here.
+    """
+    limiter = st(request).refusal_limiter
+    if limiter is None or not request.path.startswith("/api/v1/"):
+        return await handler(request)
+    source = source_of(request)
+    if request.path != "/api/v1/health" and (wait := limiter.peek(source)):
+        return error_response(ApiError(
+            429, "too_many_refusals",
+            f"too many refused requests from this address; retry in {wait:.1f}s",
+            headers={"Retry-After": RateLimiter.retry_after(wait)},
+        ))  # fmt: skip
+    resp = await handler(request)
+    if resp.status == 401 or (400 <= resp.status < 500 and request.path in PUBLIC_PATHS):
+        limiter.take(source)
+    return resp
+
+
 AUDIT_QUIET = re.compile(r"^/api/v1/agents/[^/]+/(status|metrics|desired)$")
 
 
@@ -205,12 +268,17 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         actor = f"agent:{p.agent_id}"
     else:
         actor = "anonymous"
-    route = request.match_info.route.resource
-    detail = {"route": route.canonical if route is not None else None}
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    state = st(request)
+    action = f"{request.method} {route or request.path}"
     try:
-        await audit.append(st(request).db, st(request).clock(), actor,
-                           f"{request.method} {detail['route'] or request.path}", request.path,
-                           status, request.remote or "", detail)  # fmt: skip
+        if refused and state.refusals is not None:
+            await state.refusals.record(state.clock(), actor, action, request.path, status,
+                                        source_of(request), route)  # fmt: skip
+        else:
+            await audit.append(state.db, state.clock(), actor, action, request.path, status,
+                               request.remote or "", {"route": route})  # fmt: skip
     except Exception:
         # The answer already happened; a lost audit row is logged loudly, never hidden.
         log.exception("could not append to the audit log: %s %s %s", actor, request.method,
@@ -227,8 +295,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthenticated", "missing 'Authorization: Bearer <token>' header")
-    async with st(request).db.read() as s:
-        principal = await resolve(s, token.strip())
+    principal = await authenticate(st(request).db, token.strip())
     if principal is None:
         raise ApiError(401, "unauthenticated", "the bearer token is not valid")
     request[PRINCIPAL] = principal
@@ -499,9 +566,16 @@ async def get_desired(request: web.Request) -> web.Response:
                     headers={"X-Modelfleet-Generation": str(row.generation)},
                 )
         remaining = deadline - loop.time()
-        if remaining <= 0:
-            return web.Response(status=204)
-        await state.notifier.wait(agent_id, min(remaining, state.config.long_poll_recheck_s))
+        if remaining <= 0 or state.draining.is_set():
+            return web.Response(status=204)  # draining: the agent asks again elsewhere / later
+        # No session is open here: a waiting long-poll holds a connection, never a database one.
+        state.polling[agent_id] = state.polling.get(agent_id, 0) + 1
+        try:
+            await state.notifier.wait(agent_id, min(remaining, state.config.long_poll_recheck_s))
+        finally:
+            state.polling[agent_id] -= 1
+            if not state.polling[agent_id]:
+                del state.polling[agent_id]
 
 
 async def post_status(request: web.Request) -> web.Response:
@@ -992,6 +1066,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(state.controller.run(), name="rollout-controller"),
         asyncio.create_task(_rollup_loop(state), name="metric-rollup"),
+        asyncio.create_task(_audit_flush_loop(state), name="audit-flush"),
     ]
     if not state.db.is_sqlite:
         from control_plane.pgnotify import PgNotifyBridge
@@ -1007,13 +1082,51 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.notifier.listeners.append(bridge.notify)
         tasks.append(asyncio.create_task(bridge.run(), name="mqtt-bridge"))
     yield
+    await _stop(state, tasks)
+
+
+async def _stop(state: State, tasks: list[asyncio.Task[None]]) -> None:
+    """The end of a drain: background tasks (the MQTT bridge disconnects from the broker),
+    then what ingest has queued is committed, refusals counted, the pool closed. Each step
+    gets a quarter of ``drain_s`` (the runner gives requests the other half), so a broker or
+    database that does not answer cannot hold the exit."""
+    state.drain()  # also when the app is closed without the runner's shutdown signal
+    budget = state.config.drain_s / 4
     for task in tasks:
         task.cancel()
+    _, late = await asyncio.wait(tasks, timeout=budget)
+    for task in late:
+        log.warning("%s did not stop within %.1fs; left behind", task.get_name(), budget)
+        task.cancel()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await state.ingest.close()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
+    try:
+        async with asyncio.timeout(budget):
+            await state.ingest.close()
+            if state.refusals is not None:
+                await state.refusals.flush()
+    except TimeoutError:
+        log.error("reports still queued after %.1fs were not stored", budget)
+    except Exception:
+        # Shutdown's boundary: the database is gone; say so and still close the pool.
+        log.exception("could not store the last reports and audit counts")
     await state.db.close()
+
+
+async def _audit_flush_loop(state: State) -> None:
+    """Write the counts of coalesced refusals whose window has ended."""
+    if state.refusals is None:
+        return
+    while True:
+        await asyncio.sleep(state.config.audit_coalesce_s)
+        try:
+            await state.refusals.flush(state.clock())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The loop's boundary: the counts stay in memory and are written next time.
+            log.exception("could not write coalesced audit refusals")
 
 
 def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
@@ -1021,9 +1134,9 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
 
     Raises ConfigError for unreadable keys.
     """
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(config.data_dir)
     key_file = config.signing_key_file or config.data_dir / "control-plane.key"
-    db = Database(config.database_url)
+    db = Database(config.database_url, pool=PoolLimits(config.db_pool_size, config.db_wait_s))
     signer = DesiredSigner(
         load_or_create_signing_key(key_file), timedelta(seconds=config.desired_ttl_s)
     )
@@ -1043,9 +1156,13 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         limiter=RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         if config.rate_limit_per_s > 0
         else None,
+        refusal_limiter=RateLimiter(config.refusal_rate_per_s, config.refusal_burst)
+        if config.refusal_rate_per_s > 0
+        else None,
+        refusals=audit.RefusalLog(db, config.audit_coalesce_s),
     )
     app = web.Application(
-        middlewares=[audit_middleware, error_middleware, auth_middleware],
+        middlewares=[audit_middleware, source_limit_middleware, error_middleware, auth_middleware],
         client_max_size=config.max_json_bytes,
     )
     app[STATE] = state
@@ -1053,4 +1170,11 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         app.router.add_route(r.method, r.path, scoped(r))
     add_ui_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_begin_drain)
     return app
+
+
+async def _begin_drain(app: web.Application) -> None:
+    # The runner's shutdown: the listener is closed and idle connections with it; answer the
+    # waiting long-polls now, so that only real work is left for the drain time.
+    app[STATE].drain()

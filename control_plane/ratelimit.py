@@ -1,4 +1,5 @@
-"""Per-caller request rate limits: a token bucket per API token or agent credential.
+"""Per-caller request rate limits: a token bucket per API token or agent credential, and
+one per source address for unauthenticated refusals (``peek`` before, ``take`` after).
 
 Each replica keeps its own buckets in memory (a caller spread over N replicas gets up to N
 times the rate; the limit is a guard against a runaway script or a stolen token hammering the
@@ -38,6 +39,15 @@ class RateLimiter:
         if now - self._swept > 60:
             self._sweep(now)
         return 0.0
+
+    def peek(self, key: object) -> float:
+        """0 when ``key`` has a token to spend, else the seconds until it has; spends nothing."""
+        entry = self._buckets.get(key)
+        if entry is None:
+            return 0.0
+        tokens, updated = entry
+        tokens = min(self.burst, tokens + (self.clock() - updated) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
     def _sweep(self, now: float) -> None:
         full = self.burst / self.rate  # a bucket idle this long is full again: forget it

@@ -10,6 +10,7 @@ import re
 import signal
 import sqlite3
 import ssl
+import threading
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +71,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "credential, bursts of 4x (50; 0 turns it off)")  # fmt: skip
     p.add_argument("--blob-store", help="where blobs live: a directory (default <data-dir>/blobs)"
                    " or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")  # fmt: skip
+    p.add_argument("--max-connections", type=int,
+                   help="open connections at once; one more is answered 503 (4096; an HTTP "
+                   "agent holds up to 2, an MQTT agent none)")  # fmt: skip
+    p.add_argument("--header-timeout", type=float,
+                   help="seconds a client has to send a request's headers (10)")  # fmt: skip
+    p.add_argument("--keepalive-timeout", type=float,
+                   help="seconds an idle kept-alive connection stays open (30)")  # fmt: skip
+    p.add_argument("--refusal-rate", type=float,
+                   help="unauthenticated refusals (401) per second per source address before "
+                   "it gets 429, bursts of 10x (10; 0 turns it off)")  # fmt: skip
+    p.add_argument(
+        "--db-pool-size",
+        type=int,
+        help="database sessions open at once (15 on SQLite, 30 on PostgreSQL)",
+    )
+    p.add_argument("--db-wait", type=float, help="seconds a request waits for a database "
+                   "session before it is answered 503 with Retry-After (10)")  # fmt: skip
+    p.add_argument("--drain", type=float, metavar="SECONDS",
+                   help="on SIGTERM, exit within this long whatever is open (10)")  # fmt: skip
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")
@@ -136,6 +156,13 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "tls_cert": ("MODELFLEET_TLS_CERT", str, None),
     "tls_key": ("MODELFLEET_TLS_KEY", str, None),
     "tls_client_ca": ("MODELFLEET_TLS_CLIENT_CA", str, None),
+    "max_connections": ("MODELFLEET_MAX_CONNECTIONS", int, 4096),
+    "header_timeout": ("MODELFLEET_HEADER_TIMEOUT", float, 10.0),
+    "keepalive_timeout": ("MODELFLEET_KEEPALIVE_TIMEOUT", float, 30.0),
+    "refusal_rate": ("MODELFLEET_REFUSAL_RATE", float, 10.0),
+    "db_pool_size": ("MODELFLEET_DB_POOL_SIZE", int, None),
+    "db_wait": ("MODELFLEET_DB_WAIT", float, 10.0),
+    "drain": ("MODELFLEET_DRAIN", float, 10.0),
 }  # fmt: skip
 
 
@@ -198,7 +225,10 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
            "rate_limit": getattr(args, "rate_limit", None),
            "tls_cert": getattr(args, "tls_cert", None),
            "tls_key": getattr(args, "tls_key", None),
-           "tls_client_ca": getattr(args, "tls_client_ca", None)}  # fmt: skip
+           "tls_client_ca": getattr(args, "tls_client_ca", None),
+           **{name: getattr(args, name, None) for name in (
+               "max_connections", "header_timeout", "keepalive_timeout", "refusal_rate",
+               "db_pool_size", "db_wait", "drain")}}  # fmt: skip
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -242,6 +272,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         raise CliError("rate_limit must be between 0 (off) and 1000000 requests per second")
     if not 0 < s["rollup_interval"] <= 86400:
         raise CliError("rollup_interval must be between 0 and 86400 seconds")
+    _check_limits(s)
     retention = Retention(s["retain_raw"], s["retain_minutes"], s["retain_hours"],
                           max(s["retain_minutes"], 86400.0))  # fmt: skip
     try:
@@ -295,7 +326,34 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         tls_key_file=s["tls_key"],
         tls_client_ca_file=s["tls_client_ca"],
         rate_limit_burst=max(20.0, 4 * s["rate_limit"]),
+        max_connections=s["max_connections"],
+        header_timeout_s=s["header_timeout"],
+        keepalive_timeout_s=s["keepalive_timeout"],
+        refusal_rate_per_s=s["refusal_rate"],
+        refusal_burst=max(20.0, 10 * s["refusal_rate"]),
+        db_pool_size=s["db_pool_size"],
+        db_wait_s=s["db_wait"],
+        drain_s=s["drain"],
     )
+
+
+def _check_limits(s: dict[str, Any]) -> None:
+    """Raise CliError naming the connection, database or drain setting that is out of range."""
+    from control_plane.netguard import ConnectionLimits
+
+    try:
+        ConnectionLimits(s["header_timeout"], s["keepalive_timeout"], s["max_connections"]
+                         ).check()  # fmt: skip
+    except ValueError as exc:
+        raise CliError(str(exc).replace("_s ", " ", 1)) from None
+    if not 0 <= s["refusal_rate"] <= 1e6:
+        raise CliError("refusal_rate must be between 0 (off) and 1000000 per second")
+    if s["db_pool_size"] is not None and not 1 <= s["db_pool_size"] <= 1000:
+        raise CliError("db_pool_size must be between 1 and 1000")
+    if not 0 < s["db_wait"] <= 600:
+        raise CliError("db_wait must be between 0 and 600 seconds")
+    if not 0 < s["drain"] <= 3600:
+        raise CliError("drain must be between 0 and 3600 seconds")
 
 
 def server_tls_context(config: ServerConfig) -> ssl.SSLContext | None:
@@ -316,19 +374,29 @@ def server_tls_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM; a second signal exits at once."""
+    """Run until SIGINT/SIGTERM, then drain within ``config.drain_s``; a second signal (or
+    a drain that overruns) exits at once with status 1."""
     # Imported here: the server's stack (SQLAlchemy, Alembic) would slow every other command.
+    from control_plane import redact
     from control_plane.errors import ConfigError
     from control_plane.http import create_app
+    from control_plane.netguard import ConnectionLimits, GuardedSite, fd_budget
 
+    redact.install()
+    redact.add_secret(config.mqtt_password)
     try:
         app = create_app(config)
     except ConfigError as exc:
         raise CliError(str(exc), 1) from None
     tls = server_tls_context(config)
-    runner = web.AppRunner(app, access_log=None)
+    limits = ConnectionLimits(header_timeout_s=config.header_timeout_s,
+                              keepalive_timeout_s=config.keepalive_timeout_s,
+                              max_connections=fd_budget(config.max_connections))  # fmt: skip
+    # Requests in flight get a quarter of the drain twice over (aiohttp waits that long, then
+    # cancels and waits again); the app's own shutdown (http._stop) has the other half.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_s / 4)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
+    site = GuardedSite(runner, config.host, config.port, limits=limits, ssl_context=tls)
     await site.start()
     log.info(
         "control plane listening on %s://%s:%d (database %s)%s",
@@ -349,8 +417,25 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
+    log.info("shutting down: draining for at most %.1fs (%d connections open)",
+             config.drain_s, site.open_connections)  # fmt: skip
+    # The bound holds even if the loop itself is stuck: a thread ends the process.
+    watchdog = threading.Timer(config.drain_s + 2.0, _overran, args=(config.drain_s,))
+    watchdog.daemon = True
+    watchdog.start()
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=config.drain_s)
+    if not done:
+        _overran(config.drain_s)
+    watchdog.cancel()
+    cleanup.result()
+    log.info("stopped")
+
+
+def _overran(drain_s: float) -> None:
+    log.error("the drain did not finish within %.1fs: exiting now", drain_s)
+    logging.shutdown()
+    os._exit(1)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -371,7 +456,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     cfg = _db_config(args)
 
     async def run() -> None:
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        from control_plane.files import ensure_private_dir
+
+        ensure_private_dir(cfg.data_dir)
         db = Database(cfg.database_url)
         try:
             await db.migrate()
