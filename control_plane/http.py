@@ -103,6 +103,13 @@ def json_response(data: object, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
 
 
+def error_response(err: ApiError) -> web.Response:
+    """A refusal as ``{"error": {...}}`` with its headers (Retry-After and the like)."""
+    resp = json_response(err.to_json(), err.status)
+    resp.headers.update(err.headers)
+    return resp
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; raises ApiError 413 or InvalidMessage."""
     limit = st(request).config.max_json_bytes
