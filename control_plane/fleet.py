@@ -32,7 +32,7 @@ from control_plane.desired import DesiredSigner
 from control_plane.errors import ApiError
 from control_plane.mqtt_auth import mosquitto_hash, new_password
 from control_plane.reports import agent_state
-from control_plane.status_order import newer_than_stored, order_values
+from control_plane.status_order import StatusOrder, newer_than_stored, order_values
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
 from protocol.labels import Selector, check_labels
 from protocol.reports import MetricsBatch, StatusReport
@@ -237,9 +237,10 @@ def merged_facts(stored: dict[str, Any], report: StatusReport) -> dict[str, Any]
 
 
 async def store_status(db: Database, report: StatusReport, now: datetime) -> bool:
-    """Keep an agent's status if it is newer than the stored one; False when it is not.
+    """Keep an agent's status if it is newer than the stored one; False when it is stale.
 
-    A stale report (control_plane/status_order.py) is still a sign of life: it moves
+    True means the agent's stored status is now this report (a duplicate of the stored one
+    too). A stale report (control_plane/status_order.py) is still a sign of life: it moves
     ``last_seen_at`` and nothing else. Raises ApiError 404 for an unknown or revoked agent.
     """
     async with db.write() as s:
@@ -251,21 +252,24 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> boo
             raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
         # Conditional: whatever another transaction (or replica) stored meanwhile, the
         # database keeps the newest; a read here would only race it.
-        stored = await s.execute(
+        await s.execute(
             update(Agent)
             .where(Agent.id == report.agent_id, newer_than_stored(report))
             .values(
                 status=status_document(report),
                 facts=merged_facts(row.facts, report),
                 reported_generation=report.generation,
-                last_seen_at=now,
                 **order_values(report),
             )
         )
-        if stored.rowcount == 1:  # type: ignore[attr-defined]
-            return True
-        await s.execute(update(Agent).where(Agent.id == report.agent_id).values(last_seen_at=now))
-        return False
+        # A sign of life either way; what the row holds now says whether it is this report.
+        held = await s.execute(
+            update(Agent)
+            .where(Agent.id == report.agent_id)
+            .values(last_seen_at=now)
+            .returning(Agent.status_epoch, Agent.status_seq, Agent.status_sent_at)
+        )
+        return StatusOrder(*held.one()) == StatusOrder.of(report)
 
 
 async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> bool:

@@ -99,8 +99,10 @@ def st(request: web.Request) -> State:
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
-    """A JSON response."""
-    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+    """A JSON response; strict JSON (a non-finite number raises ValueError, never ``NaN`` out)."""
+    return web.json_response(
+        data, status=status, dumps=lambda o: json.dumps(o, default=str, allow_nan=False)
+    )
 
 
 def error_response(err: ApiError) -> web.Response:

@@ -105,12 +105,12 @@ async def store_batch(
 ) -> list[bool | ApiError]:
     """Store reports in the open transaction; one result per report, in order.
 
-    A status gives True when it is the agent's status now, False when it is stale: older
-    than the stored one, or than another of the same agent in this batch (the newest wins,
-    not the last to arrive). A metrics batch gives True when stored and False when that
-    (agent, seq) was stored before (or earlier in this same batch). An unknown agent gives
-    ApiError 404 for its report and leaves the others alone. Every report of a known agent,
-    stale or not, moves its last_seen_at.
+    A status gives True when it is the agent's stored status now (a duplicate of the stored
+    one too), False when it is stale: older than the stored one, or than another of the same
+    agent in this batch (the newest wins, not the last to arrive). A metrics batch gives True
+    when stored and False when that (agent, seq) was stored before (or earlier in this same
+    batch). An unknown agent gives ApiError 404 for its report and leaves the others alone.
+    Every report of a known agent, stale or not, moves its last_seen_at.
     """
     ids = {r.agent_id for r in reports}
     known: dict[str, dict[str, Any]] = {}

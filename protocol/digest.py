@@ -17,7 +17,7 @@ def sha256_digest(data: bytes) -> str:
 
 def is_digest(value: object) -> bool:
     """Tell whether ``value`` is a well-formed sha256 digest string."""
-    return isinstance(value, str) and bool(_DIGEST_RE.match(value))
+    return isinstance(value, str) and bool(_DIGEST_RE.fullmatch(value))
 
 
 def check_digest(value: object, field: str = "digest") -> str:

@@ -13,19 +13,28 @@ from dataclasses import dataclass
 
 from protocol.exceptions import InvalidMessage
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
-_VALUE_RE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
+# Used with fullmatch: "$" alone would let a trailing newline through.
+_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})")
+_VALUE_RE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 OPS = ("=", "!=", "in", "notin", "exists", "!exists")
 
 
 def check_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, str]:
     """Return labels if every key and value is well formed; raises InvalidMessage otherwise."""
     for k, v in labels.items():
-        if not _KEY_RE.match(k):
-            raise InvalidMessage(f"{field}: label key {k!r} is not valid", field)
-        if not isinstance(v, str) or not _VALUE_RE.match(v):
-            raise InvalidMessage(f"{field}: label value {v!r} for {k!r} is not valid", field)
+        if not isinstance(k, str) or not _KEY_RE.fullmatch(k):
+            raise InvalidMessage(f"{field}: label key {_shown(k)} is not valid", field)
+        if not isinstance(v, str) or not _VALUE_RE.fullmatch(v):
+            raise InvalidMessage(
+                f"{field}: label value {_shown(v)} for {k!r} is not valid", f"{field}.{k}"
+            )
     return dict(labels)
+
+
+def _shown(value: object) -> str:
+    """A refused value as an error message quotes it: escaped and cut short."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_labels(text: str, field: str = "labels") -> dict[str, str]:
@@ -115,14 +124,18 @@ _SET_RE = re.compile(r"^(\S+)\s+(in|notin)\s*\((.*)\)$")
 
 
 def _value(v: str, term: str) -> str:
-    if not _VALUE_RE.match(v):
-        raise InvalidMessage(f"selector: value {v!r} in {term!r} is not valid", "selector")
+    if not _VALUE_RE.fullmatch(v):
+        raise InvalidMessage(
+            f"selector: value {_shown(v)} in {_shown(term)} is not valid", "selector"
+        )
     return v
 
 
 def _key(k: str, term: str) -> str:
-    if not _KEY_RE.match(k):
-        raise InvalidMessage(f"selector: key {k!r} in {term!r} is not valid", "selector")
+    if not _KEY_RE.fullmatch(k):
+        raise InvalidMessage(
+            f"selector: key {_shown(k)} in {_shown(term)} is not valid", "selector"
+        )
     return k
 
 

@@ -74,7 +74,7 @@ MAX_FILES = 64
 
 def check_name(value: str, field_name: str = "name") -> str:
     """Return a valid model name; raises InvalidMessage otherwise."""
-    if not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise InvalidMessage(
             f"{field_name} must be 1-128 of a-z, 0-9, '.', '_', '-' and start alphanumeric",
             field_name,
@@ -84,7 +84,7 @@ def check_name(value: str, field_name: str = "name") -> str:
 
 def check_version(value: str, field_name: str = "version") -> str:
     """Return a valid version string; raises InvalidMessage otherwise."""
-    if not VERSION_RE.match(value):
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value):
         raise InvalidMessage(
             f"{field_name} must be 1-64 of A-Z, a-z, 0-9, '.', '_', '+', '-'", field_name
         )
@@ -93,7 +93,7 @@ def check_version(value: str, field_name: str = "version") -> str:
 
 def check_path(value: str, field_name: str) -> str:
     """Return a safe relative member path; raises InvalidMessage for traversal and the like."""
-    if len(value) > 255 or not _PATH_RE.match(value) or ".." in value.split("/"):
+    if len(value) > 255 or not _PATH_RE.fullmatch(value) or ".." in value.split("/"):
         raise InvalidMessage(f"{field_name} {value!r} is not a safe relative path", field_name)
     if value in RESERVED_PATHS:
         raise InvalidMessage(f"{field_name} {value!r} is a reserved name", field_name)

@@ -8,7 +8,10 @@ from typing import Any
 
 from protocol.digest import check_digest
 from protocol.exceptions import InvalidMessage
+from protocol.facts import check_facts
 from protocol.fields import (
+    check_json,
+    clean_text,
     extra_fields,
     get_int,
     get_list,
@@ -25,6 +28,12 @@ from protocol.timeutil import format_time, parse_time
 MODEL_STATES = ("downloading", "loading", "active", "failed", "refused")
 MAX_MODELS_PER_REPORT = 256
 MAX_SERIES_PER_BATCH = 1024
+MAX_TEXT = 2000  # characters of a reason or lastError
+# A series' counters per window: 2**40 is a million requests a second for twelve days. Far
+# under 64 bits, so roll-ups can sum millions of windows into one 64-bit column.
+MAX_WINDOW_COUNT = 2**40
+# Mean absolute output difference of one shadowed request, at most; bounds driftSum likewise.
+MAX_DRIFT = 1e12
 MAX_ORDER = 2**63 - 1  # a status report's epoch and seq
 STATUS_FIELDS = ("agentId", "generation", "sentAt", "models", "facts", "lastError", "epoch", "seq")
 
@@ -49,7 +58,8 @@ class ModelStatus:
             "state": self.state,
         }
         if self.reason:
-            doc["reason"] = self.reason
+            # Exception text from anywhere: made to pass the receiver's check, not refused whole.
+            doc["reason"] = clean_text(self.reason, MAX_TEXT)
         if self.variant:
             doc["variant"] = self.variant
         return doc
@@ -84,13 +94,15 @@ class StatusReport:
             "seq": self.seq,
         }
         if self.last_error:
-            doc["lastError"] = self.last_error
+            doc["lastError"] = clean_text(self.last_error, MAX_TEXT)
         return doc
 
 
 def status_from_json(doc: object) -> StatusReport:
     """Validate a status report; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "status")
+    # Strict JSON whatever decoded it (an MQTT bridge, a test): no NaN, lone surrogate, depth.
+    check_json(d, "status")
     raw_models = get_list(d, "models")
     if len(raw_models) > MAX_MODELS_PER_REPORT:
         raise InvalidMessage(f"models lists more than {MAX_MODELS_PER_REPORT}", "models")
@@ -107,21 +119,22 @@ def status_from_json(doc: object) -> StatusReport:
                 version=check_version(req_str(md, "version", p), f"{p}version"),
                 manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
                 state=state,
-                reason=get_str(md, "reason", p, optional=True, max_len=2000),
+                reason=get_str(md, "reason", p, optional=True, max_len=MAX_TEXT, text=True),
                 variant=get_str(md, "variant", p, optional=True, max_len=64),
             )
         )
-    facts = d.get("facts") or {}
-    if not isinstance(facts, dict):
-        raise InvalidMessage("facts must be an object", "facts")
+    facts = check_facts(d.get("facts"), "facts")
+    extra = extra_fields(d, STATUS_FIELDS)
+    # Kept in extra (older control planes did not know it), but shown in the agent's listing.
+    get_str(d, "desiredState", optional=True, max_len=16)
     return StatusReport(
         agent_id=req_str(d, "agentId"),
         generation=get_int(d, "generation"),
         sent_at=parse_time(d.get("sentAt"), "sentAt"),
         models=tuple(models),
         facts=facts,
-        last_error=get_str(d, "lastError", optional=True, max_len=2000),
-        extra=extra_fields(d, STATUS_FIELDS),
+        last_error=get_str(d, "lastError", optional=True, max_len=MAX_TEXT, text=True),
+        extra=extra,
         epoch=_order_int(d, "epoch"),
         seq=_order_int(d, "seq"),
     )
@@ -192,6 +205,7 @@ class MetricsBatch:
 def metrics_from_json(doc: object) -> MetricsBatch:
     """Validate a metrics batch; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "metrics")
+    check_json(d, "metrics")
     raw = get_list(d, "series")
     if len(raw) > MAX_SERIES_PER_BATCH:
         raise InvalidMessage(f"series lists more than {MAX_SERIES_PER_BATCH}", "series")
@@ -199,17 +213,21 @@ def metrics_from_json(doc: object) -> MetricsBatch:
     for i, s in enumerate(raw):
         p = f"series[{i}]."
         sd = require_object(s, p.rstrip("."))
-        requests = get_int(sd, "requests", p)
-        errors = get_int(sd, "errors", p)
+        requests = get_int(sd, "requests", p, maximum=MAX_WINDOW_COUNT)
+        errors = get_int(sd, "errors", p, maximum=MAX_WINDOW_COUNT)
         if errors > requests:
             raise InvalidMessage(f"{p}errors exceeds {p}requests", f"{p}errors")
         sketch = DDSketch.from_json(sd.get("latencyMs"), f"{p}latencyMs.")
+        if sketch.count > MAX_WINDOW_COUNT:
+            raise InvalidMessage(
+                f"{p}latencyMs.count must be <= {MAX_WINDOW_COUNT}", f"{p}latencyMs.count"
+            )
         shadow = sd.get("shadow") or {}
         if not isinstance(shadow, dict):
             raise InvalidMessage(f"{p}shadow must be an object", f"{p}shadow")
         sp = f"{p}shadow."
-        shadow_count = get_int(shadow, "count", sp, default=0)
-        argmax_agree = get_int(shadow, "argmaxAgree", sp, default=0)
+        shadow_count = get_int(shadow, "count", sp, default=0, maximum=MAX_WINDOW_COUNT)
+        argmax_agree = get_int(shadow, "argmaxAgree", sp, default=0, maximum=MAX_WINDOW_COUNT)
         if shadow_count > requests or argmax_agree > shadow_count:
             raise InvalidMessage(f"{sp}count exceeds the requests it samples", f"{sp}count")
         series.append(
@@ -220,7 +238,9 @@ def metrics_from_json(doc: object) -> MetricsBatch:
                 errors=errors,
                 latency_ms=sketch,
                 shadow_count=shadow_count,
-                drift_sum=get_number(shadow, "driftSum", sp, default=0.0),
+                drift_sum=get_number(
+                    shadow, "driftSum", sp, default=0.0, maximum=shadow_count * MAX_DRIFT
+                ),
                 argmax_agree=argmax_agree,
             )
         )
@@ -228,11 +248,12 @@ def metrics_from_json(doc: object) -> MetricsBatch:
     end = parse_time(d.get("windowEnd"), "windowEnd")
     if end < start:
         raise InvalidMessage("windowEnd is before windowStart", "windowEnd")
+    extra = extra_fields(d, ("agentId", "seq", "windowStart", "windowEnd", "series"))
     return MetricsBatch(
         agent_id=req_str(d, "agentId"),
         seq=get_int(d, "seq", minimum=1),
         window_start=start,
         window_end=end,
         series=tuple(series),
-        extra=extra_fields(d, ("agentId", "seq", "windowStart", "windowEnd", "series")),
+        extra=extra,
     )

@@ -56,26 +56,28 @@ def test_order_outside_64_bits_or_not_an_integer_is_refused_by_name(
     assert e.value.field == field
 
 
-@pytest.mark.parametrize(
-    "new, stored, replaces",
-    [
-        # Ordered reports: (epoch, seq) decides, the agent's clock never does.
-        (StatusOrder(5, 2, T0), StatusOrder(5, 1, LATER), True),
-        (StatusOrder(5, 1, LATER), StatusOrder(5, 2, T0), False),
-        (StatusOrder(5, 2, T0), StatusOrder(5, 2, T0), False),  # the same report again
-        (StatusOrder(6, 1, T0), StatusOrder(5, 900, LATER), True),  # a restart: new epoch
-        (StatusOrder(5, 900, LATER), StatusOrder(6, 1, T0), False),  # late, from before it
-        (StatusOrder(1, 1, T0), StatusOrder(), True),  # first ever
-        (StatusOrder(1, 1, T0), StatusOrder(0, 0, LATER), True),  # after an unordered one
-        # Unordered reports (older agents): sentAt decides, against whatever is stored.
-        (StatusOrder(0, 0, LATER), StatusOrder(0, 0, T0), True),
-        (StatusOrder(0, 0, T0), StatusOrder(0, 0, LATER), False),
-        (StatusOrder(0, 0, T0), StatusOrder(0, 0, T0), True),  # a tie: the last to arrive
-        (StatusOrder(0, 0, T0), StatusOrder(), True),
-        (StatusOrder(0, 0, T0), StatusOrder(7, 3, LATER), False),  # from before an upgrade
-        (StatusOrder(0, 0, LATER), StatusOrder(7, 3, T0), True),  # after a downgrade
-    ],
-)
+# (new, stored, whether new replaces stored); tests/integration/test_status_order.py stores
+# each through the database too.
+CASES: list[tuple[StatusOrder, StatusOrder, bool]] = [
+    # Ordered reports: (epoch, seq) decides, the agent's clock never does.
+    (StatusOrder(5, 2, T0), StatusOrder(5, 1, LATER), True),
+    (StatusOrder(5, 1, LATER), StatusOrder(5, 2, T0), False),
+    (StatusOrder(5, 2, T0), StatusOrder(5, 2, T0), False),  # the same report again
+    (StatusOrder(6, 1, T0), StatusOrder(5, 900, LATER), True),  # a restart: new epoch
+    (StatusOrder(5, 900, LATER), StatusOrder(6, 1, T0), False),  # late, from before it
+    (StatusOrder(1, 1, T0), StatusOrder(), True),  # first ever
+    (StatusOrder(1, 1, T0), StatusOrder(0, 0, LATER), True),  # after an unordered one
+    # Unordered reports (older agents): sentAt decides, against whatever is stored.
+    (StatusOrder(0, 0, LATER), StatusOrder(0, 0, T0), True),
+    (StatusOrder(0, 0, T0), StatusOrder(0, 0, LATER), False),
+    (StatusOrder(0, 0, T0), StatusOrder(0, 0, T0), True),  # a tie: the last to arrive
+    (StatusOrder(0, 0, T0), StatusOrder(), True),
+    (StatusOrder(0, 0, T0), StatusOrder(7, 3, LATER), False),  # from before an upgrade
+    (StatusOrder(0, 0, LATER), StatusOrder(7, 3, T0), True),  # after a downgrade
+]
+
+
+@pytest.mark.parametrize("new, stored, replaces", CASES)
 def test_which_report_replaces_the_stored_one(
     new: StatusOrder, stored: StatusOrder, replaces: bool
 ) -> None:
