@@ -17,14 +17,26 @@ commits while a report is read is seen either wholly before or wholly after, nev
 Each pass moves rows in one transaction (insert or merge into the coarser tier, delete from the
 finer), and on PostgreSQL takes a transaction-scoped advisory lock so that of several replicas
 only one rolls up at a time.
+
+A stored row nobody can use (a sketch of other parameters or with bins past what a float holds,
+counts that are not counts: written by an older version, or by hand) must never stop a reader
+or the roll-up. Readers (the rollout gates, the reports) leave it out with :func:`usable`,
+counting it once in a :class:`SkippedRows`. The roll-up moves it, in the same transaction, to
+``metric_set_aside`` with its reason: it is no longer read or merged, an operator can still see
+it, and it is dropped with the hour tier's retention. Should merging still fail in a way these
+checks did not foresee, the pass retries with fewer rows until the one row that fails is alone,
+and sets that one aside: no row can stop roll-up and retention for good.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, delete, func, literal, or_, select, text, union_all
@@ -32,8 +44,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.config import Retention
 from control_plane.db.engine import Database
-from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries
-from protocol.sketch import DDSketch
+from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries, MetricSetAside
+from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
+from protocol.sketch import DEFAULT_RELATIVE_ACCURACY, DDSketch
 
 log = logging.getLogger("modelfleet.control_plane.rollup")
 
@@ -41,6 +54,63 @@ MINUTE = 60
 HOUR = 3600
 ADVISORY_LOCK_KEY = 0x6D66_726F  # "mfro": one roll-up at a time across replicas
 CHUNK = 500
+# Rows one pass may set aside one by one after failures the checks did not foresee; past it
+# the failure is not about rows (a bug, a schema out of step) and the pass stops instead.
+MAX_ALONE_PER_PASS = 100
+
+# Bounds of a usable stored row. A count above 2**53 is not a real one (and floats still hold
+# it exactly); merged totals are kept under it too, so no sum ever leaves a 64-bit column.
+MAX_COUNT = 2**53
+# Float sums (drift, a sketch's sum) stay far from overflow however many rows are added up.
+MAX_FLOAT_SUM = 1e200
+# The largest bin index k whose value gamma**k a float holds; past it quantile() overflows.
+MAX_BIN_KEY = math.floor(
+    math.log(sys.float_info.max)
+    / math.log((1 + DEFAULT_RELATIVE_ACCURACY) / (1 - DEFAULT_RELATIVE_ACCURACY))
+)
+_COUNTS = ("requests", "errors", "shadow_count", "argmax_agree")
+
+
+class BadRow(ValueError):
+    """A stored metric row that cannot be read or merged; the message says why."""
+
+
+def checked_sketch(doc: object) -> DDSketch:
+    """A stored latency sketch that merges with this control plane's; raises BadRow."""
+    try:
+        sketch = DDSketch.from_json(doc)
+    except Exception as exc:
+        # Deliberate boundary: stored data of any shape (an older version, a hand edit); the
+        # row is left out or set aside, whatever the parser raised on it.
+        raise BadRow(f"latency sketch: {reason_of(exc)}") from None
+    if sketch.relative_accuracy != DEFAULT_RELATIVE_ACCURACY:
+        raise BadRow(f"latency sketch has relativeAccuracy {sketch.relative_accuracy!r}, "
+                     f"not {DEFAULT_RELATIVE_ACCURACY}")  # fmt: skip
+    if sketch.bins and not -MAX_BIN_KEY <= min(sketch.bins) <= max(sketch.bins) <= MAX_BIN_KEY:
+        raise BadRow(f"latency sketch has bin indexes outside [-{MAX_BIN_KEY}, {MAX_BIN_KEY}]")
+    if sketch.count > MAX_COUNT or abs(sketch.sum) > MAX_FLOAT_SUM:
+        raise BadRow("latency sketch has a count or sum past what a real window holds")
+    return sketch
+
+
+def checked_row(row: Any) -> DDSketch:
+    """The latency sketch of a stored row of any tier once all its figures are usable.
+
+    Raises BadRow naming the first figure that is not.
+    """
+    for name in _COUNTS:
+        value = getattr(row, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            raise BadRow(f"{name} is not a count between 0 and 2**53")
+    drift = row.drift_sum
+    if (
+        isinstance(drift, bool)
+        or not isinstance(drift, int | float)
+        or not math.isfinite(drift)
+        or abs(drift) > MAX_FLOAT_SUM
+    ):
+        raise BadRow("drift_sum is not a finite number")
+    return checked_sketch(row.latency_sketch)
 
 
 @dataclass
@@ -57,6 +127,56 @@ class SeriesRow:
     drift_sum: float
     argmax_agree: int
     resolution_s: int  # 0 for raw rows
+    row_id: int = 0  # the row's id in its tier's table
+
+    @property
+    def where(self) -> str:
+        """The row's table and id, for logs."""
+        table = f"metric_rollups/{self.resolution_s}s" if self.resolution_s else "metric_series"
+        return f"{table} #{self.row_id}"
+
+
+class SkippedRows:
+    """Stored metric rows that readers left out: each counted and logged once.
+
+    ``count`` is the number of distinct rows seen (about: the memory of rows already seen is
+    bounded, and a row forgotten and met again counts again); ``skips`` counts every time a
+    row was left out. With a ``parent`` (the process's own), each skip is passed on to it and
+    only the parent logs.
+    """
+
+    def __init__(self, capacity: int = 10_000, parent: SkippedRows | None = None) -> None:
+        self.count = 0
+        self.skips = 0
+        self.parent = parent
+        self._seen = SeenOnce(capacity)
+
+    def skip(self, row: SeriesRow, reason: str, reader: str) -> None:
+        """Count ``row`` as left out by ``reader``; log it the first time."""
+        self.skips += 1
+        if self.parent is not None:
+            self.parent.skip(row, reason, reader)
+        if not self._seen.first((row.resolution_s, row.row_id)):
+            return
+        self.count += 1
+        if self.parent is None:
+            log.warning("%s left out %s (agent %s, version %s): %s", reader, row.where,
+                        printable(str(row.agent_id), 64), printable(str(row.version), 64),
+                        printable(reason))  # fmt: skip
+
+
+def usable(
+    rows: Iterable[SeriesRow], skipped: SkippedRows | None, reader: str
+) -> Iterator[tuple[SeriesRow, DDSketch]]:
+    """Each row that can be merged, with its parsed sketch; the others go to ``skipped``."""
+    for row in rows:
+        try:
+            sketch = checked_row(row)
+        except BadRow as exc:
+            if skipped is not None:
+                skipped.skip(row, str(exc), reader)
+            continue
+        yield row, sketch
 
 
 def _tier_selects(model: str) -> tuple[Select[Any], Select[Any]]:
@@ -64,13 +184,13 @@ def _tier_selects(model: str) -> tuple[Select[Any], Select[Any]]:
         MetricSeries.agent_id, MetricSeries.version, MetricSeries.window_start.label("start"),
         MetricSeries.requests, MetricSeries.errors, MetricSeries.latency_sketch,
         MetricSeries.shadow_count, MetricSeries.drift_sum, MetricSeries.argmax_agree,
-        literal(0).label("resolution_s"),
+        literal(0).label("resolution_s"), MetricSeries.id,
     ).where(MetricSeries.model == model)  # fmt: skip
     rolled = select(
         MetricRollup.agent_id, MetricRollup.version, MetricRollup.bucket_start.label("start"),
         MetricRollup.requests, MetricRollup.errors, MetricRollup.latency_sketch,
         MetricRollup.shadow_count, MetricRollup.drift_sum, MetricRollup.argmax_agree,
-        MetricRollup.resolution_s,
+        MetricRollup.resolution_s, MetricRollup.id,
     ).where(MetricRollup.model == model)  # fmt: skip
     return raw, rolled
 
@@ -82,8 +202,12 @@ async def series_rows(
     end: datetime | None = None,
     versions: Sequence[str] = (),
     exclude_version: str | None = None,
+    skipped: SkippedRows | None = None,
 ) -> list[SeriesRow]:
-    """Rows of every tier for ``model`` whose window starts in [start, end)."""
+    """Rows of every tier for ``model`` whose window starts in [start, end).
+
+    A row whose start cannot be read as a time is left out (and counted in ``skipped``).
+    """
     raw, rolled = _tier_selects(model)
     parts = []
     for q, col_start, col_version in (
@@ -101,16 +225,21 @@ async def series_rows(
     rows = await s.execute(union_all(*parts))
     out = []
     for r in rows:
-        out.append(SeriesRow(r.agent_id, r.version, _aware(r.start), r.requests, r.errors,
-                             r.latency_sketch, r.shadow_count, r.drift_sum, r.argmax_agree,
-                             r.resolution_s))  # fmt: skip
+        row = SeriesRow(r.agent_id, r.version, datetime.min.replace(tzinfo=UTC), r.requests,
+                        r.errors, r.latency_sketch, r.shadow_count, r.drift_sum, r.argmax_agree,
+                        r.resolution_s, r.id)  # fmt: skip
+        try:
+            row.window_start = _aware(r.start)
+        except (TypeError, ValueError, OverflowError) as exc:
+            if skipped is not None:
+                skipped.skip(row, f"window start: {reason_of(exc)}", "metric reader")
+            continue
+        out.append(row)
     return out
 
 
 def _aware(t: datetime | str) -> datetime:
     # A UNION's column is typed from its first part, but SQLite hands back what it stored.
-    from datetime import UTC
-
     if isinstance(t, str):
         t = datetime.fromisoformat(t)
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
@@ -123,34 +252,110 @@ def _bucket(t: datetime, resolution: int) -> datetime:
 
 @dataclass
 class _Merged:
+    """Figures of one bucket; every total kept within the bounds of a usable row."""
+
     requests: int = 0
     errors: int = 0
-    sketch: DDSketch = field(default_factory=DDSketch)
     shadow_count: int = 0
-    drift_sum: float = 0.0
     argmax_agree: int = 0
+    drift_sum: float = 0.0
+    sketch: DDSketch = field(default_factory=DDSketch)
 
-    def add(self, requests: int, errors: int, sketch: dict[str, Any], shadow_count: int,
-            drift_sum: float, argmax_agree: int) -> None:  # fmt: skip
-        self.requests += requests
-        self.errors += errors
-        self.sketch.merge(DDSketch.from_json(sketch))
-        self.shadow_count += shadow_count
-        self.drift_sum += drift_sum
-        self.argmax_agree += argmax_agree
+    @classmethod
+    def of(cls, row: MetricSeries | MetricRollup) -> _Merged:
+        """A stored row's figures; raises BadRow when they are not usable."""
+        sketch = checked_row(row)
+        return cls(requests=row.requests, errors=row.errors, shadow_count=row.shadow_count,
+                   argmax_agree=row.argmax_agree, drift_sum=float(row.drift_sum),
+                   sketch=sketch)  # fmt: skip
+
+    def add(self, other: _Merged) -> None:
+        """Add ``other``; raises BadRow, changing nothing, when a total would pass the bounds."""
+        counts = [getattr(self, n) + getattr(other, n) for n in _COUNTS]
+        if (
+            max(*counts, self.sketch.count + other.sketch.count) > MAX_COUNT
+            or abs(self.drift_sum + other.drift_sum) > MAX_FLOAT_SUM
+            or abs(self.sketch.sum + other.sketch.sum) > MAX_FLOAT_SUM
+        ):
+            raise BadRow("merged totals would pass 2**53")
+        for name, total in zip(_COUNTS, counts, strict=True):
+            setattr(self, name, total)
+        self.drift_sum += other.drift_sum
+        self.sketch.merge(other.sketch)
+
+    def write(self, row: MetricRollup) -> None:
+        """Store these figures in ``row``."""
+        row.requests, row.errors = self.requests, self.errors
+        row.shadow_count, row.argmax_agree = self.shadow_count, self.argmax_agree
+        row.drift_sum, row.latency_sketch = self.drift_sum, self.sketch.to_json()
 
 
 Key = tuple[str, str, str, datetime]  # agent, model, version, bucket start
 
 
-def _add(groups: dict[Key, _Merged], key: Key, r: MetricSeries | MetricRollup) -> None:
-    groups.setdefault(key, _Merged()).add(
-        r.requests, r.errors, r.latency_sketch, r.shadow_count, r.drift_sum, r.argmax_agree
-    )
+@dataclass(frozen=True)
+class _Step:
+    """One roll-up step: rows of ``table`` matching ``conditions`` go to ``resolution``."""
+
+    name: str
+    table: type[MetricSeries] | type[MetricRollup]
+    conditions: tuple[Any, ...]
+    start: Any  # the column a row's bucket is taken from
+    resolution: int
 
 
-async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merged]) -> None:
-    """Add ``groups`` to the rows of ``resolution``, creating the rows that are missing."""
+def _source(row: MetricSeries | MetricRollup) -> str:
+    if isinstance(row, MetricRollup):
+        return f"metric_rollups/{row.resolution_s}s"
+    return "metric_series"
+
+
+def _snapshot(row: MetricSeries | MetricRollup) -> str:
+    """The row as it was, as text: kept as a record, whatever it holds, never read back."""
+    doc = {c.key: getattr(row, c.key) for c in row.__table__.columns}
+    try:
+        return json.dumps(doc, default=str, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        import reprlib
+
+        return printable(reprlib.repr(doc), 20_000)
+
+
+class _SetAside:
+    """Rows one transaction sets aside; logs the first few of them and how many in all."""
+
+    LOGGED = 10
+
+    def __init__(self, s: AsyncSession, now: datetime) -> None:
+        self.s = s
+        self.now = now
+        self.count = 0
+
+    def add(self, row: MetricSeries | MetricRollup, reason: str) -> None:
+        """Record ``row`` in metric_set_aside with ``reason`` (the caller removes it)."""
+        reason = printable(reason)
+        self.s.add(MetricSetAside(
+            set_aside_at=self.now, source=_source(row), source_id=row.id,
+            agent_id=printable(str(row.agent_id), 36), model=printable(str(row.model), 128),
+            version=printable(str(row.version), 64), reason=reason, row=_snapshot(row),
+        ))  # fmt: skip
+        self.count += 1
+        if self.count <= self.LOGGED:
+            log.warning("metric roll-up set %s #%s aside: %s", _source(row), row.id, reason)
+
+    def done(self) -> None:
+        """Say how many were set aside beyond those logged one by one."""
+        if self.count > self.LOGGED:
+            log.warning("metric roll-up set %d rows aside in one pass", self.count)
+
+
+async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merged],
+                      aside: _SetAside) -> None:  # fmt: skip
+    """Add ``groups`` to the rows of ``resolution``, creating the rows that are missing.
+
+    An existing row that cannot take them (unusable itself, or its totals would pass the
+    bounds) is set aside and its place taken by the group.
+    """
     keys = list(groups)
     for i in range(0, len(keys), CHUNK):
         chunk = keys[i : i + CHUNK]
@@ -168,52 +373,78 @@ async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merge
             row = existing.get(key)
             if row is None:
                 a, m, v, b = key
-                s.add(MetricRollup(
-                    resolution_s=resolution, bucket_start=b, agent_id=a, model=m, version=v,
-                    requests=g.requests, errors=g.errors, latency_sketch=g.sketch.to_json(),
-                    shadow_count=g.shadow_count, drift_sum=g.drift_sum,
-                    argmax_agree=g.argmax_agree,
-                ))  # fmt: skip
-            else:
-                sketch = DDSketch.from_json(row.latency_sketch)
-                sketch.merge(g.sketch)
-                row.requests += g.requests
-                row.errors += g.errors
-                row.latency_sketch = sketch.to_json()
-                row.shadow_count += g.shadow_count
-                row.drift_sum += g.drift_sum
-                row.argmax_agree += g.argmax_agree
+                row = MetricRollup(resolution_s=resolution, bucket_start=b, agent_id=a,
+                                   model=m, version=v)  # fmt: skip
+                g.write(row)
+                s.add(row)
+                continue
+            try:
+                merged = _Merged.of(row)
+                merged.add(g)
+            except BadRow as exc:
+                aside.add(row, f"{exc}; its bucket now holds only the rows merged after it")
+                merged = g
+            merged.write(row)
     await s.flush()
 
 
-async def _roll(s: AsyncSession, table: type[MetricSeries] | type[MetricRollup],
-                conditions: list[Any], start: Any, resolution: int, limit: int) -> int:  # fmt: skip
-    """Move up to ``limit`` rows of ``table`` matching ``conditions`` into ``resolution``
-    buckets (``start`` is the column their bucket is taken from); return how many moved."""
+async def _roll(s: AsyncSession, step: _Step, limit: int, now: datetime) -> tuple[int, int]:
+    """Move up to ``limit`` rows of ``step`` into its coarser tier, setting aside those that
+    cannot be merged; return (rows moved, rows set aside)."""
+    table = step.table
     rows = list(await s.scalars(
-        select(table).where(*conditions).order_by(table.id).limit(limit)
+        select(table).where(*step.conditions).order_by(table.id).limit(limit)
     ))  # fmt: skip
     if not rows:
-        return 0
+        return 0, 0
+    aside = _SetAside(s, now)
     groups: dict[Key, _Merged] = {}
     for r in rows:
-        bucket = _bucket(_aware(getattr(r, start.key)), resolution)
-        _add(groups, (r.agent_id, r.model, r.version, bucket), r)
+        try:
+            bucket = _bucket(_aware(getattr(r, step.start.key)), step.resolution)
+            figures = _Merged.of(r)
+            key = (r.agent_id, r.model, r.version, bucket)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = figures
+            else:
+                group.add(figures)
+        except (BadRow, TypeError, ValueError, OverflowError) as exc:
+            aside.add(r, str(exc) if isinstance(exc, BadRow) else reason_of(exc))
     ids = [r.id for r in rows]
     for i in range(0, len(ids), CHUNK):
         await s.execute(delete(table).where(table.id.in_(ids[i : i + CHUNK])))
-    await _merge_into(s, resolution, groups)
-    return len(rows)
+    await _merge_into(s, step.resolution, groups, aside)
+    aside.done()
+    return len(rows), aside.count
 
 
-async def _raw_to_minutes(s: AsyncSession, cutoff: datetime, limit: int) -> int:
-    return await _roll(s, MetricSeries, [MetricSeries.window_start < cutoff],
-                       MetricSeries.window_start, MINUTE, limit)  # fmt: skip
+async def _set_aside_first(db: Database, step: _Step, reason: str, now: datetime) -> None:
+    """Set aside the first row ``step`` would move, alone, with ``reason``.
 
-
-async def _minutes_to_hours(s: AsyncSession, cutoff: datetime, limit: int) -> int:
-    conditions = [MetricRollup.resolution_s == MINUTE, MetricRollup.bucket_start < cutoff]
-    return await _roll(s, MetricRollup, conditions, MetricRollup.bucket_start, HOUR, limit)
+    Should even recording it fail, the row is deleted and the reason logged: the pass must
+    go on.
+    """
+    table = step.table
+    first = select(table).where(*step.conditions).order_by(table.id).limit(1)
+    try:
+        async with db.write() as s:
+            row = await s.scalar(first)
+            if row is not None:
+                _SetAside(s, now).add(row, f"roll-up failed on this row alone: {reason}")
+                await s.execute(delete(table).where(table.id == row.id))
+        return
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # Deliberate boundary: the row cannot even be recorded; it goes, and the log says so.
+        log.error("metric roll-up could not record a row it sets aside (%s); deleting it: %s",
+                  reason_of(exc), reason)  # fmt: skip
+    async with db.write() as s:
+        row_id = await s.scalar(select(table.id).where(*step.conditions).order_by(table.id)
+                                .limit(1))  # fmt: skip
+        if row_id is not None:
+            await s.execute(delete(table).where(table.id == row_id))
 
 
 async def _locked(s: AsyncSession, is_sqlite: bool) -> bool:
@@ -223,46 +454,98 @@ async def _locked(s: AsyncSession, is_sqlite: bool) -> bool:
                                {"k": ADVISORY_LOCK_KEY}))  # fmt: skip
 
 
+class _Skipped(Exception):
+    """Another replica holds the roll-up lock."""
+
+
+async def _run_step(db: Database, step: _Step, limit: int, now: datetime,
+                    done: dict[str, int]) -> None:  # fmt: skip
+    """Move every row of ``step``, ``limit`` at a time; raises _Skipped.
+
+    A transaction that fails in a way the row checks did not foresee is retried with half the
+    rows, down to the one row it fails on, which is set aside; a passing failure of the
+    database is raised.
+    """
+    size, alone = limit, 0
+    while True:
+        try:
+            async with db.write() as s:
+                if not await _locked(s, db.is_sqlite):
+                    raise _Skipped
+                moved, aside = await _roll(s, step, size, now)
+        except _Skipped:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Deliberate boundary: no row may stop the roll-up for good (see the docstring).
+            if size > 1:
+                size = max(1, size // 2)
+                continue
+            alone += 1
+            if alone > MAX_ALONE_PER_PASS:
+                raise
+            await _set_aside_first(db, step, reason_of(exc), now)
+            done["set_aside"] += 1
+            size = limit
+            continue
+        done[step.name] += moved
+        done["set_aside"] += aside
+        if moved < size:
+            return
+
+
 async def rollup(
     db: Database, now: datetime, retention: Retention, limit: int = 20_000
 ) -> dict[str, int]:
     """One full pass: raw → minute → hour, then drop what is past retention.
 
     Each step runs in transactions of at most ``limit`` rows until nothing is left, and
-    returns how many rows each step moved or dropped. Another replica holding the lock
-    makes this pass a no-op (it returns ``{"skipped": 1}``).
+    returns how many rows each step took from its tier or dropped, and how many of them (or of
+    the coarser rows they were merged into) it set aside. Another
+    replica holding the lock makes this pass a no-op (it returns ``{"skipped": 1}``).
+    Raises the database's errors when it goes away.
     """
-    done = {"raw_rolled": 0, "minutes_rolled": 0, "hours_dropped": 0, "batches_dropped": 0}
+    done = {"raw_rolled": 0, "minutes_rolled": 0, "hours_dropped": 0, "batches_dropped": 0,
+            "set_aside": 0, "set_aside_dropped": 0}  # fmt: skip
     steps = (
-        ("raw_rolled", lambda s: _raw_to_minutes(s, now - timedelta(seconds=retention.raw_s),
-                                                 limit)),
-        ("minutes_rolled", lambda s: _minutes_to_hours(
-            s, now - timedelta(seconds=retention.minute_s), limit)),
+        _Step("raw_rolled", MetricSeries,
+              (MetricSeries.window_start < now - timedelta(seconds=retention.raw_s),),
+              MetricSeries.window_start, MINUTE),
+        _Step("minutes_rolled", MetricRollup,
+              (MetricRollup.resolution_s == MINUTE,
+               MetricRollup.bucket_start < now - timedelta(seconds=retention.minute_s)),
+              MetricRollup.bucket_start, HOUR),
     )  # fmt: skip
-    for name, step in steps:
-        while True:
-            async with db.write() as s:
-                if not await _locked(s, db.is_sqlite):
-                    return {"skipped": 1}
-                n = await step(s)
-            done[name] += n
-            if n < limit:
-                break
+    try:
+        for step in steps:
+            await _run_step(db, step, limit, now, done)
+    except _Skipped:
+        return {"skipped": 1}
     async with db.write() as s:
         if not await _locked(s, db.is_sqlite):
             return {"skipped": 1}
+        horizon = now - timedelta(seconds=retention.hour_s)
         res = await s.execute(delete(MetricRollup).where(
-            MetricRollup.resolution_s == HOUR,
-            MetricRollup.bucket_start < now - timedelta(seconds=retention.hour_s),
+            MetricRollup.resolution_s == HOUR, MetricRollup.bucket_start < horizon,
         ))  # fmt: skip
         done["hours_dropped"] = res.rowcount or 0  # type: ignore[attr-defined]
         res = await s.execute(delete(MetricBatch).where(
             MetricBatch.window_end < now - timedelta(seconds=retention.batches_s)
         ))  # fmt: skip
         done["batches_dropped"] = res.rowcount or 0  # type: ignore[attr-defined]
+        # Set-aside rows are kept as long as the longest tier would have kept them.
+        res = await s.execute(delete(MetricSetAside).where(MetricSetAside.set_aside_at < horizon))
+        done["set_aside_dropped"] = res.rowcount or 0  # type: ignore[attr-defined]
     if any(done.values()):
         log.info("metric roll-up: %s", done)
     return done
+
+
+async def set_aside_count(db: Database) -> int:
+    """How many metric rows the roll-up holds set aside (for /health)."""
+    async with db.read() as s:
+        return await s.scalar(select(func.count()).select_from(MetricSetAside)) or 0
 
 
 async def table_sizes(db: Database) -> dict[str, int]:

@@ -284,6 +284,25 @@ class MetricRollup(Base):
     argmax_agree: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class MetricSetAside(Base):
+    """A stored metric row the roll-up could not merge, moved out of the way with its reason.
+
+    Kept as text, never read back into a tier; dropped with the hour tier's retention
+    (control_plane/rollup.py).
+    """
+
+    __tablename__ = "metric_set_aside"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    set_aside_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    source: Mapped[str] = mapped_column(String(32))  # metric_series or metric_rollups/60s
+    source_id: Mapped[int] = mapped_column(BigInteger)
+    agent_id: Mapped[str] = mapped_column(String(36), index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    row: Mapped[str] = mapped_column(Text)  # the row as it was, as JSON text where it can be
+
+
 class AuditEvent(Base):
     """One entry of the append-only audit log; each row's hash covers the previous row's.
 
