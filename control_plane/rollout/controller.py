@@ -32,12 +32,16 @@ from control_plane.rollout.cron import parse_cron
 from control_plane.rollout.gates import Aggregate
 from control_plane.rollout.machine import Event, Observation, RolloutView, Step, step
 from control_plane.rollout.spec import RolloutSpec, spec_from_json
-from control_plane.rollup import series_rows
+from control_plane.rollup import SkippedRows, series_rows, usable
+from control_plane.setaside import is_transient, reason_of
 from protocol.labels import selector_from_json
-from protocol.sketch import DDSketch
 
 log = logging.getLogger("modelfleet.rollouts")
 DUE_STATES = ("pending", "running")
+# Timeline events of the controller itself (not of the machine): a rollout it could not
+# advance, and the same rollout moving again.
+SET_ASIDE = "set_aside"
+RESUMED = "resumed"
 MAX_STEPS_PER_TICK = 10
 
 
@@ -94,22 +98,31 @@ async def refresh_agents(
 
 
 async def _aggregate(
-    s: AsyncSession, model: str, since: datetime, agents: set[str], version: str, same: bool
+    s: AsyncSession,
+    model: str,
+    since: datetime,
+    agents: set[str],
+    version: str,
+    same: bool,
+    skipped: SkippedRows | None = None,
 ) -> Aggregate:
-    """Merge the metric series of ``version`` (or of every other version when not ``same``)."""
+    """Merge the metric series of ``version`` (or of every other version when not ``same``).
+
+    Stored rows that cannot be merged are left out and counted in ``skipped``: one agent's bad
+    data must not stop a gate from being computed.
+    """
     agg = Aggregate()
     if not agents:
         return agg
     if same:
-        rows = await series_rows(s, model, since, versions=[version])
+        rows = await series_rows(s, model, since, versions=[version], skipped=skipped)
     else:
-        rows = await series_rows(s, model, since, exclude_version=version)
-    for row in rows:
-        if row.agent_id not in agents:
-            continue
+        rows = await series_rows(s, model, since, exclude_version=version, skipped=skipped)
+    mine = (row for row in rows if row.agent_id in agents)
+    for row, sketch in usable(mine, skipped, "rollout gates"):
         agg.requests += row.requests
         agg.errors += row.errors
-        agg.latency_ms.merge(DDSketch.from_json(row.latency_sketch))
+        agg.latency_ms.merge(sketch)
         agg.shadow_count += row.shadow_count
         agg.drift_sum += row.drift_sum
         agg.argmax_agree += row.argmax_agree
@@ -127,7 +140,12 @@ def failed_on(agent: Agent, model: str, digest: str) -> bool:
 
 
 async def advance(
-    s: AsyncSession, r: Rollout, model: str, mv: ModelVersion, now: datetime
+    s: AsyncSession,
+    r: Rollout,
+    model: str,
+    mv: ModelVersion,
+    now: datetime,
+    skipped: SkippedRows | None = None,
 ) -> tuple[RolloutView, set[str]]:
     """Run the machine on one locked rollout; return its new view and the agents to refresh."""
     view = view_of(r)
@@ -153,8 +171,10 @@ async def advance(
         if view.state == "running" and stage.soak_s > 0 and view.soak_started_at is not None:
             cohort = set(moved)
             others = {a.id for a in matching} - cohort
-            new = await _aggregate(s, model, view.soak_started_at, cohort, mv.version, True)
-            baseline = await _aggregate(s, model, view.soak_started_at, others, mv.version, False)
+            new = await _aggregate(s, model, view.soak_started_at, cohort, mv.version, True,
+                                   skipped)  # fmt: skip
+            baseline = await _aggregate(s, model, view.soak_started_at, others, mv.version,
+                                        False, skipped)  # fmt: skip
         obs = Observation(
             now, order, dict(moved), failed, new, baseline, window.matches(now) if window else True
         )
@@ -184,7 +204,15 @@ async def advance(
 
 
 class RolloutController:
-    """Owns the background loop; ``kick`` runs it at once after a change."""
+    """Owns the background loop; ``kick`` runs it at once after a change.
+
+    Each rollout is advanced in a transaction and an error boundary of its own. One whose
+    advance fails (its stored spec, an agent's stored status, a bug: anything but the database
+    going away) is set aside: the others keep moving, it is tried again every tick, and its
+    timeline says why, once per distinct reason (``set_aside``), and when it moves again
+    (``resumed``). Metric rows its gates cannot merge are left out and counted in
+    ``skipped_rows``.
+    """
 
     def __init__(
         self,
@@ -200,6 +228,9 @@ class RolloutController:
         self.clock = clock
         self.interval_s = interval_s
         self._wake = asyncio.Event()
+        self.skipped_rows = SkippedRows()
+        self.set_aside = 0  # times a rollout was set aside for a reason new to it
+        self.failing: dict[str, str] = {}  # rollout id -> why its last advance failed
 
     def kick(self) -> None:
         """Run the loop now rather than at the next interval."""
@@ -213,8 +244,9 @@ class RolloutController:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # The loop's boundary: a failing tick (a lost database connection, a bug in
-                # one rollout) is logged and retried; the control plane keeps serving.
+                # The loop's boundary: a failing tick (a lost database connection) is logged
+                # and retried; the control plane keeps serving. One rollout's failure stops
+                # at advance_one and never gets here.
                 log.exception("rollout controller tick failed")
             try:
                 async with asyncio.timeout(self.interval_s):
@@ -224,7 +256,7 @@ class RolloutController:
             self._wake.clear()
 
     async def tick(self) -> None:
-        """Advance every due rollout once."""
+        """Advance every due rollout once; raises only when the database fails."""
         async with self.db.read() as s:
             ids = list(
                 await s.scalars(
@@ -233,12 +265,34 @@ class RolloutController:
                     .order_by(Rollout.created_at)
                 )
             )
+        for gone in set(self.failing) - set(ids):  # ended or paused meanwhile
+            del self.failing[gone]
         for rollout_id in ids:
             await self.advance_one(rollout_id)
 
     async def advance_one(self, rollout_id: str) -> None:
-        """Claim one rollout (skipping it when another replica holds it) and advance it."""
-        changed: list[str] = []
+        """Claim one rollout (skipping it when another replica holds it) and advance it.
+
+        A failure of this rollout sets it aside (see the class); raises only the database's
+        own failures (connection, timeout), which are not this rollout's.
+        """
+        try:
+            changed = await self._advance(rollout_id)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Deliberate boundary: whatever one rollout's data or decision raises stays with
+            # that rollout, so every other rollout keeps moving.
+            await self._set_aside(rollout_id, exc)
+            return
+        if changed is None:
+            return
+        if rollout_id in self.failing:
+            await self._resumed(rollout_id)
+        self.notifier.notify(changed)
+
+    async def _advance(self, rollout_id: str) -> list[str] | None:
+        """Advance one rollout; the agents whose desired state moved, None when not claimed."""
         async with self.db.write() as s:
             found = (
                 await s.execute(
@@ -250,12 +304,57 @@ class RolloutController:
                 )
             ).first()
             if found is None:
-                return
+                return None
             r, mv, model = found
             now = self.clock()
-            _, touched = await advance(s, r, model.name, mv, now)
-            changed = await refresh_agents(s, self.signer, touched, now)
-        self.notifier.notify(changed)
+            _, touched = await advance(s, r, model.name, mv, now, self.skipped_rows)
+            return await refresh_agents(s, self.signer, touched, now)
+
+    async def _set_aside(self, rollout_id: str, exc: Exception) -> None:
+        """Record why this rollout could not advance, once per distinct reason."""
+        reason = f"the controller could not advance this rollout: {reason_of(exc)}"
+        if self.failing.get(rollout_id) == reason:
+            log.debug("rollout %s still set aside: %s", rollout_id[:8], reason)
+            return
+        self.failing[rollout_id] = reason
+        self.set_aside += 1
+        log.error("rollout %s set aside; the others go on", rollout_id[:8], exc_info=exc)
+        await self._record(rollout_id, SET_ASIDE, reason, {"error": type(exc).__name__})
+
+    async def _resumed(self, rollout_id: str) -> None:
+        reason = self.failing.pop(rollout_id)
+        log.info("rollout %s advances again", rollout_id[:8])
+        await self._record(rollout_id, RESUMED, f"advances again after: {reason}", {})
+
+    async def _record(self, rollout_id: str, kind: str, reason: str, figures: dict[str, Any]
+                      ) -> None:  # fmt: skip
+        """Add a timeline event unless the last set_aside/resumed event already says it
+        (another replica, or this process before a restart)."""
+        try:
+            async with self.db.write() as s:
+                last = await s.scalar(
+                    select(RolloutEvent)
+                    .where(RolloutEvent.rollout_id == rollout_id,
+                           RolloutEvent.kind.in_((SET_ASIDE, RESUMED)))
+                    .order_by(RolloutEvent.id.desc())
+                    .limit(1)
+                )  # fmt: skip
+                if last is not None and (last.kind, last.reason) == (kind, reason):
+                    return
+                if kind == RESUMED and last is None:
+                    return  # nothing was ever recorded as set aside
+                r = await s.get(Rollout, rollout_id)
+                if r is None:
+                    return
+                add_events(s, rollout_id, [Event(kind, reason, r.stage_index, figures)],
+                           self.clock())  # fmt: skip
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Deliberate boundary: a timeline entry that cannot be written must not stop the
+            # loop; the reason is in the log and the counters.
+            log.error("rollout %s: could not record %s: %s", rollout_id[:8], kind,
+                      reason_of(exc))  # fmt: skip
 
 
 def selector_of(r: Rollout) -> Any:
