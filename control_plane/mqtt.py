@@ -5,9 +5,17 @@ Reports go through the same validation and storage as their HTTP routes, batched
 the process's Ingestor. Messages are handled concurrently (up to ``MAX_IN_FLIGHT``) so that
 reports arriving together share a transaction, and each QoS 1 message is acknowledged to the
 broker only once it is stored: a replica that dies between receiving and storing leaves it
-unacknowledged in its persistent session, and the broker sends it again. A database error is
-retried with back-off, holding the message, until it is stored. A malformed payload is logged
-with its topic, counted, acknowledged and dropped; it never stops the loop.
+unacknowledged in its persistent session, and the broker sends it again.
+
+Every message ends in exactly one of three ways, each counted:
+
+- **stored** (``stored[kind]``) and acknowledged;
+- **malformed** (``malformed``): refused by validation, or anything unexpected raised while
+  handling it (a deliberate boundary), logged with its topic and reason, acknowledged and
+  dropped; it never stops the loop or holds up the messages of other agents;
+- **left for redelivery** (``redelivery``): the link dropped before the acknowledgement, or
+  the bridge stopped; the broker sends it again. A passing database failure (connection,
+  timeout, busy) is retried with back-off, holding the message, until it is stored.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from control_plane import registry
 from control_plane.blobstore import BlobNotFound, BlobStore
@@ -34,9 +41,11 @@ from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import ApiError
 from control_plane.ingest import Ingestor
+from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
 from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
+from protocol.fields import load_json_object
 from protocol.reports import metrics_from_json, status_from_json
 from protocol.topics import MAX_CHUNK_BYTES, agent_topic, parse_agent_topic, shared_filter
 
@@ -90,7 +99,9 @@ class MqttBridge:
         self.pending: asyncio.Queue[str] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.malformed = 0
+        self.redelivery = 0
         self.stored = {"status": 0, "metrics": 0, "presence": 0, "blobs/request": 0}
+        self._tracebacks = SeenOnce(100)  # one traceback per kind of unexpected failure
 
     def notify(self, agent_ids: list[str]) -> None:
         """Desired state changed for these agents: publish it."""
@@ -133,9 +144,15 @@ class MqttBridge:
             try:
                 async for message in client.messages:
                     await self._in_flight.acquire()
-                    task = asyncio.create_task(self._handle_and_ack(client, message))
+                    try:
+                        task = asyncio.create_task(self._handle_and_ack(client, message))
+                    except BaseException:
+                        self._in_flight.release()
+                        raise
                     self._handlers.add(task)
-                    task.add_done_callback(self._handlers.discard)
+                    # Released when the task ends however it ends, even cancelled before it
+                    # ever ran (a finally inside it would not run then, and leak the place).
+                    task.add_done_callback(self._handler_done)
             finally:
                 publisher.cancel()
                 handlers = [publisher, *self._handlers]
@@ -144,29 +161,38 @@ class MqttBridge:
                 await asyncio.gather(*handlers, return_exceptions=True)
                 self.connected.clear()
 
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self._in_flight.release()
+        if not task.cancelled() and task.exception() is not None:
+            # _handle_and_ack ends every message itself; this is a bug, said once per task.
+            log.error("MQTT handler failed", exc_info=task.exception())
+
     async def _handle_and_ack(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        """Handle one message, retrying database errors, then acknowledge it to the broker."""
+        """Handle one message, retrying passing database failures, then acknowledge it."""
+        topic = str(message.topic)
         try:
             backoff = Backoff(base=0.2, cap=5.0)
             while True:
                 try:
-                    await self.handle(
-                        str(message.topic), bytes(message.payload),  # type: ignore[arg-type]
-                        message.properties,
-                    )  # fmt: skip
+                    await self.handle(topic, message.payload, message.properties)  # type: ignore[arg-type]
                     break
-                except (SQLAlchemyError, OSError) as exc:
+                except aiomqtt.MqttError:
+                    raise
+                except Exception as exc:  # handle() lets only passing failures out
                     delay = backoff.next_delay()
                     log.warning("storing MQTT message on %s failed (%s); retrying in %.1fs",
-                                message.topic, exc, delay)  # fmt: skip
+                                printable(topic, 200), reason_of(exc), delay)  # fmt: skip
                     await asyncio.sleep(delay)
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)
         except aiomqtt.MqttError as exc:
             # The link dropped mid-answer: unacknowledged, the broker sends it again.
-            log.info("MQTT message on %s left for redelivery: %s", message.topic, exc)
-        finally:
-            self._in_flight.release()
+            self.redelivery += 1
+            log.info("MQTT message on %s left for redelivery: %s", printable(topic, 200), exc)
+        except asyncio.CancelledError:
+            self.redelivery += 1  # the session ended: unacknowledged, it comes again
+            raise
 
     async def _publish_all(self, client: aiomqtt.Client) -> None:
         """After a (re)connect the broker gets every agent's current document again."""
@@ -200,8 +226,15 @@ class MqttBridge:
     async def handle(
         self, topic: str, payload: bytes, properties: Properties | None = None
     ) -> None:
-        """Store one report (or answer a chunk request); log, count and drop anything malformed."""
+        """Store one report (or answer a chunk request); log, count and drop anything malformed.
+
+        Raises only what leaves the message for later: aiomqtt.MqttError (the link dropped)
+        and passing database failures (see control_plane.setaside.is_transient).
+        """
         try:
+            if not isinstance(payload, bytes | bytearray):
+                raise ProtocolError(f"the payload is {type(payload).__name__}, not bytes")
+            payload = bytes(payload)
             agent_id, kind = parse_agent_topic(topic, self.prefix)
             now = self.clock()
             if kind == "blobs/request":
@@ -209,8 +242,8 @@ class MqttBridge:
             elif kind == "presence":
                 await self._presence(agent_id, payload.decode(errors="replace"), now)
             else:
-                doc = json.loads(payload)
-                if not isinstance(doc, dict) or doc.get("agentId") != agent_id:
+                doc = load_json_object(payload, f"{kind} payload", self.config.max_json_bytes)
+                if doc.get("agentId") != agent_id:
                     raise ProtocolError("agentId does not match the topic's agent")
                 if kind == "status":
                     await self.ingest.status(status_from_json(doc))
@@ -223,10 +256,25 @@ class MqttBridge:
                     await self._publish(agent_topic(agent_id, "metrics/ack", self.prefix), ack)
                 else:
                     raise ProtocolError(f"the control plane does not take {kind} messages")
-            self.stored[kind] += 1
+            self.stored[kind] = self.stored.get(kind, 0) + 1
+        except aiomqtt.MqttError:
+            raise
         except (ProtocolError, ValueError, ApiError) as exc:
-            self.malformed += 1
-            log.warning("dropped malformed MQTT message on %s: %s", topic, exc)
+            if is_transient(exc):
+                raise
+            self._set_aside(topic, str(exc))
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Deliberate boundary: nothing one message holds may stop the bridge or hold up
+            # other agents' messages; it is malformed by definition, with what it raised.
+            first = self._tracebacks.first((type(exc), _where(exc)))
+            self._set_aside(topic, reason_of(exc), exc if first else None)
+
+    def _set_aside(self, topic: str, reason: str, exc: BaseException | None = None) -> None:
+        self.malformed += 1
+        log.warning("dropped malformed MQTT message on %s: %s", printable(topic, 200),
+                    printable(reason), exc_info=exc)  # fmt: skip
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         client = self.client
@@ -239,9 +287,7 @@ class MqttBridge:
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         if not corr:
             raise ProtocolError("a blob request needs correlation data")
-        doc = json.loads(payload)
-        if not isinstance(doc, dict):
-            raise ProtocolError("a blob request must be a JSON object")
+        doc = load_json_object(payload, "blob request", self.config.max_json_bytes)
         data, size, error = b"", 0, ""
         if "manifest" in doc:
             try:
@@ -288,6 +334,14 @@ class MqttBridge:
             agent.status = {**agent.status, "presence": text}
             if text == "online":
                 agent.last_seen_at = now
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised (file and line of its innermost frame)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
 
 
 def _read_chunk(store: BlobStore, digest: str, offset: int, length: int) -> tuple[bytes, int]:
