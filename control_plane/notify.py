@@ -1,9 +1,19 @@
-"""Wakes long-polls when an agent's desired state changes in this process."""
+"""Wakes long-polls when an agent's desired state changes in this process.
+
+A listener that raises (the MQTT publisher, the PostgreSQL NOTIFY sender) is logged and
+counted; it never breaks the caller that changed the desired state, nor the other listeners,
+nor the waking of this process's own long-polls.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
+
+from control_plane.setaside import printable, reason_of
+
+log = logging.getLogger("modelfleet.control_plane.notify")
 
 
 class DesiredNotifier:
@@ -13,6 +23,7 @@ class DesiredNotifier:
         self._events: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, int] = {}
         self.listeners: list[Callable[[list[str]], None]] = []  # e.g. the MQTT publisher
+        self.set_aside = 0  # listeners that raised and notifications that were garbage
 
     async def wait(self, agent_id: str, max_wait_s: float) -> bool:
         """Wait up to ``max_wait_s`` seconds for a change; True when notified."""
@@ -34,8 +45,20 @@ class DesiredNotifier:
         """This replica changed these agents: tell the listeners and wake the waiters."""
         agent_ids = list(agent_ids)
         for listener in self.listeners:
-            listener(agent_ids)
+            try:
+                listener(agent_ids)
+            except Exception as exc:
+                # Deliberate boundary: the change is committed whatever a listener does, and
+                # the waiters here and the other listeners must still hear of it.
+                self.count_set_aside(f"listener {getattr(listener, '__qualname__', listener)}",
+                                     reason_of(exc))  # fmt: skip
         self.wake(agent_ids)
+
+    def count_set_aside(self, what: str, reason: str) -> None:
+        """Count and log a notification that could not be passed on."""
+        self.set_aside += 1
+        log.warning("desired-state notification set aside: %s: %s", printable(what, 200),
+                    printable(reason))  # fmt: skip
 
     def wake(self, agent_ids: Iterable[str]) -> None:
         """Wake the waiters of these agents only (a change another replica made)."""
