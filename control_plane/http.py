@@ -329,10 +329,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness plus a database round trip, and the MQTT bridge's counters when there is one."""
-    async with st(request).db.read() as s:
+    """Liveness plus a database round trip, the MQTT bridge's counters when there is one, and
+    what the loops set aside to go on (control_plane/setaside.py)."""
+    from control_plane.rollup import set_aside_count
+
+    state = st(request)
+    async with state.db.read() as s:
         await s.execute(select(1))
-    ingest = st(request).ingest
+    ingest = state.ingest
     out: dict[str, Any] = {
         "status": "ok",
         "ingest": {"reports": ingest.reports, "transactions": ingest.transactions,
@@ -344,7 +348,17 @@ async def health(request: web.Request) -> web.Response:
             "connected": bridge.connected.is_set(),  # type: ignore[attr-defined]
             "stored": bridge.stored,  # type: ignore[attr-defined]
             "malformed": bridge.malformed,  # type: ignore[attr-defined]
+            "leftForRedelivery": bridge.redelivery,  # type: ignore[attr-defined]
         }
+    controller = state.controller
+    out["setAside"] = {
+        "rollouts": controller.set_aside,  # a rollout set aside, once per distinct reason
+        "rolloutsFailing": len(controller.failing),  # rollouts whose last advance failed
+        "metricRows": controller.skipped_rows.count,  # rows gates and reports left out
+        "rollupRows": await set_aside_count(state.db),  # rows held in metric_set_aside
+        "mqttMalformed": bridge.malformed if bridge is not None else 0,  # type: ignore[attr-defined]
+        "notify": state.notifier.set_aside,  # failed listeners and garbage notifications
+    }
     return json_response(out)
 
 
@@ -655,14 +669,20 @@ async def get_compare(request: web.Request) -> web.Response:
     merged latency percentiles, throughput, error rate and cost per million inferences."""
     operator(request)
     state = st(request)
-    return json_response(await reports.compare(state.db, dict(request.query), state.clock()))
+    report = await reports.compare(
+        state.db, dict(request.query), state.clock(), skipped=state.controller.skipped_rows
+    )
+    return json_response(report)
 
 
 async def get_timeseries(request: web.Request) -> web.Response:
     """Requests, errors and p95 per group per time bucket, for charts."""
     operator(request)
     state = st(request)
-    return json_response(await reports.timeseries(state.db, dict(request.query), state.clock()))
+    report = await reports.timeseries(
+        state.db, dict(request.query), state.clock(), skipped=state.controller.skipped_rows
+    )
+    return json_response(report)
 
 
 async def get_fleet(request: web.Request) -> web.Response:

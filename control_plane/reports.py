@@ -3,6 +3,10 @@
 Every latency figure comes from merged DDSketches (never an average of percentiles); cost per
 million inferences is each agent's declared hourly cost over the window, summed per group and
 divided by the requests the group served (so it is weighted by requests).
+
+A stored row that cannot be merged (see control_plane/rollup.py) is left out of a report, not
+answered with a 500: the report says how many it left out (``skipped_rows``) and the rows are
+counted once in the ``SkippedRows`` the caller passes (the control plane's, shown by /health).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from control_plane.db.engine import Database
 from control_plane.db.models import Agent, Model, ModelVersion, Rollout
 from control_plane.errors import ApiError
 from control_plane.rollout.spec import parse_duration
-from control_plane.rollup import SeriesRow, series_rows
+from control_plane.rollup import SeriesRow, SkippedRows, series_rows, usable
 from protocol.exceptions import InvalidMessage
 from protocol.manifest import check_name
 from protocol.sketch import DDSketch
@@ -167,14 +171,24 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def _rows(db: Database, model: str, versions: list[str], window: Window
-                ) -> tuple[list[SeriesRow], dict[str, Agent]]:  # fmt: skip
+@dataclass
+class _Read:
+    """The usable rows of a report's window, its agents, and how many rows it left out."""
+
+    rows: list[tuple[SeriesRow, DDSketch]]
+    agents: dict[str, Agent]
+    skipped: int
+
+
+async def _rows(db: Database, model: str, versions: list[str], window: Window,
+                skipped: SkippedRows | None) -> _Read:  # fmt: skip
+    mine = SkippedRows(parent=skipped)  # this report's own count; the shared one logs
     async with db.read() as s:
         if await s.scalar(select(Model.id).where(Model.name == model)) is None:
             raise ApiError(404, "model_not_found", f"no model named {model!r}", "model")
-        rows = await series_rows(s, model, window.start, window.end, versions)
+        stored = await series_rows(s, model, window.start, window.end, versions, skipped=mine)
         agents = {a.id: a for a in await s.scalars(select(Agent))}
-    return rows, agents
+    return _Read(list(usable(stored, mine, "reports")), agents, mine.skips)
 
 
 def _model_query(query: dict[str, str]) -> tuple[str, list[str]]:
@@ -185,14 +199,20 @@ def _model_query(query: dict[str, str]) -> tuple[str, list[str]]:
     return model, versions
 
 
-async def compare(db: Database, query: dict[str, str], now: datetime) -> dict[str, Any]:
-    """The comparison report; raises InvalidMessage or ApiError 404."""
+async def compare(
+    db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
+) -> dict[str, Any]:
+    """The comparison report; raises InvalidMessage or ApiError 404.
+
+    Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
+    """
     model, versions = _model_query(query)
     window = parse_window(query, now)
     by = parse_by(query.get("by", "site"))
-    rows, agents = await _rows(db, model, versions, window)
+    read = await _rows(db, model, versions, window, skipped)
+    agents = read.agents
     groups: dict[tuple[str, ...], Group] = {}
-    for row in rows:
+    for row, sketch in read.rows:
         agent = agents.get(row.agent_id)
         key = tuple(_key_value(d, agent, row) for d in by)
         g = groups.get(key)
@@ -201,11 +221,11 @@ async def compare(db: Database, query: dict[str, str], now: datetime) -> dict[st
         g.agents.add(row.agent_id)
         g.requests += row.requests
         g.errors += row.errors
-        g.sketch.merge(DDSketch.from_json(row.latency_sketch))
+        g.sketch.merge(sketch)
     out = [groups[k].to_json(window, agents) for k in sorted(groups)]
     return {
         "model": model,
-        "versions": versions or sorted({r.version for r in rows}),
+        "versions": versions or sorted({r.version for r, _ in read.rows}),
         "by": by,
         "window": {
             "from": format_time(window.start),
@@ -215,11 +235,17 @@ async def compare(db: Database, query: dict[str, str], now: datetime) -> dict[st
         "relative_accuracy": DDSketch().relative_accuracy,
         "groups": out,
         "verdict": verdict(out),
+        "skipped_rows": read.skipped,
     }
 
 
-async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict[str, Any]:
-    """Requests, errors and p95 per group per bucket; raises InvalidMessage or ApiError."""
+async def timeseries(
+    db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
+) -> dict[str, Any]:
+    """Requests, errors and p95 per group per bucket; raises InvalidMessage or ApiError.
+
+    Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
+    """
     model, versions = _model_query(query)
     window = parse_window(query, now)
     by = parse_by(query.get("by", "site"))
@@ -228,17 +254,17 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
         raise InvalidMessage("bucket must be between 1m and 1d", "bucket")
     if window.seconds / bucket > 2000:
         raise InvalidMessage("too many buckets: widen the bucket or shorten the window", "bucket")
-    rows, agents = await _rows(db, model, versions, window)
+    read = await _rows(db, model, versions, window, skipped)
     series: dict[tuple[str, ...], dict[int, Group]] = defaultdict(dict)
-    for row in rows:
-        key = tuple(_key_value(d, agents.get(row.agent_id), row) for d in by)
+    for row, sketch in read.rows:
+        key = tuple(_key_value(d, read.agents.get(row.agent_id), row) for d in by)
         slot = int((row.window_start - window.start).total_seconds() // bucket)
         g = series[key].get(slot)
         if g is None:
             g = series[key][slot] = Group(dict(zip(by, key, strict=True)))
         g.requests += row.requests
         g.errors += row.errors
-        g.sketch.merge(DDSketch.from_json(row.latency_sketch))
+        g.sketch.merge(sketch)
     out = []
     for key in sorted(series):
         points = []
@@ -256,7 +282,7 @@ async def timeseries(db: Database, query: dict[str, str], now: datetime) -> dict
         out.append({"key": dict(zip(by, key, strict=True)), "points": points})
     return {"model": model, "by": by, "bucket_seconds": bucket,
             "window": {"from": format_time(window.start), "to": format_time(window.end)},
-            "series": out}  # fmt: skip
+            "series": out, "skipped_rows": read.skipped}  # fmt: skip
 
 
 def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
