@@ -9,6 +9,7 @@
     ├── UpdateError         a model version could not be fetched, verified, loaded or tested;
     │                       the old version keeps serving and the reason is reported
     └── InferenceInputError an inference request does not fit the model's signature (HTTP 400)
+        └── InferenceLimitError  a request or its answer is over a configured cap (HTTP 413)
 
 aiohttp's exceptions are translated into TransportError once, in agent/client.py.
 """
@@ -43,3 +44,7 @@ class UpdateError(AgentError):
 
 class InferenceInputError(AgentError):
     """An inference request does not match the model's inputs."""
+
+
+class InferenceLimitError(InferenceInputError):
+    """An inference request, or the answer it would get, is over a configured cap."""
