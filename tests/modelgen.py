@@ -261,3 +261,21 @@ def mlp_tflite(seed: int = 0) -> bytes:
     builder = flatbuffers.Builder(4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def tile_onnx(channels: int = 3, size: int = 224, repeat: int = 1) -> bytes:
+    """An image-sized model: x[N, C, S, S] float -> y[N, C * repeat, S, S], x tiled along C.
+
+    Its answer is ``repeat`` times larger than its request (as large with 1): the inference
+    limits' tests and bench/inference_limits.py send it big bodies and get big answers.
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels * repeat, size, size])
+    repeats = numpy_helper.from_array(np.array([1, repeat, 1, 1], dtype=np.int64), "repeats")
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"])], "tile", [x], [y], [repeats]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
