@@ -95,6 +95,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="demos and tests: delay every inference this much (a slower machine)",
     )
+    limits = r.add_argument_group("inference limits and the serve port's connections")
+    limits.add_argument(
+        "--max-request-mb", type=float, help="largest inference request body, MiB (64); larger: 413"
+    )
+    limits.add_argument(
+        "--max-request-elements",
+        type=int,
+        help="most values in one request, all inputs together (8388608); "
+        "more: 413 before any array is built",
+    )
+    limits.add_argument(
+        "--max-response-elements",
+        type=int,
+        help="most values in one answer (8388608); more: 413, not encoded",
+    )
+    limits.add_argument(
+        "--max-large-requests",
+        type=int,
+        help="requests with big bodies or answers handled at once (1); "
+        "the others wait, small requests never do",
+    )
+    limits.add_argument(
+        "--header-timeout", type=float, help="seconds for a request's headers to arrive (10)"
+    )
+    limits.add_argument(
+        "--keepalive-timeout", type=float, help="seconds an idle connection is kept open (15)"
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        help="seconds for a request body to arrive, or an answer to be sent (60)",
+    )
+    limits.add_argument(
+        "--max-connections", type=int, help="open connections to the serve port (256); more: 503"
+    )
     _tls_options(r)
     r.set_defaults(func=cmd_run)
 

@@ -57,3 +57,25 @@ class AgentConfig:
     # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
     # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).
     bundle_transport: str = "http"
+    # Inference limits (agent/serve.py): a request body over max_request_bytes, or whose
+    # shapes add up to more than max_request_elements, is answered 413 before its arrays are
+    # built; an answer over max_response_elements is answered 413 before it is encoded.
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_elements: int = 1 << 23  # 8 Mi values: 32 MiB of FP32
+    max_response_elements: int = 1 << 23
+    # Bodies over inline_json_bytes are decoded (and answers over inline_json_elements
+    # encoded) in a worker thread, in pieces that let the event loop run; at most
+    # max_large_requests such requests are handled at once, the others wait (see
+    # docs/adr/0010-agent-inference-limits.md).
+    inline_json_bytes: int = 128 * 1024
+    inline_json_elements: int = 16 * 1024
+    max_large_requests: int = 1
+    # The serve port's connections (agent/netguard.py): a request's headers must arrive within
+    # header_timeout_s of its first byte (or of the connection), an idle keep-alive connection
+    # is closed after keepalive_timeout_s, connections beyond max_connections are refused with
+    # 503, and a body (with the wait for a large-request slot) or a streamed answer must be
+    # through within body_timeout_s.
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 256

@@ -192,17 +192,9 @@ class Agent:
         await self.client.__aenter__()
         self._status_epoch = await asyncio.to_thread(self.dirs.next_status_epoch, time.time())
         await self._restore()
-        from agent.serve import create_serve_app
+        from agent.serve import start_serving
 
-        self._runner = web.AppRunner(
-            create_serve_app(self), access_log=None, shutdown_timeout=self.config.drain_s
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.serve_host, self.config.serve_port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.serve_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.serve_port = await start_serving(self)
         log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
                  self.serve_port)  # fmt: skip
         loops = [

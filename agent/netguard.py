@@ -142,8 +142,11 @@ class ConnectionGuard:
         if len(self._open) >= self.limits.max_connections:
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("serve port at max_connections (%d): %d connection(s) refused",
-                            self.limits.max_connections, self.refused)  # fmt: skip
+                log.warning(
+                    "serve port at max_connections (%d): %d connection(s) refused",
+                    self.limits.max_connections,
+                    self.refused,
+                )
             return False
         self._open[transport] = conn
         return True

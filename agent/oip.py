@@ -120,9 +120,10 @@ def _input(i: int, t: Any) -> _Input:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM
-                   for d in shape)
-    ):  # fmt: skip
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape
+        )
+    ):
         raise InferenceInputError(
             f"input {name!r}: shape must be a list of at most {MAX_RANK} integers in [0, 2**63)"
         )
@@ -255,8 +256,7 @@ def check_answer(outputs: Mapping[str, np.ndarray], *, max_elements: int) -> int
 
 
 def _head(name: str, arr: np.ndarray) -> dict[str, Any]:
-    return {"name": name, "datatype": DATATYPE_OF.get(arr.dtype, "BYTES"),
-            "shape": list(arr.shape)}  # fmt: skip
+    return {"name": name, "datatype": DATATYPE_OF.get(arr.dtype, "BYTES"), "shape": list(arr.shape)}
 
 
 def answer_document(head: Mapping[str, Any], outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:

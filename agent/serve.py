@@ -1,94 +1,141 @@
-"""Open Inference Protocol (KServe v2) REST on the agent's serve address."""
+"""Open Inference Protocol (KServe v2) REST on the agent's serve address.
+
+Inference requests are held to the limits of the agent's config (read at each request, so a
+reload changes them): a body over ``max_request_bytes`` or with more than
+``max_request_elements`` values is answered 413, and so is an answer over
+``max_response_elements``, before it is encoded. Small bodies (up to ``inline_json_bytes``)
+and answers (up to ``inline_json_elements`` values) are decoded and encoded on the event loop,
+where that costs a few milliseconds at most; larger ones are handled by at most
+``max_large_requests`` requests at a time, in a worker thread and in pieces (agent/oip.py),
+so one-row requests keep being answered while a big one is decoded or encoded. A body (with
+the wait for a large-request slot) and a streamed answer must each be through within
+``body_timeout_s``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
 
-from agent.exceptions import InferenceInputError
-from agent.runtime import DTYPES
+from agent import oip
+from agent.exceptions import InferenceInputError, InferenceLimitError
+from agent.netguard import ConnectionGuard, ConnectionLimits, GuardedSite
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
 log = logging.getLogger("modelfleet.agent.serve")
 AGENT = web.AppKey("agent", object)
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
+LARGE_SLOTS = web.AppKey("large_slots", asyncio.Semaphore)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
+STREAM_BUDGET = 1 << 20  # answer bytes encoded per trip to the worker thread
+_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
 def _agent(request: web.Request) -> Agent:
     return request.app[AGENT]  # type: ignore[return-value]
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     # The protocol's error body is {"error": "<message>"}.
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def parse_infer_request(body: bytes) -> tuple[dict[str, np.ndarray], str | None]:
-    """Turn an OIP infer request into named arrays; raises InferenceInputError."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InferenceInputError(f"request body is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
-        raise InferenceInputError("request must be an object with a non-empty 'inputs' list")
-    feeds: dict[str, np.ndarray] = {}
-    for i, t in enumerate(doc["inputs"]):
-        if not isinstance(t, dict):
-            raise InferenceInputError(f"inputs[{i}] must be an object")
-        name, shape, datatype = t.get("name"), t.get("shape"), t.get("datatype")
-        if not isinstance(name, str) or not name:
-            raise InferenceInputError(f"inputs[{i}].name must be a non-empty string")
-        if name in feeds:
-            raise InferenceInputError(f"input {name!r} is given twice")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise InferenceInputError(f"input {name!r}: shape must be a list of integers >= 0")
-        dtype = DTYPES.get(datatype) if isinstance(datatype, str) else None
-        if dtype is None:
-            raise InferenceInputError(f"input {name!r}: datatype {datatype!r} is not supported")
-        try:
-            arr = np.asarray(t.get("data"), dtype=dtype).reshape(-1)
-        except (ValueError, TypeError) as exc:
-            raise InferenceInputError(f"input {name!r}: data is not {datatype}: {exc}") from None
-        expected = int(np.prod(shape)) if shape else 1
-        if arr.size != expected:
-            raise InferenceInputError(
-                f"input {name!r}: {arr.size} values given, shape {shape} needs {expected}"
-            )
-        feeds[name] = arr.reshape(shape)
-    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-    return feeds, request_id
+async def _read_body(request: web.Request, cap: int) -> bytearray:
+    """The whole body, however many pieces it arrives in; raises InferenceLimitError over cap."""
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > cap:
+            raise InferenceLimitError(f"request body is over the limit max_request_bytes {cap}")
+    return body
 
 
-def _output(name: str, arr: np.ndarray) -> dict[str, Any]:
-    from agent.runtime import DATATYPE_OF
+class _Slot:
+    """A large-request slot, taken at most once per request and given back at its end."""
 
-    return {
-        "name": name,
-        "datatype": DATATYPE_OF.get(arr.dtype, "BYTES"),
-        "shape": list(arr.shape),
-        "data": arr.reshape(-1).tolist(),
-    }
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.held = False
+
+    async def take(self, within_s: float) -> bool:
+        if not self.held:
+            try:
+                async with asyncio.timeout(within_s):
+                    await self.slots.acquire()
+            except TimeoutError:
+                return False
+            self.held = True
+        return True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.slots.release()
+            self.held = False
 
 
-async def infer(request: web.Request) -> web.Response:
+def _busy(within_s: float) -> web.Response:
+    return _error(
+        503,
+        f"other large requests held every slot (max_large_requests) for {within_s:g}s",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def infer(request: web.Request) -> web.StreamResponse:
     """POST /v2/models/{name}/infer."""
     agent = _agent(request)
     name = request.match_info["name"]
     if name not in agent.models:
         return _error(404, f"model {name!r} is not loaded on this agent")
-    body = await request.read()
+    cfg = agent.config
+    length = request.content_length
+    if length is not None and length > cfg.max_request_bytes:
+        return _error(
+            413,
+            f"request body of {length} bytes is over the limit "
+            f"max_request_bytes {cfg.max_request_bytes}",
+        )
+    slot = _Slot(request.app[LARGE_SLOTS])
     try:
-        feeds, request_id = parse_infer_request(body)
+        return await _infer(request, agent, name, slot)
+    finally:
+        slot.give_back()
+
+
+async def _infer(request: web.Request, agent: Agent, name: str, slot: _Slot) -> web.StreamResponse:
+    cfg = agent.config
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.body_timeout_s
+    large = request.content_length is None or request.content_length > cfg.inline_json_bytes
+    if large and not await slot.take(cfg.body_timeout_s):
+        return _busy(cfg.body_timeout_s)
+    try:
+        async with asyncio.timeout_at(deadline):
+            body = await _read_body(request, cfg.max_request_bytes)
+    except TimeoutError:
+        return _error(
+            408, f"request body not received within body_timeout_s {cfg.body_timeout_s:g}"
+        )
+    except InferenceLimitError as exc:
+        return _error(413, str(exc))
+    parse = functools.partial(oip.parse_request, body, max_elements=cfg.max_request_elements)
+    try:
+        feeds, request_id = await asyncio.to_thread(parse, cooperative=True) if large else parse()
+        del body, parse
         lm, outputs = await agent.infer(name, feeds)
+        values = oip.check_answer(outputs, max_elements=cfg.max_response_elements)
+    except InferenceLimitError as exc:
+        return _error(413, str(exc))
+    except oip.NonFiniteOutput as exc:
+        return _error(422, str(exc))
     except InferenceInputError as exc:
         return _error(400, str(exc))
     except KeyError:
@@ -97,14 +144,35 @@ async def infer(request: web.Request) -> web.Response:
         # The runtime's failures are the model's, not the server's: answer and keep serving.
         log.warning("inference on %s failed: %s", name, exc)
         return _error(500, f"inference failed: {exc}")
-    resp: dict[str, Any] = {
-        "model_name": lm.name,
-        "model_version": lm.version,
-        "outputs": [_output(n, a) for n, a in outputs.items()],
-    }
+    head: dict[str, Any] = {"model_name": lm.name, "model_version": lm.version}
     if request_id is not None:
-        resp["id"] = request_id
-    return web.json_response(resp)
+        head["id"] = request_id
+    if values <= cfg.inline_json_elements:
+        return web.json_response(oip.answer_document(head, outputs), dumps=_dumps)
+    # A big answer (perhaps to a small request): encoded under a slot, in pieces, off the loop.
+    if not await slot.take(cfg.body_timeout_s):
+        return _busy(cfg.body_timeout_s)
+    return await _stream(request, head, outputs, cfg.body_timeout_s)
+
+
+async def _stream(
+    request: web.Request, head: dict[str, Any], outputs: dict[str, np.ndarray], within_s: float
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    pieces = oip.answer_pieces(head, outputs)
+    try:
+        async with asyncio.timeout(within_s):
+            await resp.prepare(request)
+            while chunk := await asyncio.to_thread(oip.take, pieces, STREAM_BUDGET):
+                await resp.write(chunk)
+            await resp.write_eof()
+    except TimeoutError:
+        # A client that does not read its answer must not hold it (and its arrays) for ever;
+        # the status is sent already, so the only way to say so is to close.
+        log.info("answer not taken within body_timeout_s %gs: connection closed", within_s)
+        if request.transport is not None:
+            request.transport.close()
+    return resp
 
 
 async def model_metadata(request: web.Request) -> web.Response:
@@ -147,9 +215,11 @@ async def prometheus(request: web.Request) -> web.Response:
     from agent.prom import render
 
     return web.Response(
-        text=render(_agent(request)), content_type="text/plain", charset="utf-8",
+        text=render(_agent(request)),
+        content_type="text/plain",
+        charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
-    )  # fmt: skip
+    )
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -157,10 +227,14 @@ async def server_metadata(request: web.Request) -> web.Response:
     return web.json_response({"name": "modelfleet-agent", "version": "0.1.0", "extensions": []})
 
 
-def create_serve_app(agent: Agent) -> web.Application:
-    """The inference app of one agent."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+def create_serve_app(agent: Agent, guard: ConnectionGuard | None = None) -> web.Application:
+    """The inference app of one agent; ``guard`` sees each request start and end."""
+    app = web.Application(
+        client_max_size=agent.config.max_request_bytes,
+        middlewares=[guard.middleware] if guard is not None else [],
+    )
     app[AGENT] = agent
+    app[LARGE_SLOTS] = asyncio.Semaphore(agent.config.max_large_requests)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
@@ -169,3 +243,30 @@ def create_serve_app(agent: Agent) -> web.Application:
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+async def start_serving(agent: Agent) -> tuple[web.AppRunner, int]:
+    """Listen on the agent's serve address behind its connection guard; the runner (cleaned
+    up by the caller) and the bound port. Connection limits are taken here, once: a reload
+    does not change them. Raises OSError when the address cannot be bound."""
+    cfg = agent.config
+    limits = ConnectionLimits(
+        header_timeout_s=cfg.header_timeout_s,
+        keepalive_timeout_s=cfg.keepalive_timeout_s,
+        max_connections=cfg.max_connections,
+    )
+    guard = ConnectionGuard(limits)
+    runner = web.AppRunner(
+        create_serve_app(agent, guard),
+        access_log=None,
+        shutdown_timeout=cfg.drain_s,
+        **limits.handler_kwargs(),
+    )
+    await runner.setup()
+    site = GuardedSite(runner, cfg.serve_host, cfg.serve_port, guard=guard)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner, site.port

@@ -7,6 +7,7 @@ defaults. Only the command line module calls this; the daemon receives an AgentC
     serve = "127.0.0.1:8510"
     trust_publisher = ["/etc/modelfleet/publishers/publisher.pub"]
     heartbeat = 15
+    max_request_elements = 8388608   # inference limits: see `agent run --help`
 
     [enroll]                      # used once, by `modelfleet agent enroll --config`
     server = "https://cp.example:8400"
@@ -119,6 +120,15 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "keyset_refresh": (_positive(float), 300.0),
     "bundle_transport": (_transport, "http"),
     "mqtt_ca": (_string, None),
+    # Inference limits and the serve port's connections: defaults are AgentConfig's.
+    "max_request_mb": (_positive(float), AgentConfig.max_request_bytes / 2**20),
+    "max_request_elements": (_positive(int), AgentConfig.max_request_elements),
+    "max_response_elements": (_positive(int), AgentConfig.max_response_elements),
+    "max_large_requests": (_positive(int), AgentConfig.max_large_requests),
+    "header_timeout": (_positive(float), AgentConfig.header_timeout_s),
+    "keepalive_timeout": (_positive(float), AgentConfig.keepalive_timeout_s),
+    "body_timeout": (_positive(float), AgentConfig.body_timeout_s),
+    "max_connections": (_positive(int), AgentConfig.max_connections),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -211,4 +221,12 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         ca_file=s["ca"],
         client_cert_file=s["client_cert"],
         client_key_file=s["client_key"],
+        max_request_bytes=int(s["max_request_mb"] * 1024 * 1024),
+        max_request_elements=s["max_request_elements"],
+        max_response_elements=s["max_response_elements"],
+        max_large_requests=s["max_large_requests"],
+        header_timeout_s=s["header_timeout"],
+        keepalive_timeout_s=s["keepalive_timeout"],
+        body_timeout_s=s["body_timeout"],
+        max_connections=s["max_connections"],
     )
