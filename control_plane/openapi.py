@@ -23,6 +23,8 @@ _STATUS_TEXT = {
     413: "Body too large",
     416: "Range not satisfiable",
     422: "Refused: signature or digest",
+    429: "Too many requests (Retry-After)",
+    503: "Busy: database sessions in use (Retry-After)",
 }
 
 _ERROR_SCHEMA = {
@@ -73,7 +75,10 @@ def _operation(r: Route) -> dict[str, Any]:
         for n, d, s in _QUERY.get(r.path, [])
     ]
     responses: dict[str, Any] = {}
-    extra = (401, 403) if r.auth != "none" else ()
+    # Any route may be rate limited (per caller, or per address for refusals) or find the
+    # database busy; health is never limited.
+    busy = (503,) if r.path == "/api/v1/health" else (429, 503)
+    extra = (401, 403, *busy) if r.auth != "none" else busy
     for code in r.responses + tuple(c for c in extra if c not in r.responses):
         resp: dict[str, Any] = {"description": _STATUS_TEXT.get(code, str(code))}
         if code >= 400:
