@@ -6,8 +6,9 @@ what operators ask for and renders what happened.
 
 from __future__ import annotations
 
+import math
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -32,7 +33,13 @@ from control_plane.rollout.controller import (
     store_view,
     view_of,
 )
-from control_plane.rollout.machine import ACTIVE_STATES, CommandError, Event, command
+from control_plane.rollout.machine import (
+    ACTIVE_STATES,
+    CommandError,
+    Event,
+    RolloutView,
+    command,
+)
 from control_plane.rollout.spec import parse_spec
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, parse_envelope, verify
 from protocol.exceptions import ProtocolError
@@ -143,6 +150,29 @@ def _target_state(agent: Agent, model: str, digest: str) -> tuple[str, str | Non
     return "pending", None
 
 
+def _waiting(r: Rollout, view: RolloutView) -> dict[str, Any] | None:
+    """What the rollout waits on now (None once it has ended), and when the stall bound ends it."""
+    if r.state == "pending":
+        return {"on": "controller", "reason": "the controller has not started it yet"}
+    if r.state == "paused":
+        return {
+            "on": "operator",
+            "reason": "paused: resume, promote or abort it",
+            "stage": view.stage_index + 1,
+            "since": format_time(r.updated_at),
+        }
+    doc = r.options.get("waiting")
+    if r.state != "running" or not doc:
+        return None
+    doc = dict(doc)
+    if view.stalled_since is not None:
+        doc["stalledSince"] = format_time(view.stalled_since)
+        limit = view.spec.stall_limit_s
+        if not math.isinf(limit):
+            doc["failsAt"] = format_time(view.stalled_since + timedelta(seconds=limit))
+    return doc
+
+
 async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
     """A rollout: stages with cohort sizes, gate results, timeline, targets.
 
@@ -214,6 +244,7 @@ async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
             }
         )
     active = sum(1 for row in rows if row["state"] == "active")
+    failed = sum(1 for row in rows if row["state"] in ("failed", "refused"))
     return {
         "id": r.id,
         "model": model.name,
@@ -225,6 +256,11 @@ async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
         "spec": spec.to_json(),
         "stages": stages,
         "gates": spec.gates.to_json(),
+        # The gates in force, defaults included (marked "default": true), and the stall bound.
+        "effectiveGates": spec.gates.effective_json(),
+        "maxStall": spec.max_stall_json(),
+        "failedAgents": failed,
+        "waiting": _waiting(r, view),
         "progress": {"matching": len(matching), "moved": len(targets), "active": active},
         "createdAt": format_time(r.created_at),
         "updatedAt": format_time(r.updated_at),
@@ -261,6 +297,9 @@ async def list_rollouts(db: Database) -> list[dict[str, Any]]:
                 "stage": r.stage_index + 1,
                 "stages": len(r.stages),
                 "createdAt": format_time(r.created_at),
+                "waiting": (
+                    (r.options.get("waiting") or {}).get("reason") if r.state == "running" else None
+                ),
             }
             for r, version, name in rows
         ]

@@ -58,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--max-p95-latency-ms", type=float)
     rc.add_argument("--max-p95-latency-ratio", type=float)
     rc.add_argument("--min-requests", type=int)
-    rc.add_argument("--max-failed-agents", help="a count, or N%% of the cohort")
+    rc.add_argument(
+        "--max-failed-agents",
+        help="a count, or N%% of the moved agents (default 10%%; 100%% tolerates any number)",
+    )
     rc.add_argument(
         "--max-drift",
         type=float,
@@ -68,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--on-failure", choices=("rollback", "pause"), default="rollback")
     rc.add_argument("--max-agents-per-minute", type=int)
     rc.add_argument("--deadline", help="RFC 3339 time by which it must complete")
+    rc.add_argument(
+        "--max-stall",
+        help="end it by --on-failure when a stage's gates wait this long with no new traffic "
+        "on the version (default 30m; 'off' never)",
+    )
     rc.add_argument("--maintenance-window", help="cron, UTC: '* 22-23,0-4 * * 1-5'")
     rc.add_argument(
         "--shadow",
@@ -265,6 +273,7 @@ def format_rollout(r: dict[str, Any]) -> str:
             mark = {"pass": "ok", "fail": "FAIL", "wait": "wait"}[g["outcome"]]
             note = f"  ({g['note']})" if g.get("note") else ""
             lines.append(f"         {mark:>4} {g['gate']}: {g['value']} vs {g['threshold']}{note}")
+    lines += _limits_lines(r)
     if r["timeline"]:
         lines.append("  timeline:")
         for e in r["timeline"]:
@@ -278,6 +287,31 @@ def format_rollout(r: dict[str, Any]) -> str:
                 f"stage {t['stage']}: {t['state']}{reason}"
             )
     return "\n".join(lines)
+
+
+def _limits_lines(r: dict[str, Any]) -> list[str]:
+    """The gates in force (defaults marked), the stall bound, and what the rollout waits on."""
+    lines = []
+    gates = r.get("effectiveGates") or {}
+    if gates:
+        shown = []
+        for name, g in gates.items():
+            default = " (default)" if g.get("default") else ""
+            shown.append(f"{name} {g['value']}{default}")
+        lines.append("  gates: " + ", ".join(shown))
+    if "failedAgents" in r:
+        lines.append(f"  failed or refused: {r['failedAgents']} of {r['progress']['moved']} moved")
+    if r.get("maxStall"):
+        default = " (default)" if r["maxStall"].get("default") else ""
+        lines.append(f"  max stall: {r['maxStall']['value']}{default}")
+    w = r.get("waiting")
+    if w:
+        since = f" since {w['since'][11:19]}" if w.get("since") else ""
+        lines.append(f"  waiting on {w['on']}{since}: {w['reason']}")
+        if w.get("failsAt"):
+            on_failure = (r.get("spec") or {}).get("on_failure", "rollback")
+            lines.append(f"    no progress by {w['failsAt'][11:19]} ends it ({on_failure})")
+    return lines
 
 
 def cmd_rollout_create(args: argparse.Namespace) -> int:
@@ -313,6 +347,7 @@ def cmd_rollout_create(args: argparse.Namespace) -> int:
     for flag, key in (
         ("max_agents_per_minute", "max_agents_per_minute"),
         ("deadline", "deadline"),
+        ("max_stall", "max_stall"),
         ("maintenance_window", "maintenance_window"),
         ("shadow_sample", "shadow_sample"),
         ("supersedes", "supersedes"),

@@ -30,11 +30,12 @@ from control_plane.notify import DesiredNotifier
 from control_plane.rollout.cohort import cohort_order
 from control_plane.rollout.cron import parse_cron
 from control_plane.rollout.gates import Aggregate
-from control_plane.rollout.machine import Event, Observation, RolloutView, Step, step
+from control_plane.rollout.machine import Event, Observation, RolloutView, Step, Waiting, step
 from control_plane.rollout.spec import RolloutSpec, spec_from_json
 from control_plane.rollup import SkippedRows, series_rows, usable
 from control_plane.setaside import is_transient, reason_of
 from protocol.labels import selector_from_json
+from protocol.timeutil import format_time, parse_time
 
 log = logging.getLogger("modelfleet.rollouts")
 DUE_STATES = ("pending", "running")
@@ -47,6 +48,7 @@ MAX_STEPS_PER_TICK = 10
 
 def view_of(r: Rollout) -> RolloutView:
     """The machine's view of a stored rollout."""
+    stall = r.options.get("stall") or {}
     return RolloutView(
         r.id,
         spec_from_json(r.options["spec"]),
@@ -54,6 +56,8 @@ def view_of(r: Rollout) -> RolloutView:
         r.stage_index,
         r.soak_started_at,
         r.promoted,
+        parse_time(stall["since"], "since") if stall.get("since") else None,
+        int(stall.get("mark", 0)),
     )
 
 
@@ -68,6 +72,15 @@ def store_view(r: Rollout, view: RolloutView, now: datetime) -> None:
         r.updated_at = now
     r.state, r.stage_index = view.state, view.stage_index
     r.soak_started_at, r.promoted = view.soak_started_at, view.promoted
+    # The stall clock lives in the options JSON (no column of its own); a new dict, because
+    # SQLAlchemy does not see changes made inside a JSON value.
+    stall = (
+        {"since": format_time(view.stalled_since), "mark": view.stall_mark}
+        if view.stalled_since is not None
+        else None
+    )
+    if r.options.get("stall") != stall:
+        r.options = {**r.options, "stall": stall}
 
 
 def add_events(s: AsyncSession, rollout_id: str, events: Iterable[Event], now: datetime) -> None:
@@ -162,10 +175,21 @@ async def advance(
     by_id = {a.id: a for a in agents}
     window = parse_cron(spec.maintenance_window) if spec.maintenance_window else None
     touched: set[str] = set()
+    waiting: Waiting | None = None
+
+    def active_on(a: Agent) -> bool:
+        return any(
+            m.get("name") == model
+            and m.get("manifestDigest") == mv.manifest_digest
+            and m.get("state") == "active"
+            for m in a.status.get("models", [])
+        )
+
     for _ in range(MAX_STEPS_PER_TICK):
         failed = sum(
             1 for a in moved if a in by_id and failed_on(by_id[a], model, mv.manifest_digest)
         )
+        active = sum(1 for a in moved if a in by_id and active_on(by_id[a]))
         new = baseline = Aggregate()
         stage = spec.stages[view.stage_index]
         if view.state == "running" and stage.soak_s > 0 and view.soak_started_at is not None:
@@ -176,9 +200,17 @@ async def advance(
             baseline = await _aggregate(s, model, view.soak_started_at, others, mv.version,
                                         False, skipped)  # fmt: skip
         obs = Observation(
-            now, order, dict(moved), failed, new, baseline, window.matches(now) if window else True
+            now,
+            order,
+            dict(moved),
+            failed_agents=failed,
+            new=new,
+            baseline=baseline,
+            window_open=window.matches(now) if window else True,
+            active=active,
         )
         st: Step = step(view, obs)
+        waiting = st.waiting
         for agent_id in st.move:
             s.add(
                 RolloutTarget(
@@ -200,6 +232,15 @@ async def advance(
     if view.state == "rolled_back":
         touched |= set(moved)
     store_view(r, view, now)
+    # What a running stage waits on, kept in the options JSON (shown by GET /rollouts/{id}),
+    # with since when it has waited on that.
+    old, doc = r.options.get("waiting"), None
+    if waiting is not None and view.state == "running":
+        doc = {**waiting.to_json(), "stage": view.stage_index + 1, "since": format_time(now)}
+        if old and (old.get("on"), old.get("stage")) == (doc["on"], doc["stage"]):
+            doc["since"] = old.get("since", doc["since"])
+    if doc != old:
+        r.options = {**r.options, "waiting": doc}
     return view, touched
 
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from protocol.desired import accept_desired
+from protocol.dsse import keyring, load_public_key
+from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import parse_time
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
 from tests.integration.agent_helpers import eventually
-from tests.integration.fleet_helpers import TWO_ROWS, Fleet, Traffic
+from tests.integration.fleet_helpers import TWO_ROWS, Fleet, Traffic, run_cli
 from tests.modelgen import iris_model
 
 pytestmark = pytest.mark.slow
@@ -261,3 +266,193 @@ async def test_rollout_cli_shows_progress_bars(
     assert proc.returncode == 0, err
     assert "state: COMPLETED" in text and "[####################] 2/2" in text
     assert "timeline:" in text and "completed" in text
+
+
+# ------------------------------------------ rollouts that always end or say why they wait (#13)
+
+
+@pytest.fixture
+async def cp_any(tmp_path: Path, db_url: str, publisher: Publisher) -> AsyncIterator[ControlPlane]:
+    """The module's quick controller, on SQLite and on PostgreSQL (the stall clock and what a
+    stage waits on live in the rollout's JSON options)."""
+    config = dataclasses.replace(cp_config(tmp_path, db_url, publisher), controller_interval_s=0.2)
+    plane = await start_control_plane(config)
+    try:
+        yield plane
+    finally:
+        await plane.client.close()
+
+
+class HttpAgent:
+    """An enrolled agent simulated over HTTP: reads its signed desired state, reports status."""
+
+    def __init__(self, cp: ControlPlane, enrolled: dict[str, Any]) -> None:
+        self.cp = cp
+        self.id: str = enrolled["agentId"]
+        self.credential: str = enrolled["credential"]
+        self.keys = keyring([load_public_key(enrolled["controlPlaneKey"].encode())])
+        self.seq = itertools.count(1)
+
+    async def desired(self) -> tuple[int, dict[str, str]]:
+        """(generation, model -> version) of the signed desired state it is given now."""
+        path = f"/agents/{self.id}/desired?after=0&wait=0"
+        r = await self.cp.call("GET", path, token=self.credential)
+        assert r.status == 200, await r.text()
+        ds = accept_desired(await r.read(), self.keys, self.id, 0, datetime.now(UTC))
+        assert ds is not None
+        return ds.generation, {m.name: m.version for m in ds.models}
+
+    async def report(self, *models: ModelStatus) -> None:
+        """Report these models, in this agent's own order (epoch 1, seq counting)."""
+        report = StatusReport(
+            agent_id=self.id,
+            generation=0,
+            sent_at=datetime.now(UTC),
+            models=models,
+            epoch=1,
+            seq=next(self.seq),
+        )
+        path = f"/agents/{self.id}/status"
+        r = await self.cp.call("POST", path, token=self.credential, json=report.to_json())
+        assert r.status < 300, await r.text()
+
+
+@dataclasses.dataclass
+class HttpFleet:
+    """Agents on iris 1.0.0, and 2.0.0 published: ModelStatus of either in a given state."""
+
+    agents: list[HttpAgent]
+    digests: dict[str, str]
+
+    def iris(self, version: str, state: str, reason: str | None = None) -> ModelStatus:
+        return ModelStatus("iris", version, self.digests[version], state, reason)
+
+
+async def http_fleet(cp: ControlPlane, publisher: Publisher, n: int) -> HttpFleet:
+    """n agents that took 1.0.0 and report it active; 2.0.0 published."""
+    digests = {}
+    for version, seed in (("1.0.0", 0), ("2.0.0", 1)):
+        pushed = await cp.push(iris_bundle(publisher.key, version, seed=seed))
+        digests[version] = (await pushed.json())["manifestDigest"]
+    fleet = HttpFleet([HttpAgent(cp, await cp.enroll({"site": "x"})) for _ in range(n)], digests)
+    first = await cp.rollout("1.0.0", "site=x")
+    await until_state(cp, first["id"], "completed")
+    for a in fleet.agents:
+        assert (await a.desired())[1] == {"iris": "1.0.0"}
+        await a.report(fleet.iris("1.0.0", "active"))
+    return fleet
+
+
+async def waiting_on(cp: ControlPlane, rollout_id: str, on: str, text: str = "") -> dict:
+    async def check() -> dict | None:
+        r = await show(cp, rollout_id)
+        w = r["waiting"]
+        return r if w and w["on"] == on and text in w["reason"] else None
+
+    return await eventually(check, 30)
+
+
+async def test_finding_5_a_version_every_moved_agent_drops_is_rolled_back(
+    cp_any: ControlPlane, publisher: Publisher
+) -> None:
+    """Every agent of stage 1 activates 2.0.0, then its health window rolls it back on the
+    device: it reports 1.0.0 active and 2.0.0 failed. With no max_failed_agents given, the
+    rollout fails by the default limit (mid-soak, not an hour later), and every moved agent's
+    desired state goes back to 1.0.0."""
+    cp = cp_any
+    fleet = await http_fleet(cp, publisher, 4)
+    stages = [{"percent": 50, "soak": "1h"}, {"percent": 100}]
+    r = await cp.rollout("2.0.0", "site=x", stages=stages, gates={"min_requests": 10})
+    soaking = await waiting_on(cp, r["id"], "soak", "0 of 2 moved agents active on 2.0.0")
+    assert soaking["effectiveGates"] == {
+        "min_requests": {"value": 10, "default": False},
+        "max_failed_agents": {"value": "10%", "default": True},
+    }
+    assert soaking["maxStall"] == {"value": "30m", "default": True}
+    assert soaking["state"] == "running" and soaking["failedAgents"] == 0
+    moved = {t["agentId"] for t in soaking["targets"]}
+    cohort = [a for a in fleet.agents if a.id in moved]
+    others = [a for a in fleet.agents if a.id not in moved]
+    assert len(cohort) == 2
+    generations = {}
+    for a in cohort:
+        generations[a.id], versions = await a.desired()
+        assert versions == {"iris": "2.0.0"}
+        await a.report(fleet.iris("1.0.0", "active"), fleet.iris("2.0.0", "active"))
+    await waiting_on(cp, r["id"], "soak", "2 of 2 moved agents active on 2.0.0")
+    status = await run_cli("rollout", "status", r["id"], "--server", cp.url, "--token", cp.token)
+    assert status.returncode == 0, status.stderr
+    assert "max_failed_agents 10% (default)" in status.stdout
+    assert "max stall: 30m (default)" in status.stdout
+    assert "waiting on soak since" in status.stdout, status.stdout
+
+    thrown_out = fleet.iris("2.0.0", "failed", "health window: error rate 1 > 0.05")
+    for a in cohort:  # the health window saw errors: back to 1.0.0 on the device
+        await a.report(fleet.iris("1.0.0", "active"), thrown_out)
+    done = await until_state(cp, r["id"], "rolled_back", "completed", "paused", within=30)
+    assert done["state"] == "rolled_back", done["timeline"]
+    failed = done["timeline"][-1]
+    assert failed["kind"] == "failed" and failed["stage"] == 1
+    # The first failure of two already trips the limit (1 > 10% of 2), whichever comes first.
+    assert " of 2 moved agents failed to activate 2.0.0" in failed["reason"]
+    assert failed["figures"]["cause"] == "max_failed_agents"
+    assert failed["figures"]["max_failed_agents"] == {"value": "10%", "default": True}
+    assert done["waiting"] is None and done["failedAgents"] == 2
+    assert [s["moved"] for s in done["stages"]] == [2, 2]  # stage 2 never ran
+    for a in cohort:
+        generation, versions = await a.desired()
+        assert versions == {"iris": "1.0.0"} and generation > generations[a.id]
+    for a in others:
+        assert (await a.desired())[1] == {"iris": "1.0.0"}
+    listed = (await (await cp.call("GET", "/rollouts")).json())["rollouts"]
+    assert next(x for x in listed if x["id"] == r["id"])["waiting"] is None
+
+
+async def test_gates_that_wait_past_max_stall_end_the_rollout(
+    cp_any: ControlPlane, publisher: Publisher
+) -> None:
+    """Failures tolerated ("100%"): the cohort sends 2.0.0 no traffic, min_requests is never
+    reached, and the stall bound ends the rollout by its on_failure (pause), naming the wait."""
+    cp = cp_any
+    fleet = await http_fleet(cp, publisher, 2)
+    r = await cp.rollout(
+        "2.0.0",
+        "site=x",
+        stages=[{"count": 1, "soak": "1s"}, {"percent": 100}],
+        gates={"min_requests": 10, "max_failed_agents": "100%"},
+        max_stall="5s",
+        on_failure="pause",
+    )
+
+    async def first_moved() -> str | None:
+        targets = (await show(cp, r["id"]))["targets"]
+        return targets[0]["agentId"] if targets else None
+
+    moved = await eventually(first_moved, 30)
+    thrown_out = fleet.iris("2.0.0", "failed", "health window: error rate 1 > 0.05")
+    for a in fleet.agents:
+        if a.id == moved:  # tolerated by the limit, and sends 2.0.0 no traffic
+            await a.report(fleet.iris("1.0.0", "active"), thrown_out)
+    stalled = await waiting_on(cp, r["id"], "gates", "min_requests: 0 of 10 requests on 2.0.0")
+    assert stalled["maxStall"] == {"value": "5s", "default": False}
+    assert stalled["waiting"]["stalledSince"] and stalled["waiting"]["failsAt"]
+    assert stalled["effectiveGates"]["max_failed_agents"] == {"value": "100%", "default": False}
+    done = await until_state(cp, r["id"], "paused", "rolled_back", "completed", within=30)
+    assert done["state"] == "paused", done["timeline"]
+    failed = done["timeline"][-1]
+    assert failed["kind"] == "failed" and failed["figures"]["cause"] == "max_stall"
+    assert failed["figures"]["waiting"]["on"] == "gates"
+    assert "(max_stall 5s) waiting on stage 1 gates wait: min_requests" in failed["reason"]
+    assert done["waiting"]["on"] == "operator"
+    # Resumed, the stage soaks again and its stall clock starts afresh.
+    resumed = await cp.call("POST", f"/rollouts/{r['id']}/resume", json={})
+    assert resumed.status == 200
+
+    async def failed_twice() -> list[dict] | None:
+        timeline = (await show(cp, r["id"]))["timeline"]
+        return timeline if [e["kind"] for e in timeline].count("failed") == 2 else None
+
+    timeline = await eventually(failed_twice, 30)
+    resumed_at = next(e["at"] for e in timeline if e["kind"] == "resumed")
+    again = timeline[-1]["figures"]
+    assert parse_time(again["stalled_since"], "s") > parse_time(resumed_at, "at")
