@@ -156,6 +156,18 @@
       <td>${esc(r.createdAt)}</td></tr>`).join("")}</tbody></table>`;
   }
 
+  // The failed-agents limit and stall bound in force (defaults marked), and what it waits on.
+  function limits(r) {
+    const failed = (r.effectiveGates || {}).max_failed_agents;
+    const mark = (g) => (g.default ? " (default)" : "");
+    const shown = failed && r.maxStall ? `<p class="muted">max_failed_agents ${esc(failed.value)}${mark(failed)}:
+      ${r.failedAgents} failed or refused · max stall ${esc(r.maxStall.value)}${mark(r.maxStall)}</p>` : "";
+    const w = r.waiting;
+    const ends = w && w.failsAt ? ` <span class="muted">(no progress by ${esc(w.failsAt.slice(11, 19))}
+      ends it: ${esc(r.spec.on_failure)})</span>` : "";
+    return shown + (w ? `<p id="rollout-waiting">waiting on ${esc(w.on)}: ${esc(w.reason)}${ends}</p>` : "");
+  }
+
   async function rolloutPage(id) {
     const r = await api(`/rollouts/${encodeURIComponent(id)}`);
     const stages = r.stages.map((s, i) => {
@@ -172,7 +184,7 @@
     view.innerHTML = `<h1>Rollout ${esc(r.model)} ${esc(r.version)}
       <span id="rollout-state" class="state-${esc(r.state)}">${esc(r.state)}</span></h1>
       <p class="muted">${esc(r.selector || "every agent")} · matching ${r.progress.matching},
-      moved ${r.progress.moved}, active ${r.progress.active}</p>
+      moved ${r.progress.moved}, active ${r.progress.active}</p>${limits(r)}
       <div id="actions">${active ? `<button data-action="${r.state === "paused" ? "resume" : "pause"}">
         ${r.state === "paused" ? "Resume" : "Pause"}</button> <button data-action="promote">Promote</button>
         <button data-action="abort">Abort and roll back</button>` : ""}</div><p id="action-error" class="error"></p>
