@@ -71,7 +71,7 @@ class MqttLink:
         backoff = Backoff(base=0.5, cap=30.0, factor=1.5)
         while True:
             try:
-                await self._session()
+                await self._session(backoff)
                 backoff.reset()
             except aiomqtt.MqttError as exc:
                 self._set(False)
@@ -85,7 +85,7 @@ class MqttLink:
             self.connected = connected
             self.on_change(connected)
 
-    async def _session(self) -> None:
+    async def _session(self, backoff: Backoff) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         will = aiomqtt.Will(self.topic("presence"), b"offline", qos=1, retain=True)
@@ -101,6 +101,7 @@ class MqttLink:
                 await client.subscribe(self.topic("metrics/ack"), qos=1)
                 await client.publish(self.topic("presence"), b"online", qos=1, retain=True)
                 self._set(True)
+                backoff.reset()  # up again: the next outage starts from the first delay
                 log.info("MQTT connected to %s:%d", self.host, self.port)
                 response_topic = self.topic("blobs/response")
                 ack_topic = self.topic("metrics/ack")

@@ -113,7 +113,7 @@ class MqttBridge:
         backoff = Backoff()
         while True:
             try:
-                await self._session()
+                await self._session(backoff)
                 backoff.reset()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
@@ -122,7 +122,7 @@ class MqttBridge:
                             exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
 
-    async def _session(self) -> None:
+    async def _session(self, backoff: Backoff) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         async with aiomqtt.Client(
@@ -138,6 +138,7 @@ class MqttBridge:
             for kind in ("status", "metrics", "presence", "blobs/request"):
                 await client.subscribe(shared_filter(kind, self.prefix), qos=1)
             self.connected.set()
+            backoff.reset()  # up again: the next outage starts from the first delay
             log.info("MQTT connected to %s:%d", self.host, self.port)
             await self._publish_all(client)
             publisher = asyncio.create_task(self._publisher(client), name="mqtt-publisher")
