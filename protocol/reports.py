@@ -10,6 +10,7 @@ from protocol.digest import check_digest
 from protocol.exceptions import InvalidMessage
 from protocol.facts import check_facts
 from protocol.fields import (
+    INT64_MAX,
     check_json,
     clean_text,
     extra_fields,
@@ -34,7 +35,7 @@ MAX_TEXT = 2000  # characters of a reason or lastError
 MAX_WINDOW_COUNT = 2**40
 # Mean absolute output difference of one shadowed request, at most; bounds driftSum likewise.
 MAX_DRIFT = 1e12
-MAX_ORDER = 2**63 - 1  # a status report's epoch and seq
+MAX_ORDER = INT64_MAX  # a status report's epoch and seq: a signed 64-bit column holds them
 STATUS_FIELDS = ("agentId", "generation", "sentAt", "models", "facts", "lastError", "epoch", "seq")
 
 
@@ -135,18 +136,9 @@ def status_from_json(doc: object) -> StatusReport:
         facts=facts,
         last_error=get_str(d, "lastError", optional=True, max_len=MAX_TEXT, text=True),
         extra=extra,
-        epoch=_order_int(d, "epoch"),
-        seq=_order_int(d, "seq"),
+        epoch=get_int(d, "epoch", default=0, maximum=MAX_ORDER),
+        seq=get_int(d, "seq", default=0, maximum=MAX_ORDER),
     )
-
-
-def _order_int(d: dict[str, Any], key: str) -> int:
-    """``epoch`` or ``seq`` of a status report: absent is 0, else an integer in 0..2**63-1 (a
-    signed 64-bit column holds it on either database)."""
-    value = get_int(d, key, default=0)
-    if value > MAX_ORDER:
-        raise InvalidMessage(f"{key} must be <= {MAX_ORDER}", key)
-    return value
 
 
 @dataclass
