@@ -32,6 +32,7 @@ bench: venv
 	$(BIN)/python bench/convergence.py
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/credentials.py
+	$(BIN)/python bench/inference_limits.py
 	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
 	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
 	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'

@@ -1,0 +1,292 @@
+"""How long big inference requests hold up small ones, and what they cost the agent in memory.
+
+A control plane and an agent run as real processes on loopback; the agent serves the
+16 -> 32 -> 4 MLP of tests/modelgen.py and an image-sized model made in code (x[N,3,224,224]
+-> the same shape, so each answer is as big as its request). One client sends one-row MLP
+requests back to back, first alone, then while another client sends ~60 MiB image requests
+(20 images) in a loop. Prints one JSON line (and writes bench/results/inference_limits.json):
+the small requests' p50/p99 latency in both phases, the big requests' latency and statuses,
+the agent's resident memory idle and at its peak, and what decoding a body on the event loop
+costs by size (the measure behind ``inline_json_bytes``).
+
+    python bench/inference_limits.py [--seconds 20] [--images 20] [--agent-flag=--max-large-requests=2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import oip  # noqa: E402
+from bench.agent_overhead import (  # noqa: E402
+    MODELFLEET,
+    free_port,
+    proc_stats,
+    rollout,
+    wait_http,
+)
+from control_plane.cli.publish import build_bundle  # noqa: E402
+from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
+from tests.modelgen import mlp_onnx, tile_onnx  # noqa: E402
+
+SMALL = {
+    "inputs": [
+        {
+            "name": "x",
+            "shape": [1, 16],
+            "datatype": "FP32",
+            "data": np.random.default_rng(0).normal(size=16).astype(np.float32).tolist(),
+        }
+    ]
+}
+
+
+def ms(samples_s: list[float]) -> dict[str, Any]:
+    """Count, p50, p99 and max in milliseconds."""
+    s = sorted(samples_s)
+    if not s:
+        return {"count": 0}
+    return {
+        "count": len(s),
+        "p50_ms": round(s[len(s) // 2] * 1000, 2),
+        "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, 2),
+        "max_ms": round(s[-1] * 1000, 2),
+    }
+
+
+def image_body(images: int) -> bytes:
+    x = np.random.default_rng(1).normal(size=(images, 3, 224, 224)).astype(np.float32)
+    doc = {
+        "inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
+    return json.dumps(doc).encode()
+
+
+def inline_decode_cost() -> dict[str, float]:
+    """Milliseconds the event loop would spend decoding a one-input body of each size inline."""
+    out = {}
+    for kib in (16, 64, 128, 256, 1024):
+        n = kib * 1024 // 21  # ~21 bytes per FP32 value as .tolist() writes them
+        x = np.random.default_rng(2).normal(size=n).astype(np.float32)
+        body = json.dumps(
+            {"inputs": [{"name": "x", "shape": [n], "datatype": "FP32", "data": x.tolist()}]}
+        ).encode()
+        best = min(
+            _timed(lambda b=body: oip.parse_request(b, max_elements=1 << 30)) for _ in range(5)
+        )
+        out[f"{kib}_kib_ms"] = round(best * 1000, 2)
+    return out
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+async def small_requests(url: str, seconds: float) -> list[float]:
+    """One-row requests back to back for ``seconds``; their latencies."""
+    out = []
+    async with aiohttp.ClientSession() as s:
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            async with s.post(url, json=SMALL) as r:
+                await r.read()
+                assert r.status == 200, await r.text()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+class BigClient(threading.Thread):
+    """Big requests in a loop, on a loop of its own (so reading 60 MiB answers does not delay
+    the small client's measurements)."""
+
+    def __init__(self, url: str, body: bytes, clients: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body, self.clients = url, body, clients
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.answer_bytes = 0
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            await asyncio.gather(*(self._one(s) for _ in range(self.clients)))
+
+    async def _one(self, s: aiohttp.ClientSession) -> None:
+        headers = {"Content-Type": "application/json"}
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            async with s.post(self.url, data=self.body, headers=headers) as r:
+                n = len(await r.read())
+            self.latencies.append(time.perf_counter() - t0)
+            self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
+            self.answer_bytes = max(self.answer_bytes, n)
+
+
+async def peak_rss(pid: int, stop: asyncio.Event) -> int:
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, proc_stats(pid)[1])
+        await asyncio.sleep(0.02)
+    return peak
+
+
+async def run(tmp: Path, seconds: float, images: int, clients: int, flags: list[str]) -> dict:
+    key = generate_private_key()
+    (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
+    cp_port, agent_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    log = (tmp / "bench.log").open("wb")
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(list(args), stdout=log, stderr=log, cwd=tmp)
+        procs.append(p)
+        return p
+
+    try:
+        start(
+            MODELFLEET,
+            "server",
+            "--data-dir",
+            "cp",
+            "--port",
+            str(cp_port),
+            "--trust-publisher",
+            "pub.pem",
+        )
+        base = f"http://127.0.0.1:{cp_port}"
+        await wait_http(f"{base}/api/v1/health")
+        auth = {"Authorization": f"Bearer {(tmp / 'cp' / 'admin-token').read_text().strip()}"}
+        bundles = [
+            build_bundle(mlp_onnx(), "mlp", "1.0.0", [key])[0],
+            build_bundle(tile_onnx(), "image", "1.0.0", [key])[0],
+        ]
+        async with aiohttp.ClientSession(headers=auth) as s:
+            for b in bundles:
+                async with s.post(f"{base}/api/v1/bundles", data=b) as r:
+                    assert r.status == 201, await r.text()
+            async with s.post(f"{base}/api/v1/enrollment-tokens", json={}) as r:
+                enroll_token = (await r.json())["token"]
+        enroll = [
+            MODELFLEET,
+            "agent",
+            "enroll",
+            "--server",
+            base,
+            "--token",
+            enroll_token,
+            "--state-dir",
+            "agent",
+        ]
+        await asyncio.to_thread(subprocess.run, enroll, cwd=tmp, check=True, capture_output=True)
+        agent = start(
+            MODELFLEET,
+            "agent",
+            "run",
+            "--state-dir",
+            "agent",
+            "--serve",
+            f"127.0.0.1:{agent_port}",
+            *flags,
+        )
+        for model in ("mlp", "image"):
+            await rollout(base, auth, model)
+        agent_url = f"http://127.0.0.1:{agent_port}"
+        for model in ("mlp", "image"):
+            await wait_http(f"{agent_url}/v2/models/{model}/ready")
+
+        small_url = f"{agent_url}/v2/models/mlp/infer"
+        await small_requests(small_url, 1.0)  # warm up
+        rss_idle = proc_stats(agent.pid)[1]
+        alone = await small_requests(small_url, seconds / 2)
+
+        body = await asyncio.to_thread(image_body, images)
+        big = BigClient(f"{agent_url}/v2/models/image/infer", body, clients)
+        stop = asyncio.Event()
+        rss = asyncio.create_task(peak_rss(agent.pid, stop))
+        big.start()
+        try:
+            together = await small_requests(small_url, seconds)
+        finally:
+            big.stop.set()
+            await asyncio.to_thread(big.join)
+            stop.set()
+        return {
+            "small_alone": ms(alone),
+            "small_with_big": ms(together),
+            "big": {
+                "body_mib": round(len(body) / 2**20, 1),
+                "answer_mib": round(big.answer_bytes / 2**20, 1),
+                "clients": clients,
+                "statuses": big.statuses,
+                **ms(big.latencies),
+            },
+            "agent_rss_mb": {
+                "idle": round(rss_idle / 2**20, 1),
+                "peak_with_big": round(await rss / 2**20, 1),
+            },
+        }
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=20.0, help="with big requests (20)")
+    ap.add_argument("--images", type=int, default=20, help="224x224x3 images per big request")
+    ap.add_argument("--big-clients", type=int, default=2, help="concurrent big senders (2)")
+    ap.add_argument("--agent-flag", action="append", default=[], help="passed to agent run")
+    args = ap.parse_args()
+    figures: dict[str, Any] = {
+        "benchmark": "inference_limits",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.machine(),
+        },
+        "agent_flags": args.agent_flag,
+        "inline_decode": inline_decode_cost(),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        figures.update(
+            asyncio.run(run(Path(d), args.seconds, args.images, args.big_clients, args.agent_flag))
+        )
+    print(json.dumps(figures))
+    out = ROOT / "bench" / "results" / "inference_limits.json"
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
