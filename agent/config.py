@@ -68,7 +68,7 @@ class AgentConfig:
     # max_large_requests such requests are handled at once, the others wait (see
     # docs/adr/0010-agent-inference-limits.md).
     inline_json_bytes: int = 128 * 1024
-    inline_json_elements: int = 16 * 1024
+    inline_json_elements: int = 4096
     max_large_requests: int = 1
     # The serve port's connections (agent/netguard.py): a request's headers must arrive within
     # header_timeout_s of its first byte (or of the connection), an idle keep-alive connection
