@@ -1,0 +1,73 @@
+"""agent/oip.py: any body is parsed or refused by name, never another error; answers round-trip."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import oip
+from agent.exceptions import InferenceInputError
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+)
+json_values = st.recursive(
+    scalars,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c),
+    max_leaves=20,
+)
+tensor = st.fixed_dictionaries(
+    {
+        "name": st.one_of(st.just("x"), st.text(max_size=3), st.integers()),
+        "shape": st.one_of(st.lists(st.integers(-2, 2**64), max_size=4), json_values),
+        "datatype": st.sampled_from([*oip.DTYPES, "BYTES", "nope"]),
+        "data": st.one_of(st.lists(scalars, max_size=8), json_values),
+    }
+)
+
+
+@SETTINGS
+@given(body=st.one_of(st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=3)}), json_values))
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_any_document_is_parsed_or_refused_by_name(body: Any, cooperative: bool) -> None:
+    raw = json.dumps(body).encode()
+    try:
+        feeds, _ = oip.parse_request(raw, max_elements=64, cooperative=cooperative)
+    except InferenceInputError:
+        return
+    for name, arr in feeds.items():
+        spec = next(t for t in body["inputs"] if t["name"] == name)
+        assert list(arr.shape) == spec["shape"] and arr.dtype == oip.DTYPES[spec["datatype"]]
+        if arr.dtype.kind == "f":
+            assert np.isfinite(arr).all()
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=64))
+def test_any_bytes_are_parsed_or_refused(raw: bytes) -> None:
+    with contextlib.suppress(InferenceInputError):  # any other exception fails
+        oip.parse_request(raw, max_elements=64)
+
+
+@SETTINGS
+@given(
+    values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), max_size=50),
+    piece=st.integers(1, 7),
+)
+def test_an_answer_in_pieces_is_the_same_json_as_in_one(values: list[float], piece: int) -> None:
+    arr = np.array(values, dtype=np.float32).reshape(len(values), 1)
+    head = {"model_name": "m", "model_version": "1", "id": "r"}
+    streamed = b"".join(oip.answer_pieces(head, {"y": arr, "z": arr[:1]}, piece))
+    whole = oip.answer_document(head, {"y": arr, "z": arr[:1]})
+    assert json.loads(streamed) == whole
