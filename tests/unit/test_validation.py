@@ -420,7 +420,8 @@ def mutated(data: st.DataObject, doc: dict[str, Any]) -> dict[str, Any]:
         node, key = data.draw(st.sampled_from(_slots(doc)))
         if isinstance(node, dict) and data.draw(st.booleans()):
             key = data.draw(st.sampled_from(["relativeAccuracy", "zeroCount", "facts", "x"]))
-        node[key] = data.draw(VALUES)
+        # A copy: sampled_from hands out its own objects, and a later step may mutate inside.
+        node[key] = copy.deepcopy(data.draw(VALUES))
     return doc
 
 
