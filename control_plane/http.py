@@ -336,6 +336,7 @@ async def health(request: web.Request) -> web.Response:
     state = st(request)
     async with state.db.read() as s:
         await s.execute(select(1))
+        held = await set_aside_count(s)
     ingest = state.ingest
     out: dict[str, Any] = {
         "status": "ok",
@@ -355,7 +356,7 @@ async def health(request: web.Request) -> web.Response:
         "rollouts": controller.set_aside,  # a rollout set aside, once per distinct reason
         "rolloutsFailing": len(controller.failing),  # rollouts whose last advance failed
         "metricRows": controller.skipped_rows.count,  # rows gates and reports left out
-        "rollupRows": await set_aside_count(state.db),  # rows held in metric_set_aside
+        "rollupRows": held,  # rows held in metric_set_aside
         "mqttMalformed": bridge.malformed if bridge is not None else 0,  # type: ignore[attr-defined]
         "notify": state.notifier.set_aside,  # failed listeners and garbage notifications
     }
