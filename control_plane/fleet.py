@@ -33,6 +33,8 @@ from control_plane.errors import ApiError
 from control_plane.mqtt_auth import mosquitto_hash, new_password
 from control_plane.reports import agent_state
 from control_plane.status_order import StatusOrder, newer_than_stored, order_values
+from protocol.exceptions import InvalidMessage
+from protocol.facts import check_facts, valid_facts
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
 from protocol.labels import Selector, check_labels
 from protocol.reports import MetricsBatch, StatusReport
@@ -94,9 +96,7 @@ async def enroll(
     assert token is not None
     name = get_str(body, "name", optional=True, max_len=128)
     wanted = check_labels(get_str_map(body, "labels"))
-    facts = body.get("facts") or {}
-    if not isinstance(facts, dict):
-        raise ApiError(400, "invalid", "facts must be an object", "facts")
+    facts = check_facts(body.get("facts"), "facts")
     agent_id = str(uuid.uuid4())
     credential = new_secret(AGENT_CREDENTIAL_PREFIX)
     mqtt_password = new_password()
@@ -161,13 +161,19 @@ async def enroll(
 def agent_json(
     agent: Agent, desired_generation: int, now: datetime, offline_after_s: float
 ) -> dict:
-    """Public view of an agent."""
+    """Public view of an agent; facts stored before their schema show only their valid part."""
     online = agent_state(agent, now, offline_after_s) != "offline"
+    try:
+        facts = check_facts(agent.facts)
+    except InvalidMessage:
+        # A row from before facts had a schema (NaN, huge lists): one agent must not make the
+        # whole listing unencodable, so it shows what still meets the schema.
+        facts = valid_facts(agent.facts)
     return {
         "id": agent.id,
         "name": agent.name,
         "labels": agent.labels,
-        "facts": agent.facts,
+        "facts": facts,
         "enrolledAt": format_time(agent.enrolled_at),
         "lastSeen": format_time(agent.last_seen_at) if agent.last_seen_at else None,
         "online": online,
