@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db.engine import Database
 from control_plane.db.models import (
     Agent,
+    DesiredStateRow,
     Model,
     ModelVersion,
     Rollout,
@@ -176,6 +177,20 @@ async def advance(
     window = parse_cron(spec.maintenance_window) if spec.maintenance_window else None
     touched: set[str] = set()
     waiting: Waiting | None = None
+    desired = await s.execute(select(DesiredStateRow.agent_id, DesiredStateRow.generation))
+    generations = {agent_id: generation for agent_id, generation in desired}
+
+    def failed_now(agent_id: str) -> bool:
+        # A failure counts once the agent reports on the desired state that moved it: until
+        # then its "failed" is about an earlier order (a version it threw out in an earlier
+        # rollout, to be tried again now), and would fail a retry before it began.
+        a = by_id.get(agent_id)
+        return (
+            a is not None
+            and moved[agent_id] < now
+            and a.reported_generation >= generations.get(agent_id, 0)
+            and failed_on(a, model, mv.manifest_digest)
+        )
 
     def active_on(a: Agent) -> bool:
         return any(
@@ -186,9 +201,7 @@ async def advance(
         )
 
     for _ in range(MAX_STEPS_PER_TICK):
-        failed = sum(
-            1 for a in moved if a in by_id and failed_on(by_id[a], model, mv.manifest_digest)
-        )
+        failed = sum(1 for a in moved if failed_now(a))
         active = sum(1 for a in moved if a in by_id and active_on(by_id[a]))
         new = baseline = Aggregate()
         stage = spec.stages[view.stage_index]

@@ -6,16 +6,17 @@ import asyncio
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from control_plane.http import STATE
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import ModelStatus, StatusReport
-from protocol.timeutil import parse_time
+from protocol.timeutil import format_time, parse_time
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
 from tests.integration.agent_helpers import eventually
 from tests.integration.fleet_helpers import TWO_ROWS, Fleet, Traffic, run_cli
@@ -292,6 +293,7 @@ class HttpAgent:
         self.credential: str = enrolled["credential"]
         self.keys = keyring([load_public_key(enrolled["controlPlaneKey"].encode())])
         self.seq = itertools.count(1)
+        self.generation = 0  # of the last desired state it read
 
     async def desired(self) -> tuple[int, dict[str, str]]:
         """(generation, model -> version) of the signed desired state it is given now."""
@@ -300,13 +302,14 @@ class HttpAgent:
         assert r.status == 200, await r.text()
         ds = accept_desired(await r.read(), self.keys, self.id, 0, datetime.now(UTC))
         assert ds is not None
+        self.generation = ds.generation
         return ds.generation, {m.name: m.version for m in ds.models}
 
     async def report(self, *models: ModelStatus) -> None:
-        """Report these models, in this agent's own order (epoch 1, seq counting)."""
+        """Report these models on the desired state it read last, in its own order."""
         report = StatusReport(
             agent_id=self.id,
-            generation=0,
+            generation=self.generation,
             sent_at=datetime.now(UTC),
             models=models,
             epoch=1,
@@ -407,52 +410,87 @@ async def test_finding_5_a_version_every_moved_agent_drops_is_rolled_back(
     listed = (await (await cp.call("GET", "/rollouts")).json())["rollouts"]
     assert next(x for x in listed if x["id"] == r["id"])["waiting"] is None
 
+    # A retry of 2.0.0 (its cause fixed, say): the stored "failed" of the first cohort is about
+    # the earlier order, and counts only once an agent reports on the desired state that moved
+    # it again.
+    retry = await cp.rollout("2.0.0", "site=x", stages=[{"percent": 100, "soak": "1h"}])
+    await waiting_on(cp, retry["id"], "soak")
+    assert cp.client.app is not None
+    for _ in range(2):  # ticks that see the stale reports
+        await cp.client.app[STATE].controller.tick()
+    assert (await show(cp, retry["id"]))["state"] == "running"
+    for a in cohort:
+        assert (await a.desired())[1] == {"iris": "2.0.0"}
+        await a.report(fleet.iris("1.0.0", "active"), thrown_out)
+    again = await until_state(cp, retry["id"], "rolled_back", "completed", "paused", within=30)
+    assert again["state"] == "rolled_back", again["timeline"]
+    assert again["timeline"][-1]["figures"]["cause"] == "max_failed_agents"
+
 
 async def test_gates_that_wait_past_max_stall_end_the_rollout(
     cp_any: ControlPlane, publisher: Publisher
 ) -> None:
     """Failures tolerated ("100%"): the cohort sends 2.0.0 no traffic, min_requests is never
-    reached, and the stall bound ends the rollout by its on_failure (pause), naming the wait."""
+    reached, and the stall bound ends the rollout by its on_failure (pause), naming the wait.
+    The controller runs on a clock the test moves, so no window has to be caught in time."""
     cp = cp_any
     fleet = await http_fleet(cp, publisher, 2)
+    assert cp.client.app is not None
+    controller = cp.client.app[STATE].controller
+    clock = [datetime.now(UTC)]
+    controller.clock = lambda: clock[0]
+
+    async def ticks(minutes: float) -> None:
+        clock[0] += timedelta(minutes=minutes)
+        for _ in range(2):
+            await controller.tick()
+
     r = await cp.rollout(
         "2.0.0",
         "site=x",
-        stages=[{"count": 1, "soak": "1s"}, {"percent": 100}],
+        stages=[{"count": 1, "soak": "1m"}, {"percent": 100}],
         gates={"min_requests": 10, "max_failed_agents": "100%"},
-        max_stall="5s",
+        max_stall="10m",
         on_failure="pause",
     )
-
-    async def first_moved() -> str | None:
-        targets = (await show(cp, r["id"]))["targets"]
-        return targets[0]["agentId"] if targets else None
-
-    moved = await eventually(first_moved, 30)
+    soaking = await waiting_on(cp, r["id"], "soak")
+    moved = soaking["targets"][0]["agentId"]
     thrown_out = fleet.iris("2.0.0", "failed", "health window: error rate 1 > 0.05")
     for a in fleet.agents:
         if a.id == moved:  # tolerated by the limit, and sends 2.0.0 no traffic
+            await a.desired()
             await a.report(fleet.iris("1.0.0", "active"), thrown_out)
-    stalled = await waiting_on(cp, r["id"], "gates", "min_requests: 0 of 10 requests on 2.0.0")
-    assert stalled["maxStall"] == {"value": "5s", "default": False}
-    assert stalled["waiting"]["stalledSince"] and stalled["waiting"]["failsAt"]
+    await ticks(1.01)  # the soak is over; the gates wait for traffic that will not come
+    stalled = await show(cp, r["id"])
+    assert stalled["state"] == "running", stalled["timeline"]
+    w = stalled["waiting"]
+    assert w["on"] == "gates" and "min_requests: 0 of 10 requests on 2.0.0" in w["reason"]
+    assert w["stalledSince"] == format_time(clock[0])
+    assert w["failsAt"] == format_time(clock[0] + timedelta(minutes=10))
+    assert stalled["maxStall"] == {"value": "10m", "default": False}
     assert stalled["effectiveGates"]["max_failed_agents"] == {"value": "100%", "default": False}
-    done = await until_state(cp, r["id"], "paused", "rolled_back", "completed", within=30)
+    assert stalled["failedAgents"] == 1
+    await ticks(9.9)
+    assert (await show(cp, r["id"]))["state"] == "running"
+    await ticks(0.1)
+    done = await show(cp, r["id"])
     assert done["state"] == "paused", done["timeline"]
     failed = done["timeline"][-1]
     assert failed["kind"] == "failed" and failed["figures"]["cause"] == "max_stall"
     assert failed["figures"]["waiting"]["on"] == "gates"
-    assert "(max_stall 5s) waiting on stage 1 gates wait: min_requests" in failed["reason"]
+    assert "(max_stall 10m) waiting on stage 1 gates wait: min_requests" in failed["reason"]
     assert done["waiting"]["on"] == "operator"
-    # Resumed, the stage soaks again and its stall clock starts afresh.
+
+    # Paused, nothing fails; resumed, the stage soaks again and its stall clock starts afresh.
+    await ticks(60)
     resumed = await cp.call("POST", f"/rollouts/{r['id']}/resume", json={})
     assert resumed.status == 200
-
-    async def failed_twice() -> list[dict] | None:
-        timeline = (await show(cp, r["id"]))["timeline"]
-        return timeline if [e["kind"] for e in timeline].count("failed") == 2 else None
-
-    timeline = await eventually(failed_twice, 30)
-    resumed_at = next(e["at"] for e in timeline if e["kind"] == "resumed")
-    again = timeline[-1]["figures"]
-    assert parse_time(again["stalled_since"], "s") > parse_time(resumed_at, "at")
+    await ticks(0)
+    assert (await show(cp, r["id"]))["waiting"]["on"] == "soak"
+    await ticks(1.01)
+    stalled_again = clock[0]
+    await ticks(10)
+    again = await show(cp, r["id"])
+    kinds = [e["kind"] for e in again["timeline"]]
+    assert again["state"] == "paused" and kinds.count("failed") == 2
+    assert again["timeline"][-1]["figures"]["stalled_since"] == format_time(stalled_again)
