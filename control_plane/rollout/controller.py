@@ -43,7 +43,7 @@ DUE_STATES = ("pending", "running")
 # Timeline events of the controller itself (not of the machine): a rollout it could not
 # advance, and the same rollout moving again.
 SET_ASIDE = "set_aside"
-RESUMED = "resumed"
+RECOVERED = "recovered"  # not "resumed": that kind is the operator's resume
 MAX_STEPS_PER_TICK = 10
 
 
@@ -342,7 +342,7 @@ class RolloutController:
         if changed is None:
             return
         if rollout_id in self.failing:
-            await self._resumed(rollout_id)
+            await self._recovered(rollout_id)
         self.notifier.notify(changed)
 
     async def _advance(self, rollout_id: str) -> list[str] | None:
@@ -375,10 +375,10 @@ class RolloutController:
         log.error("rollout %s set aside; the others go on", rollout_id[:8], exc_info=exc)
         await self._record(rollout_id, SET_ASIDE, reason, {"error": type(exc).__name__})
 
-    async def _resumed(self, rollout_id: str) -> None:
+    async def _recovered(self, rollout_id: str) -> None:
         reason = self.failing.pop(rollout_id)
         log.info("rollout %s advances again", rollout_id[:8])
-        await self._record(rollout_id, RESUMED, f"advances again after: {reason}", {})
+        await self._record(rollout_id, RECOVERED, f"advances again after: {reason}", {})
 
     async def _record(self, rollout_id: str, kind: str, reason: str, figures: dict[str, Any]
                       ) -> None:  # fmt: skip
@@ -389,13 +389,13 @@ class RolloutController:
                 last = await s.scalar(
                     select(RolloutEvent)
                     .where(RolloutEvent.rollout_id == rollout_id,
-                           RolloutEvent.kind.in_((SET_ASIDE, RESUMED)))
+                           RolloutEvent.kind.in_((SET_ASIDE, RECOVERED)))
                     .order_by(RolloutEvent.id.desc())
                     .limit(1)
                 )  # fmt: skip
                 if last is not None and (last.kind, last.reason) == (kind, reason):
                     return
-                if kind == RESUMED and last is None:
+                if kind == RECOVERED and last is None:
                     return  # nothing was ever recorded as set aside
                 r = await s.get(Rollout, rollout_id)
                 if r is None:

@@ -199,7 +199,7 @@ async def test_bad_rows_and_a_broken_rollout_leave_the_other_rollouts_moving(
         row.options = {**row.options, "spec": spec}
     await controller.tick()
     kinds = [e["kind"] for e in (await show(cp, broken["id"]))["timeline"]]
-    assert kinds[-2:] == ["set_aside", "resumed"], kinds
+    assert kinds[-2:] == ["set_aside", "recovered"], kinds
     assert (await health(cp))["setAside"]["rolloutsFailing"] == 0
 
 
