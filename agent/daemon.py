@@ -46,7 +46,7 @@ from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
 from protocol.keyset import follow_chain
 from protocol.manifest import FileEntry, Manifest
-from protocol.reports import MetricsBatch, ModelStatus, StatusReport
+from protocol.reports import MAX_DRIFT, MetricsBatch, ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
@@ -103,6 +103,9 @@ def score_with_shadow(
         return out, spent, None, False
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     drift = float(diff.mean())
+    if not np.isfinite(drift):  # NaN or inf outputs: nothing to compare, and a report refuses it
+        return out, spent, None, False
+    drift = min(drift, MAX_DRIFT)
     agree = bool(a.ndim >= 1 and a.shape[-1] > 1 and (a.argmax(-1) == b.argmax(-1)).all())
     return out, spent, drift, agree
 

@@ -195,3 +195,29 @@ def test_agent_credentials_are_stored_as_salted_scrypt() -> None:
     huge = "scrypt$30" + a[len("scrypt$12") :]  # a planted row must not cost 2^30
     for bad in ("revoked:" + "0" * 48, "scrypt$12$8$1$!!$!!", "scrypt$99", "", a[:-4], huge):
         assert not check_credential(secret, bad), bad
+
+
+class _Fixed:
+    """A runtime stand-in that answers one fixed output (what score_with_shadow reads)."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+        self.outputs = (TensorSpec("y", "FP32", (-1, 3)),)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": self.value}
+
+
+def test_shadow_drift_of_non_finite_or_huge_outputs_stays_reportable() -> None:
+    from agent.daemon import score_with_shadow
+    from protocol.reports import MAX_DRIFT
+
+    feeds = {"x": np.zeros((1, 4), np.float32)}
+    live = _Fixed(np.array([[0.1, 0.7, 0.2]], np.float32))
+    _, _, drift, agree = score_with_shadow(live, _Fixed(live.value + 0.1), feeds)
+    assert drift == pytest.approx(0.1) and agree
+    # A NaN output cannot be compared: no drift (a NaN would get the batch refused).
+    nan = _Fixed(np.array([[np.nan, 0.7, 0.2]], np.float32))
+    assert score_with_shadow(live, nan, feeds)[2:] == (None, False)
+    huge = _Fixed(np.array([[3e38, -3e38, 3e38]], np.float32))
+    assert score_with_shadow(live, huge, feeds)[2] == MAX_DRIFT
