@@ -11,6 +11,7 @@ counted once in the ``SkippedRows`` the caller passes (the control plane's, show
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from control_plane.errors import ApiError
 from control_plane.rollout.spec import parse_duration
 from control_plane.rollup import SeriesRow, SkippedRows, series_rows, usable
 from protocol.exceptions import InvalidMessage
+from protocol.facts import valid_facts
 from protocol.manifest import check_name
 from protocol.sketch import DDSketch
 from protocol.timeutil import format_time, parse_time
@@ -69,16 +71,18 @@ def parse_by(text: str) -> list[str]:
 
 def cost_per_hour(agent: Agent) -> float | None:
     """Declared at enrollment (--cost-per-hour) or as a ``cost-per-hour`` label."""
-    value = agent.facts.get("costPerHour", agent.labels.get("cost-per-hour"))
+    value = valid_facts(agent.facts).get("costPerHour", agent.labels.get("cost-per-hour"))
     try:
-        return float(value) if value is not None else None
+        cost = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+    # A label is any string: "nan" or "inf" would poison every sum and the JSON answer.
+    return cost if cost is not None and math.isfinite(cost) and cost >= 0 else None
 
 
 def hardware(agent: Agent) -> str:
     """A short description of an agent's machine."""
-    f = agent.facts
+    f = valid_facts(agent.facts)  # rows stored before the facts schema may hold anything
     accel = ",".join(f.get("accelerators") or []) or "cpu"
     return f"{f.get('cpuCount', '?')} cpu {f.get('arch', '?')} {accel}"
 

@@ -284,7 +284,7 @@ def _parse_variant(text: str, runtime: str) -> Variant:
     if not sep or not name:
         raise CliError(f"--variant {text!r}: expected NAME=FILE[:KEY=VALUE,...]")
     file_part, _, req_part = rest.partition(":")
-    if not VARIANT_RE.match(name):
+    if not VARIANT_RE.fullmatch(name):
         raise CliError(f"--variant {name!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-'")
     path = Path(file_part)
     if runtime_of(path) != runtime:

@@ -171,3 +171,21 @@ async def test_real_agents_on_two_sites_name_the_faster_and_the_cheaper(
     assert v["cheapest"]["group"] == "site=onprem", report
     groups = {g["key"]["site"]: g for g in report["groups"]}
     assert groups["onprem"]["latency_ms"]["p50"] > 3.0 > groups["cloud"]["latency_ms"]["p50"]
+
+
+async def test_a_cost_label_that_is_not_a_finite_price_counts_as_no_cost(
+    cp: ControlPlane, publisher: Publisher
+) -> None:
+    await cp.push(iris_bundle(publisher.key))
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    for i, cost in enumerate(("nan", "inf", "-1", "0.5")):
+        r = await cp.call("POST", "/enrollment-tokens",
+                          json={"labels": {"site": f"s{i}", "cost-per-hour": cost}})  # fmt: skip
+        token = (await r.json())["token"]
+        r = await cp.call("POST", "/agents/enroll", token="", json={"token": token})
+        await send(cp, await r.json(), 1, t0, [1.0] * 10)
+    r = await cp.call("GET", "/reports/compare?model=iris&since=1h")
+    assert r.status == 200, await r.text()
+    costs = {g["key"]["site"]: g["cost_per_million"] for g in (await r.json())["groups"]}
+    assert costs["s0"] is None and costs["s1"] is None and costs["s2"] is None
+    assert costs["s3"] is not None and costs["s3"] > 0
