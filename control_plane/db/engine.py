@@ -157,7 +157,10 @@ class Database:
         nested = task is not None and task in self._holders
         if not nested:
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.pool.wait_s)
+                # Not wait_for: on 3.11 it swallows a cancellation that lands as the slot
+                # frees up, and the cancelled task runs on (a shutdown that never ends).
+                async with asyncio.timeout(self.pool.wait_s):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise DatabaseBusy(f"no database session free within {self.pool.wait_s:g}s",
                                    retry_after_s=1.0) from None  # fmt: skip

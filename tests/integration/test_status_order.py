@@ -79,9 +79,10 @@ class OrderWatcher:
         self.db, self.agent_id = db, agent_id
         self.seen: list[tuple[int, int]] = []
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             async with self.db.read() as s:
                 row = (await s.execute(
                     select(Agent.status_epoch, Agent.status_seq).where(Agent.id == self.agent_id)
@@ -96,8 +97,8 @@ class OrderWatcher:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._stop.set()
+        await self._task
 
     def went_back(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Each (before, after) where the stored order went down."""
