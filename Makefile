@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Test processes: the suite mostly waits on I/O, so more workers than cores pays.
+TEST_WORKERS ?= 3
 
 .PHONY: venv demo test soak bench lint clean
 
@@ -19,7 +21,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 # The agent killed with -9 at 200 random moments of its update (20 in `make test`).
 soak: venv
