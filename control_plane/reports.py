@@ -11,7 +11,6 @@ counted once in the ``SkippedRows`` the caller passes (the control plane's, show
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from control_plane.errors import ApiError
 from control_plane.rollout.spec import parse_duration
 from control_plane.rollup import SeriesRow, SkippedRows, series_rows, usable
 from protocol.exceptions import InvalidMessage
-from protocol.facts import valid_facts
+from protocol.facts import MAX_COST_PER_HOUR, valid_facts
 from protocol.manifest import check_name
 from protocol.sketch import DDSketch
 from protocol.timeutil import format_time, parse_time
@@ -76,8 +75,9 @@ def cost_per_hour(agent: Agent) -> float | None:
         cost = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
-    # A label is any string: "nan" or "inf" would poison every sum and the JSON answer.
-    return cost if cost is not None and math.isfinite(cost) and cost >= 0 else None
+    # A label is any string: "nan", "inf" or "1e308" would poison every sum (a finite price
+    # times hours overflows) and the JSON answer.
+    return cost if cost is not None and 0 <= cost <= MAX_COST_PER_HOUR else None
 
 
 def hardware(agent: Agent) -> str:

@@ -29,6 +29,9 @@ MAX_ENCODED_BYTES = 16 * 1024
 MAX_STRING = 256
 MAX_LIST = 32  # GPUs, accelerators, a runtime's providers
 MAX_NESTED_KEYS = 16  # keys of one runtime or one GPU
+# An hourly price, at most. Reports multiply it by hours and add it up over agents: a finite
+# 1e308 overflowed to infinity there, which strict JSON out cannot write (a 500).
+MAX_COST_PER_HOUR = 1e6
 _KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 Check = Callable[[object, str], None]
@@ -78,8 +81,8 @@ def _flag(value: object, field: str) -> None:
 def _cost(value: object, field: str) -> None:
     if value is None:
         return
-    if not is_finite_number(value) or value < 0:  # type: ignore[operator]
-        raise _fail(field, "a finite, non-negative number")
+    if not is_finite_number(value) or not 0 <= value <= MAX_COST_PER_HOUR:  # type: ignore[operator]
+        raise _fail(field, f"a number between 0 and {MAX_COST_PER_HOUR:g}")
 
 
 def _strings(value: object, field: str) -> None:

@@ -189,3 +189,24 @@ async def test_a_cost_label_that_is_not_a_finite_price_counts_as_no_cost(
     costs = {g["key"]["site"]: g["cost_per_million"] for g in (await r.json())["groups"]}
     assert costs["s0"] is None and costs["s1"] is None and costs["s2"] is None
     assert costs["s3"] is not None and costs["s3"] > 0
+
+
+async def test_a_huge_declared_cost_cannot_make_compare_answer_500(
+    cp: ControlPlane, publisher: Publisher
+) -> None:
+    # A finite but huge hourly price (1e308) times the window's hours was infinity, which the
+    # strict JSON answer cannot write: /reports/compare answered 500 for the whole fleet.
+    await cp.push(iris_bundle(publisher.key))
+    refused = await enroll(cp, "agent", 1e308)  # facts are the agent's own: refused at the door
+    assert refused["error"]["field"] == "facts.costPerHour", refused
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    for site, cost in (("label", "1e308"), ("fine", "0.5")):  # a label is checked when read
+        r = await cp.call("POST", "/enrollment-tokens",
+                          json={"labels": {"site": site, "cost-per-hour": cost}})  # fmt: skip
+        r = await cp.call("POST", "/agents/enroll", token="",
+                          json={"token": (await r.json())["token"]})  # fmt: skip
+        await send(cp, await r.json(), 1, t0, [1.0] * 10)
+    r = await cp.call("GET", "/reports/compare?model=iris&since=2h")
+    assert r.status == 200, await r.text()
+    costs = {g["key"]["site"]: g["cost_per_million"] for g in (await r.json())["groups"]}
+    assert costs["label"] is None and costs["fine"] is not None

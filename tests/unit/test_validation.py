@@ -356,6 +356,7 @@ def test_facts_real_agents_send_are_accepted() -> None:
         ({"runtimes": {"on nx": {}}}, "facts.runtimes"),
         ({"costPerHour": math.nan}, "facts.costPerHour"),
         ({"costPerHour": -1}, "facts.costPerHour"),
+        ({"costPerHour": 1e308}, "facts.costPerHour"),  # times hours: infinity in reports
         ({"costPerHour": "cheap"}, "facts.costPerHour"),
         ({"cpuCount": 2**64}, "facts.cpuCount"),
         ({"cpuCount": 1.5}, "facts.cpuCount"),
