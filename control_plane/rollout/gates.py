@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.rollout.spec import Gates
-from protocol.sketch import DDSketch
+from protocol.sketch import MIN_VALUE, DDSketch
 
 
 @dataclass
@@ -97,7 +97,9 @@ def evaluate(
                 p95 > gates.max_p95_latency_ms)  # fmt: skip
     if gates.max_p95_latency_ratio is not None:
         base = baseline.p95_ms
-        if p95 is None or base is None or base <= 0:
+        # At or below MIN_VALUE the sketch counts a latency as zero: no ratio to take (a
+        # baseline of 5e-324, which a sketch's min and max may say, made it infinity).
+        if p95 is None or base is None or base <= MIN_VALUE:
             note = "no baseline traffic to compare with" if p95 is not None else "no requests yet"
             add("max_p95_latency_ratio", None, gates.max_p95_latency_ratio, False, note)
         else:

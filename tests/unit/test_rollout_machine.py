@@ -3,6 +3,7 @@ values and an injected clock: a 30-minute soak is a test of microseconds."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from control_plane.rollout.spec import (
     parse_stages_text,
 )
 from protocol.exceptions import InvalidMessage
+from protocol.sketch import DDSketch
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 AGENTS = tuple(f"a{i:02d}" for i in range(10))
@@ -510,3 +512,20 @@ def test_max_stall_parsing() -> None:
         with pytest.raises(InvalidMessage) as info:
             parse_spec({**BODY, "max_stall": bad})
         assert info.value.field == "max_stall", bad
+
+
+def test_a_baseline_p95_below_the_sketch_resolution_gives_no_infinite_ratio() -> None:
+    # A sketch the boundary takes (one bin, min = max = 5e-324) from the one agent left on the
+    # old version made the baseline's p95 5e-324: 30 ms over it is infinity, a figure strict
+    # JSON cannot write (the rollout's timeline then answered 500, or PostgreSQL refused it).
+    tiny = DDSketch.from_json({"count": 100, "sum": 0.0, "min": 5e-324, "max": 5e-324,
+                               "binKeys": [0], "binCounts": [100]})  # fmt: skip
+    sim = Sim({**BODY, "gates": {"max_p95_latency_ratio": 1.5}})
+    sim.tick()
+    sim.new, sim.baseline = agg(100, latency_ms=30), Aggregate(requests=100, latency_ms=tiny)
+    sim.advance(30.01)
+    for event in sim.events:
+        json.dumps(event.figures, allow_nan=False)
+    gates = [g for e in sim.events for g in (e.figures or {}).get("gates", [])]
+    ratio = [g for g in gates if g["gate"] == "max_p95_latency_ratio"]
+    assert ratio and all(g["value"] is None and g["outcome"] == "pass" for g in ratio), ratio
