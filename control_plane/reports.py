@@ -143,7 +143,8 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if lat:
         best = lat[0]
         out["fastest"] = {"group": label(best), "p95_ms": best["latency_ms"]["p95"]}
-        if len(lat) > 1:
+        # A p95 of 0 (latencies at or below the sketch's MIN_VALUE) is no "times faster".
+        if len(lat) > 1 and best["latency_ms"]["p95"] > 0:
             nxt = lat[1]["latency_ms"]["p95"]
             out["fastest"]["runner_up"] = label(lat[1])
             out["fastest"]["times_faster"] = round(nxt / best["latency_ms"]["p95"], 3)

@@ -210,3 +210,20 @@ async def test_a_huge_declared_cost_cannot_make_compare_answer_500(
     assert r.status == 200, await r.text()
     costs = {g["key"]["site"]: g["cost_per_million"] for g in (await r.json())["groups"]}
     assert costs["label"] is None and costs["fine"] is not None
+
+
+async def test_a_group_whose_p95_is_zero_cannot_make_compare_answer_500(
+    cp: ControlPlane, publisher: Publisher
+) -> None:
+    # Latencies at or below the sketch's MIN_VALUE count as zero: one agent reporting only
+    # those (or enough of them to outweigh its site) made its group's p95 0.0, and "times
+    # faster" divided by it: ZeroDivisionError, a 500.
+    await cp.push(iris_bundle(publisher.key))
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    zero, fine = await enroll(cp, "zero", None), await enroll(cp, "fine", None)
+    await send(cp, zero, 1, t0, [0.0] * 200)
+    await send(cp, fine, 1, t0, [2.0] * 200)
+    r = await cp.call("GET", "/reports/compare?model=iris&since=2h")
+    assert r.status == 200, await r.text()
+    fastest = (await r.json())["verdict"]["fastest"]
+    assert fastest["group"] == "site=zero" and fastest["p95_ms"] == 0.0, fastest
