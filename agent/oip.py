@@ -211,7 +211,14 @@ def _array(inp: _Input, piece: int | None) -> np.ndarray:
         ) from None
     if end:
         raise _mismatch(inp, str(inp.count - end))
-    return out.reshape(inp.shape)
+    try:
+        return out.reshape(inp.shape)
+    except ValueError:
+        # No values (a dimension of 0), yet numpy still refuses dimensions whose product
+        # overflows its index type.
+        raise InferenceInputError(
+            f"input {inp.name!r}: shape {list(inp.shape)} is larger than an array can be"
+        ) from None
 
 
 def parse_request(

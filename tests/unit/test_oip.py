@@ -71,3 +71,17 @@ def test_an_answer_in_pieces_is_the_same_json_as_in_one(values: list[float], pie
     streamed = b"".join(oip.answer_pieces(head, {"y": arr, "z": arr[:1]}, piece))
     whole = oip.answer_document(head, {"y": arr, "z": arr[:1]})
     assert json.loads(streamed) == whole
+
+
+@pytest.mark.parametrize("cooperative", [False, True])
+@pytest.mark.parametrize(
+    "shape", [[0, 2**63 - 1], [2**62, 0], [0, *[2**40] * 5], [0, 2**61, 2**61]]
+)
+def test_an_empty_shape_too_big_for_an_array_is_refused_by_name(
+    shape: list[int], cooperative: bool
+) -> None:
+    # No values, so the count (0) is under every limit; but numpy cannot make an array of that
+    # shape, and its ValueError escaped parse_request: the server answered 500.
+    body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}
+    with pytest.raises(InferenceInputError, match="'x'"):
+        oip.parse_request(json.dumps(body).encode(), max_elements=64, cooperative=cooperative)
