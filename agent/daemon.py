@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
-import random
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +18,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from agent.buffer import MetricsBuffer
@@ -34,7 +31,10 @@ from agent.mqtt import MqttLink
 from agent.offline import imported
 from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
-from agent.runtime import LoadedModel, check_feeds, load_model, run_smoke_test
+from agent.runtime import LoadedModel, load_model, run_smoke_test
+from agent.serving.app import start_serving
+from agent.serving.prom import Gauges
+from agent.serving.table import RolledBack, ServingTable
 from agent.state import Identity, StateDir
 from agent.store import LocalStore
 from agent.systemd import Notifier
@@ -46,7 +46,7 @@ from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
 from protocol.keyset import follow_chain
 from protocol.manifest import FileEntry, Manifest
-from protocol.reports import MAX_DRIFT, MetricsBatch, ModelStatus, StatusReport
+from protocol.reports import MetricsBatch, ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
@@ -64,50 +64,6 @@ class Progress:
 
     state: str
     reason: str | None = None
-
-
-@dataclass
-class Probation:
-    """A version that just took traffic, with the one it replaced kept loaded to fall back to."""
-
-    new: LoadedModel
-    previous: LoadedModel | None
-    until: float  # monotonic
-    requests: int = 0
-    errors: int = 0
-
-
-def _delayed(run: Any, delay_s: float, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    time.sleep(delay_s)  # in the worker thread, like a slower machine would be
-    return run(feeds)
-
-
-def score_with_shadow(
-    live: Any, shadow: Any, feeds: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], float, float | None, bool]:
-    """Run live then shadow on the same input (in a worker thread).
-
-    Returns (live outputs, seconds the shadow took, mean absolute difference of the first
-    outputs or None when they cannot be compared, whether every row's argmax agrees).
-    """
-    out = live.run(feeds)
-    t0 = time.perf_counter()
-    try:
-        old = shadow.run(feeds)
-    except Exception:  # a failing shadow must never fail the live request
-        return out, time.perf_counter() - t0, None, False
-    spent = time.perf_counter() - t0
-    name = live.outputs[0].name
-    a, b = out.get(name), old.get(shadow.outputs[0].name)
-    if a is None or b is None or a.shape != b.shape or a.size == 0:
-        return out, spent, None, False
-    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    drift = float(diff.mean())
-    if not np.isfinite(drift):  # NaN or inf outputs: nothing to compare, and a report refuses it
-        return out, spent, None, False
-    drift = min(drift, MAX_DRIFT)
-    agree = bool(a.ndim >= 1 and a.shape[-1] > 1 and (a.argmax(-1) == b.argmax(-1)).all())
-    return out, spent, drift, agree
 
 
 class Agent:
@@ -134,14 +90,11 @@ class Agent:
             client_context(config.ca_file, config.client_cert_file, config.client_key_file),
         )  # fmt: skip
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
-        self.models: dict[str, LoadedModel] = {}
         self.desired: tuple[DesiredModel, ...] = ()
         self.from_control_plane: tuple[DesiredModel, ...] = ()
         self.pins: dict[str, dict[str, str]] = imported(config.state_dir)
         self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
         self.progress: dict[str, Progress] = {}  # manifest digest -> what is happening to it
-        self.probation: dict[str, Probation] = {}
-        self.shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self.last_error: str | None = None
         self._sent_over_mqtt: dict[int, float] = {}  # metrics seq -> when published, unacked
         # Expiry of the desired state we act on: past it we keep serving but report "stale"
@@ -149,6 +102,12 @@ class Agent:
         self.desired_expires_at: datetime | None = None
         self.facts = gather_facts()
         self.metrics = MetricsRecorder(_utcnow())
+        self.serving = ServingTable(
+            config=config,
+            executor=self.executor,
+            metrics=self.metrics,
+            on_rolled_back=self._rolled_back,
+        )
         self.counters: dict[str, float] = {
             "downloads": 0, "download_bytes": 0, "last_sync": 0,
             "pending_batches": 0, "dropped_batches": 0,
@@ -168,6 +127,23 @@ class Agent:
         self.serve_port: int | None = None
         self._transport_changed = asyncio.Event()
         self.mqtt = self._mqtt_link()
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The versions serving now (the serving table's)."""
+        return self.serving.models
+
+    def gauges(self) -> Gauges:
+        """The agent's counters now, for /metrics."""
+        c = self.counters
+        return Gauges(
+            generation=self.state.highest_generation,
+            downloads=c["downloads"],
+            download_bytes=c["download_bytes"],
+            last_sync=c["last_sync"],
+            pending_batches=c["pending_batches"],
+            dropped_batches=c["dropped_batches"],
+        )
 
     def _mqtt_link(self) -> MqttLink | None:
         given = self.identity.mqtt or {}
@@ -195,9 +171,7 @@ class Agent:
         await self.client.__aenter__()
         self._status_epoch = await asyncio.to_thread(self.dirs.next_status_epoch, time.time())
         await self._restore()
-        from agent.serve import start_serving
-
-        self._runner, self.serve_port = await start_serving(self)
+        self._runner, self.serve_port = await start_serving(self.serving, self.gauges)
         log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
                  self.serve_port)  # fmt: skip
         loops = [
@@ -254,8 +228,7 @@ class Agent:
         for name, info in list(self.state.active.items()):
             wanted = DesiredModel(name, info["version"], info["manifestDigest"], rollback=True)
             try:
-                lm = await self._load(wanted)
-                self.models[name] = lm
+                self.serving.restore(await self._load(wanted))
             except UpdateError as exc:
                 log.error("could not restore %s %s: %s", name, wanted.version, exc)
                 self.state.active.pop(name, None)
@@ -339,6 +312,7 @@ class Agent:
             if name not in named
         )
         self.desired = self.from_control_plane + pinned
+        self.serving.want(m.name for m in self.desired)
 
     def reload(self, config: AgentConfig) -> None:
         """Take a re-read configuration (SIGHUP); raises AgentConfigError for a bad one.
@@ -361,6 +335,7 @@ class Agent:
             self.client.set_credential(identity.credential)
             log.info("using the rotated credential")
         self.config = config
+        self.serving.reconfigure(config)
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self.pins = imported(config.state_dir)
         self._merge_desired()
@@ -484,7 +459,7 @@ class Agent:
         for m in self.desired:
             highest = self.state.highest_versions.get(m.name)
             if highest and not m.rollback and compare_versions(m.version, highest) < 0:
-                running = self.models.get(m.name)
+                running = self.serving.get(m.name)
                 if running is None or running.manifest_digest != m.manifest_digest:
                     self.failed[m.manifest_digest] = Progress(
                         "refused",
@@ -496,7 +471,7 @@ class Agent:
         """Run one plan to completion; True when something must be retried later."""
         async with self._reconcile_lock:
             self._check_rollback()
-            running = {n: m.manifest_digest for n, m in self.models.items()}
+            running = self.serving.running()
             failed = {d: p.reason or p.state for d, p in self.failed.items()}
             p = plan(self.desired, await asyncio.to_thread(self._installed), running, failed)
             for m in p.fetch:
@@ -518,8 +493,7 @@ class Agent:
                     self._fail(m, str(exc))
             incomplete |= await self._reconcile_shadows()
             for name in p.unload:
-                self.models.pop(name, None)
-                self.probation.pop(name, None)
+                self.serving.unload(name)
                 self.state.active.pop(name, None)
                 self._state_dirty = True
                 log.info("unloaded %s", name)
@@ -533,23 +507,20 @@ class Agent:
         """Keep the version each shadow-scoring rollout replaces loaded beside the live one."""
         incomplete = False
         wanted = {m.name: m for m in self.desired if m.shadow is not None}
-        for name in list(self.shadows):
+        for name, digest in self.serving.shadowed().items():
             w = wanted.get(name)
-            if (
-                w is None
-                or w.shadow is None
-                or (self.shadows[name][0].manifest_digest != w.shadow.manifest_digest)
-            ):
-                del self.shadows[name]
+            if w is None or w.shadow is None or digest != w.shadow.manifest_digest:
+                self.serving.drop_shadow(name)
+        shadowed = self.serving.shadowed()
         for name, m in wanted.items():
             assert m.shadow is not None
-            if name in self.shadows or m.shadow.manifest_digest in self.failed:
+            if name in shadowed or m.shadow.manifest_digest in self.failed:
                 continue
             old = DesiredModel(name, m.shadow.version, m.shadow.manifest_digest, rollback=True)
             try:
                 if self.store.load_manifest(old.manifest_digest) is None:
                     await self._fetch(old)
-                self.shadows[name] = (await self._load(old), m.shadow.sample)
+                self.serving.set_shadow(name, await self._load(old), m.shadow.sample)
                 log.info("shadow-scoring %s %s against %s", name, m.version, old.version)
             except UpdateError as exc:
                 log.warning("shadow %s %s unavailable: %s", name, old.version, exc)
@@ -741,12 +712,7 @@ class Agent:
     async def _activate(self, m: DesiredModel) -> None:
         lm = await self._load(m)
         self.failpoints.hit("model-loaded")
-        previous = self.models.get(m.name)
-        # The swap: one assignment, so a request sees the old or the new version, never neither.
-        self.models[m.name] = lm
-        self.probation[m.name] = Probation(
-            lm, previous, time.monotonic() + self.config.health_window_s
-        )
+        self.serving.activate(lm)
         self.failpoints.hit("before-state-saved")
         self.state.active[m.name] = {
             "version": m.version, "manifestDigest": m.manifest_digest, "variant": lm.variant,
@@ -765,8 +731,7 @@ class Agent:
         """Keep, per model, the active version and ``keep_versions`` before it; drop the rest."""
         keep = {m.manifest_digest for m in self.desired}
         keep |= {m.shadow.manifest_digest for m in self.desired if m.shadow is not None}
-        keep |= {lm.manifest_digest for lm in self.models.values()}
-        keep |= {p.previous.manifest_digest for p in self.probation.values() if p.previous}
+        keep |= self.serving.held_digests()
         for history in self.state.history.values():
             del history[1 + self.config.keep_versions :]
             keep |= set(history)
@@ -776,93 +741,27 @@ class Agent:
 
     # ------------------------------------------------------------------------ serving
 
-    async def infer(
-        self, name: str, feeds: dict[str, np.ndarray]
-    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Run one inference on the serving version; raises KeyError for an unknown model,
-        InferenceInputError for bad input, and the runtime's error when inference fails."""
-        lm = self.models[name]
-        check_feeds(lm.runtime, feeds)
-        loop = asyncio.get_running_loop()
-        shadow = self.shadows.get(name)
-        if shadow is not None and random.random() < shadow[1]:
-            return lm, await self._infer_with_shadow(lm, shadow[0], feeds)
-        run = lm.runtime.run
-        if self.config.added_latency_s:
-            run = functools.partial(_delayed, run, self.config.added_latency_s)
-        t0 = time.perf_counter()
-        try:
-            out = await loop.run_in_executor(self.executor, run, feeds)
-        except Exception:
-            self._count(lm, time.perf_counter() - t0, error=True)
-            raise
-        self._count(lm, time.perf_counter() - t0, error=False)
-        return lm, out
-
-    async def _infer_with_shadow(
-        self, lm: LoadedModel, old: LoadedModel, feeds: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Answer with the live version; score the same input with the old one for drift."""
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        try:
-            out, shadow_s, drift, agree = await loop.run_in_executor(
-                self.executor, score_with_shadow, lm.runtime, old.runtime, feeds
-            )
-        except Exception:
-            self._count(lm, time.perf_counter() - t0, error=True)
-            raise
-        # The shadow's own time is not the live version's latency.
-        self._count(lm, time.perf_counter() - t0 - shadow_s, error=False)
-        if drift is not None:
-            self.metrics.record_shadow(lm.name, lm.version, drift, agree)
-        return out
-
-    def _count(self, lm: LoadedModel, latency_s: float, error: bool) -> None:
-        self.metrics.record(lm.name, lm.version, latency_s, error)
-        p = self.probation.get(lm.name)
-        if p is None or p.new is not lm:
-            return
-        if time.monotonic() > p.until:
-            del self.probation[lm.name]  # passed: let the previous version go
-            return
-        p.requests += 1
-        p.errors += error
-        if (
-            p.requests >= self.config.health_min_requests
-            and p.errors / p.requests > self.config.health_max_error_rate
-        ):
-            self._roll_back(p)
-
-    def _roll_back(self, p: Probation) -> None:
-        """The new version fails its requests: the previous one serves again at once."""
-        new = p.new
-        reason = (
-            f"{p.errors} of {p.requests} requests failed within "
-            f"{self.config.health_window_s:g}s of activation (limit "
-            f"{self.config.health_max_error_rate:.0%}); rolled back"
-        )
-        del self.probation[new.name]
-        if p.previous is not None:
-            self.models[new.name] = p.previous
-            prev = p.previous
+    def _rolled_back(self, event: RolledBack) -> None:
+        """The serving table rolled a version back: record it, and do not try it again."""
+        new, prev = event.new, event.previous
+        if prev is not None:
             self.state.active[new.name] = {
-                "version": prev.version, "manifestDigest": prev.manifest_digest,
+                "version": prev.version,
+                "manifestDigest": prev.manifest_digest,
                 "variant": prev.variant,
-            }  # fmt: skip
+            }
         else:
-            self.models.pop(new.name, None)
             self.state.active.pop(new.name, None)
-        log.error("%s %s: %s", new.name, new.version, reason)
-        self.failed[new.manifest_digest] = Progress("failed", reason)
-        self.progress[new.manifest_digest] = Progress("failed", reason)
+        log.error("%s %s: %s", new.name, new.version, event.reason)
+        self.failed[new.manifest_digest] = Progress("failed", event.reason)
+        self.progress[new.manifest_digest] = Progress("failed", event.reason)
         self._state_dirty = True
         self._reconcile_wake.set()  # persists the state
         self._status_dirty.set()
 
     def ready(self) -> bool:
         """Every desired model has a version serving."""
-        return all(m.name in self.models for m in self.desired)
+        return self.serving.ready()
 
     # ------------------------------------------------------------------------ reports
 
@@ -885,10 +784,10 @@ class Agent:
         self._status_seq += 1
         models = [
             ModelStatus(lm.name, lm.version, lm.manifest_digest, "active", variant=lm.variant)
-            for lm in sorted(self.models.values(), key=lambda x: x.name)
+            for lm in self.serving.snapshot()
         ]
         for m in self.desired:
-            running = self.models.get(m.name)
+            running = self.serving.get(m.name)
             if running is not None and running.manifest_digest == m.manifest_digest:
                 continue
             pr = self.failed.get(m.manifest_digest) or self.progress.get(m.manifest_digest)
@@ -923,8 +822,7 @@ class Agent:
             self._status_dirty.clear()
             now = time.monotonic()
             self.failpoints.stall("stall-event-loop", now - self.started)
-            for name in [n for n, p in self.probation.items() if now > p.until]:
-                del self.probation[name]
+            self.serving.end_passed_windows(now)
             try:
                 doc = self.status_report().to_json()
                 if not (self.mqtt is not None and await self.mqtt.publish("status", doc)):

@@ -18,8 +18,8 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -27,20 +27,20 @@ from aiohttp import web
 from agent import oip
 from agent.exceptions import InferenceInputError, InferenceLimitError
 from agent.netguard import ConnectionGuard, ConnectionLimits, GuardedSite
-
-if TYPE_CHECKING:
-    from agent.daemon import Agent
+from agent.serving.prom import Gauges, render
+from agent.serving.table import ServingTable
 
 log = logging.getLogger("modelfleet.agent.serve")
-AGENT = web.AppKey("agent", object)
+TABLE = web.AppKey("table", ServingTable)
+GAUGES = web.AppKey("gauges", Callable[[], Gauges])
 LARGE_SLOTS = web.AppKey("large_slots", asyncio.Semaphore)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
 STREAM_BUDGET = 1 << 20  # answer bytes encoded per trip to the worker thread
 _dumps = functools.partial(json.dumps, allow_nan=False)
 
 
-def _agent(request: web.Request) -> Agent:
-    return request.app[AGENT]  # type: ignore[return-value]
+def _table(request: web.Request) -> ServingTable:
+    return request.app[TABLE]
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -91,11 +91,11 @@ def _busy(within_s: float) -> web.Response:
 
 async def infer(request: web.Request) -> web.StreamResponse:
     """POST /v2/models/{name}/infer."""
-    agent = _agent(request)
+    table = _table(request)
     name = request.match_info["name"]
-    if name not in agent.models:
+    if name not in table:
         return _error(404, f"model {name!r} is not loaded on this agent")
-    cfg = agent.config
+    cfg = table.config
     length = request.content_length
     if length is not None and length > cfg.max_request_bytes:
         return _error(
@@ -105,13 +105,15 @@ async def infer(request: web.Request) -> web.StreamResponse:
         )
     slot = _Slot(request.app[LARGE_SLOTS])
     try:
-        return await _infer(request, agent, name, slot)
+        return await _infer(request, table, name, slot)
     finally:
         slot.give_back()
 
 
-async def _infer(request: web.Request, agent: Agent, name: str, slot: _Slot) -> web.StreamResponse:
-    cfg = agent.config
+async def _infer(
+    request: web.Request, table: ServingTable, name: str, slot: _Slot
+) -> web.StreamResponse:
+    cfg = table.config
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.body_timeout_s
     large = request.content_length is None or request.content_length > cfg.inline_json_bytes
@@ -130,7 +132,7 @@ async def _infer(request: web.Request, agent: Agent, name: str, slot: _Slot) -> 
     try:
         feeds, request_id = await asyncio.to_thread(parse, cooperative=True) if large else parse()
         del body, parse
-        lm, outputs = await agent.infer(name, feeds)
+        lm, outputs = await table.infer(name, feeds)
         values = oip.check_answer(outputs, max_elements=cfg.max_response_elements)
     except InferenceLimitError as exc:
         return _error(413, str(exc))
@@ -177,8 +179,7 @@ async def _stream(
 
 async def model_metadata(request: web.Request) -> web.Response:
     """GET /v2/models/{name}."""
-    agent = _agent(request)
-    lm = agent.models.get(request.match_info["name"])
+    lm = _table(request).get(request.match_info["name"])
     if lm is None:
         return _error(404, f"model {request.match_info['name']!r} is not loaded on this agent")
     return web.json_response(
@@ -195,7 +196,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 async def model_ready(request: web.Request) -> web.Response:
     """GET /v2/models/{name}/ready."""
-    ok = request.match_info["name"] in _agent(request).models
+    ok = request.match_info["name"] in _table(request)
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
@@ -206,16 +207,14 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """GET /v2/health/ready: every desired model has a version serving."""
-    ok = _agent(request).ready()
+    ok = _table(request).ready()
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
 async def prometheus(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text exposition."""
-    from agent.prom import render
-
     return web.Response(
-        text=render(_agent(request)),
+        text=render(_table(request), request.app[GAUGES]()),
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
@@ -227,14 +226,18 @@ async def server_metadata(request: web.Request) -> web.Response:
     return web.json_response({"name": "modelfleet-agent", "version": "0.1.0", "extensions": []})
 
 
-def create_serve_app(agent: Agent, guard: ConnectionGuard | None = None) -> web.Application:
-    """The inference app of one agent; ``guard`` sees each request start and end."""
+def create_serve_app(
+    table: ServingTable, gauges: Callable[[], Gauges], guard: ConnectionGuard | None = None
+) -> web.Application:
+    """The inference app over one serving table; ``gauges`` snapshots the agent's counters for
+    /metrics; ``guard`` sees each request start and end."""
     app = web.Application(
-        client_max_size=agent.config.max_request_bytes,
+        client_max_size=table.config.max_request_bytes,
         middlewares=[guard.middleware] if guard is not None else [],
     )
-    app[AGENT] = agent
-    app[LARGE_SLOTS] = asyncio.Semaphore(agent.config.max_large_requests)
+    app[TABLE] = table
+    app[GAUGES] = gauges
+    app[LARGE_SLOTS] = asyncio.Semaphore(table.config.max_large_requests)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
@@ -245,11 +248,13 @@ def create_serve_app(agent: Agent, guard: ConnectionGuard | None = None) -> web.
     return app
 
 
-async def start_serving(agent: Agent) -> tuple[web.AppRunner, int]:
-    """Listen on the agent's serve address behind its connection guard; the runner (cleaned
-    up by the caller) and the bound port. Connection limits are taken here, once: a reload
-    does not change them. Raises OSError when the address cannot be bound."""
-    cfg = agent.config
+async def start_serving(
+    table: ServingTable, gauges: Callable[[], Gauges]
+) -> tuple[web.AppRunner, int]:
+    """Listen on the serve address (of the table's config) behind its connection guard; the
+    runner (cleaned up by the caller) and the bound port. Connection limits are taken here,
+    once: a reload does not change them. Raises OSError when the address cannot be bound."""
+    cfg = table.config
     limits = ConnectionLimits(
         header_timeout_s=cfg.header_timeout_s,
         keepalive_timeout_s=cfg.keepalive_timeout_s,
@@ -257,7 +262,7 @@ async def start_serving(agent: Agent) -> tuple[web.AppRunner, int]:
     )
     guard = ConnectionGuard(limits)
     runner = web.AppRunner(
-        create_serve_app(agent, guard),
+        create_serve_app(table, gauges, guard),
         access_log=None,
         shutdown_timeout=cfg.drain_s,
         **limits.handler_kwargs(),

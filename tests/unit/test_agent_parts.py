@@ -209,7 +209,7 @@ class _Fixed:
 
 
 def test_shadow_drift_of_non_finite_or_huge_outputs_stays_reportable() -> None:
-    from agent.daemon import score_with_shadow
+    from agent.serving.shadow import score_with_shadow
     from protocol.reports import MAX_DRIFT
 
     feeds = {"x": np.zeros((1, 4), np.float32)}

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.metrics import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.serving.table import ServingTable
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """A snapshot of the agent's own counters (beside the serving table's), for /metrics."""
+
+    generation: int
+    downloads: float
+    download_bytes: float
+    last_sync: float
+    pending_batches: float
+    dropped_batches: float
 
 
 def _labels(**kv: str) -> str:
@@ -23,9 +36,9 @@ def _family(name: str, kind: str, help_: str, samples: Iterable[str]) -> list[st
     return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
 
 
-def render(agent: Agent) -> str:
+def render(table: ServingTable, gauges: Gauges) -> str:
     """The whole exposition."""
-    totals = sorted(agent.metrics.totals.items())
+    totals = sorted(table.metrics.totals.items())
     lines: list[str] = []
     lines += _family(
         "modelfleet_inference_requests_total", "counter", "Inference requests served.",
@@ -55,7 +68,7 @@ def render(agent: Agent) -> str:
     lines += _family(
         "modelfleet_inference_latency_seconds", "histogram", "Inference latency.", hist
     )
-    active = sorted(agent.models.values(), key=lambda x: x.name)
+    active = table.snapshot()
     lines += _family(
         "modelfleet_model_active", "gauge", "1 for each model version serving.",
         (f"modelfleet_model_active{_labels(model=m.name, version=m.version, variant=m.variant)} 1"
@@ -63,17 +76,17 @@ def render(agent: Agent) -> str:
     )  # fmt: skip
     scalars = [
         ("modelfleet_desired_generation", "gauge", "Highest desired-state generation accepted.",
-         agent.state.highest_generation),
+         gauges.generation),
         ("modelfleet_downloads_total", "counter", "Blobs downloaded and verified.",
-         agent.counters["downloads"]),
+         gauges.downloads),
         ("modelfleet_download_bytes_total", "counter", "Bytes received for blobs.",
-         agent.counters["download_bytes"]),
+         gauges.download_bytes),
         ("modelfleet_last_sync_timestamp_seconds", "gauge",
-         "Unix time of the last answer from the control plane.", agent.counters["last_sync"]),
+         "Unix time of the last answer from the control plane.", gauges.last_sync),
         ("modelfleet_metrics_batches_pending", "gauge", "Metric batches waiting to be sent.",
-         agent.counters["pending_batches"]),
+         gauges.pending_batches),
         ("modelfleet_metrics_batches_dropped_total", "counter",
-         "Metric batches dropped because the buffer was full.", agent.counters["dropped_batches"]),
+         "Metric batches dropped because the buffer was full.", gauges.dropped_batches),
     ]  # fmt: skip
     for name, kind, help_, value in scalars:
         lines += _family(name, kind, help_, [f"{name} {value}"])

@@ -1,0 +1,227 @@
+"""The serving table: which version of each model answers, its health window, its shadow.
+
+It owns the loaded models and everything a request touches: ``infer`` runs on the serving
+version (with the shadow scoring a sample of requests), counts each request in the metrics
+recorder and in the health window, and rolls a failing new version back at once. What the
+rest of the agent must do about a roll back (state file, status, no retry) it hears through
+the ``on_rolled_back`` event. Readers (the OIP app, /metrics, the status report) take
+snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.config import AgentConfig
+from agent.metrics import MetricsRecorder
+from agent.runtime import LoadedModel, check_feeds
+from agent.serving.health import Verdict, health_verdict, rollback_reason
+from agent.serving.shadow import score_with_shadow
+
+log = logging.getLogger("modelfleet.agent")
+
+
+@dataclass
+class Probation:
+    """A version that just took traffic, with the one it replaced kept loaded to fall back to."""
+
+    new: LoadedModel
+    previous: LoadedModel | None
+    until: float  # monotonic
+    requests: int = 0
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """The event of a roll back: ``new`` failed its health window; ``previous`` serves again
+    (None: nothing serves that model now)."""
+
+    new: LoadedModel
+    previous: LoadedModel | None
+    reason: str
+
+
+def _delayed(run: Any, delay_s: float, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    time.sleep(delay_s)  # in the worker thread, like a slower machine would be
+    return run(feeds)
+
+
+class ServingTable:
+    """The models serving now, their health windows and shadows."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        executor: Executor,
+        metrics: MetricsRecorder,
+        on_rolled_back: Callable[[RolledBack], None],
+    ) -> None:
+        self.config = config  # read at each request: a reload replaces it (reconfigure)
+        self.executor = executor
+        self.metrics = metrics
+        self._on_rolled_back = on_rolled_back
+        self.models: dict[str, LoadedModel] = {}
+        self._probation: dict[str, Probation] = {}
+        self._shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
+        self._wanted: frozenset[str] = frozenset()
+
+    def reconfigure(self, config: AgentConfig) -> None:
+        self.config = config
+
+    # ------------------------------------------------------------------------ snapshots
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.models
+
+    def snapshot(self) -> tuple[LoadedModel, ...]:
+        """The serving versions, by model name."""
+        return tuple(sorted(self.models.values(), key=lambda x: x.name))
+
+    def running(self) -> dict[str, str]:
+        """Model name -> manifest digest of the serving version."""
+        return {n: m.manifest_digest for n, m in self.models.items()}
+
+    def held_digests(self) -> set[str]:
+        """Every version loaded now: serving, or kept to fall back to (not to be pruned)."""
+        held = {lm.manifest_digest for lm in self.models.values()}
+        held |= {p.previous.manifest_digest for p in self._probation.values() if p.previous}
+        return held
+
+    def want(self, names: Iterable[str]) -> None:
+        """The models the desired state names (what readiness waits for)."""
+        self._wanted = frozenset(names)
+
+    def ready(self) -> bool:
+        """Every desired model has a version serving."""
+        return all(name in self.models for name in self._wanted)
+
+    # ------------------------------------------------------------------------ changes
+
+    def restore(self, lm: LoadedModel) -> None:
+        """Serve a version that was active before a restart (no health window)."""
+        self.models[lm.name] = lm
+
+    def activate(self, lm: LoadedModel) -> None:
+        """Swap ``lm`` in and watch it through the health window, the one it replaces kept."""
+        previous = self.models.get(lm.name)
+        # The swap: one assignment, so a request sees the old or the new version, never neither.
+        self.models[lm.name] = lm
+        self._probation[lm.name] = Probation(
+            lm, previous, time.monotonic() + self.config.health_window_s
+        )
+
+    def unload(self, name: str) -> None:
+        self.models.pop(name, None)
+        self._probation.pop(name, None)
+
+    def end_passed_windows(self, now: float) -> None:
+        """Let go of the previous versions whose health window is over."""
+        for name in [n for n, p in self._probation.items() if now > p.until]:
+            del self._probation[name]
+
+    def shadowed(self) -> dict[str, str]:
+        """Model name -> manifest digest of the version scoring in its shadow."""
+        return {name: lm.manifest_digest for name, (lm, _) in self._shadows.items()}
+
+    def set_shadow(self, name: str, old: LoadedModel, sample: float) -> None:
+        self._shadows[name] = (old, sample)
+
+    def drop_shadow(self, name: str) -> None:
+        self._shadows.pop(name, None)
+
+    # ------------------------------------------------------------------------ requests
+
+    async def infer(
+        self, name: str, feeds: dict[str, np.ndarray]
+    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+        """Run one inference on the serving version; raises KeyError for an unknown model,
+        InferenceInputError for bad input, and the runtime's error when inference fails."""
+        lm = self.models[name]
+        check_feeds(lm.runtime, feeds)
+        loop = asyncio.get_running_loop()
+        shadow = self._shadows.get(name)
+        if shadow is not None and random.random() < shadow[1]:
+            return lm, await self._infer_with_shadow(lm, shadow[0], feeds)
+        run = lm.runtime.run
+        if self.config.added_latency_s:
+            run = functools.partial(_delayed, run, self.config.added_latency_s)
+        t0 = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self.executor, run, feeds)
+        except Exception:
+            self._count(lm, time.perf_counter() - t0, error=True)
+            raise
+        self._count(lm, time.perf_counter() - t0, error=False)
+        return lm, out
+
+    async def _infer_with_shadow(
+        self, lm: LoadedModel, old: LoadedModel, feeds: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Answer with the live version; score the same input with the old one for drift."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            out, shadow_s, drift, agree = await loop.run_in_executor(
+                self.executor, score_with_shadow, lm.runtime, old.runtime, feeds
+            )
+        except Exception:
+            self._count(lm, time.perf_counter() - t0, error=True)
+            raise
+        # The shadow's own time is not the live version's latency.
+        self._count(lm, time.perf_counter() - t0 - shadow_s, error=False)
+        if drift is not None:
+            self.metrics.record_shadow(lm.name, lm.version, drift, agree)
+        return out
+
+    def _count(self, lm: LoadedModel, latency_s: float, error: bool) -> None:
+        self.metrics.record(lm.name, lm.version, latency_s, error)
+        p = self._probation.get(lm.name)
+        if p is None or p.new is not lm:
+            return
+        cfg = self.config
+        verdict = health_verdict(
+            now=time.monotonic(),
+            until=p.until,
+            requests=p.requests + 1,
+            errors=p.errors + error,
+            min_requests=cfg.health_min_requests,
+            max_error_rate=cfg.health_max_error_rate,
+        )
+        if verdict is Verdict.PASSED:
+            del self._probation[lm.name]  # passed: let the previous version go
+            return
+        p.requests += 1
+        p.errors += error
+        if verdict is Verdict.FAILING:
+            self._roll_back(p)
+
+    def _roll_back(self, p: Probation) -> None:
+        """The new version fails its requests: the previous one serves again at once."""
+        new = p.new
+        reason = rollback_reason(
+            requests=p.requests,
+            errors=p.errors,
+            window_s=self.config.health_window_s,
+            max_error_rate=self.config.health_max_error_rate,
+        )
+        del self._probation[new.name]
+        if p.previous is not None:
+            self.models[new.name] = p.previous
+        else:
+            self.models.pop(new.name, None)
+        self._on_rolled_back(RolledBack(new, p.previous, reason))
