@@ -17,10 +17,15 @@ from protocol.exceptions import InvalidMessage
 _KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})")
 _VALUE_RE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 OPS = ("=", "!=", "in", "notin", "exists", "!exists")
+# Labels of one agent, token or selector: an agent asks for its own at enrollment, so without
+# a cap one body's worth of them would be stored, listed and matched on every pass.
+MAX_LABELS = 64
 
 
 def check_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, str]:
     """Return labels if every key and value is well formed; raises InvalidMessage otherwise."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidMessage(f"{field}: more than {MAX_LABELS} labels", field)
     for k, v in labels.items():
         if not isinstance(k, str) or not _KEY_RE.fullmatch(k):
             raise InvalidMessage(f"{field}: label key {_shown(k)} is not valid", field)

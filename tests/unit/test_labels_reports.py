@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from protocol.exceptions import InvalidMessage
-from protocol.labels import matches, parse_labels, parse_selector
+from protocol.labels import MAX_LABELS, check_labels, matches, parse_labels, parse_selector
 from protocol.reports import (
     MetricsBatch,
     ModelStatus,
@@ -78,3 +78,13 @@ def test_bad_status_state() -> None:
     with pytest.raises(InvalidMessage) as info:
         status_from_json(d)
     assert info.value.field == "models[0].state"
+
+
+def test_labels_past_the_cap_are_refused_naming_the_field() -> None:
+    # An agent asks for its own labels at enrollment: with no count cap one 1 MiB body stored
+    # ~80,000 of them on its row, listed by GET /agents and matched by every selector.
+    labels = {f"k{i}": "v" for i in range(MAX_LABELS)}
+    assert check_labels(labels) == labels
+    with pytest.raises(InvalidMessage) as exc:
+        check_labels({**labels, "one-more": "v"})
+    assert exc.value.field == "labels"
