@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.db.engine import Database
 from control_plane.db.models import (
     Agent,
     DesiredStateRow,
@@ -20,6 +22,7 @@ from control_plane.db.models import (
 )
 from protocol.desired import DesiredModel, DesiredState, Shadow, desired_from_json
 from protocol.labels import Selector, selector_from_json
+from protocol.timeutil import parse_time
 
 
 @dataclass(frozen=True)
@@ -215,3 +218,31 @@ class DesiredSigner:
             row.envelope = envelope
             row.updated_at = now
         return generation
+
+
+async def current(db: Database, agent_id: str) -> DesiredStateRow | None:
+    """The agent's stored desired state, if it has one."""
+    async with db.read() as s:
+        return await s.get(DesiredStateRow, agent_id)
+
+
+def expiring(document: dict[str, Any], now: datetime, ttl: timedelta) -> bool:
+    """Whether a signed document is past half its lifetime ``ttl``."""
+    return parse_time(document.get("expiresAt"), "expiresAt") - now <= ttl / 2
+
+
+async def refresh_if_expiring(
+    db: Database, signer: DesiredSigner, row: DesiredStateRow, now: datetime
+) -> DesiredStateRow:
+    """Re-sign a document past half its lifetime, so a connected agent never holds a stale one.
+
+    The long-poll calls this before it answers; the models stay, the generation moves on.
+    """
+    if not expiring(row.document, now, signer.ttl):
+        return row
+    async with db.write() as s:
+        models = desired_from_json(row.document).models
+        await signer.write(s, row.agent_id, models, now, force=True)
+    fresh = await current(db, row.agent_id)
+    assert fresh is not None
+    return fresh

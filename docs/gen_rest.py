@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from control_plane.http import ROUTES  # noqa: E402
-from control_plane.openapi import build_openapi, to_markdown  # noqa: E402
+from control_plane.api.openapi import build_openapi, to_markdown  # noqa: E402
+from control_plane.api.routes import ROUTES  # noqa: E402
 
 if __name__ == "__main__":
     out = ROOT / "docs" / "rest.md"

@@ -25,9 +25,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import make_url
 
+from control_plane.app import create_app
 from control_plane.cli.publish import build_bundle
 from control_plane.config import ServerConfig
-from control_plane.http import create_app
 from protocol.bundle import MEDIA_TYPE
 from protocol.dsse import generate_private_key, private_key_to_pem, public_key_to_pem
 from tests.modelgen import SMOKE_INPUT, iris_model, iris_reference

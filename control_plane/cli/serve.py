@@ -378,8 +378,8 @@ async def serve(config: ServerConfig) -> None:
     a drain that overruns) exits at once with status 1."""
     # Imported here: the server's stack (SQLAlchemy, Alembic) would slow every other command.
     from control_plane import redact
+    from control_plane.app import create_app
     from control_plane.errors import ConfigError
-    from control_plane.http import create_app
     from control_plane.netguard import ConnectionLimits, GuardedSite, fd_budget
 
     redact.install()

@@ -12,9 +12,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from control_plane.http import ROUTES, STATE
+from control_plane.api.routes import ROUTES
 from control_plane.ratelimit import RateLimiter
 from control_plane.scopes import SCOPES
+from control_plane.state import STATE
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
 from tests.integration.fleet_helpers import run_cli
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from control_plane.db.models import Agent
-from control_plane.http import STATE
+from control_plane.state import STATE
 from tests.conftest import ControlPlane, Publisher, iris_bundle
 from tests.integration.agent_helpers import enroll_agent, eventually, running_agent, wait_active
 from tests.integration.fleet_helpers import MODELFLEET

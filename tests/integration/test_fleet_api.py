@@ -242,8 +242,8 @@ async def test_unknown_route_is_json(cp: ControlPlane) -> None:
 def test_rest_reference_is_current() -> None:
     from pathlib import Path
 
-    from control_plane.http import ROUTES
-    from control_plane.openapi import build_openapi, to_markdown
+    from control_plane.api.openapi import build_openapi, to_markdown
+    from control_plane.api.routes import ROUTES
 
     committed = Path(__file__).resolve().parents[2] / "docs" / "rest.md"
     assert committed.read_text() == to_markdown(build_openapi(ROUTES)), (

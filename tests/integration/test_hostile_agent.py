@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.config import Retention
-from control_plane.http import MQTT, STATE
 from control_plane.mqtt import MAX_IN_FLIGHT
 from control_plane.rollup import rollup
+from control_plane.state import MQTT, STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
 from protocol.sketch import DDSketch
 from protocol.topics import agent_topic

@@ -33,10 +33,10 @@ from control_plane.db.models import (
     Rollout,
     RolloutEvent,
 )
-from control_plane.http import MQTT, STATE
 from control_plane.mqtt import MAX_IN_FLIGHT
 from control_plane.notify import DesiredNotifier
 from control_plane.rollup import HOUR, MINUTE, rollup
+from control_plane.state import MQTT, STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.sketch import DDSketch
 from protocol.topics import agent_topic

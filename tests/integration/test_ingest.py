@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from control_plane.db.models import Agent, MetricBatch, MetricSeries
 from control_plane.errors import ApiError
-from control_plane.http import STATE
 from control_plane.ingest import Ingestor
+from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.timeutil import format_time
 from tests.conftest import ControlPlane

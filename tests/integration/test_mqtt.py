@@ -20,8 +20,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from control_plane.http import MQTT
 from control_plane.mqtt_auth import CONTROL_PLANE_USER, acl_file, mosquitto_hash, password_file
+from control_plane.state import MQTT
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from control_plane.http import STATE
+from control_plane.state import STATE
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import ModelStatus, StatusReport

@@ -14,8 +14,8 @@ from control_plane import reports
 from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries
-from control_plane.http import STATE
 from control_plane.rollup import HOUR, MINUTE, rollup, series_rows, table_sizes
+from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow
 from tests.conftest import ControlPlane, Publisher, iris_bundle
 

@@ -24,10 +24,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from control_plane import audit
+from control_plane.app import create_app
 from control_plane.db.engine import Database, PoolLimits
 from control_plane.errors import DatabaseBusy
-from control_plane.http import STATE, State, create_app
 from control_plane.netguard import ConnectionLimits, GuardedSite
+from control_plane.state import STATE, State
 from tests.conftest import ControlPlane, Publisher, cp_config, start_control_plane
 from tests.integration.agent_helpers import eventually
 from tests.integration.fleet_helpers import MODELFLEET, free_port

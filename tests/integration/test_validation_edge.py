@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import update
 
 from control_plane.db.models import Agent
-from control_plane.http import STATE
+from control_plane.state import STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
 from tests.conftest import ControlPlane
 from tests.integration.test_registry import assert_error

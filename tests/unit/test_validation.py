@@ -147,7 +147,7 @@ def test_check_json_refuses_values_built_in_code(value: object, field: str) -> N
 def test_strict_json_out() -> None:
     with pytest.raises(ValueError):
         json.dumps({"x": math.nan}, allow_nan=False)
-    from control_plane.http import json_response
+    from control_plane.api.request import json_response
 
     with pytest.raises(ValueError):
         json_response({"facts": {"costPerHour": math.inf}})

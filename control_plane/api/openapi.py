@@ -1,13 +1,15 @@
-"""OpenAPI 3.1 document generated from the route table the app registers."""
+"""OpenAPI 3.1 document generated from the route table (api/routes.py), and docs/rest.md from it.
+
+It reads the Route type only: the table is passed in, so this module imports no handler.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from control_plane.http import Route
+from control_plane.api.route import Route
 
 _STATUS_TEXT = {
     200: "OK",

@@ -1,0 +1,93 @@
+"""Blob downloads by digest, with ETag and HTTP Range so an interrupted download resumes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from control_plane.api.request import st
+from control_plane.api.route import Route
+from control_plane.blobstore import BlobNotFound
+from control_plane.errors import ApiError
+from protocol.digest import check_digest
+
+
+def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) of a satisfiable Range, None for the whole blob.
+
+    An ``If-Range`` other than the blob's ETag asks for the whole blob; raises ApiError 416
+    for a malformed or unsatisfiable range.
+    """
+    if "Range" not in request.headers:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range != f'"{request.match_info["digest"]}"':
+        return None
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise ApiError(416, "bad_range", "Range header is malformed") from None
+    start, stop = rng.start, rng.stop
+    if start is None and stop is None:
+        return None
+    if start is None:
+        start = 0
+    if start < 0:  # suffix range: the last -start bytes
+        start = max(0, size + start)
+        stop = size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise ApiError(416, "range_not_satisfiable", f"range outside a {size}-byte blob")
+    return start, stop - 1
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    """A blob, with Range, ETag and Content-Length so downloads resume."""
+    digest = check_digest(request.match_info["digest"], "digest")
+    store = st(request).store
+    try:
+        size = await asyncio.to_thread(store.size, digest)
+    except BlobNotFound:
+        raise ApiError(404, "blob_not_found", f"no blob {digest}", "digest") from None
+    etag = f'"{digest}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "immutable"}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    try:
+        rng = parse_range(request, size)
+    except ApiError as exc:
+        if exc.status == 416:
+            headers["Content-Range"] = f"bytes */{size}"
+            return web.json_response(exc.to_json(), status=416, headers=headers)
+        raise
+    start, end = rng if rng else (0, size - 1)
+    length = end - start + 1 if size else 0
+    resp = web.StreamResponse(status=206 if rng else 200, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = length
+    if rng:
+        resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        return resp
+    try:
+        chunks = await asyncio.to_thread(store.open_range, digest, start, length)
+    except BlobNotFound:  # removed between the size and the read: cut the response short
+        return resp
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+ROUTES = (
+    Route(
+        "GET",
+        "/api/v1/blobs/{digest}",
+        get_blob,
+        summary="Download a blob (Range, ETag)",
+        auth="any",
+        responses=(200, 206, 304, 404, 416),
+    ),
+)
