@@ -39,7 +39,10 @@ from agent.state import Identity, StateDir
 from agent.store import LocalStore
 from agent.systemd import Notifier
 from agent.tls import client_context
+from agent.transport import NoRoute, Route, falls_back, first_route
 from agent.trust import verified_manifest
+from agent.update.disk import prune_plan, room_for
+from agent.update.downgrade import downgrade_refusal
 from agent.variants import choose_variant, providers_for
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
@@ -456,16 +459,16 @@ class Agent:
 
     def _check_rollback(self) -> None:
         """Refuse a version below the highest activated, unless the control plane ordered it."""
+        running = self.serving.running()
         for m in self.desired:
-            highest = self.state.highest_versions.get(m.name)
-            if highest and not m.rollback and compare_versions(m.version, highest) < 0:
-                running = self.serving.get(m.name)
-                if running is None or running.manifest_digest != m.manifest_digest:
-                    self.failed[m.manifest_digest] = Progress(
-                        "refused",
-                        f"version {m.version} is lower than {highest}, already activated; "
-                        "only a rollback ordered by the control plane may go down",
-                    )
+            reason = downgrade_refusal(
+                m.version,
+                self.state.highest_versions.get(m.name),
+                ordered=m.rollback,
+                serving=running.get(m.name) == m.manifest_digest,
+            )
+            if reason is not None:
+                self.failed[m.manifest_digest] = Progress("refused", reason)
 
     async def reconcile(self) -> bool:
         """Run one plan to completion; True when something must be retried later."""
@@ -555,16 +558,18 @@ class Agent:
                     mqtt: Callable[[], Awaitable[Any]]) -> Any:  # fmt: skip
         """Run a fetch over the configured bundle transport (auto: HTTP, then MQTT)."""
         mode = self.config.bundle_transport
-        if mode == "mqtt":
-            if self.mqtt is None:
-                raise UpdateError("bundle transport mqtt needs a broker (--mqtt or enrollment)")
+        try:
+            route = first_route(mode, broker=self.mqtt is not None)
+        except NoRoute as exc:
+            raise UpdateError(str(exc)) from None
+        if route is Route.MQTT:
             return await mqtt()
         try:
             return await http()
-        except HttpStatusError:
-            raise
-        except TransportError:
-            if mode == "auto" and self.mqtt is not None and self.mqtt.connected:
+        except TransportError as exc:
+            connected = self.mqtt is not None and self.mqtt.connected
+            answered = isinstance(exc, HttpStatusError)
+            if falls_back(mode, http_answered=answered, broker_connected=connected):
                 log.info("control plane unreachable over HTTP: fetching over MQTT")
                 return await mqtt()
             raise
@@ -601,19 +606,15 @@ class Agent:
         if not needed:
             return
         free = (await asyncio.to_thread(shutil.disk_usage, self.config.state_dir)).free
-        if needed > free:
-            raise UpdateError(f"needs {needed} bytes of disk, {free} are free")
         budget = self.config.disk_budget_bytes
-        if budget is None:
-            return
-        used = await asyncio.to_thread(self.store.used_bytes)
-        if used + needed > budget:
+        used = 0 if budget is None else await asyncio.to_thread(self.store.used_bytes)
+        room = room_for(needed=needed, free=free, used=used, budget=budget, pruned=False)
+        if room.prune:
             await asyncio.to_thread(self._prune)
             used = await asyncio.to_thread(self.store.used_bytes)
-        if used + needed > budget:
-            raise UpdateError(
-                f"needs {needed} bytes but the disk budget of {budget} leaves {budget - used}"
-            )
+            room = room_for(needed=needed, free=free, used=used, budget=budget, pruned=True)
+        if room.reason is not None:
+            raise UpdateError(room.reason)
 
     async def _download(self, f: FileEntry) -> None:
         if await asyncio.to_thread(self.store.has_blob, f.digest):
@@ -729,13 +730,15 @@ class Agent:
 
     def _prune(self) -> None:
         """Keep, per model, the active version and ``keep_versions`` before it; drop the rest."""
-        keep = {m.manifest_digest for m in self.desired}
-        keep |= {m.shadow.manifest_digest for m in self.desired if m.shadow is not None}
-        keep |= self.serving.held_digests()
-        for history in self.state.history.values():
-            del history[1 + self.config.keep_versions :]
-            keep |= set(history)
-        removed = self.store.prune(keep)
+        p = prune_plan(
+            desired=self.desired,
+            held=self.serving.held_digests(),
+            history=self.state.history,
+            keep_versions=self.config.keep_versions,
+        )
+        for name, history in p.history.items():
+            self.state.history[name][:] = history
+        removed = self.store.prune(set(p.keep))
         if removed:
             log.info("pruned %d old version(s) from disk", removed)
 

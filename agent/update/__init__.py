@@ -1,0 +1,1 @@
+"""Updating: the decisions about fetching, fitting and activating new versions."""
