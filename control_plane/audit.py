@@ -73,6 +73,9 @@ async def append(
     return row.hash
 
 
+NO_ROUTE = "(no route)"  # the kind of refusals on paths no route has, whatever the path
+
+
 @dataclass
 class _Run:
     """Refusals of one kind since the row that was written for the first of them."""
@@ -104,7 +107,9 @@ class RefusalLog:
     async def record(self, at: datetime, actor: str, action: str, target: str, outcome: int,
                      remote: str, route: str | None) -> None:  # fmt: skip
         """Record one refusal: a row now, or a count in the open run of its kind."""
-        key = (remote, actor, outcome, action)
+        # With no route, the action names the caller's own path (and method): a new one in
+        # every request would make every refusal a kind of its own, and a row.
+        key = (remote, actor, outcome, action if route is not None else NO_ROUTE)
         if key not in self._runs and len(self._runs) >= self.max_kinds:
             await self.flush(at)
             if len(self._runs) >= self.max_kinds:

@@ -21,11 +21,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from control_plane import audit
 from control_plane.app import create_app
 from control_plane.db.engine import Database, PoolLimits
+from control_plane.db.models import AuditEvent
 from control_plane.errors import DatabaseBusy
 from control_plane.netguard import ConnectionLimits, GuardedSite
 from control_plane.state import STATE, State
@@ -218,6 +219,33 @@ async def test_refusals_from_one_source_get_429_and_one_audit_row(
         assert by_outcome[401][1]["detail"]["repeated"] == 4
         assert by_outcome[429][1]["detail"]["repeated"] == 3
         assert audit.verify(events).ok
+    finally:
+        await cp.client.close()
+
+
+async def test_refusals_on_paths_no_route_has_share_one_audit_run(
+    tmp_path: Path, publisher: Publisher
+) -> None:
+    # Refusals were coalesced by "METHOD path" when no route matched: a source that put a new
+    # path in every request (401, then 429 from its bucket) wrote one audit row per request.
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        refusal_rate_per_s=0.5, refusal_burst=5.0,
+    )  # fmt: skip
+    cp = await start_control_plane(config)
+    try:
+        state = state_of(cp)
+        async with state.db.read() as s:
+            before = await s.scalar(select(func.count()).select_from(AuditEvent))
+        codes = [(await cp.call("GET", f"/nothing-{i}", token=f"mfa_bad{i}")).status
+                 for i in range(30)]  # fmt: skip
+        assert set(codes) == {401, 429}, codes
+        await state.refusals.flush()  # type: ignore[union-attr]
+        async with state.db.read() as s:
+            rows = list(await s.scalars(select(AuditEvent).where(AuditEvent.id > before)))
+        # The first 401 and the first 429 as rows of their own, then one count of each.
+        assert len(rows) == 4, [(r.action, r.outcome, r.detail) for r in rows]
+        assert sum(r.detail.get("repeated", 0) for r in rows) == 28
     finally:
         await cp.client.close()
 
