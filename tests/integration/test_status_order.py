@@ -17,6 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Self
 
+import aiomqtt
 import pytest
 from sqlalchemy import select, update
 
@@ -122,8 +123,16 @@ class BridgeSpy:
     async def publish(self, broker: Broker, agent_id: str, password: str, doc: dict) -> None:
         """Publish ``doc`` on the agent's status topic, as the agent, and wait until handled."""
         payload = json.dumps(doc).encode()
-        async with broker.client(agent_id, password) as c:
-            await c.publish(agent_topic(agent_id, "status", broker.prefix), payload, qos=1)
+
+        async def sent() -> bool:
+            try:
+                async with broker.client(agent_id, password) as c:
+                    await c.publish(agent_topic(agent_id, "status", broker.prefix), payload, qos=1)
+                return True
+            except aiomqtt.MqttError:
+                return False  # refused while the broker re-reads its password file: again
+
+        await eventually(sent, 10)
         await eventually(lambda: payload in self.handled, 10)
 
 
