@@ -45,6 +45,7 @@ from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries, MetricSetAside
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
+from protocol.exceptions import InvalidMessage
 from protocol.sketch import DDSketch
 
 log = logging.getLogger("modelfleet.control_plane.rollup")
@@ -73,9 +74,10 @@ def checked_sketch(doc: object) -> DDSketch:
     """A stored latency sketch that merges with this control plane's; raises BadRow."""
     try:
         sketch = DDSketch.from_json(doc)
-    except Exception as exc:
-        # Deliberate boundary: stored data of any shape (an older version, a hand edit); the
-        # row is left out or set aside, whatever the parser raised on it.
+    except InvalidMessage as exc:
+        # What from_json says of any JSON value it refuses (stored by an older version, or
+        # by hand). Anything else it raises is a bug: caught here, it would set every row
+        # aside as bad data instead of stopping the pass.
         raise BadRow(f"latency sketch: {reason_of(exc)}") from None
     # from_json took only the merged accuracy and bins in [MIN_KEY, MAX_KEY]; what it leaves
     # to its callers is how large a stored total may be.
