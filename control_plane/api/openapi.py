@@ -147,8 +147,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
     ]
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            lines.append(f"| {method.upper()} | `{path}` | {op['x-modelfleet-auth']} | "
-                         f"{op.get('x-modelfleet-scope', '')} | {op['summary']} |")  # fmt: skip
+            who, scope = op["x-modelfleet-auth"], op.get("x-modelfleet-scope", "")
+            lines.append(f"| {method.upper()} | `{path}` | {who} | {scope} | {op['summary']} |")
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             lines += ["", f"## {method.upper()} {path}", "", op["description"], ""]

@@ -39,9 +39,13 @@ class Route:
 
 # What an agent that waits for approval may do: be seen (status) and wait (long-poll).
 PENDING_ROUTES = frozenset(
-    {"/api/v1/agents/{id}", "/api/v1/agents/{id}/desired", "/api/v1/agents/{id}/status",
-     "/api/v1/keyset"}
-)  # fmt: skip
+    {
+        "/api/v1/agents/{id}",
+        "/api/v1/agents/{id}/desired",
+        "/api/v1/agents/{id}/status",
+        "/api/v1/keyset",
+    }
+)
 
 
 def check_access(route: Route, request: web.Request) -> None:
