@@ -31,6 +31,7 @@ from agent.mqtt import MqttLink
 from agent.offline import imported
 from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
+from agent.report.status import StatusReporter
 from agent.runtime import LoadedModel, load_model, run_smoke_test
 from agent.serving.app import start_serving
 from agent.serving.prom import Gauges
@@ -118,11 +119,12 @@ class Agent:
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self._download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         self._reconcile_wake = asyncio.Event()
-        self._status_dirty = asyncio.Event()
-        # The order of status reports, (epoch, seq): see status_report. The epoch is taken
-        # from the state dir on entry.
-        self._status_epoch = 0
-        self._status_seq = 0
+        self.reporter = StatusReporter(
+            report=self.status_report,
+            send=self._send_status,
+            heartbeat_s=config.heartbeat_s,
+            before_report=self._before_status,
+        )
         self._state_dirty = False
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,7 +158,7 @@ class Agent:
 
         def changed(connected: bool) -> None:
             self._transport_changed.set()
-            self._status_dirty.set()
+            self.reporter.changed()
             # What was in flight when the link changed may never be acknowledged (a broker gone,
             # or restarted): send every unacknowledged batch again at the next flush, over HTTP
             # while the broker is away (its seq makes that harmless).
@@ -172,7 +174,7 @@ class Agent:
 
     async def __aenter__(self) -> Agent:
         await self.client.__aenter__()
-        self._status_epoch = await asyncio.to_thread(self.dirs.next_status_epoch, time.time())
+        await self.reporter.open(self.dirs)
         await self._restore()
         self._runner, self.serve_port = await start_serving(self.serving, self.gauges)
         log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
@@ -180,7 +182,7 @@ class Agent:
         loops = [
             ("sync", self._sync_loop()),
             ("reconcile", self._reconcile_loop()),
-            ("status", self._status_loop()),
+            ("status", self.reporter.run()),
             ("metrics", self._metrics_loop()),
             ("keyset", self._keyset_loop()),
         ]
@@ -190,7 +192,7 @@ class Agent:
             loops.append(("mqtt", self.mqtt.run()))
         for name, coro in loops:
             self._tasks.append(asyncio.create_task(coro, name=f"agent-{name}"))
-        self._status_dirty.set()
+        self.reporter.changed()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -303,7 +305,7 @@ class Agent:
         await asyncio.to_thread(self.dirs.save_state, self.state)
         self.last_error = None
         self._reconcile_wake.set()
-        self._status_dirty.set()
+        self.reporter.changed()
         return True
 
     def _merge_desired(self) -> None:
@@ -339,13 +341,14 @@ class Agent:
             log.info("using the rotated credential")
         self.config = config
         self.serving.reconfigure(config)
+        self.reporter.reconfigure(config.heartbeat_s)
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self.pins = imported(config.state_dir)
         self._merge_desired()
         self.failed.clear()
         log.info("configuration reloaded (%d trusted publisher keys)", len(self.publishers))
         self._reconcile_wake.set()
-        self._status_dirty.set()
+        self.reporter.changed()
 
     async def _watchdog_loop(self, interval_s: float) -> None:
         """Ping systemd at half its watchdog interval, from the event loop itself: a stuck loop
@@ -397,7 +400,7 @@ class Agent:
             log.info("key set version %d accepted: %d publisher key(s), %d needed, %d control "
                      "plane key(s)", keyset.version, len(self.publishers),
                      self.publisher_threshold, len(self.cp_keys))  # fmt: skip
-            self._status_dirty.set()
+            self.reporter.changed()
             return applied
 
     async def _keyset_loop(self) -> None:
@@ -423,7 +426,7 @@ class Agent:
     def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
             self.last_error = message
-            self._status_dirty.set()
+            self.reporter.changed()
 
     # ---------------------------------------------------------------------- reconcile
 
@@ -503,7 +506,7 @@ class Agent:
             if self._state_dirty:
                 self._state_dirty = False
                 await asyncio.to_thread(self.dirs.save_state, self.state)
-            self._status_dirty.set()
+            self.reporter.changed()
             return incomplete
 
     async def _reconcile_shadows(self) -> bool:
@@ -534,13 +537,13 @@ class Agent:
 
     def _set_progress(self, m: DesiredModel, state: str, reason: str | None = None) -> None:
         self.progress[m.manifest_digest] = Progress(state, reason)
-        self._status_dirty.set()
+        self.reporter.changed()
 
     def _fail(self, m: DesiredModel, reason: str) -> None:
         log.error("%s %s failed: %s", m.name, m.version, reason)
         self.failed[m.manifest_digest] = Progress("failed", reason)
         self.progress[m.manifest_digest] = Progress("failed", reason)
-        self._status_dirty.set()
+        self.reporter.changed()
 
     async def _fetch_one(self, m: DesiredModel) -> str:
         """Fetch one version: "ok", "failed" (reported, not retried) or "retry" (link trouble)."""
@@ -760,7 +763,7 @@ class Agent:
         self.progress[new.manifest_digest] = Progress("failed", event.reason)
         self._state_dirty = True
         self._reconcile_wake.set()  # persists the state
-        self._status_dirty.set()
+        self.reporter.changed()
 
     def ready(self) -> bool:
         """Every desired model has a version serving."""
@@ -776,15 +779,9 @@ class Agent:
         return {"desiredState": state, "desiredExpiresAt": format_time(self.desired_expires_at)}
 
     def status_report(self) -> StatusReport:
-        """The agent's status now, numbered after every report built before it.
-
-        (epoch, seq) only grows: the epoch is kept in the state dir and grows at every start
-        (StateDir.next_status_epoch: one fsync a start, none a report), seq counts reports
-        since in memory. The control plane stores a report only when it is newer than the one
-        it holds, so one delivered late (by a broker after an outage, after a newer one went
-        over HTTP) changes nothing; the agent does not resend a report it was told is stale.
-        """
-        self._status_seq += 1
+        """The agent's status now, numbered after every report built before it (the
+        reporter's (epoch, seq): agent/report/status.py)."""
+        epoch, seq = self.reporter.next_number()
         models = [
             ModelStatus(lm.name, lm.version, lm.manifest_digest, "active", variant=lm.variant)
             for lm in self.serving.snapshot()
@@ -810,31 +807,19 @@ class Agent:
                 **self.desired_freshness(),
                 "keysetVersion": self.keyset.version if self.keyset else None,
             },
-            epoch=self._status_epoch,
-            seq=self._status_seq,
+            epoch=epoch,
+            seq=seq,
         )
 
-    async def _status_loop(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                async with asyncio.timeout(self.config.heartbeat_s):
-                    await self._status_dirty.wait()
-            except TimeoutError:
-                pass
-            self._status_dirty.clear()
-            now = time.monotonic()
-            self.failpoints.stall("stall-event-loop", now - self.started)
-            self.serving.end_passed_windows(now)
-            try:
-                doc = self.status_report().to_json()
-                if not (self.mqtt is not None and await self.mqtt.publish("status", doc)):
-                    await self.client.post_status(doc)
-                backoff.reset()
-            except TransportError as exc:
-                log.warning("status report failed: %s", exc)
-                await asyncio.sleep(backoff.next_delay())
-                self._status_dirty.set()
+    def _before_status(self) -> None:
+        now = time.monotonic()
+        self.failpoints.stall("stall-event-loop", now - self.started)
+        self.serving.end_passed_windows(now)
+
+    async def _send_status(self, doc: dict[str, Any]) -> None:
+        """Over MQTT when the link is up, else over HTTP; raises TransportError."""
+        if not (self.mqtt is not None and await self.mqtt.publish("status", doc)):
+            await self.client.post_status(doc)
 
     async def _cut_metrics(self) -> None:
         window = self.metrics.take_window(_utcnow())
