@@ -149,9 +149,20 @@ class AgentCaller:
 Principal = Operator | AgentCaller
 
 
+def _plausible(token: str) -> bool:
+    """Whether ``token`` could be one of ours (printable ASCII, as every secret here is).
+
+    A header's bytes that are not UTF-8 reach us as lone surrogates, which hashing (UTF-8)
+    cannot encode: such a token is simply not valid, never an error.
+    """
+    return token.isascii() and token.isprintable()
+
+
 async def authenticate(db: Database, token: str) -> Principal | None:
     """:func:`resolve` that holds a database session only for the lookup: scrypt (a worker
     thread, which may be queued behind others) runs after the session is back in the pool."""
+    if not _plausible(token):
+        return None
     async with db.read() as s:
         if not token.startswith(AGENT_CREDENTIAL_PREFIX):
             return await resolve(s, token)
@@ -162,6 +173,8 @@ async def authenticate(db: Database, token: str) -> Principal | None:
 async def resolve(session: AsyncSession, token: str, now: datetime | None = None
                   ) -> Principal | None:  # fmt: skip
     """Find who holds ``token``, or None (also for an expired or revoked API token)."""
+    if not _plausible(token):
+        return None
     now = now or datetime.now(UTC)
     if token.startswith(AGENT_CREDENTIAL_PREFIX):
         row = await _agent_row(session, token)

@@ -91,6 +91,19 @@ async def test_a_chunked_body_past_the_cap_is_413(tmp_path: Path, publisher: Pub
         await cp.client.close()
 
 
+@pytest.mark.parametrize("token", [b"\xff\xfe", b"mfc_\xc3\x28", b"mfa_\xed\xa0\x80", b"\x80"])
+async def test_a_bearer_token_that_is_not_utf8_is_401_not_500(
+    cp_sqlite: ControlPlane, token: bytes
+) -> None:
+    # aiohttp hands such header bytes over as lone surrogates; hashing the token encoded it
+    # as UTF-8 and raised: a 500 from one anonymous request.
+    head = (b"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + token + b"\r\n\r\n")  # fmt: skip
+    answer = await raw_request(cp_sqlite.client.port, head)
+    assert status_of(answer) == 401, answer
+    assert token not in answer
+
+
 # ----------------------------------------------------------------------------- connections
 
 
