@@ -1,0 +1,144 @@
+"""The project's layout rules, read from the source: how the next person finds out.
+
+- ``protocol`` is pure and shared: it imports neither ``agent`` nor ``control_plane``;
+- ``agent`` and ``control_plane`` never import each other (they meet only in ``protocol`` and
+  on the wire; the command line is assembled through entry points, ADR 1);
+- no import circle between the project's modules (a module importing its own package, as
+  ``from pkg import sibling`` does, is none).
+
+Every import counts: one inside a function (a lazy import is still a dependency) and one under
+``if TYPE_CHECKING:`` (a module that needs another's types to be read depends on it; a circle
+of those is two ideas that have not been pulled apart).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("protocol", "agent", "control_plane", "migrations")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the project's packages, by dotted name."""
+    return {
+        _module_name(p): p
+        for package in PACKAGES
+        for p in sorted((ROOT / package).rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
+    """Dotted names this module imports (absolute, relative ones resolved)."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".")
+                if not is_package:
+                    anchor = anchor[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            # ``from pkg import mod`` imports a module when pkg.mod is one.
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports."""
+    modules = project_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        targets = set()
+        for imported in _imports(tree, name, path.name == "__init__.py"):
+            # A module's own packages are already being imported when it runs: no circle.
+            if imported in modules and not (name == imported or name.startswith(f"{imported}.")):
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+
+    def visit(v: str) -> None:
+        nonlocal counter
+        index[v] = low[v] = counter
+        counter += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_protocol_is_pure_and_the_two_sides_meet_only_there() -> None:
+    wrong = []
+    for module, targets in import_graph().items():
+        for target in targets:
+            pair = (_top(module), _top(target))
+            if pair in (
+                ("protocol", "agent"),
+                ("protocol", "control_plane"),
+                ("agent", "control_plane"),
+                ("control_plane", "agent"),
+            ):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_import_circle_between_project_modules() -> None:
+    found = cycles(import_graph())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_checks_see_a_circle_and_a_crossing() -> None:
+    # The graph reader itself: a planted circle is found, relative imports are resolved.
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    tree = ast.parse("from . import x\nfrom ..p import q\nif TYPE_CHECKING:\n    import z\n")
+    got = set(_imports(tree, "pkg.sub.mod", is_package=False))
+    assert {"pkg.sub.x", "pkg.p.q", "z"} <= got
