@@ -15,6 +15,7 @@ from aiohttp import web
 from control_plane.api.request import PRINCIPAL
 from control_plane.auth import AgentCaller, Operator
 from control_plane.errors import ApiError
+from protocol.fields import check_plain
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # none: public. operator: an operator's API token. agent: the agent named in {id}, with its
@@ -77,11 +78,22 @@ def check_access(route: Route, request: web.Request) -> None:
             raise ApiError(403, "forbidden", "this route needs the agent's own credential")
 
 
+def check_path_params(request: web.Request) -> None:
+    """Raise InvalidMessage (400) naming a path parameter that holds a control character.
+
+    Percent-decoded, a path can carry a NUL, which PostgreSQL refuses in any text it is
+    given: a 500 for a lookup that should simply find nothing.
+    """
+    for name, value in request.match_info.items():
+        check_plain(value, f"path parameter {name}")
+
+
 def guarded(route: Route) -> Handler:
     """The route's handler behind its access check."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         check_access(route, request)
+        check_path_params(request)
         return await route.handler(request)
 
     return handler

@@ -123,3 +123,19 @@ async def test_agents_listing_stays_json_over_rows_stored_before_the_schema(
     assert r.status == 200, await r.text()
     listed = json.loads(await r.text(), parse_constant=lambda c: 1 / 0)
     assert listed["agents"][0]["facts"] == {"cpuCount": 4, "arch": "arm64"}
+
+
+async def test_a_path_parameter_with_a_control_character_is_400_not_500(cp: ControlPlane) -> None:
+    # Percent-decoded, a path carries a NUL to the handler, and PostgreSQL refuses it in any
+    # text it is given: an operator's lookup of /agents/%00 (and of a model, a rollout, a
+    # desired state) answered 500 instead of finding nothing.
+    for method, path, param in (
+        ("GET", "/agents/%00", "id"),
+        ("GET", "/agents/%00/desired", "id"),
+        ("GET", "/models/%00/versions", "name"),
+        ("GET", "/rollouts/%00", "id"),
+        ("POST", "/rollouts/%00/pause", "id"),
+        ("GET", "/agents/a%1b%5b2J", "id"),
+    ):
+        r = await cp.call(method, path)
+        await assert_error(r, 400, "invalid", f"path parameter {param}")
