@@ -195,14 +195,17 @@ async def test_agents_enrolling_mid_rollout_get_their_cohort_position(
 ) -> None:
     await baseline(cp, fleet, publisher, 3)
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+    # The first stage soaks until promoted, so the late agents' first install cannot race it.
     r = await rollout(cp, {"model": "iris", "version": "2.0.0",
-                           "stages": [{"count": 1, "soak": "3s"}, {"percent": 100}]})  # fmt: skip
+                           "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
     late = await fleet.add(2, "onprem")
     # Not in the first cohort (one agent): the late agents run what completed rollouts give.
     versions = await fleet.versions()
     await eventually(lambda: _on(fleet, [a.agent_id for a in late], "1.0.0"))
     first = await show(cp, r["id"])
     assert first["progress"]["moved"] == 1 and versions
+    promoted = await cp.call("POST", f"/rollouts/{r['id']}/promote", json={})
+    assert promoted.status == 200, await promoted.text()
     done = await until_state(cp, r["id"], "completed")
     assert done["progress"] == {"matching": 5, "moved": 5, "active": done["progress"]["active"]}
     await all_on(fleet, "2.0.0")
