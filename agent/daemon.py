@@ -31,6 +31,7 @@ from agent.mqtt import MqttLink
 from agent.offline import imported
 from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
+from agent.report.outbox import MetricsOutbox
 from agent.report.status import StatusReporter
 from agent.runtime import LoadedModel, load_model, run_smoke_test
 from agent.serving.app import start_serving
@@ -50,7 +51,7 @@ from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
 from protocol.keyset import follow_chain
 from protocol.manifest import FileEntry, Manifest
-from protocol.reports import MetricsBatch, ModelStatus, StatusReport
+from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
@@ -100,7 +101,6 @@ class Agent:
         self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
         self.progress: dict[str, Progress] = {}  # manifest digest -> what is happening to it
         self.last_error: str | None = None
-        self._sent_over_mqtt: dict[int, float] = {}  # metrics seq -> when published, unacked
         # Expiry of the desired state we act on: past it we keep serving but report "stale"
         # (a control plane, or someone between us, that stopped sending fresh documents).
         self.desired_expires_at: datetime | None = None
@@ -116,6 +116,15 @@ class Agent:
             "downloads": 0, "download_bytes": 0, "last_sync": 0,
             "pending_batches": 0, "dropped_batches": 0,
         }  # fmt: skip
+        self.outbox = MetricsOutbox(
+            agent_id=self.identity.agent_id,
+            config=config,
+            recorder=self.metrics,
+            buffer=self.buffer,
+            publish=self._publish,
+            post=self.client.post_metrics,
+            on_counts=self._metrics_counts,
+        )
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self._download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         self._reconcile_wake = asyncio.Event()
@@ -159,15 +168,12 @@ class Agent:
         def changed(connected: bool) -> None:
             self._transport_changed.set()
             self.reporter.changed()
-            # What was in flight when the link changed may never be acknowledged (a broker gone,
-            # or restarted): send every unacknowledged batch again at the next flush, over HTTP
-            # while the broker is away (its seq makes that harmless).
-            self._sent_over_mqtt.clear()
+            self.outbox.link_changed()
 
         return MqttLink(
             self.identity.agent_id, url, given.get("username"), given.get("password"),
             given.get("prefix", ""), self.handle_desired, changed, self.config.mqtt_ca_file,
-            self._metrics_acked,
+            self.outbox.acked,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ lifecycle
@@ -183,7 +189,7 @@ class Agent:
             ("sync", self._sync_loop()),
             ("reconcile", self._reconcile_loop()),
             ("status", self.reporter.run()),
-            ("metrics", self._metrics_loop()),
+            ("metrics", self.outbox.run()),
             ("keyset", self._keyset_loop()),
         ]
         if self.notifier.watchdog_s:
@@ -206,12 +212,7 @@ class Agent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._cut_metrics()
-        try:
-            async with asyncio.timeout(3):
-                await self._flush_metrics()
-        except (TimeoutError, TransportError):
-            log.warning("%d metrics batch(es) stay buffered on disk", self.buffer.pending())
+        await self.outbox.drain(3)
         await self.client.__aexit__(None, None, None)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.buffer.close()
@@ -341,6 +342,7 @@ class Agent:
             log.info("using the rotated credential")
         self.config = config
         self.serving.reconfigure(config)
+        self.outbox.reconfigure(config)
         self.reporter.reconfigure(config.heartbeat_s)
         self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
         self.pins = imported(config.state_dir)
@@ -818,70 +820,18 @@ class Agent:
 
     async def _send_status(self, doc: dict[str, Any]) -> None:
         """Over MQTT when the link is up, else over HTTP; raises TransportError."""
-        if not (self.mqtt is not None and await self.mqtt.publish("status", doc)):
+        if not await self._publish("status", doc):
             await self.client.post_status(doc)
 
-    async def _cut_metrics(self) -> None:
-        window = self.metrics.take_window(_utcnow())
-        if window is None:
-            return
+    async def _publish(self, kind: str, doc: dict[str, Any]) -> bool:
+        """Publish a report over MQTT; False when there is no link to take it (use HTTP)."""
+        return self.mqtt is not None and await self.mqtt.publish(kind, doc)
 
-        def make(seq: int, dropped: int) -> dict[str, Any]:
-            batch = MetricsBatch(
-                self.identity.agent_id, seq, window.start, window.end, window.series,
-                extra={"droppedBatches": dropped},
-            )  # fmt: skip
-            return batch.to_json()
-
-        await asyncio.to_thread(self.buffer.append, make)
-        await self._refresh_buffer_counters()
-
-    async def _refresh_buffer_counters(self) -> None:
-        pending, dropped = await asyncio.to_thread(
-            lambda: (self.buffer.pending(), self.buffer.dropped())
-        )
+    def _metrics_counts(self, pending: int, dropped: int) -> None:
         self.counters["pending_batches"] = pending
         self.counters["dropped_batches"] = dropped
 
-    async def _metrics_acked(self, seq: int) -> None:
-        """The control plane stored batch ``seq`` (said over MQTT): forget it."""
-        self._sent_over_mqtt.pop(seq, None)
-        await asyncio.to_thread(self.buffer.ack, seq)
-        await self._refresh_buffer_counters()
-
-    async def _flush_metrics(self) -> None:
-        """Send buffered batches oldest first; raises TransportError when the link fails.
-
-        Over HTTP a batch goes when the control plane answers that it stored it. Over MQTT the
-        broker's PUBACK is not enough (a broker restart can lose what it had in flight to the
-        control plane): the batch stays until the control plane's metrics/ack names it, and is
-        sent again (by MQTT or HTTP) if that does not come within metrics_ack_timeout_s. Its
-        seq makes every resend harmless.
-        """
-        try:
-            now = time.monotonic()
-            for seq, body in await asyncio.to_thread(self.buffer.batch, 200):
-                sent = self._sent_over_mqtt.get(seq)
-                if sent is not None and now - sent < self.config.metrics_ack_timeout_s:
-                    continue  # on its way; the acknowledgement will let it go
-                if self.mqtt is not None and await self.mqtt.publish("metrics", body):
-                    self._sent_over_mqtt[seq] = time.monotonic()
-                    continue
-                await self.client.post_metrics(body)
-                self._sent_over_mqtt.pop(seq, None)
-                await asyncio.to_thread(self.buffer.ack, seq)
-        finally:
-            await self._refresh_buffer_counters()
-
-    async def _metrics_loop(self) -> None:
-        backoff = Backoff()
-        while True:
-            await asyncio.sleep(self.config.metrics_interval_s)
-            await self._cut_metrics()
-            try:
-                await self._flush_metrics()
-                backoff.reset()
-            except TransportError as exc:
-                log.warning("metrics report failed (%d buffered): %s",
-                            self.counters["pending_batches"], exc)  # fmt: skip
-                await asyncio.sleep(backoff.next_delay())
+    @property
+    def _sent_over_mqtt(self) -> dict[int, float]:
+        # Read by tests/integration/test_mqtt.py's failure message: the outbox's in-flight seqs.
+        return self.outbox.in_flight
