@@ -72,24 +72,38 @@ async def source_limit_middleware(request: web.Request, handler: Handler) -> web
     A 401 anywhere, and any 4xx of a public route (enroll with a bad token or body), costs
     the source one token; authenticated callers have their own limit (auth_middleware) and
     are not charged for a 403. Health checks are never refused here.
+
+    A spent source still reaches the routes with a bearer credential: agents behind the same
+    NAT, proxy or /64 as an attacker keep reporting, and a refused credential is answered 429
+    rather than 401 (a credential costs one indexed lookup; scrypt runs only for a stored one).
     """
     limiter = st(request).refusal_limiter
     if limiter is None or not request.path.startswith("/api/v1/"):
         return await handler(request)
     source = source_of(request)
-    if request.path != "/api/v1/health" and (wait := limiter.peek(source)):
-        return error_response(
-            ApiError(
-                429,
-                "too_many_refusals",
-                f"too many refused requests from this address; retry in {wait:.1f}s",
-                headers={"Retry-After": RateLimiter.retry_after(wait)},
-            )
-        )
+    wait = 0.0 if request.path == "/api/v1/health" else limiter.peek(source)
+    credential = request.path not in PUBLIC_PATHS and request.headers.get(
+        "Authorization", ""
+    ).lower().startswith("bearer ")
+    if wait and not credential:
+        return _too_many_refusals(wait)
     resp = await handler(request)
     if resp.status == 401 or (400 <= resp.status < 500 and request.path in PUBLIC_PATHS):
         limiter.take(source)
+        if wait:
+            return _too_many_refusals(wait)
     return resp
+
+
+def _too_many_refusals(wait: float) -> web.Response:
+    return error_response(
+        ApiError(
+            429,
+            "too_many_refusals",
+            f"too many refused requests from this address; retry in {wait:.1f}s",
+            headers={"Retry-After": RateLimiter.retry_after(wait)},
+        )
+    )
 
 
 AUDIT_QUIET = re.compile(r"^/api/v1/agents/[^/]+/(status|metrics|desired)$")
