@@ -7,7 +7,6 @@ server; leaving it stops accepting requests, drains, flushes metrics once, and d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import shutil
@@ -26,6 +25,7 @@ from agent.config import AgentConfig
 from agent.exceptions import HttpStatusError, TransportError, UpdateError
 from agent.facts import gather_facts
 from agent.failpoints import Failpoints
+from agent.keyring import KeyRing
 from agent.metrics import MetricsRecorder
 from agent.mqtt import MqttLink
 from agent.offline import imported
@@ -42,21 +42,19 @@ from agent.store import LocalStore
 from agent.systemd import Notifier
 from agent.tls import client_context
 from agent.transport import NoRoute, Route, falls_back, first_route
-from agent.trust import verified_manifest
 from agent.update.disk import prune_plan, room_for
 from agent.update.downgrade import downgrade_refusal
 from agent.variants import choose_variant, providers_for
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
-from protocol.keyset import follow_chain
+from protocol.keyset import KeySet
 from protocol.manifest import FileEntry, Manifest
 from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
 
 log = logging.getLogger("modelfleet.agent")
-KEYSET_WAIT_S = 5.0  # how long a manifest check waits for a key set look in progress
 
 
 def _utcnow() -> datetime:
@@ -80,10 +78,6 @@ class Agent:
         self.started = time.monotonic()
         self.dirs = StateDir(config.state_dir)
         self.identity: Identity = self.dirs.load_identity()
-        self.keyset = self.dirs.load_keyset()
-        self._set_trust(config)
-        self._keyset_lock = asyncio.Lock()
-        self._keyset_task: asyncio.Task[int] | None = None  # a look started by a new generation
         self.state = self.dirs.load_state()
         self.store = LocalStore(config.state_dir)
         self.buffer = MetricsBuffer(
@@ -134,6 +128,13 @@ class Agent:
             heartbeat_s=config.heartbeat_s,
             before_report=self._before_status,
         )
+        self.keyring = KeyRing(
+            dirs=self.dirs,
+            config=config,
+            client=self.client,
+            on_refused=self._note_error,
+            on_changed=self.reporter.changed,
+        )
         self._state_dirty = False
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,6 +142,11 @@ class Agent:
         self.serve_port: int | None = None
         self._transport_changed = asyncio.Event()
         self.mqtt = self._mqtt_link()
+
+    @property
+    def keyset(self) -> KeySet | None:
+        """The key set held (the key ring's)."""
+        return self.keyring.keyset
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -190,7 +196,7 @@ class Agent:
             ("reconcile", self._reconcile_loop()),
             ("status", self.reporter.run()),
             ("metrics", self.outbox.run()),
-            ("keyset", self._keyset_loop()),
+            ("keyset", self.keyring.run()),
         ]
         if self.notifier.watchdog_s:
             loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_s)))
@@ -208,7 +214,7 @@ class Agent:
             await self._runner.cleanup()
         if self.mqtt is not None:
             await self.mqtt.say_offline()
-        tasks = [*self._tasks, *([self._keyset_task] if self._keyset_task else [])]
+        tasks = [*self._tasks, *([self.keyring.task] if self.keyring.task else [])]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -222,7 +228,7 @@ class Agent:
         if self.state.desired_envelope:
             try:
                 ds = accept_desired(
-                    self.state.desired_envelope.encode(), self.cp_keys,
+                    self.state.desired_envelope.encode(), self.keyring.cp_keys,
                     self.identity.agent_id, 0, _utcnow(), allow_expired=True,
                 )  # fmt: skip
                 if ds is not None:
@@ -276,15 +282,15 @@ class Agent:
         try:
             try:
                 ds = accept_desired(
-                    envelope, self.cp_keys, self.identity.agent_id,
+                    envelope, self.keyring.cp_keys, self.identity.agent_id,
                     self.state.highest_generation, _utcnow(),
                 )  # fmt: skip
             except SignatureError:
                 # Perhaps signed by a rotated control plane key that a newer key set lists.
-                if not await self.refresh_keyset():
+                if not await self.keyring.refresh():
                     raise
                 ds = accept_desired(
-                    envelope, self.cp_keys, self.identity.agent_id,
+                    envelope, self.keyring.cp_keys, self.identity.agent_id,
                     self.state.highest_generation, _utcnow(),
                 )  # fmt: skip
         except ProtocolError as exc:
@@ -297,7 +303,7 @@ class Agent:
                  ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.progress.clear()
-        self._look_for_keyset()  # publishers may have changed too: look before verifying
+        self.keyring.look()  # publishers may have changed too: look before verifying
         self.from_control_plane = ds.models
         self.desired_expires_at = ds.expires_at
         self._merge_desired()
@@ -333,7 +339,7 @@ class Agent:
             old = self.config
             config = replace(config, state_dir=old.state_dir, serve_host=old.serve_host,
                              serve_port=old.serve_port)  # fmt: skip
-        self._set_trust(config)
+        self.keyring.reconfigure(config)
         identity = self.dirs.load_identity()
         if identity.credential != self.identity.credential:
             # `agent rotate-credential` wrote a new one: use it (its first use retires the old).
@@ -348,7 +354,7 @@ class Agent:
         self.pins = imported(config.state_dir)
         self._merge_desired()
         self.failed.clear()
-        log.info("configuration reloaded (%d trusted publisher keys)", len(self.publishers))
+        log.info("configuration reloaded (%d trusted publisher keys)", len(self.keyring.publishers))
         self._reconcile_wake.set()
         self.reporter.changed()
 
@@ -358,72 +364,6 @@ class Agent:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval_s / 2)
-
-    # ------------------------------------------------------------------------ trust
-
-    def _set_trust(self, config: AgentConfig) -> None:
-        """Which keys sign desired states and bundles: the key set's roles when the fleet has
-        one, else the keys from enrollment plus the configured publisher files."""
-        self.publishers, self.publisher_threshold = self.dirs.publisher_trust(
-            self.keyset, config.trusted_publisher_files
-        )
-        if self.keyset is None:
-            self.cp_keys = self.dirs.control_plane_keys()
-            return
-        self.cp_keys = self.keyset.trusted("controlPlane")
-        if config.trusted_publisher_files:
-            log.warning("key set version %d decides the trusted publishers: trust_publisher "
-                        "files are not used", self.keyset.version)  # fmt: skip
-
-    async def refresh_keyset(self) -> int:
-        """Follow the key set versions after the one held; return how many were accepted.
-
-        Each must be signed by the root keys of the one before (protocol/keyset.py); a refused
-        one is reported and the held version stays.
-        """
-        async with self._keyset_lock:
-            after = self.keyset.version if self.keyset else 0
-            try:
-                chain = await self.client.get_keyset_chain(after)
-            except TransportError as exc:
-                log.warning("key set not refreshed: %s", exc)  # the periodic look tries again
-                return 0
-            if not chain:
-                return 0
-            try:
-                keyset, applied = follow_chain(self.keyset, chain, _utcnow())
-            except ProtocolError as exc:
-                self._note_error(f"refused key set: {exc}")
-                log.warning("refused key set: %s", exc)
-                return 0
-            await asyncio.to_thread(self.dirs.save_keyset, chain[-1])
-            self.keyset = keyset
-            self._set_trust(self.config)
-            log.info("key set version %d accepted: %d publisher key(s), %d needed, %d control "
-                     "plane key(s)", keyset.version, len(self.publishers),
-                     self.publisher_threshold, len(self.cp_keys))  # fmt: skip
-            self.reporter.changed()
-            return applied
-
-    async def _keyset_loop(self) -> None:
-        """Look for a newer key set now and then: a control plane key or a publisher removed
-        from the key set is refused from the next look on."""
-        while True:
-            await self.refresh_keyset()
-            await asyncio.sleep(self.config.keyset_refresh_s)
-
-    def _look_for_keyset(self) -> None:
-        """Start a look for a newer key set (a new generation may come with new publishers)."""
-        if self._keyset_task is None or self._keyset_task.done():
-            self._keyset_task = asyncio.create_task(self.refresh_keyset(), name="agent-keyset")
-
-    async def _keyset_fresh(self) -> None:
-        """Before a manifest is verified, wait a little for a look in progress to finish; with
-        no HTTP route (MQTT only) the held key set is used after KEYSET_WAIT_S."""
-        task = self._keyset_task
-        if task is not None and not task.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), KEYSET_WAIT_S)
 
     def _note_error(self, message: str | None) -> None:
         if message != self.last_error:
@@ -584,8 +524,8 @@ class Agent:
             lambda: self.client.get_manifest(m.manifest_digest),
             lambda: self.mqtt.fetch_manifest(m.manifest_digest),  # type: ignore[union-attr]
         )
-        await self._keyset_fresh()
-        manifest = verified_manifest(envelope, self.publishers, m, self.publisher_threshold)
+        await self.keyring.fresh()
+        manifest = self.keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
         files = [f for f in manifest.files if f.role != "model" or f is variant]
         await self._ensure_room(files)
@@ -682,7 +622,7 @@ class Agent:
         envelope = await asyncio.to_thread(self.store.load_manifest, m.manifest_digest)
         if envelope is None:
             raise UpdateError(f"{m.name} {m.version} is not installed")
-        manifest = verified_manifest(envelope, self.publishers, m, self.publisher_threshold)
+        manifest = self.keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
         for f in manifest.files:
             if f.role == "model" and f is not variant:
@@ -807,7 +747,7 @@ class Agent:
                 "metricsPending": int(self.counters["pending_batches"]),
                 "metricsDropped": int(self.counters["dropped_batches"]),
                 **self.desired_freshness(),
-                "keysetVersion": self.keyset.version if self.keyset else None,
+                "keysetVersion": keyset.version if (keyset := self.keyring.keyset) else None,
             },
             epoch=epoch,
             seq=seq,

@@ -113,7 +113,7 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
                 async with running_agent(tmp_path / "a2", keyset_refresh_s=0.5) as agent2:
                     await eventually(refused, within_s=20)
                     assert agent2.keyset is not None and agent2.keyset.version == 2
-                    assert agent2.publisher_threshold == 2 and not agent2.models
+                    assert agent2.keyring.publisher_threshold == 2 and not agent2.models
                 await eventually(lambda: agent.keyset.version == 2 or None, within_s=10)
                 status, out = await infer(agent.serve_port)
                 assert status == 200 and out["model_version"] == "1.0.0"
