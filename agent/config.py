@@ -57,7 +57,7 @@ class AgentConfig:
     # Where blobs come from: "http" (ranged, resumable; the default), "mqtt" (chunks by
     # request/response through the broker), or "auto" (HTTP, then MQTT when HTTP fails).
     bundle_transport: str = "http"
-    # Inference limits (agent/serve.py): a request body over max_request_bytes, or whose
+    # Inference limits (agent/serving/app.py): a request body over max_request_bytes, or whose
     # shapes add up to more than max_request_elements, is answered 413 before its arrays are
     # built; an answer over max_response_elements is answered 413 before it is encoded.
     max_request_bytes: int = 64 * 1024 * 1024
