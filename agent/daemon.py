@@ -7,11 +7,8 @@ server; leaving it stops accepting requests, drains, flushes metrics once, and d
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import shutil
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -22,14 +19,13 @@ from aiohttp import web
 from agent.buffer import MetricsBuffer
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
-from agent.exceptions import HttpStatusError, TransportError, UpdateError
+from agent.exceptions import TransportError, UpdateError
 from agent.facts import gather_facts
 from agent.failpoints import Failpoints
 from agent.keyring import KeyRing
 from agent.metrics import MetricsRecorder
 from agent.mqtt import MqttLink
 from agent.offline import imported
-from agent.ratelimit import TokenBucket
 from agent.reconciler import plan
 from agent.report.outbox import MetricsOutbox
 from agent.report.status import StatusReporter
@@ -41,15 +37,15 @@ from agent.state import Identity, StateDir
 from agent.store import LocalStore
 from agent.systemd import Notifier
 from agent.tls import client_context
-from agent.transport import NoRoute, Route, falls_back, first_route
-from agent.update.disk import prune_plan, room_for
+from agent.update.disk import prune_plan
 from agent.update.downgrade import downgrade_refusal
+from agent.update.fetch import Fetcher
 from agent.variants import choose_variant, providers_for
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
 from protocol.keyset import KeySet
-from protocol.manifest import FileEntry, Manifest
+from protocol.manifest import Manifest
 from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
@@ -119,8 +115,6 @@ class Agent:
             post=self.client.post_metrics,
             on_counts=self._metrics_counts,
         )
-        self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
-        self._download_slots = asyncio.Semaphore(config.max_concurrent_downloads)
         self._reconcile_wake = asyncio.Event()
         self.reporter = StatusReporter(
             report=self.status_report,
@@ -142,6 +136,18 @@ class Agent:
         self.serve_port: int | None = None
         self._transport_changed = asyncio.Event()
         self.mqtt = self._mqtt_link()
+        self.fetcher = Fetcher(
+            config=config,
+            store=self.store,
+            client=self.client,
+            mqtt=self.mqtt,
+            keyring=self.keyring,
+            facts=self.facts,
+            failpoints=self.failpoints,
+            prune=self._prune,
+            on_bytes=self._downloaded_bytes,
+            on_blob=self._downloaded_blob,
+        )
 
     @property
     def keyset(self) -> KeySet | None:
@@ -350,7 +356,7 @@ class Agent:
         self.serving.reconfigure(config)
         self.outbox.reconfigure(config)
         self.reporter.reconfigure(config.heartbeat_s)
-        self._limiter = TokenBucket(config.max_download_rate) if config.max_download_rate else None
+        self.fetcher.reconfigure(config)
         self.pins = imported(config.state_dir)
         self._merge_desired()
         self.failed.clear()
@@ -467,7 +473,7 @@ class Agent:
             old = DesiredModel(name, m.shadow.version, m.shadow.manifest_digest, rollback=True)
             try:
                 if self.store.load_manifest(old.manifest_digest) is None:
-                    await self._fetch(old)
+                    await self.fetcher.fetch(old)
                 self.serving.set_shadow(name, await self._load(old), m.shadow.sample)
                 log.info("shadow-scoring %s %s against %s", name, m.version, old.version)
             except UpdateError as exc:
@@ -490,7 +496,7 @@ class Agent:
     async def _fetch_one(self, m: DesiredModel) -> str:
         """Fetch one version: "ok", "failed" (reported, not retried) or "retry" (link trouble)."""
         try:
-            await self._fetch(m)
+            await self.fetcher.fetch(m)
             return "ok"
         except UpdateError as exc:
             self._fail(m, str(exc))
@@ -498,124 +504,6 @@ class Agent:
         except TransportError as exc:
             self._set_progress(m, "downloading", f"retrying: {exc}")
             return "retry"
-
-    async def _over(self, http: Callable[[], Awaitable[Any]],
-                    mqtt: Callable[[], Awaitable[Any]]) -> Any:  # fmt: skip
-        """Run a fetch over the configured bundle transport (auto: HTTP, then MQTT)."""
-        mode = self.config.bundle_transport
-        try:
-            route = first_route(mode, broker=self.mqtt is not None)
-        except NoRoute as exc:
-            raise UpdateError(str(exc)) from None
-        if route is Route.MQTT:
-            return await mqtt()
-        try:
-            return await http()
-        except TransportError as exc:
-            connected = self.mqtt is not None and self.mqtt.connected
-            answered = isinstance(exc, HttpStatusError)
-            if falls_back(mode, http_answered=answered, broker_connected=connected):
-                log.info("control plane unreachable over HTTP: fetching over MQTT")
-                return await mqtt()
-            raise
-
-    async def _fetch(self, m: DesiredModel) -> None:
-        envelope = await self._over(
-            lambda: self.client.get_manifest(m.manifest_digest),
-            lambda: self.mqtt.fetch_manifest(m.manifest_digest),  # type: ignore[union-attr]
-        )
-        await self.keyring.fresh()
-        manifest = self.keyring.verified_manifest(envelope, m)
-        variant = choose_variant(manifest, self.facts)
-        files = [f for f in manifest.files if f.role != "model" or f is variant]
-        await self._ensure_room(files)
-        try:
-            await asyncio.gather(*(self._download(f) for f in files))
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # The disk filled up under us (something else wrote to it): give back what this
-            # version took and say so; the running version is untouched.
-            for f in files:
-                await asyncio.to_thread(self.store.partial_path(f.digest).unlink, True)
-            raise UpdateError(
-                f"disk full while downloading {m.name} {m.version}: {exc.strerror}; "
-                "the partial download was removed"
-            ) from None
-        self.failpoints.hit("before-manifest-saved")
-        await asyncio.to_thread(self.store.save_manifest, m.manifest_digest, envelope)
-
-    async def _ensure_room(self, files: list[FileEntry]) -> None:
-        """Refuse a version that would not fit the disk or the budget, after pruning."""
-        needed = sum(f.size for f in files if not self.store.has_blob(f.digest))
-        if not needed:
-            return
-        free = (await asyncio.to_thread(shutil.disk_usage, self.config.state_dir)).free
-        budget = self.config.disk_budget_bytes
-        used = 0 if budget is None else await asyncio.to_thread(self.store.used_bytes)
-        room = room_for(needed=needed, free=free, used=used, budget=budget, pruned=False)
-        if room.prune:
-            await asyncio.to_thread(self._prune)
-            used = await asyncio.to_thread(self.store.used_bytes)
-            room = room_for(needed=needed, free=free, used=used, budget=budget, pruned=True)
-        if room.reason is not None:
-            raise UpdateError(room.reason)
-
-    async def _download(self, f: FileEntry) -> None:
-        if await asyncio.to_thread(self.store.has_blob, f.digest):
-            return
-        async with self._download_slots:
-            backoff = Backoff(base=0.2, cap=5.0)
-            half_reported = False
-
-            async def on_chunk(n: int, have: int) -> None:
-                nonlocal half_reported
-                self.counters["download_bytes"] += n
-                if self._limiter is not None:
-                    await self._limiter.consume(n)
-                if not half_reported and have * 2 >= f.size:
-                    half_reported = True
-                    self.failpoints.hit("download-midway")
-
-            # A server that trickles bytes (slow retrieval) must not hold the update forever.
-            deadline = self.config.download_grace_s + f.size / self.config.download_min_rate
-            for attempt in range(1, self.config.download_attempts + 1):
-                try:
-                    part = self.store.partial_path(f.digest)
-                    try:
-                        async with asyncio.timeout(deadline):
-                            await self._over(
-                                lambda part=part: self.client.download_blob(
-                                    f.digest, f.size, part, on_chunk
-                                ),
-                                lambda part=part, link=self.mqtt: link.fetch_blob(  # type: ignore[union-attr]
-                                    f.digest, f.size, part, on_chunk
-                                ),
-                            )
-                    except TimeoutError:
-                        raise TransportError(
-                            f"blob {f.digest}: slower than {self.config.download_min_rate:.0f} "
-                            f"bytes/s on average (deadline {deadline:.0f}s)"
-                        ) from None
-                    break
-                except HttpStatusError as exc:
-                    if 400 <= exc.status < 500:
-                        raise UpdateError(
-                            f"blob {f.digest} of {f.path!r}: HTTP {exc.status}"
-                        ) from None
-                    if attempt == self.config.download_attempts:
-                        raise
-                except TransportError as exc:
-                    if attempt == self.config.download_attempts:
-                        raise
-                    log.info("download of %s cut (%s); resuming", f.path, exc)
-                await asyncio.sleep(backoff.next_delay())
-            try:
-                await asyncio.to_thread(self.store.commit_partial, f.digest, f.size)
-            except ValueError as exc:
-                raise UpdateError(f"file {f.path!r}: {exc}") from None
-            self.counters["downloads"] += 1
-            self.failpoints.hit("blob-committed")
 
     async def _load(self, m: DesiredModel) -> LoadedModel:
         """Load an installed version after verifying it again; raises UpdateError."""
@@ -672,6 +560,12 @@ class Agent:
         history.insert(0, m.manifest_digest)
         await asyncio.to_thread(self.dirs.save_state, self.state)
         await asyncio.to_thread(self._prune)
+
+    def _downloaded_bytes(self, n: int) -> None:
+        self.counters["download_bytes"] += n
+
+    def _downloaded_blob(self) -> None:
+        self.counters["downloads"] += 1
 
     def _prune(self) -> None:
         """Keep, per model, the active version and ``keep_versions`` before it; drop the rest."""
