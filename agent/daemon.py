@@ -29,7 +29,7 @@ from agent.offline import imported
 from agent.reconciler import plan
 from agent.report.outbox import MetricsOutbox
 from agent.report.status import StatusReporter
-from agent.runtime import LoadedModel, load_model, run_smoke_test
+from agent.runtime import LoadedModel
 from agent.serving.app import start_serving
 from agent.serving.prom import Gauges
 from agent.serving.table import RolledBack, ServingTable
@@ -40,12 +40,11 @@ from agent.tls import client_context
 from agent.update.disk import prune_plan
 from agent.update.downgrade import downgrade_refusal
 from agent.update.fetch import Fetcher
-from agent.variants import choose_variant, providers_for
+from agent.update.load import Loader
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired
 from protocol.exceptions import ProtocolError, SignatureError
 from protocol.keyset import KeySet
-from protocol.manifest import Manifest
 from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time
 from protocol.versions import compare_versions
@@ -136,6 +135,13 @@ class Agent:
         self.serve_port: int | None = None
         self._transport_changed = asyncio.Event()
         self.mqtt = self._mqtt_link()
+        self.loader = Loader(
+            config=config,
+            store=self.store,
+            keyring=self.keyring,
+            facts=self.facts,
+            executor=self.executor,
+        )
         self.fetcher = Fetcher(
             config=config,
             store=self.store,
@@ -246,7 +252,7 @@ class Agent:
         for name, info in list(self.state.active.items()):
             wanted = DesiredModel(name, info["version"], info["manifestDigest"], rollback=True)
             try:
-                self.serving.restore(await self._load(wanted))
+                self.serving.restore(await self.loader.load(wanted))
             except UpdateError as exc:
                 log.error("could not restore %s %s: %s", name, wanted.version, exc)
                 self.state.active.pop(name, None)
@@ -357,6 +363,7 @@ class Agent:
         self.outbox.reconfigure(config)
         self.reporter.reconfigure(config.heartbeat_s)
         self.fetcher.reconfigure(config)
+        self.loader.reconfigure(config)
         self.pins = imported(config.state_dir)
         self._merge_desired()
         self.failed.clear()
@@ -474,7 +481,7 @@ class Agent:
             try:
                 if self.store.load_manifest(old.manifest_digest) is None:
                     await self.fetcher.fetch(old)
-                self.serving.set_shadow(name, await self._load(old), m.shadow.sample)
+                self.serving.set_shadow(name, await self.loader.load(old), m.shadow.sample)
                 log.info("shadow-scoring %s %s against %s", name, m.version, old.version)
             except UpdateError as exc:
                 log.warning("shadow %s %s unavailable: %s", name, old.version, exc)
@@ -505,46 +512,8 @@ class Agent:
             self._set_progress(m, "downloading", f"retrying: {exc}")
             return "retry"
 
-    async def _load(self, m: DesiredModel) -> LoadedModel:
-        """Load an installed version after verifying it again; raises UpdateError."""
-        envelope = await asyncio.to_thread(self.store.load_manifest, m.manifest_digest)
-        if envelope is None:
-            raise UpdateError(f"{m.name} {m.version} is not installed")
-        manifest = self.keyring.verified_manifest(envelope, m)
-        variant = choose_variant(manifest, self.facts)
-        for f in manifest.files:
-            if f.role == "model" and f is not variant:
-                continue
-            if not await asyncio.to_thread(self.store.verify_blob, f.digest, f.size):
-                raise UpdateError(f"stored file {f.path!r} is missing or corrupt")
-        loop = asyncio.get_running_loop()
-        providers = providers_for(variant, self.facts, self.config.allow_cuda)
-        runtime = await loop.run_in_executor(
-            self.executor, load_model, manifest.runtime, self.store.blob_path(variant.digest),
-            providers,
-        )  # fmt: skip
-        await self._smoke_test(manifest, runtime)
-        return LoadedModel(
-            m.name, m.version, m.manifest_digest, runtime,
-            variant=variant.variant or "default", runtime_name=manifest.runtime,
-        )  # fmt: skip
-
-    async def _smoke_test(self, manifest: Manifest, runtime: Any) -> None:
-        st = manifest.smoke_test
-        if st is None:
-            return
-        inp, out = await asyncio.to_thread(
-            lambda: (
-                self.store.blob_path(manifest.file(st.input_path).digest).read_bytes(),
-                self.store.blob_path(manifest.file(st.output_path).digest).read_bytes(),
-            )
-        )
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, run_smoke_test, runtime, inp, out, st.atol, st.rtol
-        )
-
     async def _activate(self, m: DesiredModel) -> None:
-        lm = await self._load(m)
+        lm = await self.loader.load(m)
         self.failpoints.hit("model-loaded")
         self.serving.activate(lm)
         self.failpoints.hit("before-state-saved")
