@@ -8,8 +8,9 @@
     │   └── HttpStatusError an HTTP answer with an unexpected status (.status, .body)
     ├── UpdateError         a model version could not be fetched, verified, loaded or tested;
     │                       the old version keeps serving and the reason is reported
-    └── InferenceInputError an inference request does not fit the model's signature (HTTP 400)
-        └── InferenceLimitError  a request or its answer is over a configured cap (HTTP 413)
+    ├── InferenceInputError an inference request does not fit the model's signature (HTTP 400)
+    │   └── InferenceLimitError  a request or its answer is over a configured cap (HTTP 413)
+    └── ModelNotLoaded      no version of the named model is serving (HTTP 404)
 
 aiohttp's exceptions are translated into TransportError once, in agent/client.py.
 """
@@ -48,3 +49,7 @@ class InferenceInputError(AgentError):
 
 class InferenceLimitError(InferenceInputError):
     """An inference request, or the answer it would get, is over a configured cap."""
+
+
+class ModelNotLoaded(AgentError):
+    """No version of the named model is serving on this agent."""

@@ -25,7 +25,7 @@ import numpy as np
 from aiohttp import web
 
 from agent import oip
-from agent.exceptions import InferenceInputError, InferenceLimitError
+from agent.exceptions import InferenceInputError, InferenceLimitError, ModelNotLoaded
 from agent.netguard import ConnectionGuard, ConnectionLimits, GuardedSite
 from agent.serving.prom import Gauges, render
 from agent.serving.table import ServingTable
@@ -140,8 +140,8 @@ async def _infer(
         return _error(422, str(exc))
     except InferenceInputError as exc:
         return _error(400, str(exc))
-    except KeyError:
-        return _error(404, f"model {name!r} is not loaded on this agent")
+    except ModelNotLoaded as exc:
+        return _error(404, str(exc))
     except Exception as exc:
         # The runtime's failures are the model's, not the server's: answer and keep serving.
         log.warning("inference on %s failed: %s", name, exc)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import AgentConfig
+from agent.exceptions import ModelNotLoaded
 from agent.metrics import MetricsRecorder
 from agent.runtime import LoadedModel, check_feeds
 from agent.serving.health import Verdict, health_verdict, rollback_reason
@@ -149,9 +150,12 @@ class ServingTable:
     async def infer(
         self, name: str, feeds: dict[str, np.ndarray]
     ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Run one inference on the serving version; raises KeyError for an unknown model,
-        InferenceInputError for bad input, and the runtime's error when inference fails."""
-        lm = self.models[name]
+        """Run one inference on the serving version; raises ModelNotLoaded for an unknown
+        model, InferenceInputError for bad input, and the runtime's error when inference fails
+        (a KeyError from the runtime included: it is not the model's absence)."""
+        lm = self.models.get(name)
+        if lm is None:
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this agent")
         check_feeds(lm.runtime, feeds)
         loop = asyncio.get_running_loop()
         shadow = self._shadows.get(name)

@@ -221,3 +221,40 @@ def test_shadow_drift_of_non_finite_or_huge_outputs_stays_reportable() -> None:
     assert score_with_shadow(live, nan, feeds)[2:] == (None, False)
     huge = _Fixed(np.array([[3e38, -3e38, 3e38]], np.float32))
     assert score_with_shadow(live, huge, feeds)[2] == MAX_DRIFT
+
+
+class _RaisesKeyError:
+    """A runtime whose inference raises KeyError (as a runtime's own bug might)."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 4)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 3)),)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise KeyError("y")
+
+
+async def test_a_runtime_key_error_is_an_inference_failure_not_a_missing_model(
+    tmp_path: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    from agent.config import AgentConfig
+    from agent.exceptions import ModelNotLoaded
+    from agent.metrics import MetricsRecorder
+    from agent.runtime import LoadedModel
+    from agent.serving.table import ServingTable
+
+    with ThreadPoolExecutor(1) as pool:
+        table = ServingTable(
+            config=AgentConfig(state_dir=tmp_path),
+            executor=pool,
+            metrics=MetricsRecorder(datetime.now(UTC)),
+            on_rolled_back=lambda _: None,
+        )
+        table.models["m"] = LoadedModel("m", "1.0.0", D, _RaisesKeyError())  # type: ignore[arg-type]
+        feeds = {"x": np.zeros((1, 4), np.float32)}
+        with pytest.raises(ModelNotLoaded):
+            await table.infer("absent", feeds)
+        with pytest.raises(KeyError):  # reaches the serve app's 500 branch, not its 404
+            await table.infer("m", feeds)
