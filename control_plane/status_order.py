@@ -2,12 +2,12 @@
 
 A status report can reach the control plane late: held by a broker through an outage and
 delivered after a newer one came over HTTP, or stored by another replica. Every report carries
-the agent's own order, ``(epoch, seq)`` (agent/report/status.py: the epoch grows at every agent start
-and is kept in its state directory, ``seq`` counts reports since), and a report replaces the
-stored status only when it is newer. The same rule is written twice here, as a plain comparison
-(several reports of one agent in one ingest batch) and as the ``WHERE`` clause of the
-conditional ``UPDATE`` that stores one (HTTP, MQTT, any replica: the database decides, never a
-read followed by a write).
+the agent's own order, ``(epoch, seq)`` (agent/report/status.py: the epoch grows at every
+agent start and is kept in its state directory, ``seq`` counts reports since), and a report
+replaces the stored status only when it is newer. The same rule is written twice here, as a
+plain comparison (several reports of one agent in one ingest batch) and as the ``WHERE``
+clause of the conditional ``UPDATE`` that stores one (HTTP, MQTT, any replica: the database
+decides, never a read followed by a write).
 
 Reports without an order (``(0, 0)``: an agent older than the fields) are ordered by the
 agent's own ``sentAt`` instead, against the stored report's, whatever that one carried: so a
