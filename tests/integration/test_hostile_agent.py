@@ -177,16 +177,6 @@ async def given_in_thread(test: Callable[[], None]) -> None:
 
 
 @pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    b = Broker(tmp_path / "broker", f"test-{uuid.uuid4().hex[:8]}/v1")
-    await b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
-
-
-@pytest.fixture
 async def scene(tmp_path: Path, publisher: Publisher, broker: Broker) -> AsyncIterator[Scene]:
     cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
     try:

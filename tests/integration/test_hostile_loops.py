@@ -347,16 +347,6 @@ async def test_reports_leave_bad_rows_out_and_answer_200(
 # ------------------------------------------------------------------------------ MQTT bridge
 
 
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    b = Broker(tmp_path / "broker", f"test-{uuid.uuid4().hex[:8]}/v1")
-    await b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
-
-
 async def test_mqtt_bridge_sets_bad_messages_aside_and_stores_the_next_agent_at_once(
     tmp_path: Path, publisher: Publisher, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -148,16 +148,6 @@ def mqtt_config(tmp_path: Path, publisher: Publisher, broker: Broker, **extra: o
 
 
 @pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    b = Broker(tmp_path / "broker", f"test-{uuid.uuid4().hex[:8]}/v1")
-    await b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
-
-
-@pytest.fixture
 async def mcp(tmp_path: Path, publisher: Publisher, broker: Broker) -> AsyncIterator[ControlPlane]:
     config = mqtt_config(tmp_path, publisher, broker)
     plane = await start_control_plane(config)

@@ -30,7 +30,6 @@ from control_plane.status_order import StatusOrder
 from protocol.reports import ModelStatus, StatusReport
 from protocol.topics import agent_topic
 from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration import test_mqtt
 from tests.integration.agent_helpers import (
     active_version,
     enroll_agent,
@@ -42,7 +41,6 @@ from tests.integration.test_mqtt import Broker, mqtt_config
 from tests.unit.test_status_order import CASES
 
 pytestmark = pytest.mark.slow
-broker = test_mqtt.broker  # the fixture: a mosquitto of the test's own
 
 DIGEST = "sha256:" + "c" * 64
 EPOCH = 1_800_000_000
