@@ -51,9 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--heartbeat", type=float, help="seconds between heartbeats (15)")
     r.add_argument("--poll-wait", type=float, help="long-poll seconds (30)")
     r.add_argument("--metrics-interval", type=float, help="seconds per metrics batch (10)")
-    r.add_argument("--metrics-ack-timeout", type=float,
-                   help="resend a batch sent over MQTT the control plane has not acknowledged "
-                   "after this many seconds (30)")  # fmt: skip
+    r.add_argument(
+        "--metrics-ack-timeout",
+        type=float,
+        help="resend a batch sent over MQTT the control plane has not acknowledged "
+        "after this many seconds (30)",
+    )
     r.add_argument(
         "--max-download-rate",
         type=_rate,
@@ -206,8 +209,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             return _fail("--cost-per-hour must be >= 0", 2)
         facts["costPerHour"] = args.cost_per_hour
     try:
-        tls = client_context(args.ca or file.get("ca"), args.client_cert or file.get("client_cert"),
-                             args.client_key or file.get("client_key"))  # fmt: skip
+        tls = client_context(
+            args.ca or file.get("ca"),
+            args.client_cert or file.get("client_cert"),
+            args.client_key or file.get("client_key"),
+        )
         out = asyncio.run(enroll(server, token, name, labels, facts, tls))
         identity = Identity(
             agent_id=out["agentId"],
@@ -319,8 +325,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         s = merge(_cli_settings(args), _file_settings(args.config))
         if s["state_dir"] is None:
             return _fail("--state-dir is required (or set state_dir in --config)", 2)
-        name, version = import_bundle(Path(s["state_dir"]), args.bundle,
-                                      tuple(Path(p) for p in s["trust_publisher"]))  # fmt: skip
+        name, version = import_bundle(
+            Path(s["state_dir"]), args.bundle, tuple(Path(p) for p in s["trust_publisher"])
+        )
     except AgentError as exc:
         return _fail(str(exc))
     print(f"imported {name} {version}: the agent serves it at its next start or SIGHUP")

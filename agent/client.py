@@ -22,8 +22,9 @@ OnChunk = Callable[[int, int], Awaitable[None]]
 class ControlPlaneClient:
     """Talks to one control plane with this agent's credential."""
 
-    def __init__(self, server: str, credential: str, agent_id: str,
-                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, server: str, credential: str, agent_id: str, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.server = server.rstrip("/")
         self.ssl_context = ssl_context
         self.agent_id = agent_id
@@ -74,9 +75,10 @@ class ControlPlaneClient:
         """The signed key set versions after ``after``, oldest first; raises TransportError."""
         try:
             async with self.session.get(
-                self._url("/keyset"), params={"after": str(after)},
+                self._url("/keyset"),
+                params={"after": str(after)},
                 timeout=aiohttp.ClientTimeout(total=30),
-            ) as resp:  # fmt: skip
+            ) as resp:
                 if resp.status != 200:
                     raise HttpStatusError(resp.status, await resp.text(), "key set")
                 raw = await _read_capped(resp, 4 * MAX_ENVELOPE_BYTES, "key set")
@@ -186,9 +188,13 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> byt
 
 
 async def enroll(
-    server: str, token: str, name: str | None, labels: dict[str, str], facts: dict[str, Any],
+    server: str,
+    token: str,
+    name: str | None,
+    labels: dict[str, str],
+    facts: dict[str, Any],
     ssl_context: ssl.SSLContext | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Enroll with an enrollment token; returns the control plane's answer.
 
     Raises TransportError (HttpStatusError for a refusal).
@@ -211,8 +217,9 @@ async def enroll(
         raise TransportError(f"enroll: {exc!r}") from exc
 
 
-async def rotate_credential(server: str, credential: str, agent_id: str,
-                            ssl_context: ssl.SSLContext | None = None) -> str:  # fmt: skip
+async def rotate_credential(
+    server: str, credential: str, agent_id: str, ssl_context: ssl.SSLContext | None = None
+) -> str:
     """A new credential for this agent; raises TransportError (HttpStatusError on refusal)."""
     async with ControlPlaneClient(server, credential, agent_id, ssl_context) as c:
         out = await c._post(f"/agents/{agent_id}/credential", {}, "rotate credential")

@@ -80,9 +80,11 @@ class Agent:
         )
         self.failpoints = Failpoints(config.failpoints)
         self.client = ControlPlaneClient(
-            self.identity.server, self.identity.credential, self.identity.agent_id,
+            self.identity.server,
+            self.identity.credential,
+            self.identity.agent_id,
             client_context(config.ca_file, config.client_cert_file, config.client_key_file),
-        )  # fmt: skip
+        )
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
         self.desired: tuple[DesiredModel, ...] = ()
         self.from_control_plane: tuple[DesiredModel, ...] = ()
@@ -102,9 +104,12 @@ class Agent:
             on_rolled_back=self._rolled_back,
         )
         self.counters: dict[str, float] = {
-            "downloads": 0, "download_bytes": 0, "last_sync": 0,
-            "pending_batches": 0, "dropped_batches": 0,
-        }  # fmt: skip
+            "downloads": 0,
+            "download_bytes": 0,
+            "last_sync": 0,
+            "pending_batches": 0,
+            "dropped_batches": 0,
+        }
         self.outbox = MetricsOutbox(
             agent_id=self.identity.agent_id,
             config=config,
@@ -189,10 +194,16 @@ class Agent:
             self.outbox.link_changed()
 
         return MqttLink(
-            self.identity.agent_id, url, given.get("username"), given.get("password"),
-            given.get("prefix", ""), self.handle_desired, changed, self.config.mqtt_ca_file,
+            self.identity.agent_id,
+            url,
+            given.get("username"),
+            given.get("password"),
+            given.get("prefix", ""),
+            self.handle_desired,
+            changed,
+            self.config.mqtt_ca_file,
             self.outbox.acked,
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -201,8 +212,12 @@ class Agent:
         await self.reporter.open(self.dirs)
         await self._restore()
         self._runner, self.serve_port = await start_serving(self.serving, self.gauges)
-        log.info("agent %s serving on %s:%s", self.identity.agent_id, self.config.serve_host,
-                 self.serve_port)  # fmt: skip
+        log.info(
+            "agent %s serving on %s:%s",
+            self.identity.agent_id,
+            self.config.serve_host,
+            self.serve_port,
+        )
         loops = [
             ("sync", self._sync_loop()),
             ("reconcile", self._reconcile_loop()),
@@ -240,9 +255,13 @@ class Agent:
         if self.state.desired_envelope:
             try:
                 ds = accept_desired(
-                    self.state.desired_envelope.encode(), self.keyring.cp_keys,
-                    self.identity.agent_id, 0, _utcnow(), allow_expired=True,
-                )  # fmt: skip
+                    self.state.desired_envelope.encode(),
+                    self.keyring.cp_keys,
+                    self.identity.agent_id,
+                    0,
+                    _utcnow(),
+                    allow_expired=True,
+                )
                 if ds is not None:
                     self.from_control_plane = ds.models
                     self.desired_expires_at = ds.expires_at
@@ -294,25 +313,34 @@ class Agent:
         try:
             try:
                 ds = accept_desired(
-                    envelope, self.keyring.cp_keys, self.identity.agent_id,
-                    self.state.highest_generation, _utcnow(),
-                )  # fmt: skip
+                    envelope,
+                    self.keyring.cp_keys,
+                    self.identity.agent_id,
+                    self.state.highest_generation,
+                    _utcnow(),
+                )
             except SignatureError:
                 # Perhaps signed by a rotated control plane key that a newer key set lists.
                 if not await self.keyring.refresh():
                     raise
                 ds = accept_desired(
-                    envelope, self.keyring.cp_keys, self.identity.agent_id,
-                    self.state.highest_generation, _utcnow(),
-                )  # fmt: skip
+                    envelope,
+                    self.keyring.cp_keys,
+                    self.identity.agent_id,
+                    self.state.highest_generation,
+                    _utcnow(),
+                )
         except ProtocolError as exc:
             self._note_error(f"refused desired state: {exc}")
             log.warning("refused desired state: %s", exc)
             return False
         if ds is None:
             return True
-        log.info("desired state generation %d: %s", ds.generation,
-                 ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing")  # fmt: skip
+        log.info(
+            "desired state generation %d: %s",
+            ds.generation,
+            ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing",
+        )
         self.failed.clear()  # a new desired state is the signal to try failed versions again
         self.progress.clear()
         self.keyring.look()  # publishers may have changed too: look before verifying
@@ -345,12 +373,18 @@ class Agent:
         address and the state directory need a restart.
         """
         if (config.state_dir, config.serve_host, config.serve_port) != (
-            self.config.state_dir, self.config.serve_host, self.config.serve_port,
-        ):  # fmt: skip
+            self.config.state_dir,
+            self.config.serve_host,
+            self.config.serve_port,
+        ):
             log.warning("serve address and state directory changes need a restart")
             old = self.config
-            config = replace(config, state_dir=old.state_dir, serve_host=old.serve_host,
-                             serve_port=old.serve_port)  # fmt: skip
+            config = replace(
+                config,
+                state_dir=old.state_dir,
+                serve_host=old.serve_host,
+                serve_port=old.serve_port,
+            )
         self.keyring.reconfigure(config)
         identity = self.dirs.load_identity()
         if identity.credential != self.identity.credential:
@@ -439,8 +473,9 @@ class Agent:
                 self._set_progress(m, "downloading")
             results = await asyncio.gather(*(self._fetch_one(m) for m in p.fetch))
             incomplete = any(r == "retry" for r in results)
-            fetched_ok = {m.manifest_digest for m, r in zip(p.fetch, results, strict=True)
-                          if r == "ok"}  # fmt: skip
+            fetched_ok = {
+                m.manifest_digest for m, r in zip(p.fetch, results, strict=True) if r == "ok"
+            }
             fetched = {m.manifest_digest for m in p.fetch}
             for m in p.activate:
                 if m.manifest_digest in fetched and m.manifest_digest not in fetched_ok:
@@ -518,8 +553,10 @@ class Agent:
         self.serving.activate(lm)
         self.failpoints.hit("before-state-saved")
         self.state.active[m.name] = {
-            "version": m.version, "manifestDigest": m.manifest_digest, "variant": lm.variant,
-        }  # fmt: skip
+            "version": m.version,
+            "manifestDigest": m.manifest_digest,
+            "variant": lm.variant,
+        }
         highest = self.state.highest_versions.get(m.name)
         if highest is None or compare_versions(m.version, highest) > 0 or m.rollback:
             self.state.highest_versions[m.name] = m.version

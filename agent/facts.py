@@ -73,8 +73,12 @@ def _nvml_gpus() -> list[dict[str, Any]]:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
-            gpus.append({"name": name.decode() if isinstance(name, bytes) else name,
-                         "memoryBytes": int(mem)})  # fmt: skip
+            gpus.append(
+                {
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memoryBytes": int(mem),
+                }
+            )
         return gpus
     finally:
         pynvml.nvmlShutdown()

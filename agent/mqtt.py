@@ -76,8 +76,13 @@ class MqttLink:
             except aiomqtt.MqttError as exc:
                 self._set(False)
                 delay = backoff.next_delay()
-                log.info("MQTT %s:%d unavailable (%s); HTTP meanwhile, retry in %.1fs",
-                         self.host, self.port, exc, delay)  # fmt: skip
+                log.info(
+                    "MQTT %s:%d unavailable (%s); HTTP meanwhile, retry in %.1fs",
+                    self.host,
+                    self.port,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     def _set(self, connected: bool) -> None:
@@ -90,10 +95,18 @@ class MqttLink:
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         will = aiomqtt.Will(self.topic("presence"), b"offline", qos=1, retain=True)
         async with aiomqtt.Client(
-            self.host, self.port, username=self.username, password=self.password,
-            identifier=f"modelfleet-agent-{self.agent_id}", protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False, properties=props, will=will, keepalive=30, tls_context=self.tls,
-        ) as client:  # fmt: skip
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=f"modelfleet-agent-{self.agent_id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            will=will,
+            keepalive=30,
+            tls_context=self.tls,
+        ) as client:
             self.client = client
             try:
                 await client.subscribe(self.topic("desired"), qos=1)
@@ -154,8 +167,9 @@ class MqttLink:
         props.CorrelationData = corr
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await client.publish(self.topic("blobs/request"), json.dumps(doc).encode(),
-                                     qos=1, properties=props)  # fmt: skip
+                await client.publish(
+                    self.topic("blobs/request"), json.dumps(doc).encode(), qos=1, properties=props
+                )
                 return await fut
         except (aiomqtt.MqttError, TimeoutError) as exc:
             raise TransportError(f"MQTT request {doc}: {exc!r}") from exc
@@ -183,10 +197,18 @@ class MqttLink:
             f.truncate()
             while have < size:
                 offsets = range(have, min(size, have + WINDOW * MAX_CHUNK_BYTES), MAX_CHUNK_BYTES)
-                replies = await asyncio.gather(*(
-                    self.request({"digest": digest, "offset": o,
-                                  "length": min(MAX_CHUNK_BYTES, size - o)}) for o in offsets
-                ))  # fmt: skip
+                replies = await asyncio.gather(
+                    *(
+                        self.request(
+                            {
+                                "digest": digest,
+                                "offset": o,
+                                "length": min(MAX_CHUNK_BYTES, size - o),
+                            }
+                        )
+                        for o in offsets
+                    )
+                )
                 for offset, (data, user) in zip(offsets, replies, strict=True):
                     if user.get("error"):
                         raise UpdateError(f"blob {digest}: {user['error']}")

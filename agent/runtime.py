@@ -96,9 +96,10 @@ def _tflite_spec(d: dict[str, Any]) -> TensorSpec:
     sig = d.get("shape_signature")
     shape = sig if sig is not None and len(sig) else d["shape"]
     return TensorSpec(
-        d["name"], NUMPY_DATATYPES.get(np.dtype(d["dtype"]).name, "BYTES"),
+        d["name"],
+        NUMPY_DATATYPES.get(np.dtype(d["dtype"]).name, "BYTES"),
         tuple(int(x) if x >= 0 else -1 for x in shape),
-    )  # fmt: skip
+    )
 
 
 class TFLiteModel:

@@ -67,9 +67,13 @@ class StateDir:
         self.status_epoch_path = root / "status-epoch"
 
     def save_enrollment(
-        self, identity: Identity, control_plane_key_pem: str, trusted_pems: list[str],
-        keyset: str | None = None, now: datetime | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        identity: Identity,
+        control_plane_key_pem: str,
+        trusted_pems: list[str],
+        keyset: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
         """Write what enrollment returned; raises AgentConfigError for a bad key or key set."""
         try:
             load_public_key(control_plane_key_pem.encode())

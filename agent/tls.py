@@ -8,8 +8,9 @@ import ssl
 from agent.exceptions import AgentConfigError
 
 
-def client_context(ca_file: str | None, cert_file: str | None = None,
-                   key_file: str | None = None) -> ssl.SSLContext | None:  # fmt: skip
+def client_context(
+    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext | None:
     """The context for https:// control planes; None to use the system's CAs and no client
     certificate. Raises AgentConfigError for unreadable files."""
     if not (ca_file or cert_file):

@@ -216,8 +216,16 @@ async def over_http(n: int, tmp: Path) -> dict[str, Any]:
         return p
 
     try:
-        start(MODELFLEET, "server", "--data-dir", "cp", "--port", str(cp_port),
-              "--trust-publisher", "pub.pem")  # fmt: skip
+        start(
+            MODELFLEET,
+            "server",
+            "--data-dir",
+            "cp",
+            "--port",
+            str(cp_port),
+            "--trust-publisher",
+            "pub.pem",
+        )
         base = f"http://127.0.0.1:{cp_port}"
         await wait_http(f"{base}/api/v1/health")
         token = (tmp / "cp" / "admin-token").read_text().strip()
@@ -230,11 +238,23 @@ async def over_http(n: int, tmp: Path) -> dict[str, Any]:
                     assert r.status == 201, await r.text()
             async with s.post(f"{base}/api/v1/enrollment-tokens", json={}) as r:
                 enroll_token = (await r.json())["token"]
-        enroll = [MODELFLEET, "agent", "enroll", "--server", base, "--token", enroll_token,
-                  "--state-dir", "agent", "--labels", "site=bench"]  # fmt: skip
+        enroll = [
+            MODELFLEET,
+            "agent",
+            "enroll",
+            "--server",
+            base,
+            "--token",
+            enroll_token,
+            "--state-dir",
+            "agent",
+            "--labels",
+            "site=bench",
+        ]
         await asyncio.to_thread(subprocess.run, enroll, cwd=tmp, check=True, capture_output=True)
-        agent = start(MODELFLEET, "agent", "run", "--state-dir", "agent",
-                      "--serve", f"127.0.0.1:{agent_port}")  # fmt: skip
+        agent = start(
+            MODELFLEET, "agent", "run", "--state-dir", "agent", "--serve", f"127.0.0.1:{agent_port}"
+        )
         await rollout(base, auth, "mlp")
         agent_url = f"http://127.0.0.1:{agent_port}"
         await wait_http(f"{agent_url}/v2/models/mlp/ready")

@@ -76,20 +76,47 @@ async def run(agents: list[int], transports: list[str], db: str) -> dict[str, An
     tmp = Path(tempfile.mkdtemp())
     url = await new_database(db, tmp)
     port, mqtt_port = free_port(), free_port()
-    (tmp / "m.conf").write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
-                                "max_queued_messages 100000\n"
-                                + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
+    (tmp / "m.conf").write_text(
+        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
+        "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
+    )
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
     log = (tmp / "bench.log").open("wb")
-    procs = [subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                               str(tmp / "m.conf")], stdout=log, stderr=log)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
+            stdout=log,
+            stderr=log,
+        )
+    ]
     await asyncio.sleep(0.3)
-    procs.append(subprocess.Popen(
-        [MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port", str(port), "--db", url,
-         "--trust-publisher", str(tmp / "pub.pem"), "--mqtt", f"mqtt://127.0.0.1:{mqtt_port}",
-         "--mqtt-prefix", PREFIX, "--controller-interval", "0.2", "--rate-limit", "0"],
-        stdout=log, stderr=log))  # fmt: skip
+    procs.append(
+        subprocess.Popen(
+            [
+                MODELFLEET,
+                "server",
+                "--data-dir",
+                str(tmp / "cp"),
+                "--port",
+                str(port),
+                "--db",
+                url,
+                "--trust-publisher",
+                str(tmp / "pub.pem"),
+                "--mqtt",
+                f"mqtt://127.0.0.1:{mqtt_port}",
+                "--mqtt-prefix",
+                PREFIX,
+                "--controller-interval",
+                "0.2",
+                "--rate-limit",
+                "0",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    )
     base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"db": db}
     try:
@@ -114,14 +141,31 @@ async def run(agents: list[int], transports: list[str], db: str) -> dict[str, An
                         assert r.status == 201, await r.text()
                     t0 = time.monotonic()
                     p = await asyncio.create_subprocess_exec(
-                        MODELFLEET, "sim", "--server", base, "--token", token,
-                        "--agents", str(n), "--transport", transport,
-                        "--labels", f"group={transport}-{n}", "--rollout", f"mlp:{version}",
-                        "--processes", "2" if n >= 1000 else "1",
+                        MODELFLEET,
+                        "sim",
+                        "--server",
+                        base,
+                        "--token",
+                        token,
+                        "--agents",
+                        str(n),
+                        "--transport",
+                        transport,
+                        "--labels",
+                        f"group={transport}-{n}",
+                        "--rollout",
+                        f"mlp:{version}",
+                        "--processes",
+                        "2" if n >= 1000 else "1",
                         # One process takes about 400 authenticated report POSTs/s
                         # (bench/ingest.py): 10,000 HTTP agents heartbeat every 100 s here.
-                        "--status-interval", str(max(30, n // 100)), "--timeout", "240",
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                        "--status-interval",
+                        str(max(30, n // 100)),
+                        "--timeout",
+                        "240",
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    )
                     stdout, stderr = await p.communicate()
                     lines = stdout.decode().strip().splitlines()
                     res = json.loads(lines[-1]) if lines else {"error": stderr.decode()[-500:]}
@@ -132,8 +176,11 @@ async def run(agents: list[int], transports: list[str], db: str) -> dict[str, An
                     async with s.get(f"{base}/api/v1/rollouts", headers=auth) as r:
                         for ro in (await r.json())["rollouts"]:
                             if ro["state"] in ("running", "paused", "pending"):
-                                async with s.post(f"{base}/api/v1/rollouts/{ro['id']}/abort",
-                                                  headers=auth, json={}) as r2:  # fmt: skip
+                                async with s.post(
+                                    f"{base}/api/v1/rollouts/{ro['id']}/abort",
+                                    headers=auth,
+                                    json={},
+                                ) as r2:
                                     await r2.read()
         for n in agents:
             p = await asyncio.create_subprocess_exec(

@@ -77,9 +77,22 @@ async def over_http(agents: int, cost: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     port = free_port()
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port",
-                             str(port), "--rate-limit", "0", "--credential-cost", str(cost)],
-                            stdout=log, stderr=log)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            MODELFLEET,
+            "server",
+            "--data-dir",
+            str(tmp / "cp"),
+            "--port",
+            str(port),
+            "--rate-limit",
+            "0",
+            "--credential-cost",
+            str(cost),
+        ],
+        stdout=log,
+        stderr=log,
+    )
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
         async with aiohttp.ClientSession() as s:
@@ -92,8 +105,9 @@ async def over_http(agents: int, cost: int) -> dict[str, Any]:
                     pass
                 await asyncio.sleep(0.1)
             admin = {"Authorization": f"Bearer {(tmp / 'cp' / 'admin-token').read_text().strip()}"}
-            async with s.post(f"{base}/enrollment-tokens", headers=admin,
-                              json={"maxUses": agents}) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/enrollment-tokens", headers=admin, json={"maxUses": agents}
+            ) as r:
                 et = (await r.json())["token"]
             sem = asyncio.Semaphore(16)
 
@@ -108,8 +122,9 @@ async def over_http(agents: int, cost: int) -> dict[str, Any]:
 
             async def timed(path: str, token: str) -> float:
                 t = time.perf_counter()
-                async with s.get(f"{base}{path}", headers={"Authorization": f"Bearer {token}"}
-                                 ) as r:  # fmt: skip
+                async with s.get(
+                    f"{base}{path}", headers={"Authorization": f"Bearer {token}"}
+                ) as r:
                     assert r.status == 200, await r.text()
                     await r.read()
                 return time.perf_counter() - t

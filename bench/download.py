@@ -51,8 +51,9 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-async def agent_download(server: str, cred: str, agent_id: str, digest: str, size: int,
-                         dest: Path) -> dict[str, Any]:  # fmt: skip
+async def agent_download(
+    server: str, cred: str, agent_id: str, digest: str, size: int, dest: Path
+) -> dict[str, Any]:
     """The agent's own downloader, retried until whole, as the agent's download loop does."""
     dest.unlink(missing_ok=True)
     attempts = 0
@@ -67,8 +68,12 @@ async def agent_download(server: str, cred: str, agent_id: str, digest: str, siz
                 if attempts > 5:
                     raise
     took = time.monotonic() - t0
-    return {"seconds": round(took, 3), "mb_per_s": round(size / took / 1e6, 1),
-            "attempts": attempts, "ok": sha256_file(dest) == digest}  # fmt: skip
+    return {
+        "seconds": round(took, 3),
+        "mb_per_s": round(size / took / 1e6, 1),
+        "attempts": attempts,
+        "ok": sha256_file(dest) == digest,
+    }
 
 
 async def curl(url: str, cred: str, dest: Path, digest: str, resume: bool) -> dict[str, Any]:
@@ -85,8 +90,12 @@ async def curl(url: str, cred: str, dest: Path, digest: str, resume: bool) -> di
             break
     took = time.monotonic() - t0
     size = dest.stat().st_size if dest.exists() else 0
-    return {"seconds": round(took, 3), "mb_per_s": round(size / took / 1e6, 1),
-            "attempts": attempts, "ok": dest.exists() and sha256_file(dest) == digest}  # fmt: skip
+    return {
+        "seconds": round(took, 3),
+        "mb_per_s": round(size / took / 1e6, 1),
+        "attempts": attempts,
+        "ok": dest.exists() and sha256_file(dest) == digest,
+    }
 
 
 async def main(mb: int) -> dict[str, Any]:
@@ -95,9 +104,22 @@ async def main(mb: int) -> dict[str, Any]:
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
     port = free_port()
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port",
-                             str(port), "--trust-publisher", str(tmp / "pub.pem"),
-                             "--max-bundle-mb", str(mb + 64)], stdout=log, stderr=log)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            MODELFLEET,
+            "server",
+            "--data-dir",
+            str(tmp / "cp"),
+            "--port",
+            str(port),
+            "--trust-publisher",
+            str(tmp / "pub.pem"),
+            "--max-bundle-mb",
+            str(mb + 64),
+        ],
+        stdout=log,
+        stderr=log,
+    )
     base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"blob_mb": mb}
     try:
@@ -115,8 +137,7 @@ async def main(mb: int) -> dict[str, Any]:
                             break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.1)
-            admin = {"Authorization": "Bearer "
-                     + (tmp / "cp" / "admin-token").read_text().strip()}  # fmt: skip
+            admin = {"Authorization": "Bearer " + (tmp / "cp" / "admin-token").read_text().strip()}
             async with s.post(f"{base}/api/v1/bundles", data=bundle, headers=admin) as r:
                 assert r.status == 201, await r.text()
             del bundle
@@ -127,20 +148,23 @@ async def main(mb: int) -> dict[str, Any]:
         cred, aid = agent["credential"], agent["agentId"]
         dest = tmp / "blob"
         if shutil.which("curl"):
-            out["curl_direct"] = await curl(f"{base}/api/v1/blobs/{digest}", cred, dest, digest,
-                                            False)  # fmt: skip
+            out["curl_direct"] = await curl(
+                f"{base}/api/v1/blobs/{digest}", cred, dest, digest, False
+            )
         out["agent_direct"] = await agent_download(base, cred, aid, digest, size, dest)
         for cut in (False, True):
             name = "cut" if cut else "proxied"
             async with CuttingProxy(base, size // 2 if cut else 10 * size) as proxy:
-                out[f"agent_{name}"] = await agent_download(proxy.url, cred, aid, digest, size,
-                                                            dest)  # fmt: skip
+                out[f"agent_{name}"] = await agent_download(
+                    proxy.url, cred, aid, digest, size, dest
+                )
                 out[f"agent_{name}"]["wire_bytes"] = proxy.blob_bytes_sent
                 out[f"agent_{name}"]["wire_over_size"] = round(proxy.blob_bytes_sent / size, 4)
             if shutil.which("curl"):
                 async with CuttingProxy(base, size // 2 if cut else 10 * size) as proxy:
-                    out[f"curl_{name}"] = await curl(f"{proxy.url}/api/v1/blobs/{digest}", cred,
-                                                     dest, digest, resume=True)  # fmt: skip
+                    out[f"curl_{name}"] = await curl(
+                        f"{proxy.url}/api/v1/blobs/{digest}", cred, dest, digest, resume=True
+                    )
                     out[f"curl_{name}"]["wire_bytes"] = proxy.blob_bytes_sent
     finally:
         proc.send_signal(signal.SIGTERM)

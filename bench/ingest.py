@@ -73,8 +73,9 @@ def metrics_doc(agent_id: str, seq: int) -> dict[str, Any]:
     return MetricsBatch(agent_id, seq, now - timedelta(seconds=10), now, (w,)).to_json()
 
 
-async def offered(s: aiohttp.ClientSession, base: str, agents: list[dict], kind: str,
-                  rate: float, seconds: float) -> dict[str, Any]:  # fmt: skip
+async def offered(
+    s: aiohttp.ClientSession, base: str, agents: list[dict], kind: str, rate: float, seconds: float
+) -> dict[str, Any]:
     """Send ``rate`` reports per second for ``seconds``; time each answer."""
     seqs = {a["agentId"]: int(time.time() * 1000) for a in agents}
     latencies: list[float] = []
@@ -92,8 +93,11 @@ async def offered(s: aiohttp.ClientSession, base: str, agents: list[dict], kind:
             doc = metrics_doc(a["agentId"], seqs[a["agentId"]])
         t0 = time.monotonic()
         try:
-            async with s.post(f"{base}/api/v1/agents/{a['agentId']}/{kind}", json=doc,
-                              headers={"Authorization": f"Bearer {a['credential']}"}) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/api/v1/agents/{a['agentId']}/{kind}",
+                json=doc,
+                headers={"Authorization": f"Bearer {a['credential']}"},
+            ) as r:
                 await r.read()
                 if r.status != 200:
                     errors += 1
@@ -107,8 +111,13 @@ async def offered(s: aiohttp.ClientSession, base: str, agents: list[dict], kind:
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
     took = time.monotonic() - start
-    return {"offered_per_s": rate, "achieved_per_s": round(n / took, 1), "errors": errors,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}  # fmt: skip
+    return {
+        "offered_per_s": rate,
+        "achieved_per_s": round(n / took, 1),
+        "errors": errors,
+        "p50_ms": pct(latencies, 0.5),
+        "p99_ms": pct(latencies, 0.99),
+    }
 
 
 def lua_script(agents: list[dict], kind: str) -> str:
@@ -166,16 +175,18 @@ async def health(s: aiohttp.ClientSession, base: str) -> dict[str, Any]:
         return await r.json()
 
 
-async def wrk_run(s: aiohttp.ClientSession, base: str, tmp: Path, script: str | None,
-                  path: str, seconds: float) -> dict[str, Any]:  # fmt: skip
+async def wrk_run(
+    s: aiohttp.ClientSession, base: str, tmp: Path, script: str | None, path: str, seconds: float
+) -> dict[str, Any]:
     before = (await health(s, base))["ingest"]["reports"]
     args = ["wrk", "-t2", "-c64", f"-d{max(1, int(seconds))}s", "--latency"]
     if script is not None:
         (tmp / "load.lua").write_text(script)
         args += ["-s", str(tmp / "load.lua")]
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(*args, base + path,
-                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, base + path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     text = (await proc.communicate())[0].decode()
     took = time.monotonic() - t0
     out = parse_wrk(text)
@@ -213,29 +224,54 @@ c.loop_stop()
 """
 
 
-async def mqtt_run(s: aiohttp.ClientSession, base: str, tmp: Path, port: int,
-                   agents: list[dict], kind: str, count: int) -> dict[str, Any]:  # fmt: skip
+async def mqtt_run(
+    s: aiohttp.ClientSession,
+    base: str,
+    tmp: Path,
+    port: int,
+    agents: list[dict],
+    kind: str,
+    count: int,
+) -> dict[str, Any]:
     if kind == "status":
-        msgs = [(f"{PREFIX}/agents/{a['agentId']}/status", json.dumps(status_doc(a["agentId"])))
-                for a in agents]  # fmt: skip
+        msgs = [
+            (f"{PREFIX}/agents/{a['agentId']}/status", json.dumps(status_doc(a["agentId"])))
+            for a in agents
+        ]
     else:
-        msgs = [(f"{PREFIX}/agents/{a['agentId']}/metrics",
-                 json.dumps(metrics_doc(a["agentId"], SEQ_SENTINEL))) for a in agents]  # fmt: skip
+        msgs = [
+            (
+                f"{PREFIX}/agents/{a['agentId']}/metrics",
+                json.dumps(metrics_doc(a["agentId"], SEQ_SENTINEL)),
+            )
+            for a in agents
+        ]
     (tmp / "msgs.json").write_text(json.dumps(msgs))
     before = (await health(s, base))["mqtt"]["stored"][kind]
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PUBLISHER, str(port), PREFIX, kind, str(count),
-        str(tmp / "msgs.json"), stdout=subprocess.PIPE)  # fmt: skip
+        sys.executable,
+        "-c",
+        PUBLISHER,
+        str(port),
+        PREFIX,
+        kind,
+        str(count),
+        str(tmp / "msgs.json"),
+        stdout=subprocess.PIPE,
+    )
     pub = json.loads((await proc.communicate())[0])
     stored = before
     while stored - before < count and time.monotonic() - t0 < 300:
         await asyncio.sleep(0.1)
         stored = (await health(s, base))["mqtt"]["stored"][kind]
     took = time.monotonic() - t0
-    return {"messages": count, "stored": stored - before,
-            "publish_per_s": round(count / pub["seconds"], 1),
-            "stored_per_s": round((stored - before) / took, 1)}  # fmt: skip
+    return {
+        "messages": count,
+        "stored": stored - before,
+        "publish_per_s": round(count / pub["seconds"], 1),
+        "stored_per_s": round((stored - before) / took, 1),
+    }
 
 
 async def new_database(db: str, tmp: Path) -> str:
@@ -246,29 +282,52 @@ async def new_database(db: str, tmp: Path) -> str:
 
     u = make_url(PG)
     name = f"mf_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(host=u.host, port=u.port or 5432, user=u.username,
-                                 password=u.password, database=u.database)  # fmt: skip
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
+    )
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     return u.set(database=name).render_as_string(hide_password=False)
 
 
-async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
-                 ) -> dict[str, Any]:  # fmt: skip
+async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     url = await new_database(db, tmp)
     port, mqtt_port = free_port(), free_port()
-    (tmp / "m.conf").write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
-                                "max_queued_messages 1000000\nmax_inflight_messages 0\n"
-                                + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
+    (tmp / "m.conf").write_text(
+        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
     log = (tmp / "bench.log").open("wb")
-    procs = [subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                               str(tmp / "m.conf")], stdout=log, stderr=log)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
+            stdout=log,
+            stderr=log,
+        )
+    ]
     await asyncio.sleep(0.3)
-    procs.append(subprocess.Popen(
-        [MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port", str(port), "--db", url,
-         "--mqtt", f"mqtt://127.0.0.1:{mqtt_port}", "--mqtt-prefix", PREFIX],
-        stdout=log, stderr=log))  # fmt: skip
+    procs.append(
+        subprocess.Popen(
+            [
+                MODELFLEET,
+                "server",
+                "--data-dir",
+                str(tmp / "cp"),
+                "--port",
+                str(port),
+                "--db",
+                url,
+                "--mqtt",
+                f"mqtt://127.0.0.1:{mqtt_port}",
+                "--mqtt-prefix",
+                PREFIX,
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    )
     base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {}
     try:
@@ -282,8 +341,9 @@ async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
                 await asyncio.sleep(0.1)
             token = (tmp / "cp" / "admin-token").read_text().strip()
             admin = {"Authorization": f"Bearer {token}"}
-            async with s.post(f"{base}/api/v1/enrollment-tokens", headers=admin,
-                              json={"maxUses": AGENTS}) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/api/v1/enrollment-tokens", headers=admin, json={"maxUses": AGENTS}
+            ) as r:
                 et = (await r.json())["token"]
             sem = asyncio.Semaphore(16)
 
@@ -293,8 +353,9 @@ async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
 
             agents = await asyncio.gather(*(enroll() for _ in range(AGENTS)))
             if shutil.which("wrk"):
-                out["http_baseline_health"] = await wrk_run(s, base, tmp, None, "/api/v1/health",
-                                                            seconds)  # fmt: skip
+                out["http_baseline_health"] = await wrk_run(
+                    s, base, tmp, None, "/api/v1/health", seconds
+                )
             for kind in ("status", "metrics"):
                 steps = []
                 for rate in rates:
@@ -302,15 +363,23 @@ async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
                     steps.append(step)
                     if step["p99_ms"] is not None and step["p99_ms"] > 1000:
                         break  # far past the knee
-                knee = next((st["offered_per_s"] for st in steps
-                             if st["p99_ms"] is not None and st["p99_ms"] > 100), None)  # fmt: skip
+                knee = next(
+                    (
+                        st["offered_per_s"]
+                        for st in steps
+                        if st["p99_ms"] is not None and st["p99_ms"] > 100
+                    ),
+                    None,
+                )
                 res: dict[str, Any] = {"steps": steps, "knee_per_s": knee}
                 if shutil.which("wrk"):
-                    res["wrk_max"] = await wrk_run(s, base, tmp, lua_script(agents, kind),
-                                                   "/", seconds)  # fmt: skip
+                    res["wrk_max"] = await wrk_run(
+                        s, base, tmp, lua_script(agents, kind), "/", seconds
+                    )
                 out[f"http_{kind}"] = res
-                out[f"mqtt_{kind}"] = await mqtt_run(s, base, tmp, mqtt_port, agents, kind,
-                                                     mqtt_messages)  # fmt: skip
+                out[f"mqtt_{kind}"] = await mqtt_run(
+                    s, base, tmp, mqtt_port, agents, kind, mqtt_messages
+                )
             out["ingest_counters"] = (await health(s, base))["ingest"]
     finally:
         for p in reversed(procs):
@@ -322,8 +391,9 @@ async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
     return out
 
 
-async def main(dbs: list[str], rates: list[float], seconds: float, mqtt_messages: int
-               ) -> dict[str, Any]:  # fmt: skip
+async def main(
+    dbs: list[str], rates: list[float], seconds: float, mqtt_messages: int
+) -> dict[str, Any]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     return {db: await run_db(db, rates, seconds, mqtt_messages) for db in dbs}
@@ -338,10 +408,16 @@ if __name__ == "__main__":
     a = ap.parse_args()
     figures = {
         "benchmark": "ingest",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "wrk": bool(shutil.which("wrk"))},
-        **asyncio.run(main(a.db.split(","), [float(r) for r in a.rates.split(",")], a.seconds,
-                           a.mqtt_messages)),
-    }  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "wrk": bool(shutil.which("wrk")),
+        },
+        **asyncio.run(
+            main(
+                a.db.split(","), [float(r) for r in a.rates.split(",")], a.seconds, a.mqtt_messages
+            )
+        ),
+    }
     print(json.dumps(figures))
     (ROOT / "bench" / "results" / "ingest.json").write_text(json.dumps(figures, indent=2) + "\n")

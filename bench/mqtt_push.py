@@ -78,8 +78,12 @@ class SimAgent:
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"sim-{self.agent_id}",
-                                  protocol=aiomqtt.ProtocolVersion.V5) as c:  # fmt: skip
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            identifier=f"sim-{self.agent_id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as c:
             await c.subscribe(f"{PREFIX}/agents/{self.agent_id}/desired", qos=1)
             self.ready.set()
             async for m in c.messages:
@@ -95,20 +99,43 @@ async def main(groups: list[int], status_messages: int) -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     tmp = Path(tempfile.mkdtemp())
     mqtt_port, cp_port = free_port(), free_port()
-    (tmp / "m.conf").write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
-                                f"max_queued_messages 100000\n"
-                                + ("user root\n" if os.geteuid() == 0 else ""))  # fmt: skip
+    (tmp / "m.conf").write_text(
+        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
+        f"max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
+    )
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
     log = (tmp / "bench.log").open("wb")
-    procs = [subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                               str(tmp / "m.conf")], stdout=log, stderr=log)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
+            stdout=log,
+            stderr=log,
+        )
+    ]
     await asyncio.sleep(0.5)
-    procs.append(subprocess.Popen(
-        [MODELFLEET, "server", "--data-dir", str(tmp / "cp"), "--port", str(cp_port),
-         "--trust-publisher", str(tmp / "pub.pem"), "--mqtt", f"mqtt://127.0.0.1:{mqtt_port}",
-         "--mqtt-prefix", PREFIX, "--controller-interval", "0.2"], stdout=log, stderr=log,
-    ))  # fmt: skip
+    procs.append(
+        subprocess.Popen(
+            [
+                MODELFLEET,
+                "server",
+                "--data-dir",
+                str(tmp / "cp"),
+                "--port",
+                str(cp_port),
+                "--trust-publisher",
+                str(tmp / "pub.pem"),
+                "--mqtt",
+                f"mqtt://127.0.0.1:{mqtt_port}",
+                "--mqtt-prefix",
+                PREFIX,
+                "--controller-interval",
+                "0.2",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    )
     base = f"http://127.0.0.1:{cp_port}"
     sims: list[asyncio.Task[None]] = []
     try:
@@ -119,8 +146,10 @@ async def main(groups: list[int], status_messages: int) -> dict[str, Any]:
         async with aiohttp.ClientSession(headers=auth) as s:
             agents: dict[int, list[SimAgent]] = {}
             for n in groups:
-                async with s.post(f"{base}/api/v1/enrollment-tokens",
-                                  json={"maxUses": n, "labels": {"group": f"g{n}"}}) as r:  # fmt: skip
+                async with s.post(
+                    f"{base}/api/v1/enrollment-tokens",
+                    json={"maxUses": n, "labels": {"group": f"g{n}"}},
+                ) as r:
                     et = (await r.json())["token"]
                 agents[n] = []
                 for _ in range(n):
@@ -143,22 +172,31 @@ async def main(groups: list[int], status_messages: int) -> dict[str, Any]:
                 while time.monotonic() < deadline and not all(a.received for a in agents[n]):
                     await asyncio.sleep(0.01)
                 lat = [min(a.received.values()) - t0 for a in agents[n] if a.received]
-                results[f"push_{n}_agents"] = {"delivered": len(lat), "p50_ms": pct(lat, 0.5),
-                                               "p99_ms": pct(lat, 0.99),
-                                               "max_ms": pct(lat, 1.0)}  # fmt: skip
+                results[f"push_{n}_agents"] = {
+                    "delivered": len(lat),
+                    "p50_ms": pct(lat, 0.5),
+                    "p99_ms": pct(lat, 0.99),
+                    "max_ms": pct(lat, 1.0),
+                }
             # Status ingest: simulated agents' status messages, as fast as one client sends.
             sample = everyone[: min(len(everyone), 200)]
-            async with aiomqtt.Client("127.0.0.1", mqtt_port, identifier="sim-status",
-                                      protocol=aiomqtt.ProtocolVersion.V5) as c:  # fmt: skip
+            async with aiomqtt.Client(
+                "127.0.0.1", mqtt_port, identifier="sim-status", protocol=aiomqtt.ProtocolVersion.V5
+            ) as c:
                 async with s.get(f"{base}/api/v1/health") as r:
                     before = (await r.json())["mqtt"]["stored"]["status"]
                 t0 = time.monotonic()
                 for i in range(status_messages):
                     a = sample[i % len(sample)]
-                    doc = {"agentId": a.agent_id, "generation": 1, "models": [],
-                           "sentAt": format_time(datetime.now(UTC))}  # fmt: skip
-                    await c.publish(f"{PREFIX}/agents/{a.agent_id}/status",
-                                    json.dumps(doc).encode(), qos=1)  # fmt: skip
+                    doc = {
+                        "agentId": a.agent_id,
+                        "generation": 1,
+                        "models": [],
+                        "sentAt": format_time(datetime.now(UTC)),
+                    }
+                    await c.publish(
+                        f"{PREFIX}/agents/{a.agent_id}/status", json.dumps(doc).encode(), qos=1
+                    )
                 sent_s = time.monotonic() - t0
                 stored = before
                 while stored - before < status_messages and time.monotonic() - t0 < 300:
@@ -167,9 +205,11 @@ async def main(groups: list[int], status_messages: int) -> dict[str, Any]:
                         stored = (await r.json())["mqtt"]["stored"]["status"]
                 took = time.monotonic() - t0
             results["status_ingest"] = {
-                "messages": status_messages, "stored": stored - before,
-                "publish_seconds": round(sent_s, 2), "stored_per_second": round(
-                    (stored - before) / took, 1)}  # fmt: skip
+                "messages": status_messages,
+                "stored": stored - before,
+                "publish_seconds": round(sent_s, 2),
+                "stored_per_second": round((stored - before) / took, 1),
+            }
         return results
     finally:
         for t in sims:

@@ -43,9 +43,15 @@ FIELDS = ("at", "actor", "action", "target", "outcome", "remote", "detail")
 def event_fields(row: AuditEvent | dict[str, Any]) -> dict[str, Any]:
     """The hashed fields of a row (from the table or from the API's JSON)."""
     if isinstance(row, AuditEvent):
-        return {"at": format_time(row.at), "actor": row.actor, "action": row.action,
-                "target": row.target, "outcome": row.outcome, "remote": row.remote,
-                "detail": row.detail}  # fmt: skip
+        return {
+            "at": format_time(row.at),
+            "actor": row.actor,
+            "action": row.action,
+            "target": row.target,
+            "outcome": row.outcome,
+            "remote": row.remote,
+            "detail": row.detail,
+        }
     return {k: row[k] for k in FIELDS}
 
 
@@ -56,13 +62,25 @@ def chain_hash(prev_hash: str, fields: dict[str, Any]) -> str:
 
 
 async def append(
-    db: Database, at: datetime, actor: str, action: str, target: str, outcome: int,
-    remote: str, detail: dict[str, Any] | None = None,
-) -> str:  # fmt: skip
+    db: Database,
+    at: datetime,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: int,
+    remote: str,
+    detail: dict[str, Any] | None = None,
+) -> str:
     """Append one event and return its hash."""
-    row = AuditEvent(at=at.replace(microsecond=at.microsecond // 1000 * 1000), actor=actor[:200],
-                     action=action[:200], target=target[:500], outcome=outcome,
-                     remote=remote[:100], detail=detail or {})  # fmt: skip
+    row = AuditEvent(
+        at=at.replace(microsecond=at.microsecond // 1000 * 1000),
+        actor=actor[:200],
+        action=action[:200],
+        target=target[:500],
+        outcome=outcome,
+        remote=remote[:100],
+        detail=detail or {},
+    )
     async with db.write() as s:
         if not db.is_sqlite:
             await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
@@ -104,8 +122,16 @@ class RefusalLog:
         self.max_kinds = max_kinds
         self._runs: dict[tuple[str, str, int, str], _Run] = {}
 
-    async def record(self, at: datetime, actor: str, action: str, target: str, outcome: int,
-                     remote: str, route: str | None) -> None:  # fmt: skip
+    async def record(
+        self,
+        at: datetime,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: int,
+        remote: str,
+        route: str | None,
+    ) -> None:
         """Record one refusal: a row now, or a count in the open run of its kind."""
         # With no route, the action names the caller's own path (and method): a new one in
         # every request would make every refusal a kind of its own, and a row.
@@ -128,9 +154,10 @@ class RefusalLog:
         """Write the count of every run whose window has ended (every run when ``now`` is
         None, as at shutdown) and forget those runs."""
         ended = [
-            (key, run) for key, run in self._runs.items()
+            (key, run)
+            for key, run in self._runs.items()
             if now is None or (now - run.started).total_seconds() >= self.window_s
-        ]  # fmt: skip
+        ]
         for key, _ in ended:
             del self._runs[key]
         for key, run in ended:
@@ -139,10 +166,13 @@ class RefusalLog:
 
     async def _summary(self, key: tuple[str, str, int, str], run: _Run) -> None:
         remote, actor, outcome, action = key
-        detail = {"route": run.route, "repeated": run.repeated,
-                  "first": format_time(run.started), "last": format_time(run.last)}  # fmt: skip
-        await append(self.db, run.last, actor, action, run.route or action, outcome, remote,
-                     detail)  # fmt: skip
+        detail = {
+            "route": run.route,
+            "repeated": run.repeated,
+            "first": format_time(run.started),
+            "last": format_time(run.last),
+        }
+        await append(self.db, run.last, actor, action, run.route or action, outcome, remote, detail)
 
 
 def event_json(row: AuditEvent) -> dict[str, Any]:
@@ -153,9 +183,11 @@ def event_json(row: AuditEvent) -> dict[str, Any]:
 async def list_events(db: Database, after: int, limit: int) -> dict[str, Any]:
     """Events with id > ``after``, oldest first, and the current head hash."""
     async with db.read() as s:
-        rows = list(await s.scalars(
-            select(AuditEvent).where(AuditEvent.id > after).order_by(AuditEvent.id).limit(limit)
-        ))  # fmt: skip
+        rows = list(
+            await s.scalars(
+                select(AuditEvent).where(AuditEvent.id > after).order_by(AuditEvent.id).limit(limit)
+            )
+        )
         head = await s.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
     return {"events": [event_json(r) for r in rows], "head": head or GENESIS}
 
@@ -177,11 +209,17 @@ def verify(events: Iterable[dict[str, Any]]) -> Verdict:
     for e in events:
         count += 1
         if e["prevHash"] != prev:
-            return Verdict(False, count, prev, e["id"],
-                           f"event {e['id']} does not follow the one before it: a row before it "
-                           "was deleted or changed")  # fmt: skip
+            return Verdict(
+                False,
+                count,
+                prev,
+                e["id"],
+                f"event {e['id']} does not follow the one before it: a row before it "
+                "was deleted or changed",
+            )
         if chain_hash(prev, event_fields(e)) != e["hash"]:
-            return Verdict(False, count, prev, e["id"],
-                           f"event {e['id']} was changed after it was written")  # fmt: skip
+            return Verdict(
+                False, count, prev, e["id"], f"event {e['id']} was changed after it was written"
+            )
         prev = e["hash"]
     return Verdict(True, count, prev)

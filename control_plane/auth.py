@@ -75,8 +75,9 @@ def _unb64(text: str) -> bytes:
 
 def _scrypt(secret: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
     n = 1 << log2_n
-    return hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
-                          maxmem=256 * n * r + 1024 * 1024)  # fmt: skip
+    return hashlib.scrypt(
+        secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=256 * n * r + 1024 * 1024
+    )
 
 
 def hash_credential(secret: str, log2_n: int = SCRYPT_LOG2_N) -> str:
@@ -170,8 +171,9 @@ async def authenticate(db: Database, token: str) -> Principal | None:
     return None if row is None else await _verify_agent(row, token)
 
 
-async def resolve(session: AsyncSession, token: str, now: datetime | None = None
-                  ) -> Principal | None:  # fmt: skip
+async def resolve(
+    session: AsyncSession, token: str, now: datetime | None = None
+) -> Principal | None:
     """Find who holds ``token``, or None (also for an expired or revoked API token)."""
     if not _plausible(token):
         return None
@@ -190,13 +192,21 @@ async def resolve(session: AsyncSession, token: str, now: datetime | None = None
 
 async def _agent_row(session: AsyncSession, token: str) -> Row[Any] | None:
     lookup = credential_lookup(token)
-    return (await session.execute(
-        select(Agent.id, Agent.pending, Agent.credential_lookup, Agent.credential_hash,
-               Agent.next_credential_lookup, Agent.next_credential_hash).where(
-            or_(Agent.credential_lookup == lookup, Agent.next_credential_lookup == lookup),
-            Agent.revoked_at.is_(None),
+    return (
+        await session.execute(
+            select(
+                Agent.id,
+                Agent.pending,
+                Agent.credential_lookup,
+                Agent.credential_hash,
+                Agent.next_credential_lookup,
+                Agent.next_credential_hash,
+            ).where(
+                or_(Agent.credential_lookup == lookup, Agent.next_credential_lookup == lookup),
+                Agent.revoked_at.is_(None),
+            )
         )
-    )).first()  # fmt: skip
+    ).first()
 
 
 async def _verify_agent(row: Row[Any], token: str) -> AgentCaller | None:

@@ -109,8 +109,9 @@ class DirectoryBlobStore:
 class S3BlobStore:
     """Objects named by their sha256 digest in an S3-compatible bucket."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 client: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client: Any = None
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if client is None:
@@ -162,8 +163,11 @@ class S3BlobStore:
         if length <= 0:
             return iter(())
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(digest),
-                                         Range=f"bytes={start}-{start + length - 1}")  # fmt: skip
+            obj = self.client.get_object(
+                Bucket=self.bucket,
+                Key=self.key(digest),
+                Range=f"bytes={start}-{start + length - 1}",
+            )
         except ClientError as exc:
             if self._missing(exc):
                 raise BlobNotFound(digest) from None

@@ -50,12 +50,14 @@ async def promote(db: Database, agent_id: str, token: str) -> None:
     async with db.write() as s:
         await s.execute(
             update(Agent)
-            .where(Agent.id == agent_id,
-                   Agent.next_credential_lookup == credential_lookup(token))
-            .values(credential_hash=Agent.next_credential_hash,
-                    credential_lookup=Agent.next_credential_lookup,
-                    next_credential_hash=None, next_credential_lookup=None)
-        )  # fmt: skip
+            .where(Agent.id == agent_id, Agent.next_credential_lookup == credential_lookup(token))
+            .values(
+                credential_hash=Agent.next_credential_hash,
+                credential_lookup=Agent.next_credential_lookup,
+                next_credential_hash=None,
+                next_credential_lookup=None,
+            )
+        )
 
 
 async def upgrade(db: Database, agent_id: str, token: str, cost: int = SCRYPT_LOG2_N) -> None:

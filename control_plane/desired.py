@@ -96,12 +96,14 @@ async def candidates_for_many(
     session: AsyncSession, agent_ids: list[str]
 ) -> dict[str, list[Candidate]]:
     """Every started rollout as each of these agents sees it: a few queries for any number."""
-    rows = (await session.execute(
-        select(Rollout, ModelVersion.version, ModelVersion.manifest_digest, Model.name)
-        .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
-        .join(Model, ModelVersion.model_id == Model.id)
-        .where(Rollout.state != "pending")
-    )).all()  # fmt: skip
+    rows = (
+        await session.execute(
+            select(Rollout, ModelVersion.version, ModelVersion.manifest_digest, Model.name)
+            .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+            .join(Model, ModelVersion.model_id == Model.id)
+            .where(Rollout.state != "pending")
+        )
+    ).all()
     moved: set[tuple[str, str]] = set()
     for chunk in _chunks(agent_ids):
         found = await session.execute(
@@ -156,9 +158,8 @@ class DesiredSigner:
         rows: dict[str, DesiredStateRow] = {}
         for chunk in _chunks(ids):
             found = await session.scalars(
-                select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(chunk))
-                .with_for_update()
-            )  # fmt: skip
+                select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(chunk)).with_for_update()
+            )
             rows.update((r.agent_id, r) for r in found)
         changed = {}
         for agent in agents:

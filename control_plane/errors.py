@@ -22,8 +22,14 @@ class ControlPlaneError(Exception):
 class ApiError(ControlPlaneError):
     """A refused request, rendered as ``{"error": {"code", "message", "field"?}}``."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

@@ -85,9 +85,12 @@ async def create_enrollment_token(
 
 
 async def enroll(
-    db: Database, signer: DesiredSigner, body: dict[str, Any], now: datetime,
+    db: Database,
+    signer: DesiredSigner,
+    body: dict[str, Any],
+    now: datetime,
     credential_cost: int = SCRYPT_LOG2_N,
-) -> tuple[dict[str, Any], str, str]:  # fmt: skip
+) -> tuple[dict[str, Any], str, str]:
     """Enroll an agent with an enrollment token; return (agent fields, credential).
 
     Raises ApiError 401 for an unknown token, 403 for an expired or used-up one.
@@ -105,8 +108,11 @@ async def enroll(
         known = await s.scalar(
             select(EnrollmentToken.id).where(EnrollmentToken.token_hash == hash_secret(token))
         )
-    stored = (await asyncio.to_thread(hash_credential, credential, credential_cost)
-              if known else "unknown")  # fmt: skip
+    stored = (
+        await asyncio.to_thread(hash_credential, credential, credential_cost)
+        if known
+        else "unknown"
+    )
     async with db.write() as s:
         et = await s.scalar(
             select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))
@@ -154,8 +160,11 @@ async def enroll(
         s.add(agent)
         await s.flush()
         await signer.refresh(s, agent, now)
-    return ({"agentId": agent_id, "name": agent.name, "labels": labels,
-             "pending": agent.pending}, credential, mqtt_password)  # fmt: skip
+    return (
+        {"agentId": agent_id, "name": agent.name, "labels": labels, "pending": agent.pending},
+        credential,
+        mqtt_password,
+    )
 
 
 def agent_json(

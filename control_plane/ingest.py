@@ -144,10 +144,15 @@ async def store_batch(
     if new_batches:
         dialect_insert = sqlite.insert if is_sqlite else postgresql.insert
         batch_rows = [
-            {"agent_id": b.agent_id, "seq": b.seq, "window_start": b.window_start,
-             "window_end": b.window_end, "received_at": now}
+            {
+                "agent_id": b.agent_id,
+                "seq": b.seq,
+                "window_start": b.window_start,
+                "window_end": b.window_end,
+                "received_at": now,
+            }
             for b in new_batches.values()
-        ]  # fmt: skip
+        ]
         for i in range(0, len(batch_rows), ROWS_PER_STATEMENT):
             stmt = (
                 dialect_insert(MetricBatch)
@@ -157,14 +162,24 @@ async def store_batch(
             )
             inserted.update((a, q) for a, q in await s.execute(stmt))
         series_rows = [
-            {"agent_id": b.agent_id, "seq": b.seq, "model": x.model, "version": x.version,
-             "window_start": b.window_start, "window_end": b.window_end,
-             "requests": x.requests, "errors": x.errors,
-             "latency_sketch": x.latency_ms.to_json(), "shadow_count": x.shadow_count,
-             "drift_sum": x.drift_sum, "argmax_agree": x.argmax_agree}
-            for key, b in new_batches.items() if key in inserted
+            {
+                "agent_id": b.agent_id,
+                "seq": b.seq,
+                "model": x.model,
+                "version": x.version,
+                "window_start": b.window_start,
+                "window_end": b.window_end,
+                "requests": x.requests,
+                "errors": x.errors,
+                "latency_sketch": x.latency_ms.to_json(),
+                "shadow_count": x.shadow_count,
+                "drift_sum": x.drift_sum,
+                "argmax_agree": x.argmax_agree,
+            }
+            for key, b in new_batches.items()
+            if key in inserted
             for x in b.series
-        ]  # fmt: skip
+        ]
         for i in range(0, len(series_rows), ROWS_PER_STATEMENT):
             await s.execute(insert(MetricSeries), series_rows[i : i + ROWS_PER_STATEMENT])
 
@@ -283,8 +298,7 @@ class Ingestor:
             if len(items) == 1:
                 self._settle(items[0], exc)
                 return
-            log.warning("batch of %d reports failed (%s); storing them one by one",
-                        len(items), exc)  # fmt: skip
+            log.warning("batch of %d reports failed (%s); storing them one by one", len(items), exc)
             for item in items:
                 try:
                     self._settle(item, await self._store_one(item.report))

@@ -56,9 +56,10 @@ async def chain_after(db: Database, version: int) -> list[str]:
     """The envelopes of every version after ``version``, oldest first."""
     async with db.read() as s:
         rows = await s.scalars(
-            select(KeySetRow.envelope).where(KeySetRow.version > version)
+            select(KeySetRow.envelope)
+            .where(KeySetRow.version > version)
             .order_by(KeySetRow.version)
-        )  # fmt: skip
+        )
         return list(rows)
 
 
@@ -80,13 +81,14 @@ def _check_signer(ks: KeySet, signing_key: Ed25519PublicKey) -> None:
     kid = key_id(signing_key)
     if kid not in ks.roles["controlPlane"].keyids:
         raise ApiError(
-            409, "signing_key_not_listed",
+            409,
+            "signing_key_not_listed",
             f"this control plane signs desired states with key {kid[:16]}, which key set "
             f"version {ks.version} does not list under controlPlane: its agents would refuse "
             "every desired state. List it (beside the new key) until every replica signs "
             "with the new one.",
             "roles.controlPlane",
-        )  # fmt: skip
+        )
 
 
 async def install(
@@ -97,17 +99,19 @@ async def install(
     found = await latest(db)
     if found is None:
         raise ApiError(
-            409, "no_keyset",
+            409,
+            "no_keyset",
             "this control plane has no key set yet: the first one is installed from the "
             "server's disk (modelfleet server --keyset FILE), never over the API",
-        )  # fmt: skip
+        )
     try:
         ks = next_keyset(found[0], envelope, now)
     except ReplayError as exc:
         raise ApiError(409, "keyset_not_newer", str(exc), "version") from None
     except InvalidMessage as exc:
-        raise ApiError(400 if exc.field != "version" else 409, "invalid_keyset", str(exc),
-                       exc.field) from None  # fmt: skip
+        raise ApiError(
+            400 if exc.field != "version" else 409, "invalid_keyset", str(exc), exc.field
+        ) from None
     except ProtocolError as exc:
         raise ApiError(422, "untrusted_keyset", str(exc)) from None
     _check_signer(ks, signing_key)
@@ -133,8 +137,9 @@ async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
         ) from None
 
 
-async def at_start(db: Database, path: Path | None, signing_key: Ed25519PublicKey,
-                   now: datetime) -> KeySet | None:  # fmt: skip
+async def at_start(
+    db: Database, path: Path | None, signing_key: Ed25519PublicKey, now: datetime
+) -> KeySet | None:
     """At start: install the key set in ``path`` (if given) when it is newer than the stored
     one, and refuse to run with a signing key the newest version does not list. Returns the
     newest version, or None. Raises ConfigError naming what is wrong.
@@ -154,8 +159,9 @@ async def at_start(db: Database, path: Path | None, signing_key: Ed25519PublicKe
     return newest
 
 
-async def _import_file(db: Database, path: Path, stored: KeySet | None,
-                       signing_key: Ed25519PublicKey, now: datetime) -> KeySet | None:  # fmt: skip
+async def _import_file(
+    db: Database, path: Path, stored: KeySet | None, signing_key: Ed25519PublicKey, now: datetime
+) -> KeySet | None:
     try:
         data = await asyncio.to_thread(path.read_bytes)
     except OSError as exc:

@@ -118,19 +118,25 @@ class MqttBridge:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 delay = backoff.next_delay()
-                log.warning("MQTT broker %s:%d: %s; retrying in %.1fs", self.host, self.port,
-                            exc, delay)  # fmt: skip
+                log.warning(
+                    "MQTT broker %s:%d: %s; retrying in %.1fs", self.host, self.port, exc, delay
+                )
                 await asyncio.sleep(delay)
 
     async def _session(self, backoff: Backoff) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         async with aiomqtt.Client(
-            self.host, self.port, username=self.config.mqtt_username,
-            password=self.config.mqtt_password, identifier=self.identifier,
-            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+            self.host,
+            self.port,
+            username=self.config.mqtt_username,
+            password=self.config.mqtt_password,
+            identifier=self.identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
             tls_context=self.tls,
-        ) as client:  # fmt: skip
+        ) as client:
             self.client = client
             # aiomqtt 2.5 has no manual acknowledgement of its own; paho's does it: a message
             # is acknowledged only after it is stored (see _handle_and_ack).
@@ -182,8 +188,12 @@ class MqttBridge:
                     raise
                 except Exception as exc:  # handle() lets only passing failures out
                     delay = backoff.next_delay()
-                    log.warning("storing MQTT message on %s failed (%s); retrying in %.1fs",
-                                printable(topic, 200), reason_of(exc), delay)  # fmt: skip
+                    log.warning(
+                        "storing MQTT message on %s failed (%s); retrying in %.1fs",
+                        printable(topic, 200),
+                        reason_of(exc),
+                        delay,
+                    )
                     await asyncio.sleep(delay)
             if message.qos > 0:
                 client._client.ack(message.mid, message.qos)
@@ -208,17 +218,24 @@ class MqttBridge:
             while not self.pending.empty() and len(batch) < 500:
                 batch.add(self.pending.get_nowait())
             async with self.db.read() as s:
-                rows = list(await s.scalars(
-                    select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(batch))
-                ))  # fmt: skip
+                rows = list(
+                    await s.scalars(
+                        select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(batch))
+                    )
+                )
             # An agent with no desired state (revoked): clear its retained document.
             for gone in sorted(batch - {r.agent_id for r in rows}):
-                await client.publish(agent_topic(gone, "desired", self.prefix), b"", qos=1,
-                                     retain=True)  # fmt: skip
+                await client.publish(
+                    agent_topic(gone, "desired", self.prefix), b"", qos=1, retain=True
+                )
             for i, row in enumerate(rows):
                 try:
-                    await client.publish(agent_topic(row.agent_id, "desired", self.prefix),
-                                         row.envelope.encode(), qos=1, retain=True)  # fmt: skip
+                    await client.publish(
+                        agent_topic(row.agent_id, "desired", self.prefix),
+                        row.envelope.encode(),
+                        qos=1,
+                        retain=True,
+                    )
                 except aiomqtt.MqttError:
                     for r in rows[i:]:  # sent again after the reconnect
                         self.pending.put_nowait(r.agent_id)
@@ -274,8 +291,12 @@ class MqttBridge:
 
     def _set_aside(self, topic: str, reason: str, exc: BaseException | None = None) -> None:
         self.malformed += 1
-        log.warning("dropped malformed MQTT message on %s: %s", printable(topic, 200),
-                    printable(reason), exc_info=exc)  # fmt: skip
+        log.warning(
+            "dropped malformed MQTT message on %s: %s",
+            printable(topic, 200),
+            printable(reason),
+            exc_info=exc,
+        )
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         client = self.client
@@ -310,8 +331,9 @@ class MqttBridge:
                 raise ProtocolError(f"offset and length (at most {MAX_CHUNK_BYTES}) must be counts")
             assert self.store is not None
             try:
-                data, size = await asyncio.to_thread(_read_chunk, self.store, digest, offset,
-                                                     length)  # fmt: skip
+                data, size = await asyncio.to_thread(
+                    _read_chunk, self.store, digest, offset, length
+                )
             except BlobNotFound:
                 error = f"no blob {digest}"
         reply = Properties(PacketTypes.PUBLISH)
@@ -320,8 +342,9 @@ class MqttBridge:
         client = self.client
         if client is not None:
             # Always the requester's own response topic: a request cannot aim answers elsewhere.
-            await client.publish(agent_topic(agent_id, "blobs/response", self.prefix), data,
-                                 qos=1, properties=reply)  # fmt: skip
+            await client.publish(
+                agent_topic(agent_id, "blobs/response", self.prefix), data, qos=1, properties=reply
+            )
 
     async def _presence(self, agent_id: str, text: str, now: datetime) -> None:
         if text not in ("online", "offline"):

@@ -85,9 +85,14 @@ def fd_budget(max_connections: int) -> int:
     if soft == resource.RLIM_INFINITY or soft >= max_connections + FD_RESERVE:
         return max_connections
     fitted = max(1, soft - FD_RESERVE)
-    log.warning("the open-file limit (%d) cannot hold %d connections and %d other files: "
-                "serving at most %d connections (raise LimitNOFILE / ulimit -n)",
-                soft, max_connections, FD_RESERVE, fitted)  # fmt: skip
+    log.warning(
+        "the open-file limit (%d) cannot hold %d connections and %d other files: "
+        "serving at most %d connections (raise LimitNOFILE / ulimit -n)",
+        soft,
+        max_connections,
+        FD_RESERVE,
+        fitted,
+    )
     return fitted
 
 
@@ -105,8 +110,9 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = ("_admitted", "_gate", "_header_timeout", "_header_timer")
 
-    def __init__(self, manager: web.Server, gate: _Gate, header_timeout_s: float,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self, manager: web.Server, gate: _Gate, header_timeout_s: float, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._gate = gate
         self._header_timeout = header_timeout_s
@@ -155,21 +161,30 @@ class _GuardedHandler(RequestHandler):
     def _head_late(self) -> None:
         self._header_timer = None
         if self._awaiting_head():
-            log.debug("closed a connection whose request head took over %.1fs",
-                      self._header_timeout)  # fmt: skip
+            log.debug(
+                "closed a connection whose request head took over %.1fs", self._header_timeout
+            )
             self.force_close()
 
-    def handle_error(self, request: BaseRequest, status: int = 500,
-                     exc: BaseException | None = None, message: str | None = None
-                     ) -> web.StreamResponse:  # fmt: skip
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         """A fixed answer and a log line that never quote the request's bytes."""
         if status >= 500:
             return super().handle_error(request, status, exc, None)
         too_long = isinstance(exc, LineTooLong)
         status = 431 if too_long else status
         what = "a request line or header is too long" if too_long else "malformed request"
-        log.info("refused a malformed request from %s (%d, %s)", request.remote, status,
-                 type(exc).__name__ if exc else "-")  # fmt: skip
+        log.info(
+            "refused a malformed request from %s (%d, %s)",
+            request.remote,
+            status,
+            type(exc).__name__ if exc else "-",
+        )
         body = f'{{"error":{{"code":"bad_request","message":"{what}"}}}}'
         resp = web.Response(status=status, text=body, content_type="application/json")
         resp.force_close()
@@ -181,9 +196,16 @@ class GuardedSite(web.BaseSite):
 
     __slots__ = ("_gate", "_host", "_limits", "_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
-                 limits: ConnectionLimits, ssl_context: Any = None, backlog: int = 1024
-                 ) -> None:  # fmt: skip
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limits: ConnectionLimits,
+        ssl_context: Any = None,
+        backlog: int = 1024,
+    ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         limits.check()
         self._host = host
@@ -218,8 +240,13 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         kwargs = {**server._kwargs, "keepalive_timeout": self._limits.keepalive_timeout_s}
-        return _GuardedHandler(server, self._gate, self._limits.header_timeout_s,
-                               loop=asyncio.get_running_loop(), **kwargs)  # fmt: skip
+        return _GuardedHandler(
+            server,
+            self._gate,
+            self._limits.header_timeout_s,
+            loop=asyncio.get_running_loop(),
+            **kwargs,
+        )
 
     async def start(self) -> None:
         """Listen."""
@@ -227,9 +254,12 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {}
         if self._ssl_context is not None:
-            tls = {"ssl": self._ssl_context,
-                   "ssl_handshake_timeout": self._limits.header_timeout_s}  # fmt: skip
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._limits.header_timeout_s}
         self._server = await loop.create_server(
-            self._protocol, self._host, self._port, backlog=self._backlog,
-            reuse_address=True, **tls,
-        )  # fmt: skip
+            self._protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+            **tls,
+        )

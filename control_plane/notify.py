@@ -50,15 +50,17 @@ class DesiredNotifier:
             except Exception as exc:
                 # Deliberate boundary: the change is committed whatever a listener does, and
                 # the waiters here and the other listeners must still hear of it.
-                self.count_set_aside(f"listener {getattr(listener, '__qualname__', listener)}",
-                                     reason_of(exc))  # fmt: skip
+                self.count_set_aside(
+                    f"listener {getattr(listener, '__qualname__', listener)}", reason_of(exc)
+                )
         self.wake(agent_ids)
 
     def count_set_aside(self, what: str, reason: str) -> None:
         """Count and log a notification that could not be passed on."""
         self.set_aside += 1
-        log.warning("desired-state notification set aside: %s: %s", printable(what, 200),
-                    printable(reason))  # fmt: skip
+        log.warning(
+            "desired-state notification set aside: %s: %s", printable(what, 200), printable(reason)
+        )
 
     def wake(self, agent_ids: Iterable[str]) -> None:
         """Wake the waiters of these agents only (a change another replica made)."""

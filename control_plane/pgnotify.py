@@ -34,9 +34,12 @@ class PgNotifyBridge:
     def __init__(self, url: str, notifier: DesiredNotifier) -> None:
         u = make_url(url)
         self.connect_args = {
-            "host": u.host, "port": u.port or 5432, "user": u.username,
-            "password": u.password, "database": u.database,
-        }  # fmt: skip
+            "host": u.host,
+            "port": u.port or 5432,
+            "user": u.username,
+            "password": u.password,
+            "database": u.database,
+        }
         self.notifier = notifier
         self.outbox: asyncio.Queue[list[str]] = asyncio.Queue()
         self.received = 0

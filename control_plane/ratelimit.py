@@ -17,8 +17,9 @@ from collections.abc import Callable
 class RateLimiter:
     """``rate`` requests per second on average per key, bursts up to ``burst``."""
 
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-                 ) -> None:  # fmt: skip
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate = rate

@@ -138,8 +138,10 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "too_few_requests": [label(g) for g in groups if not g["enough_requests"]],
         "min_requests": MIN_REQUESTS_TO_JUDGE,
     }
-    lat = sorted((g for g in judged if g["latency_ms"]["p95"] is not None),
-                 key=lambda g: g["latency_ms"]["p95"])  # fmt: skip
+    lat = sorted(
+        (g for g in judged if g["latency_ms"]["p95"] is not None),
+        key=lambda g: g["latency_ms"]["p95"],
+    )
     if lat:
         best = lat[0]
         out["fastest"] = {"group": label(best), "p95_ms": best["latency_ms"]["p95"]}
@@ -148,8 +150,10 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
             nxt = lat[1]["latency_ms"]["p95"]
             out["fastest"]["runner_up"] = label(lat[1])
             out["fastest"]["times_faster"] = round(nxt / best["latency_ms"]["p95"], 3)
-    cost = sorted((g for g in judged if g["cost_per_million"] is not None),
-                  key=lambda g: g["cost_per_million"])  # fmt: skip
+    cost = sorted(
+        (g for g in judged if g["cost_per_million"] is not None),
+        key=lambda g: g["cost_per_million"],
+    )
     if cost:
         best = cost[0]
         out["cheapest"] = {"group": label(best), "cost_per_million": best["cost_per_million"]}
@@ -161,17 +165,25 @@ def verdict(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
     parts = []
     if "fastest" in out:
         f = out["fastest"]
-        parts.append(f"fastest: {f['group']} (p95 {f['p95_ms']:.3g} ms"
-                     + (f", {f['times_faster']}x faster than {f['runner_up']})"
-                        if "runner_up" in f else ")"))  # fmt: skip
+        parts.append(
+            f"fastest: {f['group']} (p95 {f['p95_ms']:.3g} ms"
+            + (f", {f['times_faster']}x faster than {f['runner_up']})" if "runner_up" in f else ")")
+        )
     if "cheapest" in out:
         c = out["cheapest"]
-        parts.append(f"cheapest: {c['group']} ({c['cost_per_million']:.4g} per million"
-                     + (f", {c['times_cheaper']}x cheaper than {c['runner_up']})"
-                        if "runner_up" in c else ")"))  # fmt: skip
+        parts.append(
+            f"cheapest: {c['group']} ({c['cost_per_million']:.4g} per million"
+            + (
+                f", {c['times_cheaper']}x cheaper than {c['runner_up']})"
+                if "runner_up" in c
+                else ")"
+            )
+        )
     if out["too_few_requests"]:
-        parts.append(f"too few requests to judge (< {MIN_REQUESTS_TO_JUDGE}): "
-                     + ", ".join(out["too_few_requests"]))  # fmt: skip
+        parts.append(
+            f"too few requests to judge (< {MIN_REQUESTS_TO_JUDGE}): "
+            + ", ".join(out["too_few_requests"])
+        )
     out["summary"] = "; ".join(parts) or "no traffic in this window"
     return out
 
@@ -185,8 +197,9 @@ class _Read:
     skipped: int
 
 
-async def _rows(db: Database, model: str, versions: list[str], window: Window,
-                skipped: SkippedRows | None) -> _Read:  # fmt: skip
+async def _rows(
+    db: Database, model: str, versions: list[str], window: Window, skipped: SkippedRows | None
+) -> _Read:
     mine = SkippedRows(parent=skipped)  # this report's own count; the shared one logs
     async with db.read() as s:
         if await s.scalar(select(Model.id).where(Model.name == model)) is None:
@@ -276,18 +289,26 @@ async def timeseries(
         for slot in sorted(series[key]):
             g = series[key][slot]
             p50, p95, p99 = (g.sketch.quantile(q) for q in (0.5, 0.95, 0.99))
-            points.append({
-                "t": format_time(window.start + timedelta(seconds=slot * bucket)),
-                "requests": g.requests, "errors": g.errors,
-                "throughput_rps": round(g.requests / bucket, 4),
-                "p50_ms": round(p50, 4) if p50 is not None else None,
-                "p95_ms": round(p95, 4) if p95 is not None else None,
-                "p99_ms": round(p99, 4) if p99 is not None else None,
-            })  # fmt: skip
+            points.append(
+                {
+                    "t": format_time(window.start + timedelta(seconds=slot * bucket)),
+                    "requests": g.requests,
+                    "errors": g.errors,
+                    "throughput_rps": round(g.requests / bucket, 4),
+                    "p50_ms": round(p50, 4) if p50 is not None else None,
+                    "p95_ms": round(p95, 4) if p95 is not None else None,
+                    "p99_ms": round(p99, 4) if p99 is not None else None,
+                }
+            )
         out.append({"key": dict(zip(by, key, strict=True)), "points": points})
-    return {"model": model, "by": by, "bucket_seconds": bucket,
-            "window": {"from": format_time(window.start), "to": format_time(window.end)},
-            "series": out, "skipped_rows": read.skipped}  # fmt: skip
+    return {
+        "model": model,
+        "by": by,
+        "bucket_seconds": bucket,
+        "window": {"from": format_time(window.start), "to": format_time(window.end)},
+        "series": out,
+        "skipped_rows": read.skipped,
+    }
 
 
 def agent_state(agent: Agent, now: datetime, offline_after_s: float) -> str:
@@ -316,13 +337,15 @@ async def fleet(db: Database, now: datetime, offline_after_s: float) -> dict[str
     """Agents by site and state, versions deployed per model, active rollouts."""
     async with db.read() as s:
         agents = list(await s.scalars(select(Agent)))
-        active = (await s.execute(
-            select(Rollout, ModelVersion.version, Model.name)
-            .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
-            .join(Model, ModelVersion.model_id == Model.id)
-            .where(Rollout.state.in_(("pending", "running", "paused")))
-            .order_by(Rollout.created_at)
-        )).all()  # fmt: skip
+        active = (
+            await s.execute(
+                select(Rollout, ModelVersion.version, Model.name)
+                .join(ModelVersion, Rollout.model_version_id == ModelVersion.id)
+                .join(Model, ModelVersion.model_id == Model.id)
+                .where(Rollout.state.in_(("pending", "running", "paused")))
+                .order_by(Rollout.created_at)
+            )
+        ).all()
     sites: dict[str, Counter[str]] = defaultdict(Counter)
     deployed: dict[str, Counter[str]] = defaultdict(Counter)
     for a in agents:

@@ -50,15 +50,22 @@ def _still_trusted(mv: ModelVersion, model: str, trust: PublisherTrust) -> None:
     """A version pushed under an older rule (a publisher since revoked, a lower threshold) is
     refused here, with the reason, rather than by every agent it would reach."""
     try:
-        verify(parse_envelope(mv.envelope.encode()), trust.keys, MANIFEST_PAYLOAD_TYPE,
-               trust.threshold)  # fmt: skip
+        verify(
+            parse_envelope(mv.envelope.encode()), trust.keys, MANIFEST_PAYLOAD_TYPE, trust.threshold
+        )
     except ProtocolError as exc:
-        rule = (f"key set version {trust.keyset_version}" if trust.keyset_version
-                else "the trusted publisher keys")  # fmt: skip
-        raise ApiError(422, "untrusted_signature",
-                       f"{model} {mv.version} no longer meets {rule}: {exc}; agents would refuse "
-                       "it (publish it again with the signatures now needed)",
-                       "version") from None  # fmt: skip
+        rule = (
+            f"key set version {trust.keyset_version}"
+            if trust.keyset_version
+            else "the trusted publisher keys"
+        )
+        raise ApiError(
+            422,
+            "untrusted_signature",
+            f"{model} {mv.version} no longer meets {rule}: {exc}; agents would refuse "
+            "it (publish it again with the signatures now needed)",
+            "version",
+        ) from None
 
 
 async def create_rollout(
@@ -84,8 +91,9 @@ async def create_rollout(
             )
         if trust is not None:
             _still_trusted(mv, spec.model, trust)
-        agents = [a for a in await s.scalars(select(Agent))
-                  if not a.pending and a.revoked_at is None]  # fmt: skip
+        agents = [
+            a for a in await s.scalars(select(Agent)) if not a.pending and a.revoked_at is None
+        ]
         mine = {a.id for a in agents if spec.selector.matches(a.labels)}
         active = await s.scalars(
             select(Rollout)

@@ -153,9 +153,14 @@ class SkippedRows:
             return
         self.count += 1
         if self.parent is None:
-            log.warning("%s left out %s (agent %s, version %s): %s", reader, row.where,
-                        printable(str(row.agent_id), 64), printable(str(row.version), 64),
-                        printable(reason))  # fmt: skip
+            log.warning(
+                "%s left out %s (agent %s, version %s): %s",
+                reader,
+                row.where,
+                printable(str(row.agent_id), 64),
+                printable(str(row.version), 64),
+                printable(reason),
+            )
 
 
 def usable(
@@ -174,17 +179,31 @@ def usable(
 
 def _tier_selects(model: str) -> tuple[Select[Any], Select[Any]]:
     raw = select(
-        MetricSeries.agent_id, MetricSeries.version, MetricSeries.window_start.label("start"),
-        MetricSeries.requests, MetricSeries.errors, MetricSeries.latency_sketch,
-        MetricSeries.shadow_count, MetricSeries.drift_sum, MetricSeries.argmax_agree,
-        literal(0).label("resolution_s"), MetricSeries.id,
-    ).where(MetricSeries.model == model)  # fmt: skip
+        MetricSeries.agent_id,
+        MetricSeries.version,
+        MetricSeries.window_start.label("start"),
+        MetricSeries.requests,
+        MetricSeries.errors,
+        MetricSeries.latency_sketch,
+        MetricSeries.shadow_count,
+        MetricSeries.drift_sum,
+        MetricSeries.argmax_agree,
+        literal(0).label("resolution_s"),
+        MetricSeries.id,
+    ).where(MetricSeries.model == model)
     rolled = select(
-        MetricRollup.agent_id, MetricRollup.version, MetricRollup.bucket_start.label("start"),
-        MetricRollup.requests, MetricRollup.errors, MetricRollup.latency_sketch,
-        MetricRollup.shadow_count, MetricRollup.drift_sum, MetricRollup.argmax_agree,
-        MetricRollup.resolution_s, MetricRollup.id,
-    ).where(MetricRollup.model == model)  # fmt: skip
+        MetricRollup.agent_id,
+        MetricRollup.version,
+        MetricRollup.bucket_start.label("start"),
+        MetricRollup.requests,
+        MetricRollup.errors,
+        MetricRollup.latency_sketch,
+        MetricRollup.shadow_count,
+        MetricRollup.drift_sum,
+        MetricRollup.argmax_agree,
+        MetricRollup.resolution_s,
+        MetricRollup.id,
+    ).where(MetricRollup.model == model)
     return raw, rolled
 
 
@@ -218,9 +237,19 @@ async def series_rows(
     rows = await s.execute(union_all(*parts))
     out = []
     for r in rows:
-        row = SeriesRow(r.agent_id, r.version, datetime.min.replace(tzinfo=UTC), r.requests,
-                        r.errors, r.latency_sketch, r.shadow_count, r.drift_sum, r.argmax_agree,
-                        r.resolution_s, r.id)  # fmt: skip
+        row = SeriesRow(
+            r.agent_id,
+            r.version,
+            datetime.min.replace(tzinfo=UTC),
+            r.requests,
+            r.errors,
+            r.latency_sketch,
+            r.shadow_count,
+            r.drift_sum,
+            r.argmax_agree,
+            r.resolution_s,
+            r.id,
+        )
         try:
             row.window_start = _aware(r.start)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -258,9 +287,14 @@ class _Merged:
     def of(cls, row: MetricSeries | MetricRollup) -> _Merged:
         """A stored row's figures; raises BadRow when they are not usable."""
         sketch = checked_row(row)
-        return cls(requests=row.requests, errors=row.errors, shadow_count=row.shadow_count,
-                   argmax_agree=row.argmax_agree, drift_sum=float(row.drift_sum),
-                   sketch=sketch)  # fmt: skip
+        return cls(
+            requests=row.requests,
+            errors=row.errors,
+            shadow_count=row.shadow_count,
+            argmax_agree=row.argmax_agree,
+            drift_sum=float(row.drift_sum),
+            sketch=sketch,
+        )
 
     def add(self, other: _Merged) -> None:
         """Add ``other``; raises BadRow, changing nothing, when a total would pass the bounds."""
@@ -327,11 +361,18 @@ class _SetAside:
     def add(self, row: MetricSeries | MetricRollup, reason: str) -> None:
         """Record ``row`` in metric_set_aside with ``reason`` (the caller removes it)."""
         reason = printable(reason)
-        self.s.add(MetricSetAside(
-            set_aside_at=self.now, source=_source(row), source_id=row.id,
-            agent_id=printable(str(row.agent_id), 36), model=printable(str(row.model), 128),
-            version=printable(str(row.version), 64), reason=reason, row=_snapshot(row),
-        ))  # fmt: skip
+        self.s.add(
+            MetricSetAside(
+                set_aside_at=self.now,
+                source=_source(row),
+                source_id=row.id,
+                agent_id=printable(str(row.agent_id), 36),
+                model=printable(str(row.model), 128),
+                version=printable(str(row.version), 64),
+                reason=reason,
+                row=_snapshot(row),
+            )
+        )
         self.count += 1
         if self.count <= self.LOGGED:
             log.warning("metric roll-up set %s #%s aside: %s", _source(row), row.id, reason)
@@ -342,8 +383,9 @@ class _SetAside:
             log.warning("metric roll-up set %d rows aside in one pass", self.count)
 
 
-async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merged],
-                      aside: _SetAside) -> None:  # fmt: skip
+async def _merge_into(
+    s: AsyncSession, resolution: int, groups: dict[Key, _Merged], aside: _SetAside
+) -> None:
     """Add ``groups`` to the rows of ``resolution``, creating the rows that are missing.
 
     An existing row that cannot take them (unusable itself, or its totals would pass the
@@ -352,9 +394,17 @@ async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merge
     keys = list(groups)
     for i in range(0, len(keys), CHUNK):
         chunk = keys[i : i + CHUNK]
-        cond = or_(*(and_(MetricRollup.agent_id == a, MetricRollup.model == m,
-                          MetricRollup.version == v, MetricRollup.bucket_start == b)
-                     for a, m, v, b in chunk))  # fmt: skip
+        cond = or_(
+            *(
+                and_(
+                    MetricRollup.agent_id == a,
+                    MetricRollup.model == m,
+                    MetricRollup.version == v,
+                    MetricRollup.bucket_start == b,
+                )
+                for a, m, v, b in chunk
+            )
+        )
         existing = {
             (r.agent_id, r.model, r.version, _aware(r.bucket_start)): r
             for r in await s.scalars(
@@ -366,8 +416,9 @@ async def _merge_into(s: AsyncSession, resolution: int, groups: dict[Key, _Merge
             row = existing.get(key)
             if row is None:
                 a, m, v, b = key
-                row = MetricRollup(resolution_s=resolution, bucket_start=b, agent_id=a,
-                                   model=m, version=v)  # fmt: skip
+                row = MetricRollup(
+                    resolution_s=resolution, bucket_start=b, agent_id=a, model=m, version=v
+                )
                 g.write(row)
                 s.add(row)
                 continue
@@ -385,9 +436,9 @@ async def _roll(s: AsyncSession, step: _Step, limit: int, now: datetime) -> tupl
     """Move up to ``limit`` rows of ``step`` into its coarser tier, setting aside those that
     cannot be merged; return (rows moved, rows set aside)."""
     table = step.table
-    rows = list(await s.scalars(
-        select(table).where(*step.conditions).order_by(table.id).limit(limit)
-    ))  # fmt: skip
+    rows = list(
+        await s.scalars(select(table).where(*step.conditions).order_by(table.id).limit(limit))
+    )
     if not rows:
         return 0, 0
     aside = _SetAside(s, now)
@@ -431,11 +482,15 @@ async def _set_aside_first(db: Database, step: _Step, reason: str, now: datetime
         if is_transient(exc):
             raise
         # Deliberate boundary: the row cannot even be recorded; it goes, and the log says so.
-        log.error("metric roll-up could not record a row it sets aside (%s); deleting it: %s",
-                  reason_of(exc), reason)  # fmt: skip
+        log.error(
+            "metric roll-up could not record a row it sets aside (%s); deleting it: %s",
+            reason_of(exc),
+            reason,
+        )
     async with db.write() as s:
-        row_id = await s.scalar(select(table.id).where(*step.conditions).order_by(table.id)
-                                .limit(1))  # fmt: skip
+        row_id = await s.scalar(
+            select(table.id).where(*step.conditions).order_by(table.id).limit(1)
+        )
         if row_id is not None:
             await s.execute(delete(table).where(table.id == row_id))
 
@@ -443,16 +498,18 @@ async def _set_aside_first(db: Database, step: _Step, reason: str, now: datetime
 async def _locked(s: AsyncSession, is_sqlite: bool) -> bool:
     if is_sqlite:
         return True  # the Database's write lock already makes us the only writer
-    return bool(await s.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                               {"k": ADVISORY_LOCK_KEY}))  # fmt: skip
+    return bool(
+        await s.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+    )
 
 
 class _Skipped(Exception):
     """Another replica holds the roll-up lock."""
 
 
-async def _run_step(db: Database, step: _Step, limit: int, now: datetime,
-                    done: dict[str, int]) -> None:  # fmt: skip
+async def _run_step(
+    db: Database, step: _Step, limit: int, now: datetime, done: dict[str, int]
+) -> None:
     """Move every row of ``step``, ``limit`` at a time; raises _Skipped.
 
     A transaction that fails in a way the row checks did not foresee is retried with half the
@@ -499,17 +556,33 @@ async def rollup(
     replica holding the lock makes this pass a no-op (it returns ``{"skipped": 1}``).
     Raises the database's errors when it goes away.
     """
-    done = {"raw_rolled": 0, "minutes_rolled": 0, "hours_dropped": 0, "batches_dropped": 0,
-            "set_aside": 0, "set_aside_dropped": 0}  # fmt: skip
+    done = {
+        "raw_rolled": 0,
+        "minutes_rolled": 0,
+        "hours_dropped": 0,
+        "batches_dropped": 0,
+        "set_aside": 0,
+        "set_aside_dropped": 0,
+    }
     steps = (
-        _Step("raw_rolled", MetricSeries,
-              (MetricSeries.window_start < now - timedelta(seconds=retention.raw_s),),
-              MetricSeries.window_start, MINUTE),
-        _Step("minutes_rolled", MetricRollup,
-              (MetricRollup.resolution_s == MINUTE,
-               MetricRollup.bucket_start < now - timedelta(seconds=retention.minute_s)),
-              MetricRollup.bucket_start, HOUR),
-    )  # fmt: skip
+        _Step(
+            "raw_rolled",
+            MetricSeries,
+            (MetricSeries.window_start < now - timedelta(seconds=retention.raw_s),),
+            MetricSeries.window_start,
+            MINUTE,
+        ),
+        _Step(
+            "minutes_rolled",
+            MetricRollup,
+            (
+                MetricRollup.resolution_s == MINUTE,
+                MetricRollup.bucket_start < now - timedelta(seconds=retention.minute_s),
+            ),
+            MetricRollup.bucket_start,
+            HOUR,
+        ),
+    )
     try:
         for step in steps:
             await _run_step(db, step, limit, now, done)
@@ -519,13 +592,18 @@ async def rollup(
         if not await _locked(s, db.is_sqlite):
             return {"skipped": 1}
         horizon = now - timedelta(seconds=retention.hour_s)
-        res = await s.execute(delete(MetricRollup).where(
-            MetricRollup.resolution_s == HOUR, MetricRollup.bucket_start < horizon,
-        ))  # fmt: skip
+        res = await s.execute(
+            delete(MetricRollup).where(
+                MetricRollup.resolution_s == HOUR,
+                MetricRollup.bucket_start < horizon,
+            )
+        )
         done["hours_dropped"] = res.rowcount or 0  # type: ignore[attr-defined]
-        res = await s.execute(delete(MetricBatch).where(
-            MetricBatch.window_end < now - timedelta(seconds=retention.batches_s)
-        ))  # fmt: skip
+        res = await s.execute(
+            delete(MetricBatch).where(
+                MetricBatch.window_end < now - timedelta(seconds=retention.batches_s)
+            )
+        )
         done["batches_dropped"] = res.rowcount or 0  # type: ignore[attr-defined]
         # Set-aside rows are kept as long as the longest tier would have kept them.
         res = await s.execute(delete(MetricSetAside).where(MetricSetAside.set_aside_at < horizon))

@@ -124,8 +124,9 @@ class Fleet:
 class SimAgent:
     """One simulated agent."""
 
-    def __init__(self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str, index: int = 0
-                 ) -> None:  # fmt: skip
+    def __init__(
+        self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str, index: int = 0
+    ) -> None:
         self.fleet = fleet
         self.e = enrolled
         self.id = enrolled["agentId"]
@@ -149,14 +150,16 @@ class SimAgent:
         self.server_index += 1
         self.fleet.failovers += 1
 
-    async def call(self, s: aiohttp.ClientSession, method: str, path: str,
-                   **kw: Any) -> tuple[int, bytes]:  # fmt: skip
+    async def call(
+        self, s: aiohttp.ClientSession, method: str, path: str, **kw: Any
+    ) -> tuple[int, bytes]:
         """A request to this agent's control plane, failing over until one answers."""
         delay = 0.05
         while True:
             try:
-                async with s.request(method, f"{self.server}/api/v1{path}", headers=self.headers,
-                                     **kw) as r:  # fmt: skip
+                async with s.request(
+                    method, f"{self.server}/api/v1{path}", headers=self.headers, **kw
+                ) as r:
                     body = await r.read()
                     if r.status < 500:
                         return r.status, body
@@ -193,8 +196,9 @@ class SimAgent:
 
     async def report(self, s: aiohttp.ClientSession, mqtt: Any) -> None:
         now = datetime.now(UTC)
-        status = StatusReport(self.id, self.generation, now, tuple(self.models),
-                              {"simulated": True}).to_json()  # fmt: skip
+        status = StatusReport(
+            self.id, self.generation, now, tuple(self.models), {"simulated": True}
+        ).to_json()
         self.seq += 1
         series = []
         for m in self.models:
@@ -202,8 +206,9 @@ class SimAgent:
             for _ in range(10):
                 w.latency_ms.add(random.uniform(0.5, 2.0))
             series.append(w)
-        batch = MetricsBatch(self.id, self.seq, now - timedelta(seconds=10), now,
-                             tuple(series)).to_json()  # fmt: skip
+        batch = MetricsBatch(
+            self.id, self.seq, now - timedelta(seconds=10), now, tuple(series)
+        ).to_json()
         self.fleet.batches_made += 1
         prefix = (self.e.get("mqtt") or {}).get("prefix", "")
         if mqtt is not None:
@@ -223,8 +228,9 @@ class SimAgent:
 
     async def _flush(self, s: aiohttp.ClientSession) -> None:
         while self.pending:
-            code, body = await self.call(s, "POST", f"/agents/{self.id}/metrics",
-                                         json=self.pending[0])  # fmt: skip
+            code, body = await self.call(
+                s, "POST", f"/agents/{self.id}/metrics", json=self.pending[0]
+            )
             if code != 200:
                 raise RuntimeError(f"metrics refused ({code}): {body[:200]!r}")
             self.pending.pop(0)
@@ -251,8 +257,7 @@ class SimAgent:
         try:
             while True:
                 params = {"after": str(self.generation), "wait": "30"}
-                code, body = await self.call(s, "GET", f"/agents/{self.id}/desired",
-                                             params=params)  # fmt: skip
+                code, body = await self.call(s, "GET", f"/agents/{self.id}/desired", params=params)
                 if code == 200 and body:
                     await self.on_desired(s, body, None)
         finally:
@@ -269,10 +274,14 @@ class SimAgent:
             raise SimError("--transport mqtt needs --mqtt or a control plane with a broker")
         host, port, tls = broker_address(url)
         async with aiomqtt.Client(
-            host, port, username=creds.get("username"), password=creds.get("password"),
-            identifier=f"sim-{self.id}", protocol=aiomqtt.ProtocolVersion.V5,
+            host,
+            port,
+            username=creds.get("username"),
+            password=creds.get("password"),
+            identifier=f"sim-{self.id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
             tls_context=tls_context(tls, None),
-        ) as c:  # fmt: skip
+        ) as c:
             await c.subscribe(agent_topic(self.id, "desired", creds.get("prefix", "")), qos=1)
             beat = asyncio.create_task(self._heartbeats(s, c))
             try:
@@ -305,21 +314,26 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def _session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 timeout=aiohttp.ClientTimeout(total=120))  # fmt: skip
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    )
 
 
 async def _new_enrollment_token(s: aiohttp.ClientSession, opts: SimOptions) -> str:
     admin = {"Authorization": f"Bearer {opts.token}"}
-    async with s.post(f"{opts.servers[0]}/api/v1/enrollment-tokens", headers=admin,
-                      json={"labels": opts.labels, "maxUses": opts.agents}) as r:  # fmt: skip
+    async with s.post(
+        f"{opts.servers[0]}/api/v1/enrollment-tokens",
+        headers=admin,
+        json={"labels": opts.labels, "maxUses": opts.agents},
+    ) as r:
         if r.status != 201:
             raise SimError(f"enrollment token refused ({r.status}): {await r.text()}")
         return (await r.json())["token"]
 
 
-async def _start_agents(s: aiohttp.ClientSession, fleet: Fleet, token: str, count: int,
-                        first: int) -> tuple[list[SimAgent], list[asyncio.Task[None]]]:  # fmt: skip
+async def _start_agents(
+    s: aiohttp.ClientSession, fleet: Fleet, token: str, count: int, first: int
+) -> tuple[list[SimAgent], list[asyncio.Task[None]]]:
     """Enroll ``count`` agents (named from ``first``), 32 at a time, and start them."""
     opts = fleet.opts
     rng = random.Random(7 + first)
@@ -330,8 +344,9 @@ async def _start_agents(s: aiohttp.ClientSession, fleet: Fleet, token: str, coun
             for attempt in range(10):
                 server = opts.servers[(i + attempt) % len(opts.servers)]
                 try:
-                    async with s.post(f"{server}/api/v1/agents/enroll",
-                                      json={"token": token, "name": f"sim-{i}"}) as r:  # fmt: skip
+                    async with s.post(
+                        f"{server}/api/v1/agents/enroll", json={"token": token, "name": f"sim-{i}"}
+                    ) as r:
                         if r.status == 201:
                             return SimAgent(fleet, await r.json(), behaviours[i - first], i)
                         if r.status < 500:
@@ -356,8 +371,9 @@ async def _wait_active(fleet: Fleet, want: int, deadline: float) -> None:
             break
 
 
-async def _stop(s: aiohttp.ClientSession, sims: list[SimAgent], tasks: list[asyncio.Task[None]]
-                ) -> None:  # fmt: skip
+async def _stop(
+    s: aiohttp.ClientSession, sims: list[SimAgent], tasks: list[asyncio.Task[None]]
+) -> None:
     """Stop the agents, then send what each still holds (no report is dropped at exit)."""
     for t in tasks:
         t.cancel()
@@ -370,12 +386,15 @@ async def _stop(s: aiohttp.ClientSession, sims: list[SimAgent], tasks: list[asyn
 
 
 def _figures(fleet: Fleet, sims: list[SimAgent]) -> dict[str, Any]:
-    return {"bytes_fetched": fleet.fetched_bytes, "metric_batches": fleet.batches_made,
-            "metric_batches_stored": fleet.batches_stored,
-            "metric_batches_duplicate": fleet.batches_duplicate,
-            "metric_batches_published": fleet.batches_published,
-            "metric_batches_pending": sum(len(a.pending) for a in sims),
-            "failovers": fleet.failovers}  # fmt: skip
+    return {
+        "bytes_fetched": fleet.fetched_bytes,
+        "metric_batches": fleet.batches_made,
+        "metric_batches_stored": fleet.batches_stored,
+        "metric_batches_duplicate": fleet.batches_duplicate,
+        "metric_batches_published": fleet.batches_published,
+        "metric_batches_pending": sum(len(a.pending) for a in sims),
+        "failovers": fleet.failovers,
+    }
 
 
 async def _create_rollout(s: aiohttp.ClientSession, opts: SimOptions, rollout: str) -> None:
@@ -391,10 +410,17 @@ async def _create_rollout(s: aiohttp.ClientSession, opts: SimOptions, rollout: s
 
 
 def _summary(opts: SimOptions, times: list[float], want: int) -> dict[str, Any]:
-    return {"agents": opts.agents, "transport": opts.transport, "processes": opts.processes,
-            "converged": len(times) == want, "active": len(times), "expected": want,
-            "converge_s": round(max(times), 3) if times else None,
-            "p50_s": _pct(times, 0.5), "p99_s": _pct(times, 0.99)}  # fmt: skip
+    return {
+        "agents": opts.agents,
+        "transport": opts.transport,
+        "processes": opts.processes,
+        "converged": len(times) == want,
+        "active": len(times),
+        "expected": want,
+        "converge_s": round(max(times), 3) if times else None,
+        "p50_s": _pct(times, 0.5),
+        "p99_s": _pct(times, 0.99),
+    }
 
 
 async def simulate(opts: SimOptions, rollout: str | None) -> dict[str, Any]:
@@ -432,8 +458,9 @@ async def simulate(opts: SimOptions, rollout: str | None) -> dict[str, Any]:
 # reported the version active (wall clock, comparable across processes on one machine).
 
 
-def _worker(opts: SimOptions, token: str, count: int, first: int, rollout: str | None,
-            conn: Any) -> None:  # fmt: skip
+def _worker(
+    opts: SimOptions, token: str, count: int, first: int, rollout: str | None, conn: Any
+) -> None:
     async def main() -> None:
         fleet = Fleet(opts)
         if rollout:  # known before any desired state can arrive
@@ -465,8 +492,10 @@ def _simulate_in_processes(opts: SimOptions, rollout: str | None) -> dict[str, A
             return await _new_enrollment_token(s, opts)
 
     tok = asyncio.run(token())
-    shares = [opts.agents // opts.processes + (i < opts.agents % opts.processes)
-              for i in range(opts.processes)]  # fmt: skip
+    shares = [
+        opts.agents // opts.processes + (i < opts.agents % opts.processes)
+        for i in range(opts.processes)
+    ]
     pipes, procs, first = [], [], 0
     for share in shares:
         parent, child = ctx.Pipe()
@@ -480,8 +509,11 @@ def _simulate_in_processes(opts: SimOptions, rollout: str | None) -> dict[str, A
             if not c.poll(opts.timeout_s) or c.recv()[0] != "ready":
                 raise SimError("a simulator process did not start")
         time.sleep(1.0)  # let connections settle
-        out: dict[str, Any] = {"agents": opts.agents, "transport": opts.transport,
-                               "processes": opts.processes}  # fmt: skip
+        out: dict[str, Any] = {
+            "agents": opts.agents,
+            "transport": opts.transport,
+            "processes": opts.processes,
+        }
         if rollout:
             t0 = time.time()
 
@@ -542,10 +574,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--failing", type=float, default=0.0, help="fraction reporting failure")
     p.add_argument("--status-interval", type=float, default=15.0)
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--stages", help="stages of the rollout, as for `rollout create` "
-                   "(10%%:30s,50%%:30s,100%%); default one stage of 100%%")  # fmt: skip
-    p.add_argument("--processes", type=int, default=1,
-                   help="worker processes sharing the agents (use every core)")  # fmt: skip
+    p.add_argument(
+        "--stages",
+        help="stages of the rollout, as for `rollout create` "
+        "(10%%:30s,50%%:30s,100%%); default one stage of 100%%",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes sharing the agents (use every core)",
+    )
     p.set_defaults(func=cmd_sim)
 
 
@@ -575,12 +614,21 @@ def cmd_sim(args: argparse.Namespace) -> int:
         if not url.strip().startswith(("http://", "https://")):
             raise CliError(f"--server takes http(s):// URLs, got {url.strip()!r}")
     opts = SimOptions(
-        server=args.server.rstrip("/"), token=args.token, agents=args.agents,
-        transport=args.transport, mqtt=args.mqtt, labels=parse_labels(args.labels),
-        shared_cache=not args.no_shared_cache, offline=args.offline, slow=args.slow,
-        failing=args.failing, status_interval_s=args.status_interval, timeout_s=args.timeout,
-        processes=args.processes, stages=stages,
-    )  # fmt: skip
+        server=args.server.rstrip("/"),
+        token=args.token,
+        agents=args.agents,
+        transport=args.transport,
+        mqtt=args.mqtt,
+        labels=parse_labels(args.labels),
+        shared_cache=not args.no_shared_cache,
+        offline=args.offline,
+        slow=args.slow,
+        failing=args.failing,
+        status_interval_s=args.status_interval,
+        timeout_s=args.timeout,
+        processes=args.processes,
+        stages=stages,
+    )
     try:
         out = asyncio.run(simulate(opts, args.rollout))
     except SimError as exc:

@@ -57,8 +57,9 @@ async def create_token(db: Database, body: dict[str, Any], now: datetime) -> dic
         raise ApiError(400, "invalid", f"ttlSeconds must be <= {MAX_TTL_S:.0f}", "ttlSeconds")
     secret = new_secret(API_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl) if ttl is not None else None
-    row = ApiToken(name=name, token_hash=hash_secret(secret), scopes=scopes, created_at=now,
-                   expires_at=expires)  # fmt: skip
+    row = ApiToken(
+        name=name, token_hash=hash_secret(secret), scopes=scopes, created_at=now, expires_at=expires
+    )
     async with db.write() as s:
         s.add(row)
         await s.flush()

@@ -40,8 +40,11 @@ class Shadow:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
-        return {"version": self.version, "manifestDigest": self.manifest_digest,
-                "sample": self.sample}  # fmt: skip
+        return {
+            "version": self.version,
+            "manifestDigest": self.manifest_digest,
+            "sample": self.sample,
+        }
 
 
 @dataclass(frozen=True)

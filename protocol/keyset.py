@@ -111,9 +111,11 @@ def make_keyset(
     """Build a key set from keys; raises InvalidMessage for a threshold no key set can meet."""
     keys: dict[str, Ed25519PublicKey] = {}
     roles = {}
-    for name, members, threshold in (("root", roots, root_threshold),
-                                     ("publishers", publishers, publisher_threshold),
-                                     ("controlPlane", control_plane, 1)):  # fmt: skip
+    for name, members, threshold in (
+        ("root", roots, root_threshold),
+        ("publishers", publishers, publisher_threshold),
+        ("controlPlane", control_plane, 1),
+    ):
         ids = []
         for k in members:
             kid = key_id(k)

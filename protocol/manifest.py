@@ -57,10 +57,19 @@ ONNX_TYPES = {
 }
 # numpy dtype names for the same datatypes (LiteRT reports numpy types).
 NUMPY_DATATYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
-    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
-    "float32": "FP32", "float64": "FP64",
-}  # fmt: skip
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
 ONNX_MEDIA_TYPE = "application/vnd.onnx.model+protobuf"
 TFLITE_MEDIA_TYPE = "application/vnd.tflite.model"
 MODEL_MEDIA_TYPES = {"onnx": ONNX_MEDIA_TYPE, "tflite": TFLITE_MEDIA_TYPE}

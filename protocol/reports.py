@@ -166,8 +166,11 @@ class SeriesWindow:
             "latencyMs": self.latency_ms.to_json(),
         }
         if self.shadow_count:
-            doc["shadow"] = {"count": self.shadow_count, "driftSum": self.drift_sum,
-                             "argmaxAgree": self.argmax_agree}  # fmt: skip
+            doc["shadow"] = {
+                "count": self.shadow_count,
+                "driftSum": self.drift_sum,
+                "argmaxAgree": self.argmax_agree,
+            }
         return doc
 
 

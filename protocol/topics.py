@@ -9,8 +9,15 @@ DEFAULT_PREFIX = "modelfleet/v1"
 SHARED_GROUP = "modelfleet"
 # metrics/ack: the control plane's word that a metrics batch (by seq) is stored, so the agent
 # may forget it; a broker's PUBACK only says the broker has it.
-AGENT_KINDS = ("desired", "status", "metrics", "metrics/ack", "presence", "blobs/request",
-               "blobs/response")  # fmt: skip
+AGENT_KINDS = (
+    "desired",
+    "status",
+    "metrics",
+    "metrics/ack",
+    "presence",
+    "blobs/request",
+    "blobs/response",
+)
 # Bundles over MQTT: chunks of at most this many bytes answer one request each.
 MAX_CHUNK_BYTES = 128 * 1024
 

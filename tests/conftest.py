@@ -125,9 +125,13 @@ async def _pg_admin() -> Any:
 
     u = make_url(PG_URL)
     return await asyncpg.connect(
-        host=u.host, port=u.port or 5432, user=u.username, password=u.password,
-        database=u.database, timeout=3,
-    )  # fmt: skip
+        host=u.host,
+        port=u.port or 5432,
+        user=u.username,
+        password=u.password,
+        database=u.database,
+        timeout=3,
+    )
 
 
 async def _pg_execute(sql: str) -> None:

@@ -60,12 +60,14 @@ def iris_model(
         ]
         nodes += [
             helper.make_node("MatMul", [first, "Wa"], ["ha"]),
-            *[helper.make_node("MatMul", [f"ha{'' if i == 0 else i}", "Wb"], [f"ha{i + 1}"])
-              for i in range(16)],
+            *[
+                helper.make_node("MatMul", [f"ha{'' if i == 0 else i}", "Wb"], [f"ha{i + 1}"])
+                for i in range(16)
+            ],
             helper.make_node("ReduceSum", ["ha16", "axis1"], ["r"], keepdims=1),
             helper.make_node("Mul", ["r", "zero"], ["z"]),
             helper.make_node("Add", ["logits0", "z"], ["logits"]),
-        ]  # fmt: skip
+        ]
     nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
     graph = helper.make_graph(
         nodes,
@@ -125,22 +127,27 @@ def iris_tflite(seed: int = 0) -> bytes:
     graph = s.SubGraphT()
     graph.name = b"main"
     graph.tensors = [
-        tensor("x", [1, 4], 0, True), tensor("W", [3, 4], 1), tensor("B", [3], 2),
-        tensor("logits", [1, 3], 0, True), tensor("probs", [1, 3], 0, True),
-    ]  # fmt: skip
+        tensor("x", [1, 4], 0, True),
+        tensor("W", [3, 4], 1),
+        tensor("B", [3], 2),
+        tensor("logits", [1, 3], 0, True),
+        tensor("probs", [1, 3], 0, True),
+    ]
     graph.inputs, graph.outputs = [0], [4]
     graph.operators = [
-        operator(0, [0, 1, 2], [3], s.BuiltinOptions.FullyConnectedOptions,
-                 s.FullyConnectedOptionsT()),
+        operator(
+            0, [0, 1, 2], [3], s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT()
+        ),
         operator(1, [3], [4], s.BuiltinOptions.SoftmaxOptions, softmax),
-    ]  # fmt: skip
+    ]
     model = s.ModelT()
     model.version = 3
     model.description = b"iris"
     model.buffers = [buffer(), buffer(np.ascontiguousarray(w.T).tobytes()), buffer(b.tobytes())]
     model.operatorCodes = [
-        opcode(s.BuiltinOperator.FULLY_CONNECTED), opcode(s.BuiltinOperator.SOFTMAX)
-    ]  # fmt: skip
+        opcode(s.BuiltinOperator.FULLY_CONNECTED),
+        opcode(s.BuiltinOperator.SOFTMAX),
+    ]
     model.subgraphs = [graph]
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
@@ -201,9 +208,11 @@ def mlp_onnx(seed: int = 0) -> bytes:
         "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=[numpy_helper.from_array(a, n) for a, n in
-                     zip((w1, b1, w2, b2), ("W1", "B1", "W2", "B2"), strict=True)],
-    )  # fmt: skip
+        initializer=[
+            numpy_helper.from_array(a, n)
+            for a, n in zip((w1, b1, w2, b2), ("W1", "B1", "W2", "B2"), strict=True)
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -244,18 +253,25 @@ def mlp_tflite(seed: int = 0) -> bytes:
     graph = s.SubGraphT()
     graph.name = b"main"
     graph.tensors = [
-        tensor("x", [1, 16], 0), tensor("W1", [32, 16], 1), tensor("B1", [32], 2),
-        tensor("h", [1, 32], 0), tensor("W2", [4, 32], 3), tensor("B2", [4], 4),
+        tensor("x", [1, 16], 0),
+        tensor("W1", [32, 16], 1),
+        tensor("B1", [32], 2),
+        tensor("h", [1, 32], 0),
+        tensor("W2", [4, 32], 3),
+        tensor("B2", [4], 4),
         tensor("y", [1, 4], 0),
-    ]  # fmt: skip
+    ]
     graph.inputs, graph.outputs = [0], [6]
     graph.operators = [fc([0, 1, 2], 3, True), fc([3, 4, 5], 6, False)]
     model = s.ModelT()
     model.version = 3
     model.buffers = [
-        buffer(), buffer(np.ascontiguousarray(w1.T).tobytes()), buffer(b1.tobytes()),
-        buffer(np.ascontiguousarray(w2.T).tobytes()), buffer(b2.tobytes()),
-    ]  # fmt: skip
+        buffer(),
+        buffer(np.ascontiguousarray(w1.T).tobytes()),
+        buffer(b1.tobytes()),
+        buffer(np.ascontiguousarray(w2.T).tobytes()),
+        buffer(b2.tobytes()),
+    ]
     model.operatorCodes = [code]
     model.subgraphs = [graph]
     builder = flatbuffers.Builder(4096)

@@ -41,15 +41,23 @@ def render(table: ServingTable, gauges: Gauges) -> str:
     totals = sorted(table.metrics.totals.items())
     lines: list[str] = []
     lines += _family(
-        "modelfleet_inference_requests_total", "counter", "Inference requests served.",
-        (f"modelfleet_inference_requests_total{_labels(model=m, version=v)} {t.requests}"
-         for (m, v), t in totals),
-    )  # fmt: skip
+        "modelfleet_inference_requests_total",
+        "counter",
+        "Inference requests served.",
+        (
+            f"modelfleet_inference_requests_total{_labels(model=m, version=v)} {t.requests}"
+            for (m, v), t in totals
+        ),
+    )
     lines += _family(
-        "modelfleet_inference_errors_total", "counter", "Inference requests that failed.",
-        (f"modelfleet_inference_errors_total{_labels(model=m, version=v)} {t.errors}"
-         for (m, v), t in totals),
-    )  # fmt: skip
+        "modelfleet_inference_errors_total",
+        "counter",
+        "Inference requests that failed.",
+        (
+            f"modelfleet_inference_errors_total{_labels(model=m, version=v)} {t.errors}"
+            for (m, v), t in totals
+        ),
+    )
     hist: list[str] = []
     for (m, v), t in totals:
         cumulative = 0
@@ -60,8 +68,10 @@ def render(table: ServingTable, gauges: Gauges) -> str:
                 f"modelfleet_inference_latency_seconds_bucket"
                 f"{_labels(model=m, version=v, le=le)} {cumulative}"
             )
-        hist.append(f"modelfleet_inference_latency_seconds_sum{_labels(model=m, version=v)} "
-                    f"{t.latency_sum_s}")  # fmt: skip
+        hist.append(
+            f"modelfleet_inference_latency_seconds_sum{_labels(model=m, version=v)} "
+            f"{t.latency_sum_s}"
+        )
         hist.append(
             f"modelfleet_inference_latency_seconds_count{_labels(model=m, version=v)} {t.requests}"
         )
@@ -70,24 +80,53 @@ def render(table: ServingTable, gauges: Gauges) -> str:
     )
     active = table.snapshot()
     lines += _family(
-        "modelfleet_model_active", "gauge", "1 for each model version serving.",
-        (f"modelfleet_model_active{_labels(model=m.name, version=m.version, variant=m.variant)} 1"
-         for m in active),
-    )  # fmt: skip
+        "modelfleet_model_active",
+        "gauge",
+        "1 for each model version serving.",
+        (
+            "modelfleet_model_active"
+            f"{_labels(model=m.name, version=m.version, variant=m.variant)} 1"
+            for m in active
+        ),
+    )
     scalars = [
-        ("modelfleet_desired_generation", "gauge", "Highest desired-state generation accepted.",
-         gauges.generation),
-        ("modelfleet_downloads_total", "counter", "Blobs downloaded and verified.",
-         gauges.downloads),
-        ("modelfleet_download_bytes_total", "counter", "Bytes received for blobs.",
-         gauges.download_bytes),
-        ("modelfleet_last_sync_timestamp_seconds", "gauge",
-         "Unix time of the last answer from the control plane.", gauges.last_sync),
-        ("modelfleet_metrics_batches_pending", "gauge", "Metric batches waiting to be sent.",
-         gauges.pending_batches),
-        ("modelfleet_metrics_batches_dropped_total", "counter",
-         "Metric batches dropped because the buffer was full.", gauges.dropped_batches),
-    ]  # fmt: skip
+        (
+            "modelfleet_desired_generation",
+            "gauge",
+            "Highest desired-state generation accepted.",
+            gauges.generation,
+        ),
+        (
+            "modelfleet_downloads_total",
+            "counter",
+            "Blobs downloaded and verified.",
+            gauges.downloads,
+        ),
+        (
+            "modelfleet_download_bytes_total",
+            "counter",
+            "Bytes received for blobs.",
+            gauges.download_bytes,
+        ),
+        (
+            "modelfleet_last_sync_timestamp_seconds",
+            "gauge",
+            "Unix time of the last answer from the control plane.",
+            gauges.last_sync,
+        ),
+        (
+            "modelfleet_metrics_batches_pending",
+            "gauge",
+            "Metric batches waiting to be sent.",
+            gauges.pending_batches,
+        ),
+        (
+            "modelfleet_metrics_batches_dropped_total",
+            "counter",
+            "Metric batches dropped because the buffer was full.",
+            gauges.dropped_batches,
+        ),
+    ]
     for name, kind, help_, value in scalars:
         lines += _family(name, kind, help_, [f"{name} {value}"])
     return "\n".join(lines) + "\n"

@@ -37,18 +37,29 @@ def register(ksub: argparse._SubParsersAction) -> None:
         help="sign and install the next key set version: add or revoke publisher, root and "
         "control plane keys, change the k-of-n threshold",
     )
-    r.add_argument("--root-key", type=Path, action="append", required=True, metavar="FILE",
-                   help="a root private key that signs (repeatable): enough of the current "
-                   "roots, and of the new ones when roots change")  # fmt: skip
+    r.add_argument(
+        "--root-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a root private key that signs (repeatable): enough of the current "
+        "roots, and of the new ones when roots change",
+    )
     r.add_argument("--add-publisher", action="append", default=[], metavar="PUB")
     r.add_argument("--revoke-publisher", action="append", default=[], metavar="PUB|KEYID")
     r.add_argument("--threshold", type=int, help="publisher signatures a bundle needs (k of n)")
     r.add_argument("--add-root", action="append", default=[], metavar="PUB")
     r.add_argument("--remove-root", action="append", default=[], metavar="PUB|KEYID")
     r.add_argument("--root-threshold", type=int, help="root signatures a key set needs")
-    r.add_argument("--add-control-plane", action="append", default=[], metavar="KEY",
-                   help="a control plane signing key (its .key or a .pub): agents accept "
-                   "desired states it signs")  # fmt: skip
+    r.add_argument(
+        "--add-control-plane",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a control plane signing key (its .key or a .pub): agents accept "
+        "desired states it signs",
+    )
     r.add_argument("--remove-control-plane", action="append", default=[], metavar="PUB|KEYID")
     r.add_argument("--expires-days", type=float, default=365.0, help="(365)")
     r.add_argument(
@@ -84,15 +95,21 @@ def _resolve_id(arg: str, members: tuple[str, ...], flag: str) -> str:
         return kid
     match = [k for k in members if len(arg) >= 8 and k.startswith(arg.lower())]
     if len(match) != 1:
-        raise CliError(f"{flag} {arg}: names {'no' if not match else 'more than one'} key of "
-                       "that role (give a key file or 8+ hex digits of its id)")  # fmt: skip
+        raise CliError(
+            f"{flag} {arg}: names {'no' if not match else 'more than one'} key of "
+            "that role (give a key file or 8+ hex digits of its id)"
+        )
     return match[0]
 
 
 def _changed_role(
-    role: Role, keys: dict[str, Ed25519PublicKey], add: list[str], remove: list[str],
-    threshold: int | None, flags: tuple[str, str, str],
-) -> Role:  # fmt: skip
+    role: Role,
+    keys: dict[str, Ed25519PublicKey],
+    add: list[str],
+    remove: list[str],
+    threshold: int | None,
+    flags: tuple[str, str, str],
+) -> Role:
     ids = list(role.keyids)
     for arg in remove:
         kid = _resolve_id(arg, tuple(ids), flags[1])
@@ -122,16 +139,31 @@ def next_version(current: KeySet | None, args: argparse.Namespace, signers: list
             keys[key_id(k.public_key())] = k.public_key()
         roles["root"] = Role(tuple(dict.fromkeys(key_id(k.public_key()) for k in signers)), 1)
     new_roles = {
-        "root": _changed_role(roles["root"], keys, add_roots, args.remove_root,
-                              args.root_threshold,
-                              ("--add-root", "--remove-root", "--root-threshold")),
-        "publishers": _changed_role(roles["publishers"], keys, args.add_publisher,
-                                    args.revoke_publisher, args.threshold,
-                                    ("--add-publisher", "--revoke-publisher", "--threshold")),
-        "controlPlane": _changed_role(roles["controlPlane"], keys, args.add_control_plane,
-                                      args.remove_control_plane, None,
-                                      ("--add-control-plane", "--remove-control-plane", "")),
-    }  # fmt: skip
+        "root": _changed_role(
+            roles["root"],
+            keys,
+            add_roots,
+            args.remove_root,
+            args.root_threshold,
+            ("--add-root", "--remove-root", "--root-threshold"),
+        ),
+        "publishers": _changed_role(
+            roles["publishers"],
+            keys,
+            args.add_publisher,
+            args.revoke_publisher,
+            args.threshold,
+            ("--add-publisher", "--revoke-publisher", "--threshold"),
+        ),
+        "controlPlane": _changed_role(
+            roles["controlPlane"],
+            keys,
+            args.add_control_plane,
+            args.remove_control_plane,
+            None,
+            ("--add-control-plane", "--remove-control-plane", ""),
+        ),
+    }
     used = {kid for r in new_roles.values() for kid in r.keyids}
     if args.expires_days <= 0:
         raise CliError("--expires-days must be > 0")
@@ -147,8 +179,10 @@ def _describe(ks: KeySet) -> str:
     lines = [f"key set version {ks.version}, expires {ks.summary()['expiresAt']}"]
     for name in ROLES:
         role = ks.roles[name]
-        lines.append(f"  {name}: {role.threshold} of {len(role.keyids)}: "
-                     + ", ".join(k[:16] for k in role.keyids))  # fmt: skip
+        lines.append(
+            f"  {name}: {role.threshold} of {len(role.keyids)}: "
+            + ", ".join(k[:16] for k in role.keyids)
+        )
     return "\n".join(lines)
 
 
@@ -174,9 +208,11 @@ async def _rotate(args: argparse.Namespace) -> int:
         return 0
     _, body = await api_call(args, "GET", "/keyset")
     if not body.get("envelope"):
-        raise CliError("the control plane has no key set yet: make version 1 with "
-                       "`modelfleet keys rotate --init --out keyset.json ...` and start the "
-                       "server with --keyset keyset.json")  # fmt: skip
+        raise CliError(
+            "the control plane has no key set yet: make version 1 with "
+            "`modelfleet keys rotate --init --out keyset.json ...` and start the "
+            "server with --keyset keyset.json"
+        )
     try:
         current = open_first(body["envelope"].encode(), datetime.min.replace(tzinfo=UTC))
     except ProtocolError as exc:

@@ -178,8 +178,12 @@ def cmd_enroll_token_create(args: argparse.Namespace) -> int:
         labels = parse_labels(args.labels)
     except InvalidMessage as exc:
         raise CliError(f"--labels: {exc}") from None
-    body = {"labels": labels, "maxUses": args.max_uses, "ttlSeconds": args.ttl,
-            "requireApproval": args.require_approval}  # fmt: skip
+    body = {
+        "labels": labels,
+        "maxUses": args.max_uses,
+        "ttlSeconds": args.ttl,
+        "requireApproval": args.require_approval,
+    }
     _, out = asyncio.run(api_call(args, "POST", "/enrollment-tokens", json_body=body))
     _print(args, out, out["token"])
     return 0
@@ -401,19 +405,44 @@ def cmd_rollout_command(args: argparse.Namespace) -> int:
     return 0
 
 
-REPORT_COLUMNS = ["requests", "errors", "error_rate", "throughput_rps", "p50_ms", "p95_ms",
-                  "p99_ms", "cost_per_million", "agents"]  # fmt: skip
+REPORT_COLUMNS = [
+    "requests",
+    "errors",
+    "error_rate",
+    "throughput_rps",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "cost_per_million",
+    "agents",
+]
 
 
 def _report_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for g in report["groups"]:
         lat = g["latency_ms"]
-        values = [g["requests"], g["errors"], g["error_rate"], g["throughput_rps"], lat["p50"],
-                  lat["p95"], lat["p99"], g["cost_per_million"], g["agents"]]  # fmt: skip
+        values = [
+            g["requests"],
+            g["errors"],
+            g["error_rate"],
+            g["throughput_rps"],
+            lat["p50"],
+            lat["p95"],
+            lat["p99"],
+            g["cost_per_million"],
+            g["agents"],
+        ]
         key = ",".join(f"{k}={v}" for k, v in g["key"].items())
-        rows.append([key, *("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-                            for v in values)])  # fmt: skip
+        rows.append(
+            [
+                key,
+                *(
+                    "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                    for v in values
+                ),
+            ]
+        )
     return rows
 
 
@@ -430,19 +459,25 @@ def format_report(report: dict[str, Any], fmt: str) -> str:
         w.writerows(rows)
         return buf.getvalue().rstrip("\n")
     w = report["window"]
-    return "\n".join([
-        f"{report['model']} {', '.join(report['versions'])}  by {','.join(report['by'])}  "
-        f"{w['from']} .. {w['to']}",
-        _table(rows, header),
-        f"verdict: {report['verdict']['summary']}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{report['model']} {', '.join(report['versions'])}  by {','.join(report['by'])}  "
+            f"{w['from']} .. {w['to']}",
+            _table(rows, header),
+            f"verdict: {report['verdict']['summary']}",
+        ]
+    )
 
 
 def cmd_report_compare(args: argparse.Namespace) -> int:
     """Print the comparison report."""
     query = {"model": args.model, "by": args.by}
-    for key, value in (("version", args.version), ("since", args.since),
-                       ("from", args.from_), ("to", args.to)):  # fmt: skip
+    for key, value in (
+        ("version", args.version),
+        ("since", args.since),
+        ("from", args.from_),
+        ("to", args.to),
+    ):
         if value:
             query[key] = value
     _, out = asyncio.run(api_call(args, "GET", f"/reports/compare?{urlencode(query)}"))
@@ -462,7 +497,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     for model, versions in out["models"].items():
         lines.append(f"  {model}: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
     for r in out["rollouts"]:
-        lines.append(f"  rollout {r['id'][:8]} {r['model']} {r['version']}: {r['state']} "
-                     f"stage {r['stage']}/{r['stages']}")  # fmt: skip
+        lines.append(
+            f"  rollout {r['id'][:8]} {r['model']} {r['version']}: {r['state']} "
+            f"stage {r['stage']}/{r['stages']}"
+        )
     print("\n".join(lines))
     return 0

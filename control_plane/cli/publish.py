@@ -75,10 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("build", help="sign a model into a bundle")
     b.add_argument("model", type=Path, help="the model file (.onnx or .tflite)")
     b.add_argument(
-        "--variant", action="append", default=[], metavar="NAME=FILE[:KEY=VALUE,...]",
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FILE[:KEY=VALUE,...]",
         help="a hardware variant preferred where it fits, e.g. "
         "cuda-fp16=model-fp16.onnx:accelerator=cuda (repeatable, most preferred first)",
-    )  # fmt: skip
+    )
     b.add_argument("--name", required=True)
     b.add_argument("--version", required=True)
     b.add_argument(
@@ -96,17 +99,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = bsub.add_parser("verify", help="check a bundle's signature and every digest")
     v.add_argument("bundle", type=Path)
     v.add_argument("--trust", type=Path, action="append", required=True, metavar="PUBKEY")
-    v.add_argument("--threshold", type=int, default=1,
-                   help="distinct trusted signatures needed (1)")  # fmt: skip
+    v.add_argument(
+        "--threshold", type=int, default=1, help="distinct trusted signatures needed (1)"
+    )
     v.set_defaults(func=cmd_bundle_verify)
-    sg = bsub.add_parser("sign", help="add a publisher's signature to a bundle (k-of-n: each "
-                         "publisher signs with their own key)")  # fmt: skip
+    sg = bsub.add_parser(
+        "sign",
+        help="add a publisher's signature to a bundle (k-of-n: each "
+        "publisher signs with their own key)",
+    )
     sg.add_argument("bundle", type=Path)
     sg.add_argument("--key", required=True, type=Path, help="publisher private key")
     sg.add_argument("--out", type=Path, help="default: overwrite the bundle")
     sg.set_defaults(func=cmd_bundle_sign)
-    x = bsub.add_parser("export", help="rebuild a published version's .mfb from the control plane "
-                        "(for sites with no route to it)")  # fmt: skip
+    x = bsub.add_parser(
+        "export",
+        help="rebuild a published version's .mfb from the control plane "
+        "(for sites with no route to it)",
+    )
     x.add_argument("--model", required=True)
     x.add_argument("--version", required=True)
     x.add_argument("--out", type=Path, help="default: MODEL-VERSION.mfb")
@@ -213,12 +223,27 @@ def build_bundle(
             raise CliError(f"variant {v.name!r} has other inputs or outputs than the model")
         path = f"variants/{v.name}.{ext}"
         files[path] = v.model
-        entries.append(FileEntry(path, sha256_digest(v.model), len(v.model), media, "model",
-                                 variant=v.name, requires=v.requires))  # fmt: skip
+        entries.append(
+            FileEntry(
+                path,
+                sha256_digest(v.model),
+                len(v.model),
+                media,
+                "model",
+                variant=v.name,
+                requires=v.requires,
+            )
+        )
     entries.append(
-        FileEntry(f"model.{ext}", sha256_digest(model), len(model), media, "model",
-                  variant="default" if variants else None)
-    )  # fmt: skip
+        FileEntry(
+            f"model.{ext}",
+            sha256_digest(model),
+            len(model),
+            media,
+            "model",
+            variant="default" if variants else None,
+        )
+    )
     smoke_test = None
     if smoke is not None:
         for member, data in zip(("smoke/input.npy", "smoke/output.npy"), smoke, strict=True):
@@ -269,9 +294,15 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     runtime = runtime_of(args.model)
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
     data, manifest = build_bundle(
-        read_file(args.model, "model"), name, version, keys, smoke, args.tolerance,
-        runtime=runtime, variants=variants,
-    )  # fmt: skip
+        read_file(args.model, "model"),
+        name,
+        version,
+        keys,
+        smoke,
+        args.tolerance,
+        runtime=runtime,
+        variants=variants,
+    )
     out = args.out or Path(f"{name}-{version}.mfb")
     write_private(out, data, 0o644)
     print(f"wrote {out}: {name} {version}, manifest {sha256_digest(manifest.to_bytes())}")

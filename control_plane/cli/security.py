@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = t.add_subparsers(dest="token_command", required=True)
     c = tsub.add_parser("create", help="create a token and print its secret (shown once)")
     c.add_argument("--name", required=True)
-    c.add_argument("--scope", action="append", required=True, choices=SCOPES,
-                   help="repeat for several scopes")  # fmt: skip
+    c.add_argument(
+        "--scope", action="append", required=True, choices=SCOPES, help="repeat for several scopes"
+    )
     c.add_argument("--ttl", type=float, help="seconds until it expires (default: never)")
     add_client_options(c)
     c.set_defaults(func=cmd_token_create)
@@ -60,8 +61,10 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for t in out["tokens"]:
-        print(f"{t['id']:>4}  {t['state']:<8} {t['name']:<24} {','.join(t['scopes'])}"
-              + (f"  expires {t['expiresAt']}" if t["expiresAt"] else ""))  # fmt: skip
+        print(
+            f"{t['id']:>4}  {t['state']:<8} {t['name']:<24} {','.join(t['scopes'])}"
+            + (f"  expires {t['expiresAt']}" if t["expiresAt"] else "")
+        )
     return 0
 
 
@@ -93,8 +96,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not v.ok:
         raise CliError(f"audit log BROKEN at event {v.broken_at}: {v.reason}", 1)
     if args.expect_head and args.expect_head not in {e["hash"] for e in events}:
-        raise CliError(f"audit log does not contain the expected head {args.expect_head}: "
-                       "rows were deleted from its end", 1)  # fmt: skip
+        raise CliError(
+            f"audit log does not contain the expected head {args.expect_head}: "
+            "rows were deleted from its end",
+            1,
+        )
     out = {"ok": True, "events": v.count, "head": v.head}
     print(json.dumps(out) if args.json else f"audit log intact: {v.count} events, head {v.head}")
     return 0
@@ -111,6 +117,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for e in out["events"]:
-        print(f"{e['id']:>6} {e['at']} {e['outcome']} {e['actor']:<40} {e['action']} "
-              f"from {e['remote']}")  # fmt: skip
+        print(
+            f"{e['id']:>6} {e['at']} {e['outcome']} {e['actor']:<40} {e['action']} "
+            f"from {e['remote']}"
+        )
     return 0

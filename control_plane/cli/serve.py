@@ -32,11 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="(127.0.0.1)")
     p.add_argument("--port", type=int, help="(8400)")
     p.add_argument("--db", help="database URL (default: SQLite in the data dir)")
-    p.add_argument("--trust-publisher", type=Path, action="append", default=[],
-                   metavar="FILE", help="a publisher's public key (repeatable)")  # fmt: skip
-    p.add_argument("--keyset", type=Path, metavar="FILE",
-                   help="a signed key set (modelfleet keys rotate --init) to install at start; "
-                   "from then on it decides which publishers are trusted")  # fmt: skip
+    p.add_argument(
+        "--trust-publisher",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a publisher's public key (repeatable)",
+    )
+    p.add_argument(
+        "--keyset",
+        type=Path,
+        metavar="FILE",
+        help="a signed key set (modelfleet keys rotate --init) to install at start; "
+        "from then on it decides which publishers are trusted",
+    )
     p.add_argument(
         "--signing-key",
         type=Path,
@@ -55,41 +65,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mqtt-public-url", help="the broker URL agents dial, if different")
     p.add_argument("--mqtt-prefix", help="topic prefix (modelfleet/v1)")
     p.add_argument("--mqtt-ca", help="CA file to verify an mqtts:// broker")
-    p.add_argument("--controller-interval", type=float,
-                   help="seconds between looks at running rollouts (1.0)")  # fmt: skip
-    p.add_argument("--retain-raw", help="keep raw metric windows this long, then roll them up "
-                   "per minute (6h)")  # fmt: skip
-    p.add_argument("--retain-minutes", help="keep per-minute roll-ups this long, then per "
-                   "hour (7d)")  # fmt: skip
+    p.add_argument(
+        "--controller-interval", type=float, help="seconds between looks at running rollouts (1.0)"
+    )
+    p.add_argument(
+        "--retain-raw", help="keep raw metric windows this long, then roll them up per minute (6h)"
+    )
+    p.add_argument(
+        "--retain-minutes", help="keep per-minute roll-ups this long, then per hour (7d)"
+    )
     p.add_argument("--retain-hours", help="keep per-hour roll-ups this long (400d)")
     p.add_argument("--rollup-interval", type=float, help="seconds between roll-up passes (60)")
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM, chain first)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA "
-                   "(mutual TLS for agents and operators)")  # fmt: skip
-    p.add_argument("--rate-limit", type=float, help="requests per second per API token or agent "
-                   "credential, bursts of 4x (50; 0 turns it off)")  # fmt: skip
-    p.add_argument("--blob-store", help="where blobs live: a directory (default <data-dir>/blobs)"
-                   " or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")  # fmt: skip
-    p.add_argument("--max-connections", type=int,
-                   help="open connections at once; one more is answered 503 (4096; an HTTP "
-                   "agent holds up to 2, an MQTT agent none)")  # fmt: skip
-    p.add_argument("--header-timeout", type=float,
-                   help="seconds a client has to send a request's headers (10)")  # fmt: skip
-    p.add_argument("--keepalive-timeout", type=float,
-                   help="seconds an idle kept-alive connection stays open (30)")  # fmt: skip
-    p.add_argument("--refusal-rate", type=float,
-                   help="unauthenticated refusals (401) per second per source address before "
-                   "it gets 429, bursts of 10x (10; 0 turns it off)")  # fmt: skip
+    p.add_argument(
+        "--tls-client-ca",
+        help="require client certificates signed by this CA (mutual TLS for agents and operators)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        help="requests per second per API token or agent "
+        "credential, bursts of 4x (50; 0 turns it off)",
+    )
+    p.add_argument(
+        "--blob-store",
+        help="where blobs live: a directory (default <data-dir>/blobs)"
+        " or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections at once; one more is answered 503 (4096; an HTTP "
+        "agent holds up to 2, an MQTT agent none)",
+    )
+    p.add_argument(
+        "--header-timeout", type=float, help="seconds a client has to send a request's headers (10)"
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        help="seconds an idle kept-alive connection stays open (30)",
+    )
+    p.add_argument(
+        "--refusal-rate",
+        type=float,
+        help="unauthenticated refusals (401) per second per source address before "
+        "it gets 429, bursts of 10x (10; 0 turns it off)",
+    )
     p.add_argument(
         "--db-pool-size",
         type=int,
         help="database sessions open at once (15 on SQLite, 30 on PostgreSQL)",
     )
-    p.add_argument("--db-wait", type=float, help="seconds a request waits for a database "
-                   "session before it is answered 503 with Retry-After (10)")  # fmt: skip
-    p.add_argument("--drain", type=float, metavar="SECONDS",
-                   help="on SIGTERM, exit within this long whatever is open (10)")  # fmt: skip
+    p.add_argument(
+        "--db-wait",
+        type=float,
+        help="seconds a request waits for a database "
+        "session before it is answered 503 with Retry-After (10)",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, exit within this long whatever is open (10)",
+    )
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")
@@ -134,9 +174,11 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "host": ("MODELFLEET_HOST", str, "127.0.0.1"),
     "port": ("MODELFLEET_PORT", int, 8400),
     "db": ("MODELFLEET_DB", str, None),
-    "trust_publishers": ("MODELFLEET_TRUST_PUBLISHERS",
-                         lambda v: [Path(p) for p in (v.split(":") if isinstance(v, str) else v)],
-                         []),
+    "trust_publishers": (
+        "MODELFLEET_TRUST_PUBLISHERS",
+        lambda v: [Path(p) for p in (v.split(":") if isinstance(v, str) else v)],
+        [],
+    ),
     "keyset": ("MODELFLEET_KEYSET", Path, None),
     "signing_key": ("MODELFLEET_SIGNING_KEY", Path, None),
     "credential_cost": ("MODELFLEET_CREDENTIAL_COST", int, 12),
@@ -163,7 +205,7 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "db_pool_size": ("MODELFLEET_DB_POOL_SIZE", int, None),
     "db_wait": ("MODELFLEET_DB_WAIT", float, 10.0),
     "drain": ("MODELFLEET_DRAIN", float, 10.0),
-}  # fmt: skip
+}
 
 
 _RETENTION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
@@ -205,30 +247,43 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
     for name, (var, _, _) in SETTINGS.items():
         if env.get(var):
             out[name] = _parse(name, env[var], var)
-    cli = {"data_dir": args.data_dir, "db": args.db,
-           "trust_publishers": getattr(args, "trust_publisher", None) or None,
-           "keyset": getattr(args, "keyset", None),
-           "signing_key": getattr(args, "signing_key", None),
-           "credential_cost": getattr(args, "credential_cost", None),
-           "host": getattr(args, "host", None), "port": getattr(args, "port", None),
-           "max_bundle_mb": getattr(args, "max_bundle_mb", None),
-           "controller_interval": getattr(args, "controller_interval", None),
-           "mqtt": getattr(args, "mqtt", None),
-           "mqtt_public_url": getattr(args, "mqtt_public_url", None),
-           "mqtt_prefix": getattr(args, "mqtt_prefix", None),
-           "mqtt_ca": getattr(args, "mqtt_ca", None),
-           "retain_raw": _opt(args, "retain_raw", retention_seconds),
-           "retain_minutes": _opt(args, "retain_minutes", retention_seconds),
-           "retain_hours": _opt(args, "retain_hours", retention_seconds),
-           "rollup_interval": getattr(args, "rollup_interval", None),
-           "blob_store": getattr(args, "blob_store", None),
-           "rate_limit": getattr(args, "rate_limit", None),
-           "tls_cert": getattr(args, "tls_cert", None),
-           "tls_key": getattr(args, "tls_key", None),
-           "tls_client_ca": getattr(args, "tls_client_ca", None),
-           **{name: getattr(args, name, None) for name in (
-               "max_connections", "header_timeout", "keepalive_timeout", "refusal_rate",
-               "db_pool_size", "db_wait", "drain")}}  # fmt: skip
+    cli = {
+        "data_dir": args.data_dir,
+        "db": args.db,
+        "trust_publishers": getattr(args, "trust_publisher", None) or None,
+        "keyset": getattr(args, "keyset", None),
+        "signing_key": getattr(args, "signing_key", None),
+        "credential_cost": getattr(args, "credential_cost", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "max_bundle_mb": getattr(args, "max_bundle_mb", None),
+        "controller_interval": getattr(args, "controller_interval", None),
+        "mqtt": getattr(args, "mqtt", None),
+        "mqtt_public_url": getattr(args, "mqtt_public_url", None),
+        "mqtt_prefix": getattr(args, "mqtt_prefix", None),
+        "mqtt_ca": getattr(args, "mqtt_ca", None),
+        "retain_raw": _opt(args, "retain_raw", retention_seconds),
+        "retain_minutes": _opt(args, "retain_minutes", retention_seconds),
+        "retain_hours": _opt(args, "retain_hours", retention_seconds),
+        "rollup_interval": getattr(args, "rollup_interval", None),
+        "blob_store": getattr(args, "blob_store", None),
+        "rate_limit": getattr(args, "rate_limit", None),
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "tls_client_ca": getattr(args, "tls_client_ca", None),
+        **{
+            name: getattr(args, name, None)
+            for name in (
+                "max_connections",
+                "header_timeout",
+                "keepalive_timeout",
+                "refusal_rate",
+                "db_pool_size",
+                "db_wait",
+                "drain",
+            )
+        },
+    }
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
 
@@ -273,8 +328,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     if not 0 < s["rollup_interval"] <= 86400:
         raise CliError("rollup_interval must be between 0 and 86400 seconds")
     _check_limits(s)
-    retention = Retention(s["retain_raw"], s["retain_minutes"], s["retain_hours"],
-                          max(s["retain_minutes"], 86400.0))  # fmt: skip
+    retention = Retention(
+        s["retain_raw"], s["retain_minutes"], s["retain_hours"], max(s["retain_minutes"], 86400.0)
+    )
     try:
         retention.check()
     except ValueError as exc:
@@ -342,8 +398,7 @@ def _check_limits(s: dict[str, Any]) -> None:
     from control_plane.netguard import ConnectionLimits
 
     try:
-        ConnectionLimits(s["header_timeout"], s["keepalive_timeout"], s["max_connections"]
-                         ).check()  # fmt: skip
+        ConnectionLimits(s["header_timeout"], s["keepalive_timeout"], s["max_connections"]).check()
     except ValueError as exc:
         raise CliError(str(exc).replace("_s ", " ", 1)) from None
     if not 0 <= s["refusal_rate"] <= 1e6:
@@ -389,9 +444,11 @@ async def serve(config: ServerConfig) -> None:
     except ConfigError as exc:
         raise CliError(str(exc), 1) from None
     tls = server_tls_context(config)
-    limits = ConnectionLimits(header_timeout_s=config.header_timeout_s,
-                              keepalive_timeout_s=config.keepalive_timeout_s,
-                              max_connections=fd_budget(config.max_connections))  # fmt: skip
+    limits = ConnectionLimits(
+        header_timeout_s=config.header_timeout_s,
+        keepalive_timeout_s=config.keepalive_timeout_s,
+        max_connections=fd_budget(config.max_connections),
+    )
     # Requests in flight get a quarter of the drain twice over (aiohttp waits that long, then
     # cancels and waits again); the app's own shutdown (http._stop) has the other half.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_s / 4)
@@ -417,8 +474,11 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    log.info("shutting down: draining for at most %.1fs (%d connections open)",
-             config.drain_s, site.open_connections)  # fmt: skip
+    log.info(
+        "shutting down: draining for at most %.1fs (%d connections open)",
+        config.drain_s,
+        site.open_connections,
+    )
     # The bound holds even if the loop itself is stuck: a thread ends the process.
     watchdog = threading.Timer(config.drain_s + 2.0, _overran, args=(config.drain_s,))
     watchdog.daemon = True
@@ -524,8 +584,10 @@ def cmd_mqtt_passwd(args: argparse.Namespace) -> int:
     cfg = _db_config(args)
     cp_password = args.control_plane_password or os.environ.get("MODELFLEET_MQTT_PASSWORD")
     if not cp_password:
-        raise CliError("the control plane's broker password is needed: "
-                       "--control-plane-password or MODELFLEET_MQTT_PASSWORD")  # fmt: skip
+        raise CliError(
+            "the control plane's broker password is needed: "
+            "--control-plane-password or MODELFLEET_MQTT_PASSWORD"
+        )
 
     async def rows() -> list[tuple[str, str]]:
         db = Database(cfg.database_url)

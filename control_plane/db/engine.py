@@ -162,8 +162,9 @@ class Database:
                 async with asyncio.timeout(self.pool.wait_s):
                     await self._slots.acquire()
             except TimeoutError:
-                raise DatabaseBusy(f"no database session free within {self.pool.wait_s:g}s",
-                                   retry_after_s=1.0) from None  # fmt: skip
+                raise DatabaseBusy(
+                    f"no database session free within {self.pool.wait_s:g}s", retry_after_s=1.0
+                ) from None
         if task is not None:
             self._holders[task] = self._holders.get(task, 0) + 1
         try:
@@ -194,8 +195,7 @@ class Database:
         raises DatabaseBusy when none is free in time."""
         if self.is_sqlite:
             # The write lock first: a writer waiting its turn holds no session meanwhile.
-            async with self._write_lock, self._slot(), self._sessions() as session, \
-                    session.begin():  # fmt: skip
+            async with self._write_lock, self._slot(), self._sessions() as session, session.begin():
                 yield session
         else:
             async with self._slot(), self._sessions() as session, session.begin():

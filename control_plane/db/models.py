@@ -116,8 +116,7 @@ class EnrollmentToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Agents enrolled with it wait as "pending" until an operator approves them.
-    require_approval: Mapped[bool] = mapped_column(Boolean, default=False,
-                                                   server_default=false())  # fmt: skip
+    require_approval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Agent(Base):
@@ -133,8 +132,9 @@ class Agent(Base):
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
     # scrypt of the credential (control_plane/auth.py), found by its lookup key.
     credential_hash: Mapped[str] = mapped_column(String(128), unique=True)
-    credential_lookup: Mapped[str | None] = mapped_column(String(16), nullable=True,
-                                                          index=True, unique=True)  # fmt: skip
+    credential_lookup: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, index=True, unique=True
+    )
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -147,8 +147,9 @@ class Agent(Base):
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # Rotation: a new credential valid beside the old one until its first use retires the old.
     next_credential_hash: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    next_credential_lookup: Mapped[str | None] = mapped_column(String(16), nullable=True,
-                                                               index=True, unique=True)  # fmt: skip
+    next_credential_lookup: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, index=True, unique=True
+    )
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Enrolled with a token that requires approval, and not approved yet: no desired state, no
     # place in rollouts, no downloads.
@@ -264,12 +265,16 @@ class MetricRollup(Base):
     __tablename__ = "metric_rollups"
     __table_args__ = (
         UniqueConstraint(
-            "resolution_s", "agent_id", "model", "version", "bucket_start",
+            "resolution_s",
+            "agent_id",
+            "model",
+            "version",
+            "bucket_start",
             name="uq_metric_rollups_bucket",
         ),
         Index("ix_metric_rollups_model_bucket", "model", "bucket_start"),
         Index("ix_metric_rollups_resolution_bucket", "resolution_s", "bucket_start"),
-    )  # fmt: skip
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     resolution_s: Mapped[int] = mapped_column(Integer)
     bucket_start: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -311,8 +316,9 @@ class AuditEvent(Base):
     """
 
     __tablename__ = "audit_events"
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
-                                    primary_key=True, autoincrement=True)  # fmt: skip
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(200))

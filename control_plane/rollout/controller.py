@@ -165,8 +165,7 @@ async def advance(
     view = view_of(r)
     spec: RolloutSpec = view.spec
     # Pending (not approved) and revoked agents take no part in rollouts.
-    agents = [a for a in await s.scalars(select(Agent))
-              if not a.pending and a.revoked_at is None]  # fmt: skip
+    agents = [a for a in await s.scalars(select(Agent)) if not a.pending and a.revoked_at is None]
     matching = [a for a in agents if spec.selector.matches(a.labels)]
     order = tuple(cohort_order(r.id, [(a.id, a.labels.get("site")) for a in matching]))
     moved = {
@@ -208,10 +207,12 @@ async def advance(
         if view.state == "running" and stage.soak_s > 0 and view.soak_started_at is not None:
             cohort = set(moved)
             others = {a.id for a in matching} - cohort
-            new = await _aggregate(s, model, view.soak_started_at, cohort, mv.version, True,
-                                   skipped)  # fmt: skip
-            baseline = await _aggregate(s, model, view.soak_started_at, others, mv.version,
-                                        False, skipped)  # fmt: skip
+            new = await _aggregate(
+                s, model, view.soak_started_at, cohort, mv.version, True, skipped
+            )
+            baseline = await _aggregate(
+                s, model, view.soak_started_at, others, mv.version, False, skipped
+            )
         obs = Observation(
             now,
             order,
@@ -380,19 +381,22 @@ class RolloutController:
         log.info("rollout %s advances again", rollout_id[:8])
         await self._record(rollout_id, RECOVERED, f"advances again after: {reason}", {})
 
-    async def _record(self, rollout_id: str, kind: str, reason: str, figures: dict[str, Any]
-                      ) -> None:  # fmt: skip
+    async def _record(
+        self, rollout_id: str, kind: str, reason: str, figures: dict[str, Any]
+    ) -> None:
         """Add a timeline event unless the last set_aside/resumed event already says it
         (another replica, or this process before a restart)."""
         try:
             async with self.db.write() as s:
                 last = await s.scalar(
                     select(RolloutEvent)
-                    .where(RolloutEvent.rollout_id == rollout_id,
-                           RolloutEvent.kind.in_((SET_ASIDE, RECOVERED)))
+                    .where(
+                        RolloutEvent.rollout_id == rollout_id,
+                        RolloutEvent.kind.in_((SET_ASIDE, RECOVERED)),
+                    )
                     .order_by(RolloutEvent.id.desc())
                     .limit(1)
-                )  # fmt: skip
+                )
                 if last is not None and (last.kind, last.reason) == (kind, reason):
                     return
                 if kind == RECOVERED and last is None:
@@ -400,15 +404,15 @@ class RolloutController:
                 r = await s.get(Rollout, rollout_id)
                 if r is None:
                     return
-                add_events(s, rollout_id, [Event(kind, reason, r.stage_index, figures)],
-                           self.clock())  # fmt: skip
+                add_events(
+                    s, rollout_id, [Event(kind, reason, r.stage_index, figures)], self.clock()
+                )
         except Exception as exc:
             if is_transient(exc):
                 raise
             # Deliberate boundary: a timeline entry that cannot be written must not stop the
             # loop; the reason is in the log and the counters.
-            log.error("rollout %s: could not record %s: %s", rollout_id[:8], kind,
-                      reason_of(exc))  # fmt: skip
+            log.error("rollout %s: could not record %s: %s", rollout_id[:8], kind, reason_of(exc))
 
 
 def selector_of(r: Rollout) -> Any:

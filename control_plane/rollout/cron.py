@@ -82,6 +82,11 @@ def parse_cron(text: str) -> Cron:
         )
     parsed = [_field(f, i) for i, f in enumerate(fields)]
     return Cron(
-        minutes=parsed[0][0], hours=parsed[1][0], days=parsed[2][0], months=parsed[3][0],
-        weekdays=parsed[4][0], days_any=parsed[2][1], weekdays_any=parsed[4][1],
-    )  # fmt: skip
+        minutes=parsed[0][0],
+        hours=parsed[1][0],
+        days=parsed[2][0],
+        months=parsed[3][0],
+        weekdays=parsed[4][0],
+        days_any=parsed[2][1],
+        weekdays_any=parsed[4][1],
+    )

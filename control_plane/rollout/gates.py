@@ -63,8 +63,12 @@ class GateResult:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
-        doc: dict[str, Any] = {"gate": self.gate, "value": self.value,
-                               "threshold": self.threshold, "outcome": self.outcome}  # fmt: skip
+        doc: dict[str, Any] = {
+            "gate": self.gate,
+            "value": self.value,
+            "threshold": self.threshold,
+            "outcome": self.outcome,
+        }
         if self.note:
             doc["note"] = self.note
         return doc
@@ -76,25 +80,45 @@ def evaluate(
     """("pass" | "fail" | "wait", each gate's result)."""
     results: list[GateResult] = []
 
-    def add(gate: str, value: float | None, threshold: float, bad: bool, note: str | None = None,
-            wait: bool = False) -> None:  # fmt: skip
+    def add(
+        gate: str,
+        value: float | None,
+        threshold: float,
+        bad: bool,
+        note: str | None = None,
+        wait: bool = False,
+    ) -> None:
         outcome = "wait" if wait else ("fail" if bad else "pass")
         results.append(GateResult(gate, value, threshold, outcome, note))
 
     if gates.min_requests:
         short = new.requests < gates.min_requests
-        add("min_requests", new.requests, gates.min_requests, False,
-            "waiting for traffic" if short else None, wait=short)  # fmt: skip
+        add(
+            "min_requests",
+            new.requests,
+            gates.min_requests,
+            False,
+            "waiting for traffic" if short else None,
+            wait=short,
+        )
     if gates.max_error_rate is not None:
-        add("max_error_rate", round(new.error_rate, 6), gates.max_error_rate,
-            new.error_rate > gates.max_error_rate)  # fmt: skip
+        add(
+            "max_error_rate",
+            round(new.error_rate, 6),
+            gates.max_error_rate,
+            new.error_rate > gates.max_error_rate,
+        )
     p95 = new.p95_ms
     if gates.max_p95_latency_ms is not None:
         if p95 is None:
             add("max_p95_latency_ms", None, gates.max_p95_latency_ms, False, "no requests yet")
         else:
-            add("max_p95_latency_ms", round(p95, 4), gates.max_p95_latency_ms,
-                p95 > gates.max_p95_latency_ms)  # fmt: skip
+            add(
+                "max_p95_latency_ms",
+                round(p95, 4),
+                gates.max_p95_latency_ms,
+                p95 > gates.max_p95_latency_ms,
+            )
     if gates.max_p95_latency_ratio is not None:
         base = baseline.p95_ms
         # At or below MIN_VALUE the sketch counts a latency as zero: no ratio to take (a
@@ -104,9 +128,13 @@ def evaluate(
             add("max_p95_latency_ratio", None, gates.max_p95_latency_ratio, False, note)
         else:
             ratio = p95 / base
-            add("max_p95_latency_ratio", round(ratio, 4), gates.max_p95_latency_ratio,
+            add(
+                "max_p95_latency_ratio",
+                round(ratio, 4),
+                gates.max_p95_latency_ratio,
                 ratio > gates.max_p95_latency_ratio,
-                f"p95 {p95:.3f} ms against baseline {base:.3f} ms")  # fmt: skip
+                f"p95 {p95:.3f} ms against baseline {base:.3f} ms",
+            )
     # Always in force: the operator's limit, or the default one (see spec.DEFAULT_FAILED_AGENTS).
     limit = gates.failed_agents_limit.limit(cohort)
     note = "the default limit" if gates.max_failed_agents is None else None
@@ -114,11 +142,21 @@ def evaluate(
     if gates.max_mean_abs_output_drift is not None:
         drift = new.mean_abs_drift
         if drift is None:
-            add("max_mean_abs_output_drift", None, gates.max_mean_abs_output_drift, False,
-                "waiting for shadow-scored requests", wait=True)  # fmt: skip
+            add(
+                "max_mean_abs_output_drift",
+                None,
+                gates.max_mean_abs_output_drift,
+                False,
+                "waiting for shadow-scored requests",
+                wait=True,
+            )
         else:
-            add("max_mean_abs_output_drift", round(drift, 6), gates.max_mean_abs_output_drift,
-                drift > gates.max_mean_abs_output_drift)  # fmt: skip
+            add(
+                "max_mean_abs_output_drift",
+                round(drift, 6),
+                gates.max_mean_abs_output_drift,
+                drift > gates.max_mean_abs_output_drift,
+            )
     outcomes = {r.outcome for r in results}
     verdict = "fail" if "fail" in outcomes else ("wait" if "wait" in outcomes else "pass")
     return verdict, tuple(results)

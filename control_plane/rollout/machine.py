@@ -172,8 +172,14 @@ def _decide(view: RolloutView, obs: Observation) -> Step:
     events: list[Event] = []
     if view.state == "pending":
         view = replace(view, state="running", stage_index=0, soak_started_at=None)
-        events.append(Event("started", f"stage 1 of {len(spec.stages)}: {spec.stages[0]}", 0,
-                            {"matching_agents": len(obs.order)}))  # fmt: skip
+        events.append(
+            Event(
+                "started",
+                f"stage 1 of {len(spec.stages)}: {spec.stages[0]}",
+                0,
+                {"matching_agents": len(obs.order)},
+            )
+        )
     if spec.deadline is not None and obs.now > spec.deadline:
         reason = f"deadline {format_time(spec.deadline)} passed before completion"
         return _fail(view, reason, {}, before=tuple(events))
@@ -211,9 +217,14 @@ def _decide(view: RolloutView, obs: Observation) -> Step:
         move = tuple(a for a in obs.order if a not in obs.moved)[:allowance]
         if len(move) == need:
             view = replace(view, soak_started_at=obs.now)
-            events.append(Event("cohort", f"stage {k + 1}: {target} of {len(obs.order)} agents "
-                                f"on {spec.version}", k,
-                                {"cohort": target, "matching_agents": len(obs.order)}))  # fmt: skip
+            events.append(
+                Event(
+                    "cohort",
+                    f"stage {k + 1}: {target} of {len(obs.order)} agents on {spec.version}",
+                    k,
+                    {"cohort": target, "matching_agents": len(obs.order)},
+                )
+            )
             return Step(view, move, tuple(events))
         why = (
             f"rate limit: max_agents_per_minute {spec.max_agents_per_minute}; "
@@ -231,8 +242,11 @@ def _decide(view: RolloutView, obs: Observation) -> Step:
             why = f"stage {k + 1} soaks until {format_time(soak_end)}; {_activity(obs, spec)}"
             return Step(view, (), tuple(events), waiting=Waiting("soak", why))
         verdict, results = evaluate(spec.gates, obs.new, obs.baseline, obs.failed_agents, cohort)
-        figures = {"new": obs.new.summary(), "baseline": obs.baseline.summary(),
-                   "gates": [r.to_json() for r in results]}  # fmt: skip
+        figures = {
+            "new": obs.new.summary(),
+            "baseline": obs.baseline.summary(),
+            "gates": [r.to_json() for r in results],
+        }
         if verdict == "fail":
             failing = ", ".join(
                 f"{r.gate} {r.value} > {r.threshold:g}" for r in results if r.outcome == "fail"
@@ -243,16 +257,24 @@ def _decide(view: RolloutView, obs: Observation) -> Step:
             waits = "; ".join(_gate_wait(r, spec.version) for r in results if r.outcome == "wait")
             why = f"stage {k + 1} gates wait: {waits} ({_activity(obs, spec)})"
             return Step(view, (), tuple(events), results, Waiting("gates", why, stalls=True))
-        events.append(Event("gates_passed", f"stage {k + 1} passed its gates after "
-                            f"{stage.soak_s:g}s", k, figures))  # fmt: skip
+        events.append(
+            Event(
+                "gates_passed",
+                f"stage {k + 1} passed its gates after {stage.soak_s:g}s",
+                k,
+                figures,
+            )
+        )
     if k == len(spec.stages) - 1:
         view = replace(view, state="completed")
-        events.append(Event("completed", f"all {len(obs.order)} matching agents on "
-                            f"{spec.version}", k))  # fmt: skip
+        events.append(
+            Event("completed", f"all {len(obs.order)} matching agents on {spec.version}", k)
+        )
     else:
         view = replace(view, stage_index=k + 1, soak_started_at=None)
-        events.append(Event("advanced", f"stage {k + 2} of {len(spec.stages)}: "
-                            f"{spec.stages[k + 1]}", k + 1))  # fmt: skip
+        events.append(
+            Event("advanced", f"stage {k + 2} of {len(spec.stages)}: {spec.stages[k + 1]}", k + 1)
+        )
     return Step(view, (), tuple(events), results)
 
 
@@ -268,20 +290,33 @@ def command(view: RolloutView, name: str, rollback: bool = True) -> Step:
     if name == "pause":
         if state == "paused":
             raise CommandError("rollout is already paused")
-        return Step(replace(view, state="paused"), (), (Event("paused", "paused by operator",
-                                                              view.stage_index),))  # fmt: skip
+        return Step(
+            replace(view, state="paused"),
+            (),
+            (Event("paused", "paused by operator", view.stage_index),),
+        )
     if name == "resume":
         if state != "paused":
             raise CommandError(f"rollout is {state}, not paused")
         # The stage's soak starts again: the window before the pause may hold bad figures; the
         # stall clock starts again too (time spent paused is the operator's, not a stall).
-        return Step(replace(view, state="running", soak_started_at=None, stalled_since=None),
-                    (), (Event("resumed", "resumed by operator; the stage soaks again",
-                               view.stage_index),))  # fmt: skip
+        return Step(
+            replace(view, state="running", soak_started_at=None, stalled_since=None),
+            (),
+            (Event("resumed", "resumed by operator; the stage soaks again", view.stage_index),),
+        )
     if name == "promote":
-        return Step(replace(view, state="running", promoted=True), (),
-                    (Event("promoted", f"stage {view.stage_index + 1} promoted by operator: "
-                           "soak and gates skipped", view.stage_index),))  # fmt: skip
+        return Step(
+            replace(view, state="running", promoted=True),
+            (),
+            (
+                Event(
+                    "promoted",
+                    f"stage {view.stage_index + 1} promoted by operator: soak and gates skipped",
+                    view.stage_index,
+                ),
+            ),
+        )
     if name == "abort":
         new_state = "rolled_back" if rollback else "aborted"
         what = "moved agents go back" if rollback else "moved agents keep the new version"

@@ -132,8 +132,12 @@ class Gates:
     def to_json(self) -> dict[str, Any]:
         """JSON form (only the gates that are set)."""
         doc: dict[str, Any] = {}
-        for name in ("max_error_rate", "max_p95_latency_ms", "max_p95_latency_ratio",
-                     "max_mean_abs_output_drift"):  # fmt: skip
+        for name in (
+            "max_error_rate",
+            "max_p95_latency_ms",
+            "max_p95_latency_ratio",
+            "max_mean_abs_output_drift",
+        ):
             if getattr(self, name) is not None:
                 doc[name] = getattr(self, name)
         if self.min_requests:
@@ -207,8 +211,9 @@ def _number(d: dict, key: str, prefix: str, lo: float, hi: float) -> float | Non
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise InvalidMessage(f"{prefix}{key} must be a number from {lo:g} to {hi:g}",
-                             f"{prefix}{key}")  # fmt: skip
+        raise InvalidMessage(
+            f"{prefix}{key} must be a number from {lo:g} to {hi:g}", f"{prefix}{key}"
+        )
     return float(value)
 
 
@@ -226,8 +231,9 @@ def parse_stage(doc: object, i: int) -> Stage:
         raise InvalidMessage(f"stages[{i}] must be an object", f"stages[{i}]")
     unknown = set(doc) - {"percent", "count", "soak"}
     if unknown:
-        raise InvalidMessage(f"{p}{sorted(unknown)[0]} is not a stage field",
-                             f"{p}{sorted(unknown)[0]}")  # fmt: skip
+        raise InvalidMessage(
+            f"{p}{sorted(unknown)[0]} is not a stage field", f"{p}{sorted(unknown)[0]}"
+        )
     percent = _number(doc, "percent", p, 0.001, 100)
     count = doc.get("count")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
@@ -262,8 +268,14 @@ def _gates(doc: object) -> Gates:
         return Gates()
     if not isinstance(doc, dict):
         raise InvalidMessage("gates must be an object", "gates")
-    known = {"max_error_rate", "max_p95_latency_ms", "max_p95_latency_ratio", "min_requests",
-             "max_failed_agents", "max_mean_abs_output_drift"}  # fmt: skip
+    known = {
+        "max_error_rate",
+        "max_p95_latency_ms",
+        "max_p95_latency_ratio",
+        "min_requests",
+        "max_failed_agents",
+        "max_mean_abs_output_drift",
+    }
     for key in doc:
         if key not in known:
             raise InvalidMessage(f"gates.{key} is not a gate", f"gates.{key}")
@@ -280,14 +292,16 @@ def _gates(doc: object) -> Gates:
             except ValueError:
                 pct = -1
             if not 0 <= pct <= 100:
-                raise InvalidMessage("gates.max_failed_agents must be a count or 'N%'",
-                                     "gates.max_failed_agents")  # fmt: skip
+                raise InvalidMessage(
+                    "gates.max_failed_agents must be a count or 'N%'", "gates.max_failed_agents"
+                )
             limit = FailedAgentsLimit(percent=pct)
         elif isinstance(failed, int) and not isinstance(failed, bool) and failed >= 0:
             limit = FailedAgentsLimit(count=failed)
         else:
-            raise InvalidMessage("gates.max_failed_agents must be a count or 'N%'",
-                                 "gates.max_failed_agents")  # fmt: skip
+            raise InvalidMessage(
+                "gates.max_failed_agents must be a count or 'N%'", "gates.max_failed_agents"
+            )
     return Gates(
         max_error_rate=_number(doc, "max_error_rate", p, 0, 1),
         max_p95_latency_ms=_number(doc, "max_p95_latency_ms", p, 0, 1e7),
@@ -311,9 +325,23 @@ def _max_stall(value: object) -> float | None:
 
 def parse_spec(body: dict[str, Any]) -> RolloutSpec:
     """Validate a rollout body; raises InvalidMessage naming the bad field."""
-    known = {"model", "version", "selector", "stages", "gates", "on_failure", "join_later",
-             "max_agents_per_minute", "deadline", "maintenance_window", "shadow",
-             "shadow_sample", "rollback", "supersedes", "max_stall"}  # fmt: skip
+    known = {
+        "model",
+        "version",
+        "selector",
+        "stages",
+        "gates",
+        "on_failure",
+        "join_later",
+        "max_agents_per_minute",
+        "deadline",
+        "maintenance_window",
+        "shadow",
+        "shadow_sample",
+        "rollback",
+        "supersedes",
+        "max_stall",
+    }
     for key in body:
         if key not in known:
             raise InvalidMessage(f"{key} is not a rollout field", key)
@@ -349,8 +377,9 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
         raise InvalidMessage("on_failure must be 'rollback' or 'pause'", "on_failure")
     rate = body.get("max_agents_per_minute")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
-        raise InvalidMessage("max_agents_per_minute must be a whole number >= 1",
-                             "max_agents_per_minute")  # fmt: skip
+        raise InvalidMessage(
+            "max_agents_per_minute must be a whole number >= 1", "max_agents_per_minute"
+        )
     deadline = parse_time(body["deadline"], "deadline") if body.get("deadline") else None
     window = get_str(body, "maintenance_window", optional=True, max_len=200)
     if window:

@@ -26,25 +26,37 @@ def upgrade() -> None:
         batch.add_column(sa.Column("gate_results", sa.JSON(), nullable=False, server_default="{}"))
     op.create_table(
         "rollout_targets",
-        sa.Column("rollout_id", sa.String(36), sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
-                  primary_key=True),
-        sa.Column("agent_id", sa.String(36), sa.ForeignKey("agents.id", ondelete="CASCADE"),
-                  primary_key=True),
+        sa.Column(
+            "rollout_id",
+            sa.String(36),
+            sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column(
+            "agent_id",
+            sa.String(36),
+            sa.ForeignKey("agents.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
         sa.Column("stage", sa.Integer(), nullable=False),
         sa.Column("moved_at", sa.DateTime(timezone=True), nullable=False),
-    )  # fmt: skip
+    )
     op.create_index("ix_rollout_targets_agent_id", "rollout_targets", ["agent_id"])
     op.create_table(
         "rollout_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("rollout_id", sa.String(36), sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
-                  nullable=False),
+        sa.Column(
+            "rollout_id",
+            sa.String(36),
+            sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("stage", sa.Integer(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("figures", sa.JSON(), nullable=False),
-    )  # fmt: skip
+    )
     op.create_index("ix_rollout_events_rollout_id", "rollout_events", ["rollout_id"])
     with op.batch_alter_table("metric_series") as batch:
         batch.add_column(
@@ -55,9 +67,10 @@ def upgrade() -> None:
             sa.Column("argmax_agree", sa.BigInteger(), nullable=False, server_default="0")
         )
     op.create_index(
-        "ix_metric_series_model_version_window", "metric_series",
+        "ix_metric_series_model_version_window",
+        "metric_series",
         ["model", "version", "window_start"],
-    )  # fmt: skip
+    )
 
 
 def downgrade() -> None:

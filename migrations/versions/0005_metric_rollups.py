@@ -32,10 +32,14 @@ def upgrade() -> None:
         sa.Column("drift_sum", sa.Float(), nullable=False),
         sa.Column("argmax_agree", sa.BigInteger(), nullable=False),
         sa.UniqueConstraint(
-            "resolution_s", "agent_id", "model", "version", "bucket_start",
+            "resolution_s",
+            "agent_id",
+            "model",
+            "version",
+            "bucket_start",
             name="uq_metric_rollups_bucket",
         ),
-    )  # fmt: skip
+    )
     op.create_index("ix_metric_rollups_model_bucket", "metric_rollups", ["model", "bucket_start"])
     op.create_index(
         "ix_metric_rollups_resolution_bucket", "metric_rollups", ["resolution_s", "bucket_start"]

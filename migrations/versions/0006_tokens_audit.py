@@ -22,8 +22,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True))
     op.create_table(
         "audit_events",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.String(200), nullable=False),
         sa.Column("action", sa.String(200), nullable=False),
@@ -33,7 +37,7 @@ def upgrade() -> None:
         sa.Column("detail", sa.JSON(), nullable=False),
         sa.Column("prev_hash", sa.String(64), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False, unique=True),
-    )  # fmt: skip
+    )
 
 
 def downgrade() -> None:

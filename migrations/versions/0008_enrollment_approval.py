@@ -18,11 +18,13 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("enrollment_tokens") as batch:
-        batch.add_column(sa.Column("require_approval", sa.Boolean(), nullable=False,
-                                   server_default=sa.false()))  # fmt: skip
+        batch.add_column(
+            sa.Column("require_approval", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
     with op.batch_alter_table("agents") as batch:
-        batch.add_column(sa.Column("pending", sa.Boolean(), nullable=False,
-                                   server_default=sa.false()))  # fmt: skip
+        batch.add_column(
+            sa.Column("pending", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
 
 
 def downgrade() -> None:

@@ -30,15 +30,24 @@ def upgrade() -> None:
             existing_type=sa.String(64),
             existing_nullable=False,
         )
-        batch.alter_column("next_credential_hash", type_=sa.String(128),
-                           existing_type=sa.String(64), existing_nullable=True)  # fmt: skip
-    op.execute("UPDATE agents SET credential_lookup = substr(credential_hash, 1, 16) "
-               "WHERE revoked_at IS NULL")  # fmt: skip
-    op.execute("UPDATE agents SET next_credential_lookup = substr(next_credential_hash, 1, 16) "
-               "WHERE next_credential_hash IS NOT NULL AND revoked_at IS NULL")  # fmt: skip
+        batch.alter_column(
+            "next_credential_hash",
+            type_=sa.String(128),
+            existing_type=sa.String(64),
+            existing_nullable=True,
+        )
+    op.execute(
+        "UPDATE agents SET credential_lookup = substr(credential_hash, 1, 16) "
+        "WHERE revoked_at IS NULL"
+    )
+    op.execute(
+        "UPDATE agents SET next_credential_lookup = substr(next_credential_hash, 1, 16) "
+        "WHERE next_credential_hash IS NOT NULL AND revoked_at IS NULL"
+    )
     op.create_index("ix_agents_credential_lookup", "agents", ["credential_lookup"], unique=True)
-    op.create_index("ix_agents_next_credential_lookup", "agents", ["next_credential_lookup"],
-                    unique=True)  # fmt: skip
+    op.create_index(
+        "ix_agents_next_credential_lookup", "agents", ["next_credential_lookup"], unique=True
+    )
 
 
 def downgrade() -> None:

@@ -42,8 +42,12 @@ async def test_dashboard_shows_the_fleet_charts_and_pauses_a_rollout(
         await cp.push(iris_bundle(publisher.key, "1.0.0"))
         await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
         await fleet.add(2, "cloud", facts={"cpuCount": 8, "costPerHour": 2.0})
-        await fleet.add(2, "onprem", facts={"cpuCount": 2, "costPerHour": 0.25},
-                        extra=("--added-latency-ms", "2"))  # fmt: skip
+        await fleet.add(
+            2,
+            "onprem",
+            facts={"cpuCount": 2, "costPerHour": 0.25},
+            extra=("--added-latency-ms", "2"),
+        )
         await cp.rollout("1.0.0")
 
         async def all_active() -> bool:
@@ -63,8 +67,9 @@ async def test_dashboard_shows_the_fleet_charts_and_pauses_a_rollout(
         staged = await cp.rollout("2.0.0", stages=[{"count": 1, "soak": "1h"}, {"percent": 100}])
 
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=executable,
-                                               args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+            browser = await pw.chromium.launch(
+                executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+            )
             page = await browser.new_page(viewport={"width": 1360, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))

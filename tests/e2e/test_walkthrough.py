@@ -35,9 +35,13 @@ class Cli:
 
     def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(
-            [MODELFLEET, *args], cwd=self.cwd, env=self.env, capture_output=True, text=True,
+            [MODELFLEET, *args],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
             timeout=120,
-        )  # fmt: skip
+        )
         if ok:
             assert p.returncode == 0, f"{args}: {p.stdout}\n{p.stderr}"
         return p
@@ -103,10 +107,22 @@ def test_walkthrough(cli: Cli, db_url: str, tmp_path: Path) -> None:
     cli.run("keys", "generate", "--out", "publisher")
     assert (tmp_path / "publisher.key").stat().st_mode & 0o777 == 0o600
     cli.run(
-        "bundle", "build", str(paths["model"]), "--name", "iris", "--version", "1.0.0",
-        "--key", "publisher.key", "--out", "iris-1.0.0.mfb",
-        "--smoke-input", str(paths["smoke_in"]), "--smoke-output", str(paths["smoke_out"]),
-    )  # fmt: skip
+        "bundle",
+        "build",
+        str(paths["model"]),
+        "--name",
+        "iris",
+        "--version",
+        "1.0.0",
+        "--key",
+        "publisher.key",
+        "--out",
+        "iris-1.0.0.mfb",
+        "--smoke-input",
+        str(paths["smoke_in"]),
+        "--smoke-output",
+        str(paths["smoke_out"]),
+    )
     out = json.loads(
         cli.run("bundle", "verify", "iris-1.0.0.mfb", "--trust", "publisher.pub").stdout
     )
@@ -118,9 +134,19 @@ def test_walkthrough(cli: Cli, db_url: str, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "trusted" in bad.stderr
 
     server = cli.start(
-        "server", "server", "--data-dir", "cp", "--host", "127.0.0.1", "--port", str(port),
-        "--db", db_url, "--trust-publisher", "publisher.pub",
-    )  # fmt: skip
+        "server",
+        "server",
+        "--data-dir",
+        "cp",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        db_url,
+        "--trust-publisher",
+        "publisher.pub",
+    )
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: http_json(f"{base}/api/v1/health")[0] == 200)
     token = (tmp_path / "cp" / "admin-token").read_text().strip()
@@ -135,23 +161,44 @@ def test_walkthrough(cli: Cli, db_url: str, tmp_path: Path) -> None:
     agents = {}
     for site in ("cloud", "onprem"):
         agent_id = cli.run(
-            "agent", "enroll", "--server", base, "--token", et, "--state-dir", f"a-{site}",
-            "--labels", f"site={site},hw=cpu", "--name", f"{site}-1",
-        ).stdout.strip()  # fmt: skip
+            "agent",
+            "enroll",
+            "--server",
+            base,
+            "--token",
+            et,
+            "--state-dir",
+            f"a-{site}",
+            "--labels",
+            f"site={site},hw=cpu",
+            "--name",
+            f"{site}-1",
+        ).stdout.strip()
         serve_port = free_port()
         cli.start(
-            f"agent-{site}", "agent", "run", "--state-dir", f"a-{site}",
-            "--serve", f"127.0.0.1:{serve_port}", "--heartbeat", "1", "--metrics-interval", "1",
-            "--poll-wait", "5",
-        )  # fmt: skip
+            f"agent-{site}",
+            "agent",
+            "run",
+            "--state-dir",
+            f"a-{site}",
+            "--serve",
+            f"127.0.0.1:{serve_port}",
+            "--heartbeat",
+            "1",
+            "--metrics-interval",
+            "1",
+            "--poll-wait",
+            "5",
+        )
         agents[site] = (agent_id, serve_port)
     used_up = cli.run(
         "agent", "enroll", "--server", base, "--token", et, "--state-dir", "a-third", ok=False
     )
     assert used_up.returncode == 1 and "used" in used_up.stderr
 
-    rollout_id = cli.run("rollout", "create", "--model", "iris", "--version", "1.0.0",
-                         "--selector", "fleet=demo").stdout.strip()  # fmt: skip
+    rollout_id = cli.run(
+        "rollout", "create", "--model", "iris", "--version", "1.0.0", "--selector", "fleet=demo"
+    ).stdout.strip()
 
     def all_active() -> bool:
         fleet = json.loads(cli.run("agents", "list", "--json").stdout)["agents"]
@@ -168,8 +215,9 @@ def test_walkthrough(cli: Cli, db_url: str, tmp_path: Path) -> None:
     assert "cloud-1" in table and "onprem-1" in table and "iris 1.0.0 active" in table
     assert "completed" in cli.run("rollout", "status", rollout_id).stdout
 
-    request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                           "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+    request = {
+        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+    }
     for _, serve_port in agents.values():
         status, body = http_json(f"http://127.0.0.1:{serve_port}/v2/models/iris/infer", request)
         assert status == 200 and body["model_version"] == "1.0.0"

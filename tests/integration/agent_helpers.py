@@ -66,9 +66,12 @@ async def enroll_agent(
 async def running_agent(state_dir: Path, **overrides: Any) -> AsyncIterator[Agent]:
     """An agent daemon on a free loopback port with fast loops."""
     settings: dict[str, Any] = {
-        "serve_port": 0, "heartbeat_s": 0.5, "poll_wait_s": 2.0,
-        "metrics_interval_s": 0.3, "drain_s": 2.0,
-    }  # fmt: skip
+        "serve_port": 0,
+        "heartbeat_s": 0.5,
+        "poll_wait_s": 2.0,
+        "metrics_interval_s": 0.3,
+        "drain_s": 2.0,
+    }
     config = AgentConfig(state_dir=state_dir, **{**settings, **overrides})
     async with Agent(config) as agent:
         yield agent
@@ -77,9 +80,8 @@ async def running_agent(state_dir: Path, **overrides: Any) -> AsyncIterator[Agen
 async def infer(port: int, model: str = "iris", body: Any = None) -> tuple[int, Any]:
     """POST an Open Inference Protocol request to an agent."""
     body = body or {
-        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                    "data": [5.1, 3.5, 1.4, 0.2]}]
-    }  # fmt: skip
+        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+    }
     async with aiohttp.ClientSession() as s:
         kw = {"data": body} if isinstance(body, bytes) else {"json": body}
         async with s.post(f"http://127.0.0.1:{port}/v2/models/{model}/infer", **kw) as r:
@@ -135,17 +137,21 @@ class MitmProxy(LoopbackProxy):
         async with (
             aiohttp.ClientSession() as s,
             s.request(
-                request.method, self.upstream + request.path_qs,
+                request.method,
+                self.upstream + request.path_qs,
                 headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
                 data=await request.read(),
             ) as r,
-        ):  # fmt: skip
+        ):
             body = await r.read()
             if request.path.endswith("/desired") and r.status == 200:
                 self.seen_desired.append(body)
-            headers = {k: v for k, v in r.headers.items()
-                       if k.lower() not in ("content-length", "transfer-encoding",
-                                            "content-encoding", "connection")}  # fmt: skip
+            headers = {
+                k: v
+                for k, v in r.headers.items()
+                if k.lower()
+                not in ("content-length", "transfer-encoding", "content-encoding", "connection")
+            }
             return web.Response(status=r.status, body=body, headers=headers)
 
 
@@ -191,11 +197,18 @@ class CuttingProxy(LoopbackProxy):
     ) -> web.StreamResponse:
         async with (
             aiohttp.ClientSession(auto_decompress=False) as s,
-            s.request(request.method, self.upstream + request.path_qs, headers=headers,
-                      data=await request.read()) as r,
-        ):  # fmt: skip
-            passthrough = {k: v for k, v in r.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection")}  # fmt: skip
+            s.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers=headers,
+                data=await request.read(),
+            ) as r,
+        ):
+            passthrough = {
+                k: v
+                for k, v in r.headers.items()
+                if k.lower() not in ("transfer-encoding", "connection")
+            }
             resp = web.StreamResponse(status=r.status, headers=passthrough)
             await resp.prepare(request)
             sent = 0
@@ -229,8 +242,11 @@ class Load:
 
     async def _run(self) -> None:
         url = f"http://127.0.0.1:{self.port}/v2/models/{self.model}/infer"
-        body = self.body or {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                                         "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+        body = self.body or {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}
+            ]
+        }
         async with aiohttp.ClientSession() as s:
             # Stops between requests, never inside one: every request sent is counted.
             while not self._stop.is_set():

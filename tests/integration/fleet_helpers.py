@@ -23,14 +23,24 @@ MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
 async def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     """Run the ``modelfleet`` command with these arguments, capturing its output."""
-    return await asyncio.to_thread(subprocess.run, [MODELFLEET, *map(str, args)],
-                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, [MODELFLEET, *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
-ONE_ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                       "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
-TWO_ROWS = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
-                        "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]}]}  # fmt: skip
+ONE_ROW = {
+    "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+}
+TWO_ROWS = {
+    "inputs": [
+        {
+            "name": "x",
+            "shape": [2, 4],
+            "datatype": "FP32",
+            "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3],
+        }
+    ]
+}
 
 
 def free_port() -> int:
@@ -60,15 +70,22 @@ class Fleet:
         self.extra_args = extra_args
         self.agents: list[FleetAgent] = []
 
-    async def add(self, n: int, site: str, labels: dict[str, str] | None = None,
-                  server: str | None = None, facts: dict[str, Any] | None = None,
-                  extra: tuple[str, ...] = ()) -> list[FleetAgent]:  # fmt: skip
+    async def add(
+        self,
+        n: int,
+        site: str,
+        labels: dict[str, str] | None = None,
+        server: str | None = None,
+        facts: dict[str, Any] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> list[FleetAgent]:
         added = []
         for _ in range(n):
             i = len(self.agents)
             state_dir = self.root / f"agent-{i}"
-            ident = await enroll_agent(self.cp, state_dir, {"site": site, **(labels or {})},
-                                       server=server, facts=facts)  # fmt: skip
+            ident = await enroll_agent(
+                self.cp, state_dir, {"site": site, **(labels or {})}, server=server, facts=facts
+            )
             a = FleetAgent(ident.agent_id, ident.name, site, state_dir, free_port())
             self.agents.append(a)
             added.append(a)
@@ -79,11 +96,27 @@ class Fleet:
     def start(self, a: FleetAgent, extra: tuple[str, ...] = ()) -> None:
         log = (self.root / f"{a.state_dir.name}.log").open("ab")
         a.proc = subprocess.Popen(
-            [MODELFLEET, "agent", "run", "--state-dir", str(a.state_dir),
-             "--serve", f"127.0.0.1:{a.port}", "--heartbeat", "0.5", "--poll-wait", "5",
-             "--metrics-interval", "0.5", *self.extra_args, *extra],
-            stdout=log, stderr=log, env={**os.environ, "MODELFLEET_FAILPOINTS": ""},
-        )  # fmt: skip
+            [
+                MODELFLEET,
+                "agent",
+                "run",
+                "--state-dir",
+                str(a.state_dir),
+                "--serve",
+                f"127.0.0.1:{a.port}",
+                "--heartbeat",
+                "0.5",
+                "--poll-wait",
+                "5",
+                "--metrics-interval",
+                "0.5",
+                *self.extra_args,
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "MODELFLEET_FAILPOINTS": ""},
+        )
 
     async def stop(self) -> None:
         for a in self.agents:

@@ -104,8 +104,10 @@ async def test_tokens_expire_and_revoke_at_once(cp: ControlPlane) -> None:
     # Expired: move the expiry into the past.
     e = await make_token(cp, ["fleet:read"], ttlSeconds=60)
     async with cp.client.app[STATE].db.write() as s:
-        await s.execute(text("UPDATE api_tokens SET expires_at = '2000-01-01 00:00:00+00:00' "
-                             "WHERE id = :i"), {"i": e["id"]})  # fmt: skip
+        await s.execute(
+            text("UPDATE api_tokens SET expires_at = '2000-01-01 00:00:00+00:00' WHERE id = :i"),
+            {"i": e["id"]},
+        )
     assert (await cp.call("GET", "/fleet", token=e["token"])).status == 401
     # Bad bodies name the field and store nothing.
     before = len((await (await cp.call("GET", "/tokens")).json())["tokens"])
@@ -135,9 +137,17 @@ async def test_audit_log_records_changes_and_refusals_and_detects_tampering(
     await cp.call("POST", "/rollouts", token=reader["token"], json={"model": "iris"})  # 403
     await cp.call("GET", "/fleet", token="mfa_forged")  # 401
     agent = await cp.enroll({"site": "a"})
-    await cp.call("POST", f"/agents/{agent['agentId']}/status", token=agent["credential"],
-                  json={"agentId": agent["agentId"], "generation": 0,
-                        "sentAt": "2026-01-01T00:00:00Z", "models": []})  # fmt: skip
+    await cp.call(
+        "POST",
+        f"/agents/{agent['agentId']}/status",
+        token=agent["credential"],
+        json={
+            "agentId": agent["agentId"],
+            "generation": 0,
+            "sentAt": "2026-01-01T00:00:00Z",
+            "models": [],
+        },
+    )
     events = (await (await cp.call("GET", "/audit")).json())["events"]
     actions = [(e["action"], e["outcome"]) for e in events]
     assert ("POST /api/v1/tokens", 201) in actions
@@ -157,13 +167,15 @@ async def test_audit_log_records_changes_and_refusals_and_detects_tampering(
     db = cp.client.app[STATE].db
     # Edit a row: detected at that row.
     async with db.write() as s:
-        await s.execute(text("UPDATE audit_events SET outcome = 200 WHERE id = :i"),
-                        {"i": refused["id"]})  # fmt: skip
+        await s.execute(
+            text("UPDATE audit_events SET outcome = 200 WHERE id = :i"), {"i": refused["id"]}
+        )
     p = await run_cli("audit", "verify", *cli)
     assert p.returncode == 1 and f"event {refused['id']} was changed" in p.stderr
     async with db.write() as s:
-        await s.execute(text("UPDATE audit_events SET outcome = 403 WHERE id = :i"),
-                        {"i": refused["id"]})  # fmt: skip
+        await s.execute(
+            text("UPDATE audit_events SET outcome = 403 WHERE id = :i"), {"i": refused["id"]}
+        )
     assert (await run_cli("audit", "verify", *cli)).returncode == 0
     # Delete a row in the middle: the next one no longer follows.
     async with db.write() as s:
@@ -189,12 +201,14 @@ async def test_token_cli(cp: ControlPlane) -> None:
     assert p.returncode == 1 and "404" in p.stderr
 
 
-async def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, publisher: Publisher
-                                                       ) -> None:  # fmt: skip
+async def test_rate_limit_answers_429_with_retry_after(
+    tmp_path: Path, publisher: Publisher
+) -> None:
     config = dataclasses.replace(
         cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        rate_limit_per_s=1.0, rate_limit_burst=3.0,
-    )  # fmt: skip
+        rate_limit_per_s=1.0,
+        rate_limit_burst=3.0,
+    )
     cp = await start_control_plane(config)
     try:
         other = await make_token(cp, ["fleet:read"])  # the admin's 1st request

@@ -51,19 +51,29 @@ async def test_agent_activates_serves_and_reports(
         assert out["outputs"][0]["shape"] == [1, 3]
 
         bad_requests = [
-            ({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]},
-             "unknown input"),
-            ({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1] * 5}]},
-             "shape"),
-            ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1] * 4}]},
-             "datatype"),
-            ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 3}]},
-             "3 values"),
-            ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "NOPE", "data": [1] * 4}]},
-             "not supported"),
+            (
+                {"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]},
+                "unknown input",
+            ),
+            (
+                {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1] * 5}]},
+                "shape",
+            ),
+            (
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1] * 4}]},
+                "datatype",
+            ),
+            (
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 3}]},
+                "3 values",
+            ),
+            (
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "NOPE", "data": [1] * 4}]},
+                "not supported",
+            ),
             ({"inputs": []}, "inputs"),
             (b"{not json", "not JSON"),
-        ]  # fmt: skip
+        ]
         for body, fragment in bad_requests:
             status, err = await infer(agent.serve_port, body=body)
             assert status == 400 and fragment in err["error"], (body, err)
@@ -100,9 +110,12 @@ async def test_forged_and_replayed_desired_state_are_refused(
             # A forged document: right shape, signed by an attacker's key.
             now = datetime.now(UTC)
             forged = DesiredState(
-                ident.agent_id, 99, now, now + timedelta(days=1),
+                ident.agent_id,
+                99,
+                now,
+                now + timedelta(days=1),
                 (DesiredModel("iris", "6.6.6", "sha256:" + "6" * 64),),
-            ).sign(generate_private_key())  # fmt: skip
+            ).sign(generate_private_key())
             proxy.replacement = forged.to_bytes()
 
             async def refused(fragment: str) -> bool:

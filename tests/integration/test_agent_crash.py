@@ -36,10 +36,25 @@ def start_agent(state_dir: Path, port: int, failpoint: str | None = None) -> sub
     env = {**os.environ, "MODELFLEET_FAILPOINTS": failpoint or ""}
     log = (state_dir.parent / f"agent-{failpoint or 'clean'}.log").open("ab")
     return subprocess.Popen(
-        [MODELFLEET, "agent", "run", "--state-dir", str(state_dir), "--serve", f"127.0.0.1:{port}",
-         "--heartbeat", "0.5", "--poll-wait", "2", "--metrics-interval", "0.5"],
-        env=env, stdout=log, stderr=log,
-    )  # fmt: skip
+        [
+            MODELFLEET,
+            "agent",
+            "run",
+            "--state-dir",
+            str(state_dir),
+            "--serve",
+            f"127.0.0.1:{port}",
+            "--heartbeat",
+            "0.5",
+            "--poll-wait",
+            "2",
+            "--metrics-interval",
+            "0.5",
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
 
 
 def check_store(state_dir: Path) -> None:
@@ -66,8 +81,9 @@ async def test_kill_9_during_update(
     cp = cp_sqlite
     await cp.push(iris_bundle(publisher.key, "1.0.0"))
     # 2.0.0 is large enough that "download-midway" falls between chunks.
-    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1,
-                              model=iris_model(seed=1, pad_bytes=2_000_000)))  # fmt: skip
+    await cp.push(
+        iris_bundle(publisher.key, "2.0.0", seed=1, model=iris_model(seed=1, pad_bytes=2_000_000))
+    )
     state_dir = tmp_path / "a"
     ident = await enroll_agent(cp, state_dir, {"site": "x"})
     port = free_port()
@@ -115,8 +131,9 @@ async def test_kill_9_at_random_moments_soak(
 
     cp = cp_sqlite
     await cp.push(iris_bundle(publisher.key, "1.0.0"))
-    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1,
-                              model=iris_model(seed=1, pad_bytes=500_000)))  # fmt: skip
+    await cp.push(
+        iris_bundle(publisher.key, "2.0.0", seed=1, model=iris_model(seed=1, pad_bytes=500_000))
+    )
     state_dir = tmp_path / "a"
     ident = await enroll_agent(cp, state_dir, {"site": "x"})
     port = free_port()
@@ -130,8 +147,9 @@ async def test_kill_9_at_random_moments_soak(
             assert version in ("1.0.0", "2.0.0"), (run, version)
             seen.add(version)
             target = "2.0.0" if target == "1.0.0" else "1.0.0"
-            rollout = await cp.rollout(target, "site=x", supersedes=rollout["id"],
-                                       rollback=target == "1.0.0")  # fmt: skip
+            rollout = await cp.rollout(
+                target, "site=x", supersedes=rollout["id"], rollback=target == "1.0.0"
+            )
             await asyncio.sleep(rng.uniform(0.0, 0.8))
         finally:
             agent.send_signal(signal.SIGKILL)

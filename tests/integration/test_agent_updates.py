@@ -90,8 +90,16 @@ async def test_health_window_rolls_back_a_version_that_fails_live(
     bad = iris_model(seed=1, fail_on_batches=True)
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1, model=bad, smoke_rows=1))
     ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
-    batch = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
-                         "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]}]}  # fmt: skip
+    batch = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [2, 4],
+                "datatype": "FP32",
+                "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3],
+            }
+        ]
+    }
     async with running_agent(
         tmp_path / "a", health_window_s=60, health_min_requests=10, health_max_error_rate=0.2
     ) as agent:
@@ -186,8 +194,11 @@ async def test_tflite_and_onnx_models_side_by_side_with_variants(
     cp = cp_sqlite
     cuda = Variant("cuda-fp16", iris_model(seed=0), {"accelerator": "cuda"})
     await cp.push(iris_bundle(publisher.key, "1.0.0", variants=(cuda,)))
-    await cp.push(iris_bundle(publisher.key, "1.0.0", name="iris-lite", model=iris_tflite(0),
-                              runtime="tflite"))  # fmt: skip
+    await cp.push(
+        iris_bundle(
+            publisher.key, "1.0.0", name="iris-lite", model=iris_tflite(0), runtime="tflite"
+        )
+    )
     ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
     async with running_agent(tmp_path / "a") as agent:
         await cp.rollout("1.0.0", "site=x")

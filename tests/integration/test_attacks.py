@@ -60,8 +60,11 @@ async def test_freeze_attack_makes_the_agent_stale_but_serving(
                     v = await view()
                     # The replay is refused (as expired, or as older when a fresher document
                     # slipped through on a poll already in flight when the freeze began).
-                    return (v["desiredState"] == "stale" and v["state"] == "stale"
-                            and "refused desired state" in (v["lastError"] or ""))  # fmt: skip
+                    return (
+                        v["desiredState"] == "stale"
+                        and v["state"] == "stale"
+                        and "refused desired state" in (v["lastError"] or "")
+                    )
 
                 assert await eventually(stale, within_s=20)
                 status, out = await infer(agent.serve_port)
@@ -112,10 +115,13 @@ class BlobAttacker(LoopbackProxy):
             return resp
         async with (
             aiohttp.ClientSession(auto_decompress=False) as s,
-            s.request(request.method, self.upstream + request.path_qs,
-                      headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
-                      data=await request.read()) as r,
-        ):  # fmt: skip
+            s.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                data=await request.read(),
+            ) as r,
+        ):
             body = await r.read()
             drop = ("content-length", "transfer-encoding", "connection")
             headers = {k: v for k, v in r.headers.items() if k.lower() not in drop}
@@ -137,12 +143,16 @@ async def test_mix_and_match_endless_data_and_slow_retrieval_are_refused(
     _, v1_model = model_digest(v1)
     async with BlobAttacker(cp.url) as proxy:
         ident = await enroll_agent(cp, tmp_path / "a1", {"site": "x"}, server=proxy.url)
-        async with running_agent(tmp_path / "a1", download_attempts=2, download_grace_s=1.0,
-                                 download_min_rate=200.0) as agent:  # fmt: skip
+        async with running_agent(
+            tmp_path / "a1", download_attempts=2, download_grace_s=1.0, download_min_rate=200.0
+        ) as agent:
             await cp.rollout(selector="site=x")
             await wait_active(cp, ident.agent_id, "1.0.0")
-            cases = (("2.0.0", "swap", "digest"), ("3.0.0", "endless", "more than"),
-                     ("4.0.0", "trickle", "slower than"))  # fmt: skip
+            cases = (
+                ("2.0.0", "swap", "digest"),
+                ("3.0.0", "endless", "more than"),
+                ("4.0.0", "trickle", "slower than"),
+            )
             for seed, (version, mode, reason) in enumerate(cases, start=1):
                 bundle = iris_bundle(publisher.key, version=version, seed=seed)
                 assert (await cp.push(bundle)).status == 201
@@ -154,9 +164,16 @@ async def test_mix_and_match_endless_data_and_slow_retrieval_are_refused(
                     # Failed outright (a wrong digest), or held back and retried with backoff
                     # (a transfer that broke its bounds): either way, reported with the cause.
                     a = await (await cp.call("GET", f"/agents/{ident.agent_id}")).json()
-                    return next((m for m in a["models"] if m["version"] == version
-                                 and m["state"] in ("failed", "downloading")
-                                 and reason in (m.get("reason") or "")), None)  # fmt: skip
+                    return next(
+                        (
+                            m
+                            for m in a["models"]
+                            if m["version"] == version
+                            and m["state"] in ("failed", "downloading")
+                            and reason in (m.get("reason") or "")
+                        ),
+                        None,
+                    )
 
                 await eventually(refused, within_s=30)
                 status, out = await infer(agent.serve_port)

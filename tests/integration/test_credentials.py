@@ -30,9 +30,13 @@ async def test_rotation_keeps_the_agent_working_and_retires_the_old_credential(
     async with running_agent(tmp_path / "a") as agent:
         await cp.rollout(selector="site=x")
         await wait_active(cp, ident.agent_id, "1.0.0")
-        p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agent", "rotate-credential",
-                                    "--state-dir", str(tmp_path / "a")], capture_output=True,
-                                    text=True, timeout=60)  # fmt: skip
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [MODELFLEET, "agent", "rotate-credential", "--state-dir", str(tmp_path / "a")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         new = agent.dirs.load_identity().credential
         assert new != old and new.startswith("mfc_")
@@ -66,8 +70,7 @@ async def test_revocation_cuts_the_agent_off_at_once(
     await cp.rollout(selector="site=x")
     assert await agent_call(cp, cred, aid) == 200
     reader = await cp.call("POST", "/tokens", json={"name": "r", "scopes": ["fleet:read"]})
-    r = await cp.call("POST", f"/agents/{aid}/revoke",
-                      token=(await reader.json())["token"])  # fmt: skip
+    r = await cp.call("POST", f"/agents/{aid}/revoke", token=(await reader.json())["token"])
     assert r.status == 403  # revoking needs admin
     r = await cp.call("POST", f"/agents/{aid}/revoke")
     assert r.status == 200 and (await r.json())["revoked"] is True
@@ -79,9 +82,13 @@ async def test_revocation_cuts_the_agent_off_at_once(
     async with cp.client.app[STATE].db.read() as s:
         row = await s.get(Agent, aid)
         assert row is not None and row.mqtt_password_hash is None
-    p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agents", "revoke", aid, "--server",
-                                cp.url, "--token", cp.token], capture_output=True, text=True,
-                                timeout=60)  # fmt: skip
+    p = await asyncio.to_thread(
+        subprocess.run,
+        [MODELFLEET, "agents", "revoke", aid, "--server", cp.url, "--token", cp.token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and "revoked" in p.stdout, p.stderr  # idempotent
     assert (await cp.call("POST", "/agents/nope/revoke")).status == 404
 
@@ -89,8 +96,9 @@ async def test_revocation_cuts_the_agent_off_at_once(
 async def test_enrollment_waiting_for_approval(cp: ControlPlane, publisher: Publisher) -> None:
     r = await cp.push(iris_bundle(publisher.key))
     digest = (await r.json())["manifestDigest"]
-    r = await cp.call("POST", "/enrollment-tokens",
-                      json={"labels": {"site": "x"}, "requireApproval": True})  # fmt: skip
+    r = await cp.call(
+        "POST", "/enrollment-tokens", json={"labels": {"site": "x"}, "requireApproval": True}
+    )
     assert r.status == 201 and (await r.json())["requireApproval"] is True
     token = (await r.json())["token"]
     r = await cp.call("POST", "/agents/enroll", token="", json={"token": token})
@@ -103,17 +111,25 @@ async def test_enrollment_waiting_for_approval(cp: ControlPlane, publisher: Publ
     # It may be seen and wait, nothing more.
     r = await cp.call("GET", f"/agents/{aid}/desired", token=cred, params={"wait": "0"})
     assert r.status == 204
-    r = await cp.call("POST", f"/agents/{aid}/status", token=cred,
-                      json={"agentId": aid, "generation": 0, "models": [],
-                            "sentAt": "2026-11-25T00:00:00Z"})  # fmt: skip
+    r = await cp.call(
+        "POST",
+        f"/agents/{aid}/status",
+        token=cred,
+        json={"agentId": aid, "generation": 0, "models": [], "sentAt": "2026-11-25T00:00:00Z"},
+    )
     assert r.status == 200
     r = await cp.call("GET", f"/manifests/{digest}", token=cred)
     assert r.status == 403 and (await r.json())["error"]["code"] == "pending_approval"
-    assert (await cp.call("POST", "/enrollment-tokens",
-                          json={"requireApproval": "yes"})).status == 400  # fmt: skip
-    p = await asyncio.to_thread(subprocess.run, [MODELFLEET, "agents", "approve", aid, "--server",
-                                cp.url, "--token", cp.token], capture_output=True, text=True,
-                                timeout=60)  # fmt: skip
+    assert (
+        await cp.call("POST", "/enrollment-tokens", json={"requireApproval": "yes"})
+    ).status == 400
+    p = await asyncio.to_thread(
+        subprocess.run,
+        [MODELFLEET, "agents", "approve", aid, "--server", cp.url, "--token", cp.token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     # Approved: the completed rollout places its version on it, downloads are open.
     r = await cp.call("GET", f"/agents/{aid}/desired", token=cred, params={"wait": "5"})

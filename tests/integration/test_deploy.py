@@ -139,8 +139,10 @@ def test_server_settings_precedence_and_errors(tmp_path: Path) -> None:
             load_settings(args, {})
     from control_plane.cli.serve import _config
 
-    for text, fragment in [("credential_cost = 9\n", "credential_cost: 9 is not between"),
-                           ("keyset = '/no/such.json'\n", "no such file")]:  # fmt: skip
+    for text, fragment in [
+        ("credential_cost = 9\n", "credential_cost: 9 is not between"),
+        ("keyset = '/no/such.json'\n", "no such file"),
+    ]:
         cfg.write_text(text)
         with pytest.raises(CliError, match=fragment):
             _config(args)

@@ -35,9 +35,13 @@ class SlowBlobs(LoopbackProxy):
         headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
         async with (
             aiohttp.ClientSession(auto_decompress=False) as s,
-            s.request(request.method, self.upstream + request.path_qs, headers=headers,
-                      data=await request.read()) as r,
-        ):  # fmt: skip
+            s.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers=headers,
+                data=await request.read(),
+            ) as r,
+        ):
             drop = ("transfer-encoding", "connection")
             resp = web.StreamResponse(
                 status=r.status,
@@ -59,8 +63,9 @@ def small_disk(tmp_path: Path) -> AsyncIterator[Path]:
     d.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(d)],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(d)], capture_output=True, text=True
+    )
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
     try:
@@ -85,8 +90,9 @@ async def test_disk_full_during_download(
 ) -> None:
     cp = cp_sqlite
     await cp.push(iris_bundle(publisher.key))
-    await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1,
-                              model=iris_model(seed=1, pad_bytes=3_000_000)))  # fmt: skip
+    await cp.push(
+        iris_bundle(publisher.key, "2.0.0", seed=1, model=iris_model(seed=1, pad_bytes=3_000_000))
+    )
     state_dir = small_disk / "agent"
     async with SlowBlobs(cp.url) as proxy:
         ident = await enroll_agent(cp, state_dir, {"site": "x"}, server=proxy.url)
@@ -104,8 +110,10 @@ async def test_disk_full_during_download(
 
             async def reported() -> dict | None:
                 a = await (await cp.call("GET", f"/agents/{ident.agent_id}")).json()
-                return next((m for m in a["models"] if m["version"] == "2.0.0"
-                             and m["state"] == "failed"), None)  # fmt: skip
+                return next(
+                    (m for m in a["models"] if m["version"] == "2.0.0" and m["state"] == "failed"),
+                    None,
+                )
 
             m = await eventually(reported, 30)
             assert "disk full" in m["reason"] and "removed" in m["reason"], m

@@ -22,10 +22,16 @@ async def test_enroll_gives_credential_keys_and_labels(cp: ControlPlane) -> None
     r = await cp.call("POST", "/enrollment-tokens", json={"labels": {"site": "onprem"}})
     token = (await r.json())["token"]
     r = await cp.call(
-        "POST", "/agents/enroll", token="",
-        json={"token": token, "labels": {"hw": "cpu", "site": "cloud"}, "name": "box1",
-              "facts": {"cpuCount": 2}},
-    )  # fmt: skip
+        "POST",
+        "/agents/enroll",
+        token="",
+        json={
+            "token": token,
+            "labels": {"hw": "cpu", "site": "cloud"},
+            "name": "box1",
+            "facts": {"cpuCount": 2},
+        },
+    )
     assert r.status == 201, await r.text()
     out = await r.json()
     # The token's labels win over what the agent asked for.

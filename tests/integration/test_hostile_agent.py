@@ -41,20 +41,39 @@ from tests.integration.test_mqtt import Broker, mqtt_config
 pytestmark = pytest.mark.slow
 
 SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
-SETTINGS = settings(max_examples=30, deadline=None, database=None,
-                    suppress_health_check=SLOW_DATA)  # fmt: skip
+SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=SLOW_DATA)
 GATES = {"min_requests": 5, "max_error_rate": 0.2}
 SOAK = [{"percent": 100, "soak": "1s"}]
 
 # ------------------------------------------------------------------------------ strategies
 
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
-           | st.sampled_from(["iris", "1.0.0", "active", "failed", "2026-01-01T00:00:00Z",
-                              "sha256:" + "a" * 64, "\x00", "\u202e", "\ud800"]))  # fmt: skip
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=10), inner, max_size=6),
-                    max_leaves=25)  # fmt: skip
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.sampled_from(
+        [
+            "iris",
+            "1.0.0",
+            "active",
+            "failed",
+            "2026-01-01T00:00:00Z",
+            "sha256:" + "a" * 64,
+            "\x00",
+            "\u202e",
+            "\ud800",
+        ]
+    )
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=6)
+    ),
+    max_leaves=25,
+)
 COUNTS = st.integers(0, 50) | st.integers(-(2**65), 2**65)
 OFFSETS = st.integers(0, 600) | st.integers(-(10**6), 10**6)
 
@@ -66,14 +85,20 @@ def sketches() -> st.SearchStrategy[Any]:
         st.sampled_from([0.01, 0.01, 0.02, 0.001]),
         st.lists(st.floats(0, 1e7), max_size=20),
     )
-    doctored = st.fixed_dictionaries({
-        "relativeAccuracy": st.sampled_from([0.01, 0.02]) | st.floats(),
-        "count": COUNTS, "zeroCount": COUNTS, "sum": st.floats(), "min": st.floats(),
-        "max": st.floats(),
-        "binKeys": st.lists(st.integers(-2000, 40_000) | st.integers(-(2**70), 2**70),
-                            max_size=4),
-        "binCounts": st.lists(COUNTS, max_size=4),
-    })  # fmt: skip
+    doctored = st.fixed_dictionaries(
+        {
+            "relativeAccuracy": st.sampled_from([0.01, 0.02]) | st.floats(),
+            "count": COUNTS,
+            "zeroCount": COUNTS,
+            "sum": st.floats(),
+            "min": st.floats(),
+            "max": st.floats(),
+            "binKeys": st.lists(
+                st.integers(-2000, 40_000) | st.integers(-(2**70), 2**70), max_size=4
+            ),
+            "binCounts": st.lists(COUNTS, max_size=4),
+        }
+    )
     return real | doctored | JSON
 
 
@@ -86,54 +111,104 @@ def _sketch(accuracy: float, values: list[float]) -> DDSketch:
 
 def times(base: datetime) -> st.SearchStrategy[Any]:
     """Times near ``base``, far from it, and strings that are not quite times."""
-    return (OFFSETS.map(lambda s: (base + timedelta(seconds=s)).isoformat())
-            | st.sampled_from(["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59",
-                               "2026-13-01T00:00:00Z", "now"]) | JSON)  # fmt: skip
+    return (
+        OFFSETS.map(lambda s: (base + timedelta(seconds=s)).isoformat())
+        | st.sampled_from(
+            [
+                "9999-12-31T23:59:59-23:59",
+                "0001-01-01T00:00:00+23:59",
+                "2026-13-01T00:00:00Z",
+                "now",
+            ]
+        )
+        | JSON
+    )
 
 
 def status_docs(agent_id: str, base: datetime) -> st.SearchStrategy[Any]:
     model = st.fixed_dictionaries(
-        {"name": st.sampled_from(["iris", "other"]) | JSON, "version": st.just("1.0.0") | JSON,
-         "manifestDigest": st.just("sha256:" + "0" * 64) | JSON,
-         "state": st.sampled_from(["active", "failed", "refused", "loading", "??"]) | JSON},
+        {
+            "name": st.sampled_from(["iris", "other"]) | JSON,
+            "version": st.just("1.0.0") | JSON,
+            "manifestDigest": st.just("sha256:" + "0" * 64) | JSON,
+            "state": st.sampled_from(["active", "failed", "refused", "loading", "??"]) | JSON,
+        },
         optional={"reason": JSON, "variant": JSON},
-    )  # fmt: skip
+    )
     doc = st.fixed_dictionaries(
-        {"agentId": st.just(agent_id) | JSON, "generation": COUNTS | JSON,
-         "sentAt": times(base), "models": st.lists(model | JSON, max_size=3) | JSON},
-        optional={"facts": st.dictionaries(st.text(max_size=12), JSON, max_size=5) | JSON,
-                  "lastError": JSON, "epoch": COUNTS, "seq": COUNTS},
-    )  # fmt: skip
+        {
+            "agentId": st.just(agent_id) | JSON,
+            "generation": COUNTS | JSON,
+            "sentAt": times(base),
+            "models": st.lists(model | JSON, max_size=3) | JSON,
+        },
+        optional={
+            "facts": st.dictionaries(st.text(max_size=12), JSON, max_size=5) | JSON,
+            "lastError": JSON,
+            "epoch": COUNTS,
+            "seq": COUNTS,
+        },
+    )
     return doc | JSON
 
 
 def metrics_docs(agent_id: str, base: datetime) -> st.SearchStrategy[Any]:
     series = st.fixed_dictionaries(
-        {"model": st.just("iris") | JSON, "version": st.just("1.0.0") | JSON,
-         "requests": COUNTS, "errors": COUNTS, "latencyMs": sketches()},
-        optional={"shadow": st.fixed_dictionaries({"count": COUNTS, "driftSum": st.floats(),
-                                                   "argmaxAgree": COUNTS}) | JSON},
-    )  # fmt: skip
+        {
+            "model": st.just("iris") | JSON,
+            "version": st.just("1.0.0") | JSON,
+            "requests": COUNTS,
+            "errors": COUNTS,
+            "latencyMs": sketches(),
+        },
+        optional={
+            "shadow": st.fixed_dictionaries(
+                {"count": COUNTS, "driftSum": st.floats(), "argmaxAgree": COUNTS}
+            )
+            | JSON
+        },
+    )
 
     def batch(seq: int, offset: int, series: Any) -> dict[str, Any]:
         start = base + timedelta(seconds=offset)
         end = start + timedelta(seconds=10)
-        return {"agentId": agent_id, "seq": seq, "windowStart": start.isoformat(),
-                "windowEnd": end.isoformat(), "series": series}  # fmt: skip
+        return {
+            "agentId": agent_id,
+            "seq": seq,
+            "windowStart": start.isoformat(),
+            "windowEnd": end.isoformat(),
+            "series": series,
+        }
 
     # Valid series, so that some batches are stored and the gates have rows to read.
-    valid = st.integers(1, 50).flatmap(lambda n: st.builds(
-        lambda errors, values: {"model": "iris", "version": "1.0.0", "requests": n,
-                                "errors": errors, "latencyMs": _sketch(0.01, values).to_json()},
-        st.integers(0, n), st.lists(st.floats(0.001, 1e5), min_size=n, max_size=n),
-    ))  # fmt: skip
-    near = st.builds(batch, st.integers(1, 10**9) | COUNTS, st.integers(0, 600),
-                     st.lists(valid | series, min_size=1, max_size=3))  # fmt: skip
+    valid = st.integers(1, 50).flatmap(
+        lambda n: st.builds(
+            lambda errors, values: {
+                "model": "iris",
+                "version": "1.0.0",
+                "requests": n,
+                "errors": errors,
+                "latencyMs": _sketch(0.01, values).to_json(),
+            },
+            st.integers(0, n),
+            st.lists(st.floats(0.001, 1e5), min_size=n, max_size=n),
+        )
+    )
+    near = st.builds(
+        batch,
+        st.integers(1, 10**9) | COUNTS,
+        st.integers(0, 600),
+        st.lists(valid | series, min_size=1, max_size=3),
+    )
     far = st.fixed_dictionaries(
-        {"agentId": st.just(agent_id) | JSON, "seq": COUNTS | JSON,
-         "windowStart": times(base), "windowEnd": times(base),
-         "series": st.lists(series | JSON, max_size=3) | JSON},
-    )  # fmt: skip
+        {
+            "agentId": st.just(agent_id) | JSON,
+            "seq": COUNTS | JSON,
+            "windowStart": times(base),
+            "windowEnd": times(base),
+            "series": st.lists(series | JSON, max_size=3) | JSON,
+        },
+    )
     return near | far | JSON
 
 
@@ -165,8 +240,13 @@ class Scene:
     async def post(self, kind: str, body: bytes, agent: dict[str, Any] | None = None) -> int:
         """POST a body as the hostile agent (or ``agent``) to one of its report routes."""
         a = agent or self.hostile
-        r = await self.cp.call("POST", f"/agents/{a['agentId']}/{kind}", token=a["credential"],
-                               data=body, headers={"Content-Type": "application/json"})  # fmt: skip
+        r = await self.cp.call(
+            "POST",
+            f"/agents/{a['agentId']}/{kind}",
+            token=a["credential"],
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         await r.read()
         return r.status
 
@@ -203,8 +283,14 @@ async def well_behaved_agent_completes(scene: Scene) -> None:
     doc = await (await cp.call("GET", f"/rollouts/{r['id']}")).json()
     now = datetime.now(UTC)
     # Newer than any status the good agent sent before (the MQTT test sends one at (1, 1)).
-    status = StatusReport(good["agentId"], 1, now, (ModelStatus("iris", "1.0.0",
-                          doc["manifestDigest"], "active"),), epoch=1, seq=1000)  # fmt: skip
+    status = StatusReport(
+        good["agentId"],
+        1,
+        now,
+        (ModelStatus("iris", "1.0.0", doc["manifestDigest"], "active"),),
+        epoch=1,
+        seq=1000,
+    )
     assert await scene.post("status", json.dumps(status.to_json()).encode(), good) == 200
     w = SeriesWindow("iris", "1.0.0", requests=20)
     for i in range(20):
@@ -271,14 +357,18 @@ async def test_hostile_rest_bodies_and_queries(scene: Scene) -> None:
     hid, cred = scene.hostile["agentId"], scene.hostile["credential"]
 
     async def desired(after: str) -> int:
-        r = await scene.cp.call("GET", f"/agents/{hid}/desired", token=cred,
-                                params={"after": after, "wait": "0"})  # fmt: skip
+        r = await scene.cp.call(
+            "GET", f"/agents/{hid}/desired", token=cred, params={"after": after, "wait": "0"}
+        )
         await r.read()
         return r.status
 
     @SETTINGS
-    @given(route=st.sampled_from(["status", "metrics", "desired"]),
-           body=st.binary(max_size=500) | as_bytes(JSON), text=st.text(max_size=30))  # fmt: skip
+    @given(
+        route=st.sampled_from(["status", "metrics", "desired"]),
+        body=st.binary(max_size=500) | as_bytes(JSON),
+        text=st.text(max_size=30),
+    )
     def example(route: str, body: bytes, text: str) -> None:
         if route == "desired":
             code = scene.run(desired(text), loop)
@@ -334,8 +424,9 @@ async def test_hostile_mqtt_payloads(scene: Scene) -> None:
     before = bridge.stored["status"]  # type: ignore[attr-defined]
     report = StatusReport(gid, 0, datetime.now(UTC), (), epoch=1, seq=1)
     async with scene.broker.client(creds["username"], creds["password"]) as client:
-        await client.publish(agent_topic(gid, "status", scene.broker.prefix),
-                             json.dumps(report.to_json()), qos=1)  # fmt: skip
+        await client.publish(
+            agent_topic(gid, "status", scene.broker.prefix), json.dumps(report.to_json()), qos=1
+        )
     await eventually(lambda: bridge.stored["status"] == before + 1, 10)  # type: ignore[attr-defined]
     await well_behaved_agent_completes(scene)
 
@@ -360,5 +451,8 @@ def test_strategies_reach_valid_reports() -> None:
         return ok
 
     find(status_docs(aid, base), parses(status_from_json), settings=settings(database=None))
-    find(metrics_docs(aid, base), lambda d: parses(metrics_from_json)(d) and bool(d["series"]),
-         settings=settings(database=None))  # fmt: skip
+    find(
+        metrics_docs(aid, base),
+        lambda d: parses(metrics_from_json)(d) and bool(d["series"]),
+        settings=settings(database=None),
+    )

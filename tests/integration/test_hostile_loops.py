@@ -75,14 +75,23 @@ BAD_ROWS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _row(agent_id: str, start: datetime, version: str = "1.0.0", model: str = "iris",
-         **fields: Any) -> MetricSeries:  # fmt: skip
+def _row(
+    agent_id: str, start: datetime, version: str = "1.0.0", model: str = "iris", **fields: Any
+) -> MetricSeries:
     values: dict[str, Any] = {
-        "agent_id": agent_id, "seq": 0, "model": model, "version": version,
-        "window_start": start, "window_end": start + timedelta(seconds=10), "requests": 10,
-        "errors": 0, "latency_sketch": _good_sketch_json(), "shadow_count": 0,
-        "drift_sum": 0.0, "argmax_agree": 0,
-    }  # fmt: skip
+        "agent_id": agent_id,
+        "seq": 0,
+        "model": model,
+        "version": version,
+        "window_start": start,
+        "window_end": start + timedelta(seconds=10),
+        "requests": 10,
+        "errors": 0,
+        "latency_sketch": _good_sketch_json(),
+        "shadow_count": 0,
+        "drift_sum": 0.0,
+        "argmax_agree": 0,
+    }
     values.update(fields)
     return MetricSeries(**values)
 
@@ -91,20 +100,29 @@ async def plant_bad(db: Database, agent_id: str, start: datetime, model: str = "
     """One bad row of each kind in ``metric_series``; returns how many."""
     async with db.write() as s:
         for i, (_, fields) in enumerate(BAD_ROWS):
-            s.add(_row(agent_id, start + timedelta(seconds=i), model=model, seq=1000 + i,
-                       **fields))  # fmt: skip
+            s.add(_row(agent_id, start + timedelta(seconds=i), model=model, seq=1000 + i, **fields))
     return len(BAD_ROWS)
 
 
-async def send_metrics(cp: ControlPlane, agent: dict[str, Any], seq: int, start: datetime,
-                       requests: int = 20, model: str = "iris",
-                       version: str = "1.0.0") -> None:  # fmt: skip
+async def send_metrics(
+    cp: ControlPlane,
+    agent: dict[str, Any],
+    seq: int,
+    start: datetime,
+    requests: int = 20,
+    model: str = "iris",
+    version: str = "1.0.0",
+) -> None:
     w = SeriesWindow(model, version, requests=requests)
     for i in range(requests):
         w.latency_ms.add(1.0 + i / 10)
     batch = MetricsBatch(agent["agentId"], seq, start, start + timedelta(seconds=10), (w,))
-    r = await cp.call("POST", f"/agents/{agent['agentId']}/metrics", token=agent["credential"],
-                      json=batch.to_json())  # fmt: skip
+    r = await cp.call(
+        "POST",
+        f"/agents/{agent['agentId']}/metrics",
+        token=agent["credential"],
+        json=batch.to_json(),
+    )
     assert r.status == 200, await r.text()
 
 
@@ -118,14 +136,16 @@ async def show(cp: ControlPlane, rollout_id: str) -> dict[str, Any]:
 
 async def events(db: Database, rollout_id: str) -> list[tuple[str, str]]:
     async with db.read() as s:
-        rows = await s.scalars(select(RolloutEvent).where(RolloutEvent.rollout_id == rollout_id)
-                               .order_by(RolloutEvent.id))  # fmt: skip
+        rows = await s.scalars(
+            select(RolloutEvent)
+            .where(RolloutEvent.rollout_id == rollout_id)
+            .order_by(RolloutEvent.id)
+        )
         return [(e.kind, e.reason) for e in rows]
 
 
 @pytest.fixture
-async def fast_cp(tmp_path: Path, db_url: str, publisher: Publisher
-                  ) -> AsyncIterator[ControlPlane]:  # fmt: skip
+async def fast_cp(tmp_path: Path, db_url: str, publisher: Publisher) -> AsyncIterator[ControlPlane]:
     """A control plane (SQLite or PostgreSQL) whose controller ticks five times a second."""
     config = dataclasses.replace(cp_config(tmp_path, db_url, publisher), controller_interval_s=0.2)
     plane = await start_control_plane(config)
@@ -229,14 +249,36 @@ async def test_rollup_sets_bad_rows_aside_and_retention_goes_on(
     async with db.write() as s:
         # A bad minute row where good raw rows are about to be merged, and a bad hour row
         # past retention (dropped whatever it holds).
-        s.add(MetricRollup(resolution_s=MINUTE, bucket_start=old.replace(second=0),
-                           agent_id=good["agentId"], model="iris", version="1.0.0",
-                           requests=1, errors=0, latency_sketch=_huge_bin(), shadow_count=0,
-                           drift_sum=0.0, argmax_agree=0))  # fmt: skip
-        s.add(MetricRollup(resolution_s=HOUR, bucket_start=NOW - timedelta(days=40),
-                           agent_id=bad["agentId"], model="iris", version="1.0.0",
-                           requests=1, errors=0, latency_sketch=["x"], shadow_count=0,
-                           drift_sum=0.0, argmax_agree=0))  # fmt: skip
+        s.add(
+            MetricRollup(
+                resolution_s=MINUTE,
+                bucket_start=old.replace(second=0),
+                agent_id=good["agentId"],
+                model="iris",
+                version="1.0.0",
+                requests=1,
+                errors=0,
+                latency_sketch=_huge_bin(),
+                shadow_count=0,
+                drift_sum=0.0,
+                argmax_agree=0,
+            )
+        )
+        s.add(
+            MetricRollup(
+                resolution_s=HOUR,
+                bucket_start=NOW - timedelta(days=40),
+                agent_id=bad["agentId"],
+                model="iris",
+                version="1.0.0",
+                requests=1,
+                errors=0,
+                latency_sketch=["x"],
+                shadow_count=0,
+                drift_sum=0.0,
+                argmax_agree=0,
+            )
+        )
 
     done = await rollup(db, NOW, RETENTION)
     assert done["set_aside"] == planted + 1  # the bad raw rows and the bad minute row
@@ -245,8 +287,9 @@ async def test_rollup_sets_bad_rows_aside_and_retention_goes_on(
     assert await count(db, MetricSeries) == 0
     # The good agent's minute holds exactly its two good windows.
     async with db.read() as s:
-        minute = (await s.scalars(select(MetricRollup).where(
-            MetricRollup.agent_id == good["agentId"]))).one()  # fmt: skip
+        minute = (
+            await s.scalars(select(MetricRollup).where(MetricRollup.agent_id == good["agentId"]))
+        ).one()
     assert (minute.requests, DDSketch.from_json(minute.latency_sketch).count) == (40, 40)
     async with db.read() as s:
         aside = list(await s.scalars(select(MetricSetAside).order_by(MetricSetAside.id)))
@@ -318,12 +361,27 @@ async def test_reports_leave_bad_rows_out_and_answer_200(
     await send_metrics(cp, bad, 1, t0 + timedelta(minutes=1), requests=7)
     # A minute row too: readers go through every tier.
     async with db.write() as s:
-        s.add(MetricRollup(resolution_s=MINUTE, bucket_start=t0.replace(second=0),
-                           agent_id=bad["agentId"], model="iris", version="1.0.0",
-                           requests=1, errors=0, latency_sketch=_huge_bin(), shadow_count=0,
-                           drift_sum=0.0, argmax_agree=0))  # fmt: skip
-    window = {"model": "iris", "from": (t0 - timedelta(minutes=5)).isoformat(),
-              "to": (t0 + timedelta(minutes=30)).isoformat(), "by": "site"}  # fmt: skip
+        s.add(
+            MetricRollup(
+                resolution_s=MINUTE,
+                bucket_start=t0.replace(second=0),
+                agent_id=bad["agentId"],
+                model="iris",
+                version="1.0.0",
+                requests=1,
+                errors=0,
+                latency_sketch=_huge_bin(),
+                shadow_count=0,
+                drift_sum=0.0,
+                argmax_agree=0,
+            )
+        )
+    window = {
+        "model": "iris",
+        "from": (t0 - timedelta(minutes=5)).isoformat(),
+        "to": (t0 + timedelta(minutes=30)).isoformat(),
+        "by": "site",
+    }
     queries = {"compare": window, "timeseries": {**window, "bucket": "5m"}}
     # The minute row counts: a bad row in it is left out too (compare it after planting).
     before: dict[str, Any] = {}
@@ -392,10 +450,14 @@ async def test_mqtt_bridge_sets_bad_messages_aside_and_stores_the_next_agent_at_
         batch = MetricsBatch(gid, 1, now - timedelta(seconds=10), now, (w,))
         creds = good["mqtt"]
         async with broker.client(creds["username"], creds["password"]) as c:
-            await c.publish(agent_topic(gid, "status", broker.prefix),
-                            json.dumps(StatusReport(gid, 0, now, ()).to_json()), qos=1)  # fmt: skip
-            await c.publish(agent_topic(gid, "metrics", broker.prefix),
-                            json.dumps(batch.to_json()), qos=1)  # fmt: skip
+            await c.publish(
+                agent_topic(gid, "status", broker.prefix),
+                json.dumps(StatusReport(gid, 0, now, ()).to_json()),
+                qos=1,
+            )
+            await c.publish(
+                agent_topic(gid, "metrics", broker.prefix), json.dumps(batch.to_json()), qos=1
+            )
 
         async def settled() -> dict[str, Any] | None:
             h = await health(cp)

@@ -25,9 +25,13 @@ def batch(agent_id: str, seq: int, requests: int = 5) -> MetricsBatch:
 
 
 def status(agent_id: str, generation: int) -> dict[str, Any]:
-    return {"agentId": agent_id, "generation": generation,
-            "sentAt": format_time(datetime.now(UTC)), "models": [],
-            "facts": {"cpuCount": generation}}  # fmt: skip
+    return {
+        "agentId": agent_id,
+        "generation": generation,
+        "sentAt": format_time(datetime.now(UTC)),
+        "models": [],
+        "facts": {"cpuCount": generation},
+    }
 
 
 async def test_concurrent_reports_share_transactions_and_are_stored_once(
@@ -112,9 +116,11 @@ async def test_ingest_survives_a_batch_that_fails_as_a_whole(cp: ControlPlane) -
     bad = StatusReport(aid, 1, datetime.now(UTC), (), facts={"x": object()})
     try:
         results = await asyncio.gather(
-            ingest.metrics(batch(aid, 1)), ingest.status(bad), ingest.metrics(batch(aid, 2)),
+            ingest.metrics(batch(aid, 1)),
+            ingest.status(bad),
+            ingest.metrics(batch(aid, 2)),
             return_exceptions=True,
-        )  # fmt: skip
+        )
     finally:
         await ingest.close()
     assert results[0] is True and results[2] is True

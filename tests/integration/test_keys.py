@@ -50,12 +50,25 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
     keys = tmp_path / "keys"
     root, p2, cp1, cp2 = (make_publisher(keys, n) for n in ("root", "p2", "cp1", "cp2"))
     ks_file = tmp_path / "keyset.json"
-    p = await run_cli("keys", "rotate", "--init", "--root-key", root.key_path,
-                      "--add-publisher", publisher.pub_path, "--add-control-plane", cp1.key_path,
-                      "--out", ks_file)  # fmt: skip
+    p = await run_cli(
+        "keys",
+        "rotate",
+        "--init",
+        "--root-key",
+        root.key_path,
+        "--add-publisher",
+        publisher.pub_path,
+        "--add-control-plane",
+        cp1.key_path,
+        "--out",
+        ks_file,
+    )
     assert p.returncode == 0, p.stderr
-    config = replace(cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-                     keyset_file=ks_file, signing_key_file=cp1.key_path)  # fmt: skip
+    config = replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        keyset_file=ks_file,
+        signing_key_file=cp1.key_path,
+    )
     cp = await start_control_plane(config)
     cli = ("--server", cp.url, "--token", cp.token)
     try:
@@ -100,8 +113,11 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
 
                 # A version pushed under the old rule: no new rollout of it, and an agent it
                 # was already headed for follows the key set and refuses it.
-                r = await cp.call("POST", "/rollouts", json={"model": "iris", "version": "2.0.0",
-                                                             "selector": "site=x"})  # fmt: skip
+                r = await cp.call(
+                    "POST",
+                    "/rollouts",
+                    json={"model": "iris", "version": "2.0.0", "selector": "site=x"},
+                )
                 err = (await r.json())["error"]
                 assert r.status == 422 and "no longer meets key set version 2" in err["message"]
 
@@ -123,8 +139,15 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
                 assert a["keysetVersion"] == 2
 
                 # Rotate the control plane's key: list both, restart signing with the new one.
-                p = await run_cli("keys", "rotate", "--root-key", root.key_path,
-                                  "--add-control-plane", cp2.pub_path, *cli)  # fmt: skip
+                p = await run_cli(
+                    "keys",
+                    "rotate",
+                    "--root-key",
+                    root.key_path,
+                    "--add-control-plane",
+                    cp2.pub_path,
+                    *cli,
+                )
                 assert p.returncode == 0, p.stderr
                 await cp.client.close()
                 cp = await start_control_plane(replace(config, signing_key_file=cp2.key_path))
@@ -138,13 +161,25 @@ async def test_publishers_threshold_and_control_plane_key_rotate_without_re_enro
                 await wait_active(cp, ident.agent_id, "4.0.0")  # signed by cp2: same identity
 
                 # Retire the old key; a desired state forged with it is refused from then on.
-                p = await run_cli("keys", "rotate", "--root-key", root.key_path,
-                                  "--remove-control-plane", cp1.pub_path, *cli)  # fmt: skip
+                p = await run_cli(
+                    "keys",
+                    "rotate",
+                    "--root-key",
+                    root.key_path,
+                    "--remove-control-plane",
+                    cp1.pub_path,
+                    *cli,
+                )
                 assert p.returncode == 0, p.stderr
                 await eventually(lambda: agent.keyset.version == 4 or None, within_s=10)
                 now = datetime.now(UTC)
-                forged = DesiredState(ident.agent_id, agent.state.highest_generation + 5, now,
-                                      now + timedelta(days=7), ())  # fmt: skip
+                forged = DesiredState(
+                    ident.agent_id,
+                    agent.state.highest_generation + 5,
+                    now,
+                    now + timedelta(days=7),
+                    (),
+                )
                 proxy.replacement = forged.sign(cp1.key).to_bytes()
                 await eventually(
                     lambda: "refused desired state" in (agent.last_error or "") or None, 10
@@ -171,8 +206,13 @@ async def test_bad_key_sets_are_refused_and_change_nothing(
     later = datetime.now(UTC) + timedelta(days=30)
 
     def version(v: int, *, cps: tuple = (cp1,), pubs: tuple = (publisher,)) -> bytes:
-        ks = make_keyset(v, later, [root.key.public_key()], [p.key.public_key() for p in pubs],
-                         [c.key.public_key() for c in cps])  # fmt: skip
+        ks = make_keyset(
+            v,
+            later,
+            [root.key.public_key()],
+            [p.key.public_key() for p in pubs],
+            [c.key.public_key() for c in cps],
+        )
         return sign_keyset(ks, [root.key]).to_bytes()
 
     cp = await start_control_plane(config)
@@ -180,8 +220,9 @@ async def test_bad_key_sets_are_refused_and_change_nothing(
         # No key set yet: the API cannot plant the first one (it would name its own roots).
         r = await cp.call("PUT", "/keyset", json=json.loads(version(1)))
         assert r.status == 409 and (await r.json())["error"]["code"] == "no_keyset"
-        p = await run_cli("keys", "rotate", "--root-key", root.key_path, "--server", cp.url,
-                          "--token", cp.token)  # fmt: skip
+        p = await run_cli(
+            "keys", "rotate", "--root-key", root.key_path, "--server", cp.url, "--token", cp.token
+        )
         assert p.returncode != 0 and "--init" in p.stderr
     finally:
         await cp.client.close()
@@ -190,16 +231,20 @@ async def test_bad_key_sets_are_refused_and_change_nothing(
     cp = await start_control_plane(config)
     try:
         assert await keyset_version(cp) == 1
-        other_signed = make_keyset(2, later, [root.key.public_key()], [publisher.key.public_key()],
-                                   [cp1.key.public_key()])  # fmt: skip
+        other_signed = make_keyset(
+            2, later, [root.key.public_key()], [publisher.key.public_key()], [cp1.key.public_key()]
+        )
         cases = [
             (json.loads(version(1)), 409, "keyset_not_newer"),  # replayed
             (json.loads(version(3)), 409, "invalid_keyset"),  # skips version 2
-            (json.loads(sign_keyset(other_signed, [other.key]).to_bytes()), 422,
-             "untrusted_keyset"),  # not signed by the root
+            (
+                json.loads(sign_keyset(other_signed, [other.key]).to_bytes()),
+                422,
+                "untrusted_keyset",
+            ),  # not signed by the root
             (json.loads(version(2, cps=(other,))), 409, "signing_key_not_listed"),
             ({"payloadType": "x", "payload": "!!", "signatures": []}, 400, "invalid_keyset"),
-        ]  # fmt: skip
+        ]
         for body, status, code in cases:
             r = await cp.call("PUT", "/keyset", json=body)
             got = await r.json()
@@ -218,14 +263,44 @@ async def test_bad_key_sets_are_refused_and_change_nothing(
         cp = await start_control_plane(config)
         assert await keyset_version(cp) == 2
         # CLI refusals name the problem.
-        p = await run_cli("keys", "rotate", "--root-key", other.key_path, "--threshold", "1",
-                          "--server", cp.url, "--token", cp.token)  # fmt: skip
+        p = await run_cli(
+            "keys",
+            "rotate",
+            "--root-key",
+            other.key_path,
+            "--threshold",
+            "1",
+            "--server",
+            cp.url,
+            "--token",
+            cp.token,
+        )
         assert p.returncode != 0 and "would be refused" in p.stderr
-        p = await run_cli("keys", "rotate", "--root-key", root.key_path, "--threshold", "3",
-                          "--server", cp.url, "--token", cp.token)  # fmt: skip
+        p = await run_cli(
+            "keys",
+            "rotate",
+            "--root-key",
+            root.key_path,
+            "--threshold",
+            "3",
+            "--server",
+            cp.url,
+            "--token",
+            cp.token,
+        )
         assert p.returncode != 0 and "--threshold 3" in p.stderr
-        p = await run_cli("keys", "rotate", "--root-key", root.key_path, "--revoke-publisher",
-                          "deadbeef", "--server", cp.url, "--token", cp.token)  # fmt: skip
+        p = await run_cli(
+            "keys",
+            "rotate",
+            "--root-key",
+            root.key_path,
+            "--revoke-publisher",
+            "deadbeef",
+            "--server",
+            cp.url,
+            "--token",
+            cp.token,
+        )
         assert p.returncode != 0 and "names no key" in p.stderr
         assert await keyset_version(cp) == 2
         p = await run_cli("keys", "show", "--server", cp.url, "--token", cp.token)
@@ -235,6 +310,11 @@ async def test_bad_key_sets_are_refused_and_change_nothing(
     # A key set file the server cannot believe stops it at start, naming the file.
     (tmp_path / "bad.json").write_bytes(b"{}")
     with pytest.raises(ConfigError, match=r"bad\.json"):
-        await start_control_plane(replace(config, keyset_file=tmp_path / "bad.json",
-                                          data_dir=tmp_path / "cp2",
-                                          db_url=f"sqlite:///{tmp_path / 'cp2.db'}"))  # fmt: skip
+        await start_control_plane(
+            replace(
+                config,
+                keyset_file=tmp_path / "bad.json",
+                data_dir=tmp_path / "cp2",
+                db_url=f"sqlite:///{tmp_path / 'cp2.db'}",
+            )
+        )

@@ -52,8 +52,9 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         (root / "acl").write_text(acl_file(prefix))
-        (root / "passwd").write_text(password_file([(CONTROL_PLANE_USER,
-                                                      mosquitto_hash(CP_PASSWORD))]))  # fmt: skip
+        (root / "passwd").write_text(
+            password_file([(CONTROL_PLANE_USER, mosquitto_hash(CP_PASSWORD))])
+        )
         tls_lines = _make_tls(root) if tls else ""
         closed = f"password_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
         auth = "allow_anonymous true\n" if anonymous else f"allow_anonymous false\n{closed}"
@@ -69,8 +70,9 @@ class Broker:
         if not Path(mosquitto).exists():
             pytest.skip("mosquitto is not installed")
         log = (self.root / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([mosquitto, "-c", str(self.root / "mosquitto.conf")],
-                                     stdout=log, stderr=log)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [mosquitto, "-c", str(self.root / "mosquitto.conf")], stdout=log, stderr=log
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -90,19 +92,35 @@ class Broker:
         """`modelfleet mqtt passwd` from the database, then SIGHUP so mosquitto re-reads it."""
         p = await asyncio.to_thread(
             subprocess.run,
-            [MODELFLEET, "mqtt", "passwd", "--db", cp.config.database_url, "--out",
-             str(self.root / "passwd"), "--control-plane-password", CP_PASSWORD],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                MODELFLEET,
+                "mqtt",
+                "passwd",
+                "--db",
+                cp.config.database_url,
+                "--out",
+                str(self.root / "passwd"),
+                "--control-plane-password",
+                CP_PASSWORD,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.3)
 
     def client(self, username: str, password: str) -> aiomqtt.Client:
-        return aiomqtt.Client("127.0.0.1", self.port, username=username, password=password,
-                              identifier=f"test-{uuid.uuid4().hex[:8]}",
-                              protocol=aiomqtt.ProtocolVersion.V5)  # fmt: skip
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            username=username,
+            password=password,
+            identifier=f"test-{uuid.uuid4().hex[:8]}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )
 
 
 def _make_tls(root: Path) -> str:
@@ -117,24 +135,39 @@ def _make_tls(root: Path) -> str:
 
     now = datetime.now(UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
-          .not_valid_after(now + timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     import ipaddress
 
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     (root / "ca.pem").write_bytes(ca.public_bytes(pem))
     (root / "cert.pem").write_bytes(cert.public_bytes(pem))
-    (root / "key.pem").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    (root / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return f"cafile {root / 'ca.pem'}\ncertfile {root / 'cert.pem'}\nkeyfile {root / 'key.pem'}\n"
 
 
@@ -142,9 +175,12 @@ def mqtt_config(tmp_path: Path, publisher: Publisher, broker: Broker, **extra: o
     """A test control plane on SQLite that uses this broker."""
     return dataclasses.replace(
         cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2, mqtt_url=broker.url, mqtt_password=CP_PASSWORD,
-        mqtt_prefix=broker.prefix, **extra,
-    )  # fmt: skip
+        controller_interval_s=0.2,
+        mqtt_url=broker.url,
+        mqtt_password=CP_PASSWORD,
+        mqtt_prefix=broker.prefix,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -182,9 +218,17 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
         # Someone with broker access (here: the control plane's broker account) but not the
         # control plane's key: a forged document, then a replay of a genuine older one.
         now = datetime.now(UTC)
-        forged = DesiredState(ident.agent_id, 99, now, now + timedelta(days=1),
-                              (DesiredModel("iris", "6.6.6", "sha256:" + "6" * 64),),
-                              ).sign(generate_private_key()).to_bytes()  # fmt: skip
+        forged = (
+            DesiredState(
+                ident.agent_id,
+                99,
+                now,
+                now + timedelta(days=1),
+                (DesiredModel("iris", "6.6.6", "sha256:" + "6" * 64),),
+            )
+            .sign(generate_private_key())
+            .to_bytes()
+        )
         async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
             await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), forged, qos=1)
         await eventually(lambda: "signature" in (agent.last_error or ""), 5)
@@ -193,8 +237,9 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
         assert '"generation":2' in _payload(old)
         genuine_gen1 = await _genuine(cp, ident.agent_id, 1)
         async with broker.client(CONTROL_PLANE_USER, CP_PASSWORD) as c:
-            await c.publish(agent_topic(ident.agent_id, "desired", broker.prefix), genuine_gen1,
-                            qos=1)  # fmt: skip
+            await c.publish(
+                agent_topic(ident.agent_id, "desired", broker.prefix), genuine_gen1, qos=1
+            )
         await eventually(lambda: "older" in (agent.last_error or ""), 5)
         await eventually(lambda: agent.models["iris"].version == "2.0.0", 10)
 
@@ -313,8 +358,9 @@ async def test_control_plane_restart_loses_nothing_published_meanwhile(
     ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
     await broker.load_passwords(cp)
     try:
-        async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_interval_s=3600,
-                                 heartbeat_s=0.3) as agent:  # fmt: skip
+        async with running_agent(
+            tmp_path / "a", metrics_interval_s=0.2, poll_interval_s=3600, heartbeat_s=0.3
+        ) as agent:
             await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
             await cp.rollout("1.0.0", "site=x")
             await eventually(lambda: "iris" in agent.models, 10)
@@ -349,8 +395,9 @@ async def test_bundle_over_mqtt_with_no_http_route_and_a_broker_cut(
     identity = json.loads((tmp_path / "a/identity.json").read_text())
     identity["server"] = f"http://127.0.0.1:{free_port()}"
     (tmp_path / "a/identity.json").write_text(json.dumps(identity))
-    async with running_agent(tmp_path / "a", bundle_transport=transport, poll_interval_s=3600,
-                             poll_wait_s=1) as agent:  # fmt: skip
+    async with running_agent(
+        tmp_path / "a", bundle_transport=transport, poll_interval_s=3600, poll_wait_s=1
+    ) as agent:
         await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
         await cp.rollout("1.0.0", "site=x")
         await eventually(lambda: agent.counters["download_bytes"] > 1_000_000, 30, 0.01)
@@ -378,12 +425,18 @@ async def test_malformed_payloads_are_dropped_and_counted(
     now = datetime.now(UTC).isoformat()
     async with broker.client(creds["username"], creds["password"]) as c:
         for kind, payload in [
-            ("status", b"not json"), ("status", b"[]"),
-            ("status", json.dumps({"agentId": "someone-else", "generation": 0,
-                                   "sentAt": now, "models": []}).encode()),
+            ("status", b"not json"),
+            ("status", b"[]"),
+            (
+                "status",
+                json.dumps(
+                    {"agentId": "someone-else", "generation": 0, "sentAt": now, "models": []}
+                ).encode(),
+            ),
             ("metrics", json.dumps({"agentId": creds["username"], "seq": 0}).encode()),
-            ("presence", b"maybe"), ("blobs/request", b"{}"),
-        ]:  # fmt: skip
+            ("presence", b"maybe"),
+            ("blobs/request", b"{}"),
+        ]:
             await c.publish(topic(kind), payload, qos=1)
         good = {"agentId": creds["username"], "generation": 0, "sentAt": now, "models": []}
         await c.publish(topic("status"), json.dumps(good).encode(), qos=1)
@@ -434,10 +487,26 @@ async def test_fleet_simulator_over_mqtt(tmp_path: Path, publisher: Publisher) -
         await cp.push(iris_bundle(publisher.key, "1.0.0"))
         p = await asyncio.to_thread(
             subprocess.run,
-            [MODELFLEET, "sim", "--server", cp.url, "--token", cp.token, "--agents", "20",
-             "--transport", "mqtt", "--rollout", "iris:1.0.0", "--timeout", "60"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                MODELFLEET,
+                "sim",
+                "--server",
+                cp.url,
+                "--token",
+                cp.token,
+                "--agents",
+                "20",
+                "--transport",
+                "mqtt",
+                "--rollout",
+                "iris:1.0.0",
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
         out = json.loads(p.stdout.strip().splitlines()[-1])
         assert out["converged"] is True and out["transport"] == "mqtt" and out["active"] == 20
@@ -461,8 +530,13 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
         await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
         ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
         await broker.load_passwords(cp)
-        async with running_agent(tmp_path / "a", metrics_interval_s=0.2, poll_wait_s=1,
-                                 heartbeat_s=0.3, metrics_ack_timeout_s=2.0) as agent:  # fmt: skip
+        async with running_agent(
+            tmp_path / "a",
+            metrics_interval_s=0.2,
+            poll_wait_s=1,
+            heartbeat_s=0.3,
+            metrics_ack_timeout_s=2.0,
+        ) as agent:
             await eventually(lambda: agent.mqtt.connected, 10)  # type: ignore[union-attr]
             await cp.rollout("1.0.0", "site=x")
             await eventually(lambda: "iris" in agent.models, 10)
@@ -516,11 +590,16 @@ async def test_revoked_agent_is_cut_off_on_mqtt(
                 break
     assert (await cp.call("POST", f"/agents/{ident.agent_id}/revoke")).status == 200
     before = bridge.malformed
-    status = {"agentId": ident.agent_id, "generation": 1, "models": [],
-              "sentAt": "2026-11-25T00:00:00Z"}  # fmt: skip
+    status = {
+        "agentId": ident.agent_id,
+        "generation": 1,
+        "models": [],
+        "sentAt": "2026-11-25T00:00:00Z",
+    }
     async with broker.client(ident.agent_id, ident.mqtt["password"]) as c:
-        await c.publish(agent_topic(ident.agent_id, "status", broker.prefix),
-                        json.dumps(status).encode(), qos=1)  # fmt: skip
+        await c.publish(
+            agent_topic(ident.agent_id, "status", broker.prefix), json.dumps(status).encode(), qos=1
+        )
     await eventually(lambda: bridge.malformed > before, 10)  # refused: no such agent
 
     async def cleared() -> bool:

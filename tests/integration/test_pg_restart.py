@@ -38,9 +38,26 @@ class PrivatePostgres:
 
     def _ctl(self, *args: str) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D",
-                        str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", *args],
-                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
         self._ctl("start")
@@ -60,9 +77,24 @@ def private_pg() -> Iterator[PrivatePostgres]:
     # Not under pytest's own (root-only) temp directory: the postgres user must reach it.
     root = Path(tempfile.mkdtemp(prefix="modelfleet-pg-"))
     shutil.chown(root, "postgres")
-    subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "initdb"), "-D",
-                    str(root / "data"), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(root / "data"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pg = PrivatePostgres(root)
     pg.start()
     try:

@@ -31,14 +31,25 @@ async def enroll(cp: ControlPlane, site: str, cost: float | None) -> dict[str, A
     return await r.json()
 
 
-async def send(cp: ControlPlane, agent: dict, seq: int, start: datetime, samples: list[float],
-               errors: int = 0, version: str = "1.0.0") -> None:  # fmt: skip
+async def send(
+    cp: ControlPlane,
+    agent: dict,
+    seq: int,
+    start: datetime,
+    samples: list[float],
+    errors: int = 0,
+    version: str = "1.0.0",
+) -> None:
     s = SeriesWindow("iris", version, requests=len(samples), errors=errors)
     for v in samples:
         s.latency_ms.add(v)
     batch = MetricsBatch(agent["agentId"], seq, start, start + timedelta(seconds=10), (s,))
-    r = await cp.call("POST", f"/agents/{agent['agentId']}/metrics", token=agent["credential"],
-                      json=batch.to_json())  # fmt: skip
+    r = await cp.call(
+        "POST",
+        f"/agents/{agent['agentId']}/metrics",
+        token=agent["credential"],
+        json=batch.to_json(),
+    )
     assert r.status == 200, await r.text()
 
 
@@ -73,17 +84,18 @@ async def test_compare_matches_a_hand_computation(cp: ControlPlane, publisher: P
     for site, samples in raw.items():
         g = groups[site]
         assert g["requests"] == len(samples)
-        assert g["throughput_rps"] == pytest.approx(len(samples) / (to - frm).total_seconds(),
-                                                    rel=1e-3)  # fmt: skip
+        assert g["throughput_rps"] == pytest.approx(
+            len(samples) / (to - frm).total_seconds(), rel=1e-3
+        )
         for name, q_ in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
             true = float(np.quantile(np.array(samples), q_, method="lower"))
             assert abs(g["latency_ms"][name] - true) <= 0.01 * true + 1e-3, (site, name)
     assert groups["cloud"]["errors"] == 24 and groups["cloud"]["agents"] == 2
     assert groups["cloud"]["error_rate"] == pytest.approx(24 / 2400, abs=1e-6)
-    assert groups["cloud"]["cost_per_million"] == pytest.approx((3.0 + 1.0) * hours / 2400 * 1e6,
-                                                                rel=1e-4)  # fmt: skip
-    assert groups["onprem"]["cost_per_million"] == pytest.approx(0.5 * hours / 1000 * 1e6,
-                                                                 rel=1e-4)  # fmt: skip
+    assert groups["cloud"]["cost_per_million"] == pytest.approx(
+        (3.0 + 1.0) * hours / 2400 * 1e6, rel=1e-4
+    )
+    assert groups["onprem"]["cost_per_million"] == pytest.approx(0.5 * hours / 1000 * 1e6, rel=1e-4)
     assert groups["edge"]["cost_per_million"] is None  # no declared cost
     assert groups["cloud"]["hardware"] == {"2 cpu x86_64 cpu": 2}
     v = report["verdict"]
@@ -94,7 +106,10 @@ async def test_compare_matches_a_hand_computation(cp: ControlPlane, publisher: P
 
     by_two = await (await cp.call("GET", f"/reports/compare{q}&by=site,version")).json()
     assert {tuple(g["key"].values()) for g in by_two["groups"]} == {
-        ("cloud", "1.0.0"), ("edge", "1.0.0"), ("onprem", "1.0.0")}  # fmt: skip
+        ("cloud", "1.0.0"),
+        ("edge", "1.0.0"),
+        ("onprem", "1.0.0"),
+    }
     by_agent = await (await cp.call("GET", f"/reports/compare{q}&by=agent")).json()
     assert len(by_agent["groups"]) == 4
 
@@ -113,10 +128,14 @@ async def test_compare_matches_a_hand_computation(cp: ControlPlane, publisher: P
 
 async def test_report_bad_queries(cp: ControlPlane, publisher: Publisher) -> None:
     await cp.push(iris_bundle(publisher.key))
-    for query, field in [("", "model"), ("?model=iris&since=forever", "since"),
-                         ("?model=iris&by=a,b,c", "by"), ("?model=iris&by=site,site", "by"),
-                         ("?model=iris&from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "to"),
-                         ("?model=Bad Name", "model")]:  # fmt: skip
+    for query, field in [
+        ("", "model"),
+        ("?model=iris&since=forever", "since"),
+        ("?model=iris&by=a,b,c", "by"),
+        ("?model=iris&by=site,site", "by"),
+        ("?model=iris&from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "to"),
+        ("?model=Bad Name", "model"),
+    ]:
         await assert_error(await cp.call("GET", f"/reports/compare{query}"), 400, field=field)
     await assert_error(await cp.call("GET", "/reports/compare?model=nope"), 404, field="model")
     r = await cp.call("GET", "/reports/timeseries?model=iris&since=720h&bucket=1m")
@@ -146,8 +165,12 @@ async def test_real_agents_on_two_sites_name_the_faster_and_the_cheaper(
         await cp.push(iris_bundle(publisher.key))
         await fleet.add(2, "cloud", facts={"cpuCount": 8, "costPerHour": 2.0})
         # On-prem boxes are cheap but slow: 3 ms more on every inference.
-        await fleet.add(2, "onprem", facts={"cpuCount": 2, "costPerHour": 0.25},
-                        extra=("--added-latency-ms", "3"))  # fmt: skip
+        await fleet.add(
+            2,
+            "onprem",
+            facts={"cpuCount": 2, "costPerHour": 0.25},
+            extra=("--added-latency-ms", "3"),
+        )
         r = await cp.call("POST", "/rollouts", json={"model": "iris", "version": "1.0.0"})
         assert r.status == 201
 
@@ -179,8 +202,9 @@ async def test_a_cost_label_that_is_not_a_finite_price_counts_as_no_cost(
     await cp.push(iris_bundle(publisher.key))
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
     for i, cost in enumerate(("nan", "inf", "-1", "0.5")):
-        r = await cp.call("POST", "/enrollment-tokens",
-                          json={"labels": {"site": f"s{i}", "cost-per-hour": cost}})  # fmt: skip
+        r = await cp.call(
+            "POST", "/enrollment-tokens", json={"labels": {"site": f"s{i}", "cost-per-hour": cost}}
+        )
         token = (await r.json())["token"]
         r = await cp.call("POST", "/agents/enroll", token="", json={"token": token})
         await send(cp, await r.json(), 1, t0, [1.0] * 10)
@@ -201,10 +225,12 @@ async def test_a_huge_declared_cost_cannot_make_compare_answer_500(
     assert refused["error"]["field"] == "facts.costPerHour", refused
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
     for site, cost in (("label", "1e308"), ("fine", "0.5")):  # a label is checked when read
-        r = await cp.call("POST", "/enrollment-tokens",
-                          json={"labels": {"site": site, "cost-per-hour": cost}})  # fmt: skip
-        r = await cp.call("POST", "/agents/enroll", token="",
-                          json={"token": (await r.json())["token"]})  # fmt: skip
+        r = await cp.call(
+            "POST", "/enrollment-tokens", json={"labels": {"site": site, "cost-per-hour": cost}}
+        )
+        r = await cp.call(
+            "POST", "/agents/enroll", token="", json={"token": (await r.json())["token"]}
+        )
         await send(cp, await r.json(), 1, t0, [1.0] * 10)
     r = await cp.call("GET", "/reports/compare?model=iris&since=2h")
     assert r.status == 200, await r.text()

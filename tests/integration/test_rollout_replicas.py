@@ -27,12 +27,24 @@ class Server:
     def __init__(self, data_dir: Path, db: str, publisher: Publisher, name: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [MODELFLEET, "server", "--data-dir", str(data_dir), "--port", str(self.port),
-                     "--db", db, "--trust-publisher", str(publisher.pub_path),
-                     "--controller-interval", "0.1",
-                     # These tests are about replicas, not credential storage: the cheapest
-                     # scrypt cost spares them 200 agents x 2 replicas of hashing.
-                     "--credential-cost", "10"]  # fmt: skip
+        self.args = [
+            MODELFLEET,
+            "server",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(self.port),
+            "--db",
+            db,
+            "--trust-publisher",
+            str(publisher.pub_path),
+            "--controller-interval",
+            "0.1",
+            # These tests are about replicas, not credential storage: the cheapest
+            # scrypt cost spares them 200 agents x 2 replicas of hashing.
+            "--credential-cost",
+            "10",
+        ]
         self.log = data_dir.parent / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -62,8 +74,9 @@ class Server:
                 await asyncio.to_thread(self.proc.wait, 10)
 
 
-async def call(url: str, token: str, method: str, path: str, body: Any = None,
-               data: bytes | None = None) -> Any:  # fmt: skip
+async def call(
+    url: str, token: str, method: str, path: str, body: Any = None, data: bytes | None = None
+) -> Any:
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s,
         s.request(method, f"{url}/api/v1{path}", json=body, data=data) as r,
@@ -95,8 +108,14 @@ async def wait_done(url: str, token: str, rollout_id: str, within: float = 60) -
 def assert_each_stage_once(r: dict, stages: int, agents: int) -> None:
     kinds = Counter(e["kind"] for e in r["timeline"])
     assert r["state"] == "completed", r["timeline"]
-    assert kinds == {"created": 1, "started": 1, "cohort": stages, "advanced": stages - 1,
-                     "gates_passed": stages - 1, "completed": 1}, kinds  # fmt: skip
+    assert kinds == {
+        "created": 1,
+        "started": 1,
+        "cohort": stages,
+        "advanced": stages - 1,
+        "gates_passed": stages - 1,
+        "completed": 1,
+    }, kinds
     cohorts = [e["stage"] for e in r["timeline"] if e["kind"] == "cohort"]
     assert cohorts == list(range(1, stages + 1))
     assert r["progress"]["moved"] == agents == len({t["agentId"] for t in r["targets"]})
@@ -213,12 +232,29 @@ async def test_replica_killed_mid_rollout_with_200_simulated_agents(
         token = (data / "admin-token").read_text().strip()
         await call(a.url, token, "POST", "/bundles", data=iris_bundle(publisher.key))
         sim = await asyncio.create_subprocess_exec(
-            MODELFLEET, "sim", "--server", f"{a.url},{b.url}", "--token", token,
-            "--agents", "200", "--processes", "2", "--labels", "site=sim",
-            "--rollout", "iris:1.0.0", "--stages", "10%:2s,50%:2s,100%",
-            "--status-interval", "1", "--timeout", "120",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            MODELFLEET,
+            "sim",
+            "--server",
+            f"{a.url},{b.url}",
+            "--token",
+            token,
+            "--agents",
+            "200",
+            "--processes",
+            "2",
+            "--labels",
+            "site=sim",
+            "--rollout",
+            "iris:1.0.0",
+            "--stages",
+            "10%:2s,50%:2s,100%",
+            "--status-interval",
+            "1",
+            "--timeout",
+            "120",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         deadline = time.monotonic() + 90
         rollout: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -240,13 +276,20 @@ async def test_replica_killed_mid_rollout_with_200_simulated_agents(
         assert out["converged"] is True and out["active"] == 200
         assert out["failovers"] > 0  # the kill was felt
         assert out["metric_batches_pending"] == 0
-        assert out["metric_batches_stored"] + out["metric_batches_duplicate"] == (
-            out["metric_batches"])  # fmt: skip
+        assert (
+            out["metric_batches_stored"] + out["metric_batches_duplicate"]
+            == (out["metric_batches"])
+        )
         done = await wait_done(b.url, token, rollout["id"])
         assert_each_stage_once(done, 3, 200)
         u = make_url(pg_url)
-        conn = await asyncpg.connect(host=u.host, port=u.port or 5432, user=u.username,
-                                     password=u.password, database=u.database)  # fmt: skip
+        conn = await asyncpg.connect(
+            host=u.host,
+            port=u.port or 5432,
+            user=u.username,
+            password=u.password,
+            database=u.database,
+        )
         try:
             stored = await conn.fetchval("SELECT count(*) FROM metric_batches")
         finally:

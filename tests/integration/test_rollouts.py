@@ -78,8 +78,13 @@ async def all_on(fleet: Fleet, version: str, within: float = 30) -> None:
         raise AssertionError(f"{await fleet.versions()}\n{fleet.logs()}") from None
 
 
-async def baseline(cp: ControlPlane, fleet: Fleet, publisher: Publisher, n: int,
-                   sites: tuple[str, ...] = ("onprem",)) -> None:  # fmt: skip
+async def baseline(
+    cp: ControlPlane,
+    fleet: Fleet,
+    publisher: Publisher,
+    n: int,
+    sites: tuple[str, ...] = ("onprem",),
+) -> None:
     """Everyone on 1.0.0 first."""
     await cp.push(iris_bundle(publisher.key, "1.0.0"))
     for i in range(n):
@@ -94,12 +99,20 @@ async def test_three_stages_over_ten_agents(
     await baseline(cp, fleet, publisher, 10, ("onprem", "cloud"))
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
     async with Traffic(fleet):
-        r = await rollout(cp, {
-            "model": "iris", "version": "2.0.0", "selector": "site in (onprem,cloud)",
-            "stages": [{"percent": 10, "soak": "2s"}, {"percent": 50, "soak": "2s"},
-                       {"percent": 100}],
-            "gates": {"max_error_rate": 0.05, "max_p95_latency_ms": 1000, "min_requests": 5},
-        })  # fmt: skip
+        r = await rollout(
+            cp,
+            {
+                "model": "iris",
+                "version": "2.0.0",
+                "selector": "site in (onprem,cloud)",
+                "stages": [
+                    {"percent": 10, "soak": "2s"},
+                    {"percent": 50, "soak": "2s"},
+                    {"percent": 100},
+                ],
+                "gates": {"max_error_rate": 0.05, "max_p95_latency_ms": 1000, "min_requests": 5},
+            },
+        )
         done = await until_state(cp, r["id"], "completed", "rolled_back", "paused")
     assert done["state"] == "completed", done["timeline"]
     await all_on(fleet, "2.0.0")
@@ -122,8 +135,18 @@ async def test_three_stages_over_ten_agents(
         assert gates["max_error_rate"]["outcome"] == "pass"
         assert gates["min_requests"]["value"] >= 5
     kinds = [e["kind"] for e in done["timeline"]]
-    assert kinds == ["created", "started", "cohort", "gates_passed", "advanced", "cohort",
-                     "gates_passed", "advanced", "cohort", "completed"]  # fmt: skip
+    assert kinds == [
+        "created",
+        "started",
+        "cohort",
+        "gates_passed",
+        "advanced",
+        "cohort",
+        "gates_passed",
+        "advanced",
+        "cohort",
+        "completed",
+    ]
 
 
 async def test_errors_stop_the_rollout_at_the_first_gate_and_roll_back(
@@ -133,11 +156,16 @@ async def test_errors_stop_the_rollout_at_the_first_gate_and_roll_back(
     bad = iris_model(seed=1, fail_on_batches=True)  # passes a one-row smoke test
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1, model=bad, smoke_rows=1))
     async with Traffic(fleet, TWO_ROWS):
-        r = await rollout(cp, {
-            "model": "iris", "version": "2.0.0",
-            "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
-            "gates": {"max_error_rate": 0.1, "min_requests": 5}, "on_failure": "rollback",
-        })  # fmt: skip
+        r = await rollout(
+            cp,
+            {
+                "model": "iris",
+                "version": "2.0.0",
+                "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
+                "gates": {"max_error_rate": 0.1, "min_requests": 5},
+                "on_failure": "rollback",
+            },
+        )
         done = await until_state(cp, r["id"], "rolled_back", "completed")
     assert done["state"] == "rolled_back"
     failed = done["timeline"][-1]
@@ -155,15 +183,20 @@ async def test_a_slower_version_is_stopped_by_the_latency_ratio(
     await baseline(cp, fleet, publisher, 4)
     await cp.push(iris_bundle(publisher.key, "2.0.0", model=iris_model(seed=0, slow=True)))
     async with Traffic(fleet):
-        r = await rollout(cp, {
-            "model": "iris", "version": "2.0.0",
-            "stages": [{"percent": 50, "soak": "3s"}, {"percent": 100}],
-            "gates": {"max_p95_latency_ratio": 1.5, "min_requests": 20},
-        })  # fmt: skip
+        r = await rollout(
+            cp,
+            {
+                "model": "iris",
+                "version": "2.0.0",
+                "stages": [{"percent": 50, "soak": "3s"}, {"percent": 100}],
+                "gates": {"max_p95_latency_ratio": 1.5, "min_requests": 20},
+            },
+        )
         done = await until_state(cp, r["id"], "rolled_back", "completed")
     assert done["state"] == "rolled_back", done["timeline"]
-    gate = next(g for g in done["timeline"][-1]["figures"]["gates"]
-                if g["gate"] == "max_p95_latency_ratio")  # fmt: skip
+    gate = next(
+        g for g in done["timeline"][-1]["figures"]["gates"] if g["gate"] == "max_p95_latency_ratio"
+    )
     assert gate["outcome"] == "fail" and gate["value"] > 1.5
     await all_on(fleet, "1.0.0")
 
@@ -174,12 +207,21 @@ async def test_shadow_scoring_stops_a_version_that_answers_differently(
     await baseline(cp, fleet, publisher, 4)
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=7))  # fast, error-free, different
     async with Traffic(fleet):
-        r = await rollout(cp, {
-            "model": "iris", "version": "2.0.0", "shadow": True, "shadow_sample": 1.0,
-            "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
-            "gates": {"max_error_rate": 0.01, "max_mean_abs_output_drift": 0.01,
-                      "min_requests": 5},
-        })  # fmt: skip
+        r = await rollout(
+            cp,
+            {
+                "model": "iris",
+                "version": "2.0.0",
+                "shadow": True,
+                "shadow_sample": 1.0,
+                "stages": [{"percent": 50, "soak": "2s"}, {"percent": 100}],
+                "gates": {
+                    "max_error_rate": 0.01,
+                    "max_mean_abs_output_drift": 0.01,
+                    "min_requests": 5,
+                },
+            },
+        )
         done = await until_state(cp, r["id"], "rolled_back", "completed")
     assert done["state"] == "rolled_back", done["timeline"]
     figures = done["timeline"][-1]["figures"]
@@ -196,8 +238,14 @@ async def test_agents_enrolling_mid_rollout_get_their_cohort_position(
     await baseline(cp, fleet, publisher, 3)
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
     # The first stage soaks until promoted, so the late agents' first install cannot race it.
-    r = await rollout(cp, {"model": "iris", "version": "2.0.0",
-                           "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
+    r = await rollout(
+        cp,
+        {
+            "model": "iris",
+            "version": "2.0.0",
+            "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}],
+        },
+    )
     late = await fleet.add(2, "onprem")
     # Not in the first cohort (one agent): the late agents run what completed rollouts give.
     versions = await fleet.versions()
@@ -225,8 +273,14 @@ async def test_pause_resume_promote_abort_and_overlap(
     await baseline(cp, fleet, publisher, 2)
     await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
     await cp.push(iris_bundle(publisher.key, "3.0.0", seed=2))
-    r = await rollout(cp, {"model": "iris", "version": "2.0.0",
-                           "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
+    r = await rollout(
+        cp,
+        {
+            "model": "iris",
+            "version": "2.0.0",
+            "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}],
+        },
+    )
     clash = await cp.call("POST", "/rollouts", json={"model": "iris", "version": "3.0.0"})
     assert clash.status == 409 and r["id"] in (await clash.json())["error"]["message"]
 
@@ -245,8 +299,14 @@ async def test_pause_resume_promote_abort_and_overlap(
     await cmd("abort", 409)  # completed: nothing to abort
     await cmd("launch", 404)
 
-    r2 = await rollout(cp, {"model": "iris", "version": "3.0.0",
-                            "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}]})  # fmt: skip
+    r2 = await rollout(
+        cp,
+        {
+            "model": "iris",
+            "version": "3.0.0",
+            "stages": [{"count": 1, "soak": "1h"}, {"percent": 100}],
+        },
+    )
     r3 = await rollout(cp, {"model": "iris", "version": "3.0.0", "supersedes": r2["id"]})
     assert (await show(cp, r2["id"]))["state"] == "superseded"
     await until_state(cp, r3["id"], "completed")
@@ -261,10 +321,17 @@ async def test_rollout_cli_shows_progress_bars(
     await baseline(cp, fleet, publisher, 2)
     r = (await (await cp.call("GET", "/rollouts")).json())["rollouts"][0]
     proc = await asyncio.create_subprocess_exec(
-        str(Path(__import__("sys").executable).parent / "modelfleet"), "rollout", "status",
-        r["id"], "--server", cp.url, "--token", cp.token,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        str(Path(__import__("sys").executable).parent / "modelfleet"),
+        "rollout",
+        "status",
+        r["id"],
+        "--server",
+        cp.url,
+        "--token",
+        cp.token,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     text = out.decode()
     assert proc.returncode == 0, err

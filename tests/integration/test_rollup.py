@@ -23,9 +23,15 @@ from tests.conftest import ControlPlane, Publisher, iris_bundle
 NOW = datetime.now(UTC).replace(minute=30, second=30, microsecond=0) - timedelta(hours=1)
 RETENTION = Retention(raw_s=3600, minute_s=86400, hour_s=30 * 86400, batches_s=8 * 86400)
 AGES = (  # window start, before NOW
-    timedelta(minutes=5), timedelta(minutes=20), timedelta(hours=3), timedelta(hours=3, seconds=10),
-    timedelta(hours=5), timedelta(days=3), timedelta(days=3, minutes=2), timedelta(days=6),
-)  # fmt: skip
+    timedelta(minutes=5),
+    timedelta(minutes=20),
+    timedelta(hours=3),
+    timedelta(hours=3, seconds=10),
+    timedelta(hours=5),
+    timedelta(days=3),
+    timedelta(days=3, minutes=2),
+    timedelta(days=6),
+)
 
 
 async def send_history(cp: ControlPlane, publisher: Publisher) -> list[dict[str, Any]]:
@@ -35,23 +41,35 @@ async def send_history(cp: ControlPlane, publisher: Publisher) -> list[dict[str,
     for a in agents:
         for seq, age in enumerate(AGES, start=1):
             s1 = SeriesWindow("iris", "1.0.0", requests=50, errors=seq % 3)
-            s2 = SeriesWindow("iris", "2.0.0", requests=20, errors=1, shadow_count=4,
-                              drift_sum=0.5, argmax_agree=3)  # fmt: skip
+            s2 = SeriesWindow(
+                "iris",
+                "2.0.0",
+                requests=20,
+                errors=1,
+                shadow_count=4,
+                drift_sum=0.5,
+                argmax_agree=3,
+            )
             for _ in range(50):
                 s1.latency_ms.add(rng.lognormvariate(0.3, 0.5))
             for _ in range(20):
                 s2.latency_ms.add(rng.lognormvariate(1.0, 0.2))
             start = NOW - age
             b = MetricsBatch(a["agentId"], seq, start, start + timedelta(seconds=10), (s1, s2))
-            r = await cp.call("POST", f"/agents/{a['agentId']}/metrics", token=a["credential"],
-                              json=b.to_json())  # fmt: skip
+            r = await cp.call(
+                "POST", f"/agents/{a['agentId']}/metrics", token=a["credential"], json=b.to_json()
+            )
             assert r.status == 200 and (await r.json())["stored"], await r.text()
     return agents
 
 
 async def report(db: Database, by: str = "site,version") -> Any:
-    q = {"model": "iris", "from": (NOW - timedelta(days=10)).isoformat(),
-         "to": NOW.isoformat(), "by": by}  # fmt: skip
+    q = {
+        "model": "iris",
+        "from": (NOW - timedelta(days=10)).isoformat(),
+        "to": NOW.isoformat(),
+        "by": by,
+    }
     out = await reports.compare(db, q, NOW)
     return [(g["key"], g["requests"], g["errors"], g["latency_ms"]) for g in out["groups"]]
 
@@ -61,8 +79,13 @@ async def test_rollup_keeps_counts_and_quantiles(cp: ControlPlane, publisher: Pu
     await send_history(cp, publisher)
     before = await report(db)
     # Buckets start on whole minutes, like the minute roll-ups.
-    ts_query = {"model": "iris", "from": (NOW - timedelta(hours=24, seconds=30)).isoformat(),
-                "to": NOW.isoformat(), "bucket": "1h", "by": "site"}  # fmt: skip
+    ts_query = {
+        "model": "iris",
+        "from": (NOW - timedelta(hours=24, seconds=30)).isoformat(),
+        "to": NOW.isoformat(),
+        "bucket": "1h",
+        "by": "site",
+    }
     before_ts = await reports.timeseries(db, ts_query, NOW)
     assert (await table_sizes(db))["metric_series"] == 3 * len(AGES) * 2
 
@@ -74,10 +97,14 @@ async def test_rollup_keeps_counts_and_quantiles(cp: ControlPlane, publisher: Pu
     sizes = await table_sizes(db)
     assert sizes["metric_series"] == 3 * 2 * 2
     async with db.read() as s:
-        minutes = await s.scalar(select(func.count()).select_from(MetricRollup)
-                                 .where(MetricRollup.resolution_s == MINUTE))  # fmt: skip
-        hours = await s.scalar(select(func.count()).select_from(MetricRollup)
-                               .where(MetricRollup.resolution_s == HOUR))  # fmt: skip
+        minutes = await s.scalar(
+            select(func.count())
+            .select_from(MetricRollup)
+            .where(MetricRollup.resolution_s == MINUTE)
+        )
+        hours = await s.scalar(
+            select(func.count()).select_from(MetricRollup).where(MetricRollup.resolution_s == HOUR)
+        )
         shadow = await series_rows(s, "iris", NOW - timedelta(days=10), versions=["2.0.0"])
     # 3 h and 3 h 10 s share a minute; 5 h has its own: 2 minute buckets x 3 agents x 2 versions.
     assert minutes == 2 * 3 * 2
@@ -112,10 +139,16 @@ async def test_retention_drops_old_tiers_and_old_batches(
     # dropped, never stored.
     a = agents[0]
     old = NOW - timedelta(days=9)
-    b = MetricsBatch(a["agentId"], 99, old, old + timedelta(seconds=10),
-                     (SeriesWindow("iris", "1.0.0", requests=5),))  # fmt: skip
-    r = await cp.call("POST", f"/agents/{a['agentId']}/metrics", token=a["credential"],
-                      json=b.to_json())  # fmt: skip
+    b = MetricsBatch(
+        a["agentId"],
+        99,
+        old,
+        old + timedelta(seconds=10),
+        (SeriesWindow("iris", "1.0.0", requests=5),),
+    )
+    r = await cp.call(
+        "POST", f"/agents/{a['agentId']}/metrics", token=a["credential"], json=b.to_json()
+    )
     assert r.status == 200 and (await r.json())["stored"] is False
     async with db.read() as s:
         assert await s.get(MetricBatch, (a["agentId"], 99)) is None
@@ -131,8 +164,9 @@ async def test_concurrent_rollups_never_double(
     # SQLite serves one replica: its passes are serialised by the one Database's write lock.
     other = db if db_url.startswith("sqlite") else Database(cp.config.database_url)
     try:
-        await asyncio.gather(rollup(db, NOW, RETENTION, limit=7),
-                             rollup(other, NOW, RETENTION, limit=7))  # fmt: skip
+        await asyncio.gather(
+            rollup(db, NOW, RETENTION, limit=7), rollup(other, NOW, RETENTION, limit=7)
+        )
         await rollup(db, NOW, RETENTION)  # whatever a skipped pass left
     finally:
         if other is not db:
@@ -158,7 +192,10 @@ async def test_gates_read_rolled_up_windows(cp: ControlPlane, publisher: Publish
         after = await _aggregate(s, "iris", since, ids, "2.0.0", same=True)
         base_after = await _aggregate(s, "iris", since, ids, "2.0.0", same=False)
     assert (after.requests, after.errors, after.shadow_count) == (
-        before.requests, before.errors, before.shadow_count)  # fmt: skip
+        before.requests,
+        before.errors,
+        before.shadow_count,
+    )
     assert after.requests == 3 * 5 * 20
     assert after.latency_ms.quantile(0.95) == before.latency_ms.quantile(0.95)
     assert base_after.requests == base_before.requests == 3 * 5 * 50

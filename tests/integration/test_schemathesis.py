@@ -29,9 +29,18 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("wb")
-    args = [BIN / "modelfleet", "server", "--data-dir", str(tmp_path / "cp"), "--port",
-            str(port), "--rate-limit", "0", "--trust-publisher",
-            str(publisher.pub_path)]  # fmt: skip
+    args = [
+        BIN / "modelfleet",
+        "server",
+        "--data-dir",
+        str(tmp_path / "cp"),
+        "--port",
+        str(port),
+        "--rate-limit",
+        "0",
+        "--trust-publisher",
+        str(publisher.pub_path),
+    ]
     server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as s:
@@ -44,30 +53,53 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(
                 except aiohttp.ClientError:
                     assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
                     await asyncio.sleep(0.1)
-            admin = {"Authorization": "Bearer "
-                     + (tmp_path / "cp" / "admin-token").read_text().strip()}  # fmt: skip
+            admin = {
+                "Authorization": "Bearer " + (tmp_path / "cp" / "admin-token").read_text().strip()
+            }
             # Something to find: a model, agents, a rollout.
-            async with s.post(f"{base}/api/v1/bundles", data=iris_bundle(publisher.key),
-                              headers=admin) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/api/v1/bundles", data=iris_bundle(publisher.key), headers=admin
+            ) as r:
                 assert r.status == 201
-            async with s.post(f"{base}/api/v1/enrollment-tokens", headers=admin,
-                              json={"maxUses": 3}) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/api/v1/enrollment-tokens", headers=admin, json={"maxUses": 3}
+            ) as r:
                 token = (await r.json())["token"]
             for _ in range(3):
                 async with s.post(f"{base}/api/v1/agents/enroll", json={"token": token}) as r:
                     assert r.status == 201
-            async with s.post(f"{base}/api/v1/rollouts", headers=admin,
-                              json={"model": "iris", "version": "1.0.0"}) as r:  # fmt: skip
+            async with s.post(
+                f"{base}/api/v1/rollouts", headers=admin, json={"model": "iris", "version": "1.0.0"}
+            ) as r:
                 assert r.status == 201
-        p = await asyncio.to_thread(subprocess.run, [
-            str(st), "run", f"{base}/api/v1/openapi.json", "-H",
-            f"Authorization: {admin['Authorization']}",
-            "--checks", "not_a_server_error,response_schema_conformance",
-            "--max-examples", "25", "--request-timeout", "10", "--seed", "1",
-            # A .mfb body is binary tar, which schemathesis cannot generate (the .mfb reader
-            # has its own property tests); revoking tokens would revoke the one in use.
-            "--exclude-path", "/api/v1/bundles", "--exclude-path", "/api/v1/tokens/{id}",
-        ], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(st),
+                "run",
+                f"{base}/api/v1/openapi.json",
+                "-H",
+                f"Authorization: {admin['Authorization']}",
+                "--checks",
+                "not_a_server_error,response_schema_conformance",
+                "--max-examples",
+                "25",
+                "--request-timeout",
+                "10",
+                "--seed",
+                "1",
+                # A .mfb body is binary tar, which schemathesis cannot generate (the .mfb reader
+                # has its own property tests); revoking tokens would revoke the one in use.
+                "--exclude-path",
+                "/api/v1/bundles",
+                "--exclude-path",
+                "/api/v1/tokens/{id}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
         assert "passed" in p.stdout and "Stateful" in p.stdout
         assert server.poll() is None  # and the server is still up

@@ -65,9 +65,11 @@ def status_of(answer: bytes) -> int:
 async def test_a_json_body_in_two_tcp_pieces_is_read_whole(cp_sqlite: ControlPlane) -> None:
     port = cp_sqlite.client.port
     body = json.dumps({"labels": {"site": "split"}}).encode()
-    head = (f"POST /api/v1/enrollment-tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            f"Authorization: Bearer {cp_sqlite.token}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /api/v1/enrollment-tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {cp_sqlite.token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     answer = await raw_request(port, head + body[:7], body[7:], pause_s=0.3)
     assert status_of(answer) == 201, answer
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["token"].startswith("mfe_")
@@ -79,9 +81,10 @@ async def test_a_chunked_body_past_the_cap_is_413(tmp_path: Path, publisher: Pub
     )
     cp = await start_control_plane(config)
     try:
-        head = (f"POST /api/v1/enrollment-tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                f"Authorization: Bearer {cp.token}\r\nTransfer-Encoding: chunked\r\n\r\n"
-                ).encode()  # fmt: skip
+        head = (
+            f"POST /api/v1/enrollment-tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Authorization: Bearer {cp.token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
         chunk = b'{"labels": {"a": "' + b"x" * 600 + b'"}}'
         one = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         answer = await raw_request(cp.client.port, head + one, one + b"0\r\n\r\n", pause_s=0.2)
@@ -97,8 +100,10 @@ async def test_a_bearer_token_that_is_not_utf8_is_401_not_500(
 ) -> None:
     # aiohttp hands such header bytes over as lone surrogates; hashing the token encoded it
     # as UTF-8 and raised: a 500 from one anonymous request.
-    head = (b"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Authorization: Bearer " + token + b"\r\n\r\n")  # fmt: skip
+    head = (
+        b"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + token + b"\r\n\r\n"
+    )
     answer = await raw_request(cp_sqlite.client.port, head)
     assert status_of(answer) == 401, answer
     assert token not in answer
@@ -189,8 +194,10 @@ async def test_an_oversized_authorization_header_is_not_echoed_or_logged(
     guarded: Guarded, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "mfa_" + "S3cr3tT0k3n" * 900  # over aiohttp's 8190-byte field limit
-    head = (f"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
-            "Connection: close\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"GET /api/v1/fleet HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     with caplog.at_level(logging.DEBUG):
         answer = await raw_request(guarded.port, head)
     assert status_of(answer) == 431, answer[:200]
@@ -209,8 +216,9 @@ async def test_refusals_from_one_source_get_429_and_one_audit_row(
 ) -> None:
     config = dataclasses.replace(
         cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        refusal_rate_per_s=0.5, refusal_burst=5.0,
-    )  # fmt: skip
+        refusal_rate_per_s=0.5,
+        refusal_burst=5.0,
+    )
     cp = await start_control_plane(config)
     try:
         codes = [(await cp.call("GET", "/fleet", token=f"mfa_bad{i}")).status for i in range(8)]
@@ -247,15 +255,17 @@ async def test_refusals_on_paths_no_route_has_share_one_audit_run(
     # path in every request (401, then 429 from its bucket) wrote one audit row per request.
     config = dataclasses.replace(
         cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        refusal_rate_per_s=0.5, refusal_burst=5.0,
-    )  # fmt: skip
+        refusal_rate_per_s=0.5,
+        refusal_burst=5.0,
+    )
     cp = await start_control_plane(config)
     try:
         state = state_of(cp)
         async with state.db.read() as s:
             before = await s.scalar(select(func.count()).select_from(AuditEvent))
-        codes = [(await cp.call("GET", f"/nothing-{i}", token=f"mfa_bad{i}")).status
-                 for i in range(30)]  # fmt: skip
+        codes = [
+            (await cp.call("GET", f"/nothing-{i}", token=f"mfa_bad{i}")).status for i in range(30)
+        ]
         assert set(codes) == {401, 429}, codes
         await state.refusals.flush()  # type: ignore[union-attr]
         async with state.db.read() as s:
@@ -273,8 +283,9 @@ async def test_refusals_on_paths_no_route_has_share_one_audit_run(
 async def test_an_exhausted_pool_is_503_with_retry_after_never_500(
     tmp_path: Path, db_url: str, publisher: Publisher
 ) -> None:
-    config = dataclasses.replace(cp_config(tmp_path, db_url, publisher), db_pool_size=1,
-                                 db_wait_s=0.2, rate_limit_per_s=0)  # fmt: skip
+    config = dataclasses.replace(
+        cp_config(tmp_path, db_url, publisher), db_pool_size=1, db_wait_s=0.2, rate_limit_per_s=0
+    )
     cp = await start_control_plane(config)
     try:
         db = state_of(cp).db
@@ -360,11 +371,27 @@ async def test_sigterm_with_a_long_poll_and_mqtt_open_exits_within_the_drain(
     env = {**os.environ, "MODELFLEET_MQTT_PASSWORD": "broker-pass-xyz"}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [MODELFLEET, "server", "--data-dir", str(data), "--port", str(port),
-             "--trust-publisher", str(publisher.pub_path), "--mqtt", broker.url,
-             "--mqtt-prefix", broker.prefix, "--drain", "4"],
-            stdout=log, stderr=log, env=env, preexec_fn=_umask_022,
-        )  # fmt: skip
+            [
+                MODELFLEET,
+                "server",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+                "--trust-publisher",
+                str(publisher.pub_path),
+                "--mqtt",
+                broker.url,
+                "--mqtt-prefix",
+                broker.prefix,
+                "--drain",
+                "4",
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+            preexec_fn=_umask_022,
+        )
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
         await eventually(lambda: _get(f"{base}/health")[0] == 200, within_s=60)
@@ -409,10 +436,14 @@ async def enroll_over_http(base: str, token: str) -> tuple[str, str]:
 
     def post(path: str, body: dict[str, object], auth: str | None) -> dict[str, object]:
         req = urllib.request.Request(
-            f"{base}{path}", data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json",
-                     **({"Authorization": f"Bearer {auth}"} if auth else {})},
-        )  # fmt: skip
+            f"{base}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {auth}"} if auth else {}),
+            },
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 

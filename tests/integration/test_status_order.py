@@ -83,9 +83,13 @@ class OrderWatcher:
     async def _run(self) -> None:
         while not self._stop.is_set():
             async with self.db.read() as s:
-                row = (await s.execute(
-                    select(Agent.status_epoch, Agent.status_seq).where(Agent.id == self.agent_id)
-                )).one()  # fmt: skip
+                row = (
+                    await s.execute(
+                        select(Agent.status_epoch, Agent.status_seq).where(
+                            Agent.id == self.agent_id
+                        )
+                    )
+                ).one()
             self.seen.append((row.status_epoch, row.status_seq))
             await asyncio.sleep(0.01)
 
@@ -155,10 +159,16 @@ async def test_the_database_applies_the_same_rule_as_the_comparison(
         for i, (new, held, replaces) in enumerate(CASES):
             for path in ("store_status", "store_batch"):
                 async with db.write() as s:
-                    await s.execute(update(Agent).where(Agent.id == agent_id).values(
-                        status={"models": [], "marker": "held"}, status_epoch=held.epoch,
-                        status_seq=held.seq, status_sent_at=held.sent_at,
-                    ))  # fmt: skip
+                    await s.execute(
+                        update(Agent)
+                        .where(Agent.id == agent_id)
+                        .values(
+                            status={"models": [], "marker": "held"},
+                            status_epoch=held.epoch,
+                            status_seq=held.seq,
+                            status_sent_at=held.sent_at,
+                        )
+                    )
                 assert new.sent_at is not None
                 r = StatusReport(agent_id, 1, new.sent_at, (), epoch=new.epoch, seq=new.seq)
                 now = datetime.now(UTC)
@@ -186,10 +196,12 @@ async def test_in_one_batch_the_newest_report_of_an_agent_wins_not_the_last(
     seqs = [3, 7, 5, 1, 6]  # 7 arrives second
     from protocol.reports import status_from_json
 
-    results = await asyncio.gather(*(
-        state.ingest.status(status_from_json(report(agent_id, EPOCH, q, f"1.0.{q}")))
-        for q in seqs
-    ))  # fmt: skip
+    results = await asyncio.gather(
+        *(
+            state.ingest.status(status_from_json(report(agent_id, EPOCH, q, f"1.0.{q}")))
+            for q in seqs
+        )
+    )
     assert results == [q == 7 for q in seqs]
     row = await stored(state.db, agent_id)
     assert (row.status_epoch, row.status_seq, versions(row)) == (EPOCH, 7, ["1.0.7"])
@@ -249,10 +261,14 @@ async def _storm(
     seqs = list(range(1, n + 1))
     random.Random(13).shuffle(seqs)
     async with OrderWatcher(db, agent_id) as watcher:
-        answers = await asyncio.gather(*(
-            post(cps[i % len(cps)], agent_id, credential, report(agent_id, EPOCH, q, f"1.0.{q}"))
-            for i, q in enumerate(seqs)
-        ))  # fmt: skip
+        answers = await asyncio.gather(
+            *(
+                post(
+                    cps[i % len(cps)], agent_id, credential, report(agent_id, EPOCH, q, f"1.0.{q}")
+                )
+                for i, q in enumerate(seqs)
+            )
+        )
     assert watcher.went_back() == []
     assert dict(zip(seqs, answers, strict=True))[n] == {"stored": True, "stale": False}
     row = await stored(db, agent_id)
@@ -276,8 +292,9 @@ async def test_two_replicas_on_one_postgres_keep_the_newest(
     b = await start_control_plane(config)
     try:
         agent = await a.enroll({"site": "x"})
-        answers = await _storm([a, b], a.client.app[STATE].db, agent["agentId"],
-                               agent["credential"], 150)  # fmt: skip
+        answers = await _storm(
+            [a, b], a.client.app[STATE].db, agent["agentId"], agent["credential"], 150
+        )
         assert any(not x["stored"] for x in answers)  # some did arrive late
     finally:
         await a.client.close()
@@ -333,8 +350,7 @@ async def test_status_never_regresses_through_broker_outages(
                     await eventually(reported_since, 20)  # over HTTP
                     assert await active_version(cp, ident.agent_id) == "2.0.0"
                     await broker.start()
-                    await eventually(lambda: mqtt.connected and spy.bridge.connected.is_set(),
-                                     20)  # fmt: skip
+                    await eventually(lambda: mqtt.connected and spy.bridge.connected.is_set(), 20)
                     for late in (in_flight, first):
                         await spy.publish(broker, ident.agent_id, password, late)
                         row = await stored(db, ident.agent_id)

@@ -64,8 +64,9 @@ async def test_hostile_reports_are_400_and_change_nothing(cp: ControlPlane) -> N
     a = await cp.enroll()
     aid, cred = a["agentId"], a["credential"]
     now = datetime.now(UTC)
-    status = StatusReport(aid, 1, now, (ModelStatus("iris", "1.0.0", DIGEST, "active"),),
-                          {"cpuCount": 2}).to_json()  # fmt: skip
+    status = StatusReport(
+        aid, 1, now, (ModelStatus("iris", "1.0.0", DIGEST, "active"),), {"cpuCount": 2}
+    ).to_json()
     r = await cp.call("POST", f"/agents/{aid}/status", token=cred, json=status)
     assert r.status == 200, await r.text()
 

@@ -52,9 +52,15 @@ def test_no_variant_fits() -> None:
 
 @pytest.mark.parametrize(
     ("a", "b", "want"),
-    [("1.10.0", "1.9.0", 1), ("2.0.0", "2.0.0-rc1", 1), ("2.0.0-rc1", "2.0.0-rc2", -1),
-     ("1.0.0+build7", "1.0.0", 0), ("1.0", "1.0.1", -1), ("v2", "v10", -1)],
-)  # fmt: skip
+    [
+        ("1.10.0", "1.9.0", 1),
+        ("2.0.0", "2.0.0-rc1", 1),
+        ("2.0.0-rc1", "2.0.0-rc2", -1),
+        ("1.0.0+build7", "1.0.0", 0),
+        ("1.0", "1.0.1", -1),
+        ("v2", "v10", -1),
+    ],
+)
 def test_version_order(a: str, b: str, want: int) -> None:
     assert compare_versions(a, b) == want
 
@@ -97,8 +103,13 @@ def test_store_prune_keeps_shared_blobs(tmp_path: Path) -> None:
             store.commit_partial(d, len(data))
             files.append(FileEntry(f"f{i}", d, len(data), "x", "model" if i == 0 else "data"))
         m = manifest(*files)
-        env = json.dumps({"payloadType": "t", "payload": base64.b64encode(m.to_bytes()).decode(),
-                          "signatures": [{"keyid": "", "sig": ""}]}).encode()  # fmt: skip
+        env = json.dumps(
+            {
+                "payloadType": "t",
+                "payload": base64.b64encode(m.to_bytes()).decode(),
+                "signatures": [{"keyid": "", "sig": ""}],
+            }
+        ).encode()
         digest = sha256_digest(m.to_bytes())
         store.save_manifest(digest, env)
         return digest
@@ -122,8 +133,9 @@ def test_tflite_runtime_matches_numpy(tmp_path: Path) -> None:
     p.write_bytes(iris_tflite(0))
     m = TFLiteModel(p)
     assert m.inputs == (TensorSpec("x", "FP32", (-1, 4)),)
-    np.testing.assert_allclose(m.run({"x": SMOKE_INPUT})["probs"], iris_reference(SMOKE_INPUT),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        m.run({"x": SMOKE_INPUT})["probs"], iris_reference(SMOKE_INPUT), atol=1e-5
+    )
     assert m.run({"x": SMOKE_INPUT[:1]})["probs"].shape == (1, 3)  # resized back
     check_feeds(m, {"x": SMOKE_INPUT})
 
@@ -167,11 +179,14 @@ def test_the_agent_process_does_not_import_the_server_stack() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, control_plane.cli, agent.cli, agent.daemon; "
-            "print(sorted(m for m in ('sqlalchemy', 'alembic', 'asyncpg', 'boto3') "
-            "if m in sys.modules))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip()  # fmt: skip
+    code = (
+        "import sys, control_plane.cli, agent.cli, agent.daemon; "
+        "print(sorted(m for m in ('sqlalchemy', 'alembic', 'asyncpg', 'boto3') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
     assert out == "[]", out
 
 

@@ -30,12 +30,25 @@ def keys(n: int) -> list[Ed25519PrivateKey]:
     return [generate_private_key() for _ in range(n)]
 
 
-def build(version: int, roots: list, pubs: list, cps: list, *, rt: int = 1, pt: int = 1,
-          expires: datetime = LATER) -> KeySet:  # fmt: skip
+def build(
+    version: int,
+    roots: list,
+    pubs: list,
+    cps: list,
+    *,
+    rt: int = 1,
+    pt: int = 1,
+    expires: datetime = LATER,
+) -> KeySet:
     return make_keyset(
-        version, expires, [k.public_key() for k in roots], [k.public_key() for k in pubs],
-        [k.public_key() for k in cps], root_threshold=rt, publisher_threshold=pt,
-    )  # fmt: skip
+        version,
+        expires,
+        [k.public_key() for k in roots],
+        [k.public_key() for k in pubs],
+        [k.public_key() for k in cps],
+        root_threshold=rt,
+        publisher_threshold=pt,
+    )
 
 
 def test_first_version_is_believed_when_its_own_roots_signed_it() -> None:
@@ -100,8 +113,11 @@ def test_chain_walks_every_version_and_stops_at_a_bad_one() -> None:
     v1 = build(1, [r1], [pub], [cp])
     v2 = build(2, [r2], [pub], [cp])
     v3 = build(3, [r3], [pub], [cp], expires=LATER)
-    envs = [sign_keyset(v1, [r1]).to_bytes(), sign_keyset(v2, [r1, r2]).to_bytes(),
-            sign_keyset(v3, [r2, r3]).to_bytes()]  # fmt: skip
+    envs = [
+        sign_keyset(v1, [r1]).to_bytes(),
+        sign_keyset(v2, [r1, r2]).to_bytes(),
+        sign_keyset(v3, [r2, r3]).to_bytes(),
+    ]
     got, applied = follow_chain(v1, envs[1:], NOW)
     assert (got.version, applied) == (3, 2) if got else False
     # From nothing: version 1 is taken as offered (trust on first use), the rest must follow.
@@ -134,19 +150,25 @@ def _tampered(ks: KeySet, root: Ed25519PrivateKey, change: Any) -> bytes:
     return sign(KEYSET_PAYLOAD_TYPE, json.dumps(doc).encode(), [root]).to_bytes()
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    (lambda d: d["roles"]["publishers"].update(threshold=2), "roles.publishers.threshold"),
-    (lambda d: d["roles"]["publishers"].update(threshold=0), "roles.publishers.threshold"),
-    (lambda d: d["roles"]["root"].update(keyids=[]), "roles.root.keyids"),
-    (lambda d: d["roles"]["controlPlane"].update(keyids=["ab" * 32]), "roles.controlPlane.keyids"),
-    (lambda d: d["roles"].update(admins={"keyids": [], "threshold": 1}), "roles"),
-    (lambda d: d["roles"].pop("controlPlane"), "roles.controlPlane"),
-    (lambda d: d.update(version=0), "version"),
-    (lambda d: d.update(version="2"), "version"),
-    (lambda d: d.update(expiresAt="soon"), "expiresAt"),
-    (lambda d: d.update(type="manifest"), "type"),
-    (lambda d: d.update(extra=1), "keyset"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["roles"]["publishers"].update(threshold=2), "roles.publishers.threshold"),
+        (lambda d: d["roles"]["publishers"].update(threshold=0), "roles.publishers.threshold"),
+        (lambda d: d["roles"]["root"].update(keyids=[]), "roles.root.keyids"),
+        (
+            lambda d: d["roles"]["controlPlane"].update(keyids=["ab" * 32]),
+            "roles.controlPlane.keyids",
+        ),
+        (lambda d: d["roles"].update(admins={"keyids": [], "threshold": 1}), "roles"),
+        (lambda d: d["roles"].pop("controlPlane"), "roles.controlPlane"),
+        (lambda d: d.update(version=0), "version"),
+        (lambda d: d.update(version="2"), "version"),
+        (lambda d: d.update(expiresAt="soon"), "expiresAt"),
+        (lambda d: d.update(type="manifest"), "type"),
+        (lambda d: d.update(extra=1), "keyset"),
+    ],
+)
 def test_malformed_key_sets_name_the_field(change: Any, field: str) -> None:
     root, pub, cp = keys(3)
     ks = build(1, [root], [pub], [cp])
@@ -162,7 +184,8 @@ def test_a_key_listed_under_another_keys_id_is_refused() -> None:
     def swap(d: dict) -> None:
         kid = key_id(pub.public_key())
         d["keys"][kid]["publicKey"] = build(1, [other], [other], [other]).to_json()["keys"][
-            key_id(other.public_key())]["publicKey"]  # fmt: skip
+            key_id(other.public_key())
+        ]["publicKey"]
 
     with pytest.raises(InvalidMessage, match="is not the key's id"):
         open_first(_tampered(ks, root, swap), NOW)

@@ -95,8 +95,12 @@ def test_an_id_or_input_name_past_the_cap_is_refused_without_echoing_it(
     # The id is echoed in the answer and a name in every refusal, encoded on the event loop:
     # a 60 MiB one held it ~0.4 s for each such request, small requests waiting behind.
     long = "n" * (oip.MAX_NAME + 1)
-    tensor = {"name": long if where == "name" else "x", "shape": [1], "datatype": "FP32",
-              "data": [1.0]}  # fmt: skip
+    tensor = {
+        "name": long if where == "name" else "x",
+        "shape": [1],
+        "datatype": "FP32",
+        "data": [1.0],
+    }
     body = {"id": long if where == "id" else "r1", "inputs": [tensor]}
     with pytest.raises(InferenceInputError) as exc:
         oip.parse_request(json.dumps(body).encode(), max_elements=64, cooperative=cooperative)

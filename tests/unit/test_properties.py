@@ -23,28 +23,95 @@ from protocol.manifest import manifest_from_json, parse_manifest
 from protocol.reports import metrics_from_json, status_from_json
 from protocol.sketch import DDSketch
 
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # JSON-shaped values, with keys the parsers look for so that deep branches are reached.
-KEYS = st.sampled_from([
-    "agentId", "generation", "sentAt", "models", "name", "version", "manifestDigest", "state",
-    "seq", "windowStart", "windowEnd", "series", "requests", "errors", "latencyMs", "bins",
-    "relativeAccuracy", "count", "zeroCount", "min", "max", "sum", "issuedAt", "expiresAt",
-    "rollback", "shadow", "sample", "files", "path", "digest", "size", "mediaType", "runtime",
-    "inputs", "outputs", "shape", "datatype", "smokeTest", "variants", "schemaVersion", "key",
-    "operator", "values", "payload", "payloadType", "signatures", "keyid", "sig", "facts",
-    "lastError", "created", "shadowCount", "driftSum", "argmaxAgree", "x", "type", "keys",
-    "roles", "root", "publishers", "controlPlane", "keyids", "threshold", "keytype",
-    "publicKey",
-])  # fmt: skip
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
-           | st.sampled_from(["2026-01-01T00:00:00Z", "sha256:" + "a" * 64, "1.0.0", "iris",
-                              "onnx", "FP32", "active"]))  # fmt: skip
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(KEYS | st.text(max_size=8), inner, max_size=8),
-                    max_leaves=40)  # fmt: skip
+KEYS = st.sampled_from(
+    [
+        "agentId",
+        "generation",
+        "sentAt",
+        "models",
+        "name",
+        "version",
+        "manifestDigest",
+        "state",
+        "seq",
+        "windowStart",
+        "windowEnd",
+        "series",
+        "requests",
+        "errors",
+        "latencyMs",
+        "bins",
+        "relativeAccuracy",
+        "count",
+        "zeroCount",
+        "min",
+        "max",
+        "sum",
+        "issuedAt",
+        "expiresAt",
+        "rollback",
+        "shadow",
+        "sample",
+        "files",
+        "path",
+        "digest",
+        "size",
+        "mediaType",
+        "runtime",
+        "inputs",
+        "outputs",
+        "shape",
+        "datatype",
+        "smokeTest",
+        "variants",
+        "schemaVersion",
+        "key",
+        "operator",
+        "values",
+        "payload",
+        "payloadType",
+        "signatures",
+        "keyid",
+        "sig",
+        "facts",
+        "lastError",
+        "created",
+        "shadowCount",
+        "driftSum",
+        "argmaxAgree",
+        "x",
+        "type",
+        "keys",
+        "roles",
+        "root",
+        "publishers",
+        "controlPlane",
+        "keyids",
+        "threshold",
+        "keytype",
+        "publicKey",
+    ]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+    | st.sampled_from(
+        ["2026-01-01T00:00:00Z", "sha256:" + "a" * 64, "1.0.0", "iris", "onnx", "FP32", "active"]
+    )
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=8), inner, max_size=8)
+    ),
+    max_leaves=40,
+)
 
 
 KEY = generate_private_key()
@@ -58,8 +125,14 @@ def only_protocol_errors(fn: Any, *args: Any) -> None:
 @SETTINGS
 @given(JSON)
 def test_json_parsers_raise_only_protocol_errors(doc: Any) -> None:
-    for fn in (status_from_json, metrics_from_json, desired_from_json, manifest_from_json,
-               selector_from_json, DDSketch.from_json):  # fmt: skip
+    for fn in (
+        status_from_json,
+        metrics_from_json,
+        desired_from_json,
+        manifest_from_json,
+        selector_from_json,
+        DDSketch.from_json,
+    ):
         only_protocol_errors(fn, doc)
 
 
@@ -92,10 +165,12 @@ def test_selector_text_raises_only_protocol_errors(text: str) -> None:
 @given(JSON)
 def test_signed_but_malformed_desired_state_is_refused_cleanly(doc: Any) -> None:
     """Even with a valid signature, a payload of any shape gives a value or our error."""
-    env = sign("application/vnd.modelfleet.desired.v1+json",
-               json.dumps(doc, default=str).encode(), [KEY])  # fmt: skip
-    only_protocol_errors(accept_desired, env.to_bytes(), keyring([KEY.public_key()]), "agent", 0,
-                         datetime.now(UTC))  # fmt: skip
+    env = sign(
+        "application/vnd.modelfleet.desired.v1+json", json.dumps(doc, default=str).encode(), [KEY]
+    )
+    only_protocol_errors(
+        accept_desired, env.to_bytes(), keyring([KEY.public_key()]), "agent", 0, datetime.now(UTC)
+    )
 
 
 def _tar(members: list[tuple[str, bytes, bytes]]) -> bytes:
@@ -114,12 +189,23 @@ def _tar(members: list[tuple[str, bytes, bytes]]) -> bytes:
 
 
 MEMBER = st.tuples(
-    st.sampled_from(["manifest.dsse.json", "model.onnx", "../x", "/abs", "a/../../b", "ok.bin",
-                     "dir/", "x" * 120]),
+    st.sampled_from(
+        [
+            "manifest.dsse.json",
+            "model.onnx",
+            "../x",
+            "/abs",
+            "a/../../b",
+            "ok.bin",
+            "dir/",
+            "x" * 120,
+        ]
+    ),
     st.binary(max_size=200),
-    st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE,
-                     tarfile.FIFOTYPE]),
-)  # fmt: skip
+    st.sampled_from(
+        [tarfile.REGTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE]
+    ),
+)
 
 
 @SETTINGS

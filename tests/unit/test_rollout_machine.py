@@ -35,12 +35,20 @@ from protocol.sketch import DDSketch
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 AGENTS = tuple(f"a{i:02d}" for i in range(10))
 BODY = {
-    "model": "iris", "version": "2.0.0", "selector": "site=onprem,hw in (cpu,gpu)",
+    "model": "iris",
+    "version": "2.0.0",
+    "selector": "site=onprem,hw in (cpu,gpu)",
     "stages": [{"percent": 10, "soak": "30m"}, {"percent": 50, "soak": "30m"}, {"percent": 100}],
-    "gates": {"max_error_rate": 0.02, "max_p95_latency_ms": 50, "max_p95_latency_ratio": 1.5,
-              "min_requests": 50, "max_failed_agents": "10%"},
-    "on_failure": "rollback", "max_agents_per_minute": 600,
-}  # fmt: skip
+    "gates": {
+        "max_error_rate": 0.02,
+        "max_p95_latency_ms": 50,
+        "max_p95_latency_ratio": 1.5,
+        "min_requests": 50,
+        "max_failed_agents": "10%",
+    },
+    "on_failure": "rollback",
+    "max_agents_per_minute": 600,
+}
 
 
 def agg(requests: int, errors: int = 0, latency_ms: float = 5.0) -> Aggregate:
@@ -69,8 +77,16 @@ class Sim:
     def tick(self) -> list[Step]:
         steps = []
         for _ in range(10):
-            obs = Observation(self.now, self.order, dict(self.moved), self.failed, self.new,
-                              self.baseline, self.window_open, self.active)  # fmt: skip
+            obs = Observation(
+                self.now,
+                self.order,
+                dict(self.moved),
+                self.failed,
+                self.new,
+                self.baseline,
+                self.window_open,
+                self.active,
+            )
             s = step(self.view, obs)
             steps.append(s)
             self.waiting = s.waiting
@@ -102,8 +118,17 @@ def test_three_stages_complete_with_cohorts_that_only_grow() -> None:
     second = set(sim.moved)
     sim.advance(30.01)
     assert sim.view.state == "completed" and len(sim.moved) == 10 and second <= set(sim.moved)
-    assert sim.kinds() == ["started", "cohort", "gates_passed", "advanced", "cohort",
-                           "gates_passed", "advanced", "cohort", "completed"]  # fmt: skip
+    assert sim.kinds() == [
+        "started",
+        "cohort",
+        "gates_passed",
+        "advanced",
+        "cohort",
+        "gates_passed",
+        "advanced",
+        "cohort",
+        "completed",
+    ]
     passed = next(e for e in sim.events if e.kind == "gates_passed")
     assert {g["gate"] for g in passed.figures["gates"]} >= {"max_error_rate", "min_requests"}
 
@@ -237,11 +262,12 @@ def test_spec_parsing_and_errors() -> None:
     assert parse_duration("1h30m", "x") == 5400
     for body, field in [
         ({**BODY, "stages": [{"percent": 50}]}, "stages"),
-        ({**BODY, "stages": [{"percent": 50}, {"percent": 10}, {"percent": 100}]},
-         "stages[1].percent"),
+        (
+            {**BODY, "stages": [{"percent": 50}, {"percent": 10}, {"percent": 100}]},
+            "stages[1].percent",
+        ),
         ({**BODY, "stages": [{"percent": 10, "count": 2}, {"percent": 100}]}, "stages[0]"),
-        ({**BODY, "stages": [{"percent": 10, "soak": "soon"}, {"percent": 100}]},
-         "stages[0].soak"),
+        ({**BODY, "stages": [{"percent": 10, "soak": "soon"}, {"percent": 100}]}, "stages[0].soak"),
         ({**BODY, "gates": {"max_error_rate": 2}}, "gates.max_error_rate"),
         ({**BODY, "gates": {"max_failed_agents": "lots"}}, "gates.max_failed_agents"),
         ({**BODY, "gates": {"max_latency": 1}}, "gates.max_latency"),
@@ -251,7 +277,7 @@ def test_spec_parsing_and_errors() -> None:
         ({**BODY, "maintenance_window": "* 25 * * *"}, "maintenance_window"),
         ({**BODY, "max_agents_per_minute": 0}, "max_agents_per_minute"),
         ({**BODY, "colour": "blue"}, "colour"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(InvalidMessage) as info:
             parse_spec(body)
         assert info.value.field == field, body
@@ -518,8 +544,9 @@ def test_a_baseline_p95_below_the_sketch_resolution_gives_no_infinite_ratio() ->
     # A sketch the boundary takes (one bin, min = max = 5e-324) from the one agent left on the
     # old version made the baseline's p95 5e-324: 30 ms over it is infinity, a figure strict
     # JSON cannot write (the rollout's timeline then answered 500, or PostgreSQL refused it).
-    tiny = DDSketch.from_json({"count": 100, "sum": 0.0, "min": 5e-324, "max": 5e-324,
-                               "binKeys": [0], "binCounts": [100]})  # fmt: skip
+    tiny = DDSketch.from_json(
+        {"count": 100, "sum": 0.0, "min": 5e-324, "max": 5e-324, "binKeys": [0], "binCounts": [100]}
+    )
     sim = Sim({**BODY, "gates": {"max_p95_latency_ratio": 1.5}})
     sim.tick()
     sim.new, sim.baseline = agg(100, latency_ms=30), Aggregate(requests=100, latency_ms=tiny)

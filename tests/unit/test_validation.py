@@ -64,17 +64,27 @@ def status_doc(**facts: Any) -> dict[str, Any]:
         ModelStatus("iris", "2.0.0", DIGEST, "failed", "smoke test failed:\n\tshape (1, 3)"),
     )
     report = StatusReport(
-        "a1", 3, NOW, models, {**gather_facts(), "servePort": 8081, **facts},
+        "a1",
+        3,
+        NOW,
+        models,
+        {**gather_facts(), "servePort": 8081, **facts},
         last_error="desired state refused: expired",
-        extra={"metricsPending": 0, "metricsDropped": 0, "desiredState": "current",
-               "desiredExpiresAt": "2026-11-26T00:00:00.000Z", "keysetVersion": 2},
-    )  # fmt: skip
+        extra={
+            "metricsPending": 0,
+            "metricsDropped": 0,
+            "desiredState": "current",
+            "desiredExpiresAt": "2026-11-26T00:00:00.000Z",
+            "keysetVersion": 2,
+        },
+    )
     return report.to_json()
 
 
 def metrics_doc() -> dict[str, Any]:
-    s = SeriesWindow("iris", "1.0.0", requests=4, errors=1, shadow_count=2, drift_sum=0.5,
-                     argmax_agree=1)  # fmt: skip
+    s = SeriesWindow(
+        "iris", "1.0.0", requests=4, errors=1, shadow_count=2, drift_sum=0.5, argmax_agree=1
+    )
     for v in (0.0, 0.4, 3.0, 250.0):
         s.latency_ms.add(v)
     return MetricsBatch("a1", 7, NOW, NOW, (s,)).to_json()
@@ -137,9 +147,13 @@ def test_strict_json_accepts_the_limits_themselves() -> None:
 
 @pytest.mark.parametrize(
     ("value", "field"),
-    [({"x": [math.nan]}, "x[0]"), ({"x": 2**64}, "x"), ({"x": object()}, "x"),
-     ({"x": {1: 2}}, "x")],
-)  # fmt: skip
+    [
+        ({"x": [math.nan]}, "x[0]"),
+        ({"x": 2**64}, "x"),
+        ({"x": object()}, "x"),
+        ({"x": {1: 2}}, "x"),
+    ],
+)
 def test_check_json_refuses_values_built_in_code(value: object, field: str) -> None:
     assert refused(check_json, value, "v").field == field
 
@@ -324,15 +338,30 @@ def test_timestamps_in_rfc3339_forms_are_read() -> None:
 # ------------------------------------------------------------------------------------- facts
 
 GPU_FACTS = {
-    "cpuCount": 64, "memoryBytes": 512 * 2**30, "os": "linux", "osRelease": "6.8.0-45-generic",
-    "arch": "x86_64", "python": "3.11.7", "hostname": "gpu-node-17.example.internal",
-    "runtimes": {"onnx": {"version": "1.20.1",
-                          "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
-                 "tflite": {"package": "ai-edge-litert", "version": "1.2.0"}},
+    "cpuCount": 64,
+    "memoryBytes": 512 * 2**30,
+    "os": "linux",
+    "osRelease": "6.8.0-45-generic",
+    "arch": "x86_64",
+    "python": "3.11.7",
+    "hostname": "gpu-node-17.example.internal",
+    "runtimes": {
+        "onnx": {
+            "version": "1.20.1",
+            "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        },
+        "tflite": {"package": "ai-edge-litert", "version": "1.2.0"},
+    },
     "gpus": [{"name": "NVIDIA H200", "memoryBytes": 150_754_820_096}] * 8,
-    "accelerators": ["cuda"], "cudaProviderMissing": False, "costPerHour": 12.5,
-    "servePort": 8081, "site": "eu-west", "rack": 7, "simulated": True, "note": None,
-}  # fmt: skip
+    "accelerators": ["cuda"],
+    "cudaProviderMissing": False,
+    "costPerHour": 12.5,
+    "servePort": 8081,
+    "site": "eu-west",
+    "rack": 7,
+    "simulated": True,
+    "note": None,
+}
 
 
 def test_facts_real_agents_send_are_accepted() -> None:
@@ -391,13 +420,47 @@ def test_stored_facts_from_before_the_schema_keep_their_valid_part() -> None:
 
 # --------------------------------------------------------------------------- property tests
 
-HOSTILE = st.sampled_from([
-    math.nan, math.inf, -math.inf, 1e308, -1.0, 0, 2**63, -(2**63) - 1, 2**64, 10**30, 1.5,
-    True, None, "", "\x00", "a\nb", "\ud800", "x" * 3000, [], {}, [[[[1]]]], {"a": {"b": 1}},
-    "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2026-01-01T00:00:00Z",
-    MIN_KEY - 1, MAX_KEY + 1, MAX_KEY, 0.02, 0.01, MAX_VALUE, MAX_WINDOW_COUNT + 1,
-    "sha256:" + "a" * 64, "iris", "1.0.0", "active", "failed",
-])  # fmt: skip
+HOSTILE = st.sampled_from(
+    [
+        math.nan,
+        math.inf,
+        -math.inf,
+        1e308,
+        -1.0,
+        0,
+        2**63,
+        -(2**63) - 1,
+        2**64,
+        10**30,
+        1.5,
+        True,
+        None,
+        "",
+        "\x00",
+        "a\nb",
+        "\ud800",
+        "x" * 3000,
+        [],
+        {},
+        [[[[1]]]],
+        {"a": {"b": 1}},
+        "9999-12-31T23:59:59-23:59",
+        "0001-01-01T00:00:00+01:00",
+        "2026-01-01T00:00:00Z",
+        MIN_KEY - 1,
+        MAX_KEY + 1,
+        MAX_KEY,
+        0.02,
+        0.01,
+        MAX_VALUE,
+        MAX_WINDOW_COUNT + 1,
+        "sha256:" + "a" * 64,
+        "iris",
+        "1.0.0",
+        "active",
+        "failed",
+    ]
+)
 VALUES = HOSTILE | JSON
 
 
@@ -487,11 +550,30 @@ def test_mutated_facts_give_facts_or_a_protocol_error(data: st.DataObject) -> No
     assert len(text) <= MAX_ENCODED_BYTES and loads_strict(text, "facts") == out
 
 
-JSON_TEXT = st.sampled_from([
-    "NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9223372036854775808", "1" * 5000,
-    '"\\ud800"', '"\\udc00\\ud800"', "[" * 40 + "]" * 40, '{"a":' * 40 + "1" + "}" * 40,
-    "0", "-0.0", "1.5e308", '"\\u0000"', "true", "null", '"x"', "[]", "{}",
-])  # fmt: skip
+JSON_TEXT = st.sampled_from(
+    [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e999",
+        "-1e999",
+        "9223372036854775808",
+        "1" * 5000,
+        '"\\ud800"',
+        '"\\udc00\\ud800"',
+        "[" * 40 + "]" * 40,
+        '{"a":' * 40 + "1" + "}" * 40,
+        "0",
+        "-0.0",
+        "1.5e308",
+        '"\\u0000"',
+        "true",
+        "null",
+        '"x"',
+        "[]",
+        "{}",
+    ]
+)
 JSON_DOCS = st.recursive(
     JSON_TEXT,
     lambda inner: (
