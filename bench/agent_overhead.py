@@ -35,7 +35,7 @@ from agent.metrics import MetricsRecorder  # noqa: E402
 from agent.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds  # noqa: E402
 from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.modelgen import mlp_onnx, mlp_tflite  # noqa: E402
+from toymodels import mlp_onnx, mlp_tflite  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 X = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)

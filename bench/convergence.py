@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from bench.ingest import new_database  # noqa: E402
 from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.integration.fleet_helpers import free_port  # noqa: E402
-from tests.modelgen import mlp_onnx  # noqa: E402
+from tests.support.fleet import free_port  # noqa: E402
+from toymodels import mlp_onnx  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 PREFIX = "bench/v1"

@@ -38,7 +38,7 @@ from control_plane.auth import (  # noqa: E402
     hash_secret,
     verify_credential,
 )
-from tests.integration.fleet_helpers import free_port  # noqa: E402
+from tests.support.fleet import free_port  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 

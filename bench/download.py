@@ -36,9 +36,9 @@ from agent.client import ControlPlaneClient  # noqa: E402
 from agent.exceptions import TransportError  # noqa: E402
 from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.integration.agent_helpers import CuttingProxy  # noqa: E402
-from tests.integration.fleet_helpers import free_port  # noqa: E402
-from tests.modelgen import iris_model  # noqa: E402
+from tests.support.agents import CuttingProxy  # noqa: E402
+from tests.support.fleet import free_port  # noqa: E402
+from toymodels import iris_model  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 

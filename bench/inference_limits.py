@@ -44,7 +44,7 @@ from bench.agent_overhead import (  # noqa: E402
 )
 from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.modelgen import mlp_onnx, tile_onnx  # noqa: E402
+from toymodels import mlp_onnx, tile_onnx  # noqa: E402
 
 SMALL = {
     "inputs": [

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport  # noqa: E402
-from tests.integration.fleet_helpers import free_port  # noqa: E402
+from tests.support.fleet import free_port  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 PG = os.environ.get("MODELFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

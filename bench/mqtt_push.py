@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from control_plane.cli.publish import build_bundle  # noqa: E402
 from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
 from protocol.timeutil import format_time  # noqa: E402
-from tests.modelgen import mlp_onnx  # noqa: E402
+from toymodels import mlp_onnx  # noqa: E402
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 PREFIX = "bench/v1"

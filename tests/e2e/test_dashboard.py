@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import eventually
-from tests.integration.fleet_helpers import Fleet, Traffic
+from tests.support.agents import eventually
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import cp_config, start_control_plane
+from tests.support.fleet import Fleet, Traffic
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.slow

@@ -16,8 +16,9 @@ from control_plane.api.routes import ROUTES
 from control_plane.ratelimit import RateLimiter
 from control_plane.scopes import SCOPES
 from control_plane.state import STATE
-from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.fleet_helpers import run_cli
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.fleet import run_cli
 
 
 async def make_token(cp: ControlPlane, scopes: list[str], **extra: Any) -> dict[str, Any]:

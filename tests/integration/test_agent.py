@@ -13,8 +13,7 @@ from control_plane.db.engine import Database
 from control_plane.db.models import MetricSeries
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
-from tests.conftest import ControlPlane, Publisher, iris_bundle, npy
-from tests.integration.agent_helpers import (
+from tests.support.agents import (
     MitmProxy,
     enroll_agent,
     eventually,
@@ -22,7 +21,9 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
-from tests.modelgen import SMOKE_INPUT, iris_model, iris_reference
+from tests.support.bundles import Publisher, iris_bundle, npy
+from tests.support.control_plane import ControlPlane
+from toymodels import SMOKE_INPUT, iris_model, iris_reference
 
 
 async def stored_requests(cp: ControlPlane) -> int:

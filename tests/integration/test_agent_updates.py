@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 
 from control_plane.cli.publish import Variant
-from tests.conftest import ControlPlane, Publisher, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import (
+from tests.integration.test_agent import stored_requests
+from tests.support.agents import (
     CuttingProxy,
     Load,
     enroll_agent,
@@ -19,8 +19,9 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
-from tests.integration.test_agent import stored_requests
-from tests.modelgen import iris_model, iris_tflite
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, start_control_plane
+from toymodels import iris_model, iris_tflite
 
 
 async def agent_model(cp: ControlPlane, agent_id: str, version: str) -> dict | None:
@@ -121,7 +122,7 @@ async def test_health_window_rolls_back_a_version_that_fails_live(
 async def test_offline_buffer_loses_and_doubles_nothing(
     tmp_path: Path, publisher: Publisher
 ) -> None:
-    from tests.conftest import cp_config
+    from tests.support.control_plane import cp_config
 
     config = cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher)
     cp = await start_control_plane(config)

@@ -11,15 +11,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import (
-    ControlPlane,
-    Publisher,
-    bundle_members,
-    cp_config,
-    iris_bundle,
-    start_control_plane,
-)
-from tests.integration.agent_helpers import (
+from tests.support.agents import (
     LoopbackProxy,
     MitmProxy,
     enroll_agent,
@@ -28,6 +20,8 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
+from tests.support.bundles import Publisher, bundle_members, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 
 
 async def test_freeze_attack_makes_the_agent_stale_but_serving(

@@ -16,8 +16,9 @@ from control_plane.blobstore import (
     check_blob_store_url,
     open_blob_store,
 )
-from tests.conftest import Publisher, bundle_members, cp_config, iris_bundle, start_control_plane
-from tests.integration.fleet_helpers import free_port
+from tests.support.bundles import Publisher, bundle_members, iris_bundle
+from tests.support.control_plane import cp_config, start_control_plane
+from tests.support.fleet import free_port
 
 boto3 = pytest.importorskip("boto3", reason="boto3 (modelfleet[s3]) is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")

@@ -10,9 +10,10 @@ from sqlalchemy import select
 
 from control_plane.db.models import Agent
 from control_plane.state import STATE
-from tests.conftest import ControlPlane, Publisher, iris_bundle
-from tests.integration.agent_helpers import enroll_agent, eventually, running_agent, wait_active
-from tests.integration.fleet_helpers import MODELFLEET
+from tests.support.agents import enroll_agent, eventually, running_agent, wait_active
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane
+from tests.support.fleet import MODELFLEET
 
 
 async def agent_call(cp: ControlPlane, credential: str, agent_id: str) -> int:
@@ -152,7 +153,7 @@ async def test_a_credential_stored_before_scrypt_survives_the_migration_and_is_r
     from sqlalchemy import text
 
     from control_plane.db.engine import Database, alembic_config
-    from tests.conftest import cp_config, start_control_plane
+    from tests.support.control_plane import cp_config, start_control_plane
 
     db = Database(db_url)
     credential = "mfc_" + uuid.uuid4().hex + uuid.uuid4().hex

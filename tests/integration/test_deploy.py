@@ -27,10 +27,11 @@ from agent.units import GPU_DROP_IN, render_agent_unit
 from control_plane.cli.common import CliError
 from control_plane.cli.serve import SETTINGS as SERVER_SETTINGS
 from control_plane.cli.serve import load_settings
-from tests.conftest import ControlPlane, Publisher, iris_bundle, make_publisher
-from tests.integration.agent_helpers import enroll_agent, eventually, wait_active
-from tests.integration.fleet_helpers import free_port
-from tests.modelgen import iris_model
+from tests.support.agents import enroll_agent, eventually, wait_active
+from tests.support.bundles import Publisher, iris_bundle, make_publisher
+from tests.support.control_plane import ControlPlane
+from tests.support.fleet import free_port
+from toymodels import iris_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -283,7 +284,7 @@ async def test_sighup_reloads_trusted_keys_and_sigterm_drains(
     (cp.config.data_dir / "trusted-publishers").mkdir(exist_ok=True)
     shutil.copy(other.pub_path, cp.config.data_dir / "trusted-publishers/release2.pub")
     await cp.client.close()
-    from tests.conftest import start_control_plane
+    from tests.support.control_plane import start_control_plane
 
     cp = await start_control_plane(cp.config)
     try:

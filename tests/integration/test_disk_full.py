@@ -13,8 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import ControlPlane, Publisher, iris_bundle
-from tests.integration.agent_helpers import (
+from tests.support.agents import (
     LoopbackProxy,
     enroll_agent,
     eventually,
@@ -22,7 +21,9 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
-from tests.modelgen import iris_model
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane
+from toymodels import iris_model
 
 
 class SlowBlobs(LoopbackProxy):

@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
-from tests.conftest import ControlPlane, Publisher, iris_bundle
 from tests.integration.test_registry import assert_error
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane
 
 
 async def agent_count(cp: ControlPlane) -> int:

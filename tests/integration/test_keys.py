@@ -11,19 +11,11 @@ from pathlib import Path
 import pytest
 
 from control_plane.errors import ConfigError
+from protocol.bundle import MEDIA_TYPE
 from protocol.desired import DesiredState
 from protocol.dsse import key_id
 from protocol.keyset import make_keyset, open_first, sign_keyset
-from tests.conftest import (
-    MEDIA_TYPE,
-    ControlPlane,
-    Publisher,
-    cp_config,
-    iris_bundle,
-    make_publisher,
-    start_control_plane,
-)
-from tests.integration.agent_helpers import (
+from tests.support.agents import (
     MitmProxy,
     enroll_agent,
     eventually,
@@ -31,7 +23,9 @@ from tests.integration.agent_helpers import (
     running_agent,
     wait_active,
 )
-from tests.integration.fleet_helpers import run_cli
+from tests.support.bundles import Publisher, iris_bundle, make_publisher
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.fleet import run_cli
 
 
 async def keyset_version(cp: ControlPlane) -> int | None:

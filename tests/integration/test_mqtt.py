@@ -25,17 +25,12 @@ from control_plane.state import MQTT
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic
-from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import (
-    Load,
-    enroll_agent,
-    eventually,
-    resolves_to,
-    running_agent,
-)
-from tests.integration.fleet_helpers import MODELFLEET, free_port
 from tests.integration.test_agent import stored_requests
-from tests.modelgen import iris_model
+from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.fleet import MODELFLEET, free_port
+from toymodels import iris_model
 
 CP_PASSWORD = "cp-broker-secret"
 pytestmark = pytest.mark.slow
@@ -559,7 +554,7 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
                 h = await (await cp.call("GET", "/health")).json()
                 raise AssertionError(
                     f"stored {await stored_requests(cp)} of {served}; agent pending "
-                    f"{agent.counters['pending_batches']}, in flight {len(agent._sent_over_mqtt)},"
+                    f"{agent.counters['pending_batches']}, in flight {len(agent.outbox.in_flight)},"
                     f" dropped {agent.counters['dropped_batches']}; control plane {h}"
                 ) from None
             await eventually(lambda: agent.counters["pending_batches"] == 0, 10)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from protocol.dsse import generate_private_key
-from tests.conftest import ControlPlane, Publisher, bundle_members, iris_bundle, tar_of
+from tests.support.bundles import Publisher, bundle_members, iris_bundle, tar_of
+from tests.support.control_plane import ControlPlane
 
 
 async def versions(cp: ControlPlane) -> list[dict]:

@@ -15,10 +15,11 @@ import pytest
 from control_plane.cli.operate import format_report
 from protocol.reports import MetricsBatch, SeriesWindow
 from protocol.timeutil import format_time
-from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import eventually
-from tests.integration.fleet_helpers import Fleet, Traffic
 from tests.integration.test_registry import assert_error
+from tests.support.agents import eventually
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.fleet import Fleet, Traffic
 
 
 async def enroll(cp: ControlPlane, site: str, cost: float | None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Publisher, iris_bundle
-from tests.integration.fleet_helpers import MODELFLEET, free_port
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.fleet import MODELFLEET, free_port
 
 pytestmark = pytest.mark.slow
 

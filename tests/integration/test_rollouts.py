@@ -17,10 +17,11 @@ from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time, parse_time
-from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import eventually
-from tests.integration.fleet_helpers import TWO_ROWS, Fleet, Traffic, run_cli
-from tests.modelgen import iris_model
+from tests.support.agents import eventually
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.fleet import TWO_ROWS, Fleet, Traffic, run_cli
+from toymodels import iris_model
 
 pytestmark = pytest.mark.slow
 

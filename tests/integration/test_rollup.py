@@ -17,7 +17,8 @@ from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries
 from control_plane.rollup import HOUR, MINUTE, rollup, series_rows, table_sizes
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow
-from tests.conftest import ControlPlane, Publisher, iris_bundle
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane
 
 # Half past an hour, 30 s into a minute: which windows share a minute or an hour is fixed.
 NOW = datetime.now(UTC).replace(minute=30, second=30, microsecond=0) - timedelta(hours=1)

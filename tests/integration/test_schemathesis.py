@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Publisher, iris_bundle
-from tests.integration.fleet_helpers import free_port
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.fleet import free_port
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow

@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ControlPlane, Publisher, iris_bundle
-from tests.integration.fleet_helpers import MODELFLEET
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane
+from tests.support.fleet import MODELFLEET
 
 
 @pytest.mark.slow

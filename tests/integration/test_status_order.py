@@ -29,15 +29,16 @@ from control_plane.state import MQTT, STATE
 from control_plane.status_order import StatusOrder
 from protocol.reports import ModelStatus, StatusReport
 from protocol.topics import agent_topic
-from tests.conftest import ControlPlane, Publisher, cp_config, iris_bundle, start_control_plane
-from tests.integration.agent_helpers import (
+from tests.integration.test_mqtt import Broker, mqtt_config
+from tests.support.agents import (
     active_version,
     enroll_agent,
     eventually,
     resolves_to,
     running_agent,
 )
-from tests.integration.test_mqtt import Broker, mqtt_config
+from tests.support.bundles import Publisher, iris_bundle
+from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.unit.test_status_order import CASES
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from cryptography.x509.oid import NameOID
 from agent.client import ControlPlaneClient, enroll
 from agent.exceptions import AgentConfigError, TransportError
 from agent.tls import client_context
-from tests.conftest import Publisher
-from tests.integration.fleet_helpers import MODELFLEET, free_port
+from tests.support.bundles import Publisher
+from tests.support.fleet import MODELFLEET, free_port
 
 pytestmark = pytest.mark.slow
 

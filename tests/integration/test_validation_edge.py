@@ -13,8 +13,8 @@ from sqlalchemy import update
 from control_plane.db.models import Agent
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
-from tests.conftest import ControlPlane
 from tests.integration.test_registry import assert_error
+from tests.support.control_plane import ControlPlane
 
 DIGEST = "sha256:" + "c" * 64
 

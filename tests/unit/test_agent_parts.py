@@ -16,7 +16,7 @@ from agent.store import LocalStore
 from agent.variants import choose_variant, providers_for
 from protocol.manifest import FileEntry, Manifest, TensorSpec
 from protocol.versions import compare_versions
-from tests.modelgen import SMOKE_INPUT, iris_reference, iris_tflite
+from toymodels import SMOKE_INPUT, iris_reference, iris_tflite
 
 D = "sha256:" + "1" * 64
 SPEC = (TensorSpec("x", "FP32", (-1, 4)),)

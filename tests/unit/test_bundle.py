@@ -12,9 +12,9 @@ from protocol.bundle import BundleLimits, read_bundle, verify_bundle, write_bund
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, generate_private_key, keyring, sign
 from protocol.exceptions import BundleError, DigestMismatch, InvalidMessage, SignatureError
 from protocol.manifest import parse_manifest
-from tests.conftest import bundle_members as members
-from tests.conftest import iris_bundle
-from tests.conftest import tar_of as retar
+from tests.support.bundles import bundle_members as members
+from tests.support.bundles import iris_bundle
+from tests.support.bundles import tar_of as retar
 
 
 @pytest.fixture(scope="module")

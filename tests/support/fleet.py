@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ControlPlane
-from tests.integration.agent_helpers import enroll_agent
+from tests.support.agents import enroll_agent
+from tests.support.control_plane import ControlPlane
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 

@@ -17,7 +17,7 @@ from agent.client import enroll
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.state import Identity, StateDir
-from tests.conftest import ControlPlane
+from tests.support.control_plane import ControlPlane
 
 
 async def resolves_to(awaitable: Awaitable[Any], want: Any) -> bool:
