@@ -22,6 +22,7 @@ import pytest
 
 from control_plane.mqtt_auth import CONTROL_PLANE_USER, acl_file, mosquitto_hash, password_file
 from control_plane.state import MQTT
+from devkit.models import iris_model
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic
@@ -30,7 +31,6 @@ from tests.support.agents import Load, enroll_agent, eventually, resolves_to, ru
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.support.fleet import MODELFLEET, free_port
-from toymodels import iris_model
 
 CP_PASSWORD = "cp-broker-secret"
 pytestmark = pytest.mark.slow
