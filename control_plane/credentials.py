@@ -29,7 +29,7 @@ from control_plane.auth import (
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.desired import DesiredSigner
-from control_plane.errors import ApiError
+from control_plane.errors import NotFound
 
 
 async def rotate(db: Database, agent_id: str, cost: int = SCRYPT_LOG2_N) -> str:
@@ -39,7 +39,7 @@ async def rotate(db: Database, agent_id: str, cost: int = SCRYPT_LOG2_N) -> str:
     async with db.write() as s:
         agent = await s.get(Agent, agent_id)
         if agent is None or agent.revoked_at is not None:
-            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         agent.next_credential_hash = stored
         agent.next_credential_lookup = credential_lookup(credential)
     return credential
@@ -71,11 +71,11 @@ async def upgrade(db: Database, agent_id: str, token: str, cost: int = SCRYPT_LO
 
 
 async def revoke(db: Database, agent_id: str, now: datetime) -> None:
-    """Cut the agent off at once; raises ApiError 404. Revoking twice keeps the first time."""
+    """Cut the agent off at once; raises NotFound. Revoking twice keeps the first time."""
     async with db.write() as s:
         agent = await s.get(Agent, agent_id)
         if agent is None:
-            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         if agent.revoked_at is not None:
             return
         agent.revoked_at = now
@@ -92,12 +92,12 @@ async def revoke(db: Database, agent_id: str, now: datetime) -> None:
 async def approve(db: Database, signer: DesiredSigner, agent_id: str, now: datetime) -> list[str]:
     """Let a pending agent in: it gets its desired state and its place in rollouts.
 
-    Returns the agents whose desired state changed (to notify); raises ApiError 404.
+    Returns the agents whose desired state changed (to notify); raises NotFound.
     """
     async with db.write() as s:
         agent = await s.get(Agent, agent_id)
         if agent is None or agent.revoked_at is not None:
-            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         if not agent.pending:
             return []
         agent.pending = False

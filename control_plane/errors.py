@@ -3,13 +3,23 @@
 ::
 
     ControlPlaneError
-    ├── ApiError            an HTTP request is refused; carries status, code, message, field
+    ├── DomainError         a service refuses: carries code, message, field (no HTTP)
+    │   ├── Invalid         the request's values are malformed or out of range
+    │   ├── Unauthenticated the caller is not known (a bad enrollment token)
+    │   ├── Forbidden       the caller is known, but may not do this (now)
+    │   ├── NotFound        the thing named does not exist
+    │   ├── Conflict        the thing exists in a state that forbids the change
+    │   ├── TooLarge        what was sent is over a limit
+    │   └── Refused         well-formed, but a rule says no (an untrusted signature)
     ├── DatabaseBusy        no database connection within the wait (pool exhausted, or the
     │                       server refuses more): 503 with Retry-After at the HTTP edge
     └── ConfigError         the server cannot start with the configuration it was given
 
+Services raise the domain errors; ``control_plane.api.errors`` maps each to its HTTP status
+in one table, and the MQTT bridge catches them without knowing HTTP. Refusals that only HTTP
+has (a body too large or too slow, 429, 416) are ``control_plane.api.errors.ApiError``.
 Protocol errors (``protocol.exceptions.ProtocolError``) raised while parsing a request are
-translated into ``ApiError`` once, in the HTTP layer.
+translated once, at the edge that parsed it.
 """
 
 from __future__ import annotations
@@ -19,30 +29,42 @@ class ControlPlaneError(Exception):
     """Root of the control plane's own errors."""
 
 
-class ApiError(ControlPlaneError):
-    """A refused request, rendered as ``{"error": {"code", "message", "field"?}}``."""
+class DomainError(ControlPlaneError):
+    """A service's refusal: a stable ``code``, a ``message`` and the ``field`` it concerns."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
         self.field = field
-        self.headers = headers or {}
 
-    def to_json(self) -> dict[str, object]:
-        """The error body."""
-        err: dict[str, object] = {"code": self.code, "message": self.message}
-        if self.field:
-            err["field"] = self.field
-        return {"error": err}
+
+class Invalid(DomainError):
+    """The request's values are malformed or out of range."""
+
+
+class Unauthenticated(DomainError):
+    """The caller is not known."""
+
+
+class Forbidden(DomainError):
+    """The caller is known but may not do this, or may no longer."""
+
+
+class NotFound(DomainError):
+    """The thing named does not exist."""
+
+
+class Conflict(DomainError):
+    """The thing exists in a state that forbids the change."""
+
+
+class TooLarge(DomainError):
+    """What was sent is over a limit."""
+
+
+class Refused(DomainError):
+    """The request is well-formed, but a rule says no."""
 
 
 class DatabaseBusy(ControlPlaneError):

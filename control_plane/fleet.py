@@ -29,7 +29,7 @@ from control_plane.db.models import (
     MetricSeries,
 )
 from control_plane.desired import DesiredSigner
-from control_plane.errors import ApiError
+from control_plane.errors import Forbidden, Invalid, NotFound, Unauthenticated
 from control_plane.mqtt_auth import mosquitto_hash, new_password
 from control_plane.reports import agent_state
 from control_plane.status_order import StatusOrder, newer_than_stored, order_values
@@ -52,13 +52,13 @@ async def create_enrollment_token(
     labels = check_labels(get_str_map(body, "labels"))
     max_uses = get_int(body, "maxUses", default=1, minimum=1)
     if max_uses > MAX_ENROLLMENT_USES:
-        raise ApiError(400, "invalid", f"maxUses must be <= {MAX_ENROLLMENT_USES}", "maxUses")
+        raise Invalid("invalid", f"maxUses must be <= {MAX_ENROLLMENT_USES}", "maxUses")
     ttl = get_number(body, "ttlSeconds", default=default_ttl_s, minimum=1)
     if ttl > MAX_TOKEN_TTL_S:
-        raise ApiError(400, "invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
+        raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
     approval = body.get("requireApproval", False)
     if not isinstance(approval, bool):
-        raise ApiError(400, "invalid", "requireApproval must be true or false", "requireApproval")
+        raise Invalid("invalid", "requireApproval must be true or false", "requireApproval")
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl)
     async with db.write() as s:
@@ -93,7 +93,7 @@ async def enroll(
 ) -> tuple[dict[str, Any], str, str]:
     """Enroll an agent with an enrollment token; return (agent fields, credential).
 
-    Raises ApiError 401 for an unknown token, 403 for an expired or used-up one.
+    Raises Unauthenticated for an unknown token, Forbidden for an expired or used-up one.
     """
     token = get_str(body, "token")
     assert token is not None
@@ -118,12 +118,11 @@ async def enroll(
             select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(token))
         )
         if et is None:
-            raise ApiError(
-                401, "invalid_enrollment_token", "enrollment token is not known", "token"
+            raise Unauthenticated(
+                "invalid_enrollment_token", "enrollment token is not known", "token"
             )
         if now >= et.expires_at:
-            raise ApiError(
-                403,
+            raise Forbidden(
                 "enrollment_token_expired",
                 f"enrollment token expired at {format_time(et.expires_at)}",
                 "token",
@@ -135,8 +134,7 @@ async def enroll(
             .values(uses=EnrollmentToken.uses + 1)
         )
         if res.rowcount != 1:  # type: ignore[attr-defined]
-            raise ApiError(
-                403,
+            raise Forbidden(
                 "enrollment_token_used_up",
                 f"enrollment token has been used {et.max_uses} time(s), its limit",
                 "token",
@@ -214,11 +212,11 @@ async def list_agents(
 
 
 async def get_agent(db: Database, agent_id: str, now: datetime, offline_after_s: float) -> dict:
-    """One agent; raises ApiError 404 when unknown."""
+    """One agent; raises NotFound when unknown."""
     async with db.read() as s:
         agent = await s.get(Agent, agent_id)
         if agent is None:
-            raise ApiError(404, "agent_not_found", f"no agent {agent_id}", "id")
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         row = await s.get(DesiredStateRow, agent_id)
         return agent_json(agent, row.generation if row else 0, now, offline_after_s)
 
@@ -256,7 +254,7 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> boo
 
     True means the agent's stored status is now this report (a duplicate of the stored one
     too). A stale report (control_plane/status_order.py) is still a sign of life: it moves
-    ``last_seen_at`` and nothing else. Raises ApiError 404 for an unknown or revoked agent.
+    ``last_seen_at`` and nothing else. Raises NotFound for an unknown or revoked agent.
     """
     async with db.write() as s:
         found = await s.execute(
@@ -264,7 +262,7 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> boo
         )
         row = found.first()
         if row is None:
-            raise ApiError(404, "agent_not_found", f"no agent {report.agent_id}", "agentId")
+            raise NotFound("agent_not_found", f"no agent {report.agent_id}", "agentId")
         # Conditional: whatever another transaction (or replica) stored meanwhile, the
         # database keeps the newest; a read here would only race it.
         await s.execute(
@@ -321,7 +319,7 @@ async def store_metrics(db: Database, batch: MetricsBatch, now: datetime) -> boo
             )
         agent = await s.get(Agent, batch.agent_id)
         if agent is None or agent.revoked_at is not None:
-            raise ApiError(404, "agent_not_found", f"no agent {batch.agent_id}", "agentId")
+            raise NotFound("agent_not_found", f"no agent {batch.agent_id}", "agentId")
         agent.last_seen_at = now
         await s.flush()
         return True
@@ -338,5 +336,5 @@ def parse_report_body(body: object, agent_id: str) -> dict[str, Any]:
     """Check a report is an object addressed from the agent in the path."""
     doc = require_object(body, "body")
     if doc.get("agentId") != agent_id:
-        raise ApiError(400, "invalid", "agentId does not match the agent in the path", "agentId")
+        raise Invalid("invalid", "agentId does not match the agent in the path", "agentId")
     return doc

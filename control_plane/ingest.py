@@ -29,7 +29,7 @@ from control_plane import fleet
 from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, MetricBatch, MetricSeries, UTCDateTime
-from control_plane.errors import ApiError
+from control_plane.errors import NotFound
 from control_plane.status_order import StatusOrder, supersedes_stored
 from protocol.reports import MetricsBatch, StatusReport
 
@@ -81,8 +81,8 @@ class _Item:
     future: asyncio.Future[bool] = field(repr=False)
 
 
-def _not_found(agent_id: str) -> ApiError:
-    return ApiError(404, "agent_not_found", f"no agent {agent_id}", "agentId")
+def _not_found(agent_id: str) -> NotFound:
+    return NotFound("agent_not_found", f"no agent {agent_id}", "agentId")
 
 
 def status_values(facts: dict[str, Any], report: StatusReport) -> dict[str, Any]:
@@ -102,14 +102,14 @@ def status_values(facts: dict[str, Any], report: StatusReport) -> dict[str, Any]
 
 async def store_batch(
     s: AsyncSession, reports: list[StatusReport | MetricsBatch], now: datetime, is_sqlite: bool
-) -> list[bool | ApiError]:
+) -> list[bool | NotFound]:
     """Store reports in the open transaction; one result per report, in order.
 
     A status gives True when it is the agent's stored status now (a duplicate of the stored
     one too), False when it is stale: older than the stored one, or than another of the same
     agent in this batch (the newest wins, not the last to arrive). A metrics batch gives True
     when stored and False when that (agent, seq) was stored before (or earlier in this same
-    batch). An unknown agent gives ApiError 404 for its report and leaves the others alone.
+    batch). An unknown agent gives NotFound for its report and leaves the others alone.
     Every report of a known agent, stale or not, moves its last_seen_at.
     """
     ids = {r.agent_id for r in reports}
@@ -121,7 +121,7 @@ async def store_batch(
             select(Agent.id, Agent.facts).where(Agent.id.in_(chunk), Agent.revoked_at.is_(None))
         ):
             known[agent_id] = facts
-    results: list[bool | ApiError] = []
+    results: list[bool | NotFound] = []
     latest_status: dict[str, StatusReport] = {}
     new_batches: dict[tuple[str, int], MetricsBatch] = {}
     for r in reports:
@@ -253,7 +253,7 @@ class Ingestor:
     async def status(self, report: StatusReport) -> bool:
         """Store a status report if it is newer than the stored one; False when stale.
 
-        Raises ApiError 404 for an unknown agent.
+        Raises NotFound for an unknown agent.
         """
         return await self._submit(report)
 

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from control_plane.db.engine import Database
 from control_plane.db.models import KeySetRow
-from control_plane.errors import ApiError, ConfigError
+from control_plane.errors import ConfigError, Conflict, DomainError, Invalid, Refused
 from protocol.dsse import key_id, parse_envelope
 from protocol.exceptions import InvalidMessage, ProtocolError, ReplayError
 from protocol.fields import load_json_object
@@ -80,8 +80,7 @@ def trust_of(ks: KeySet | None, files: Mapping[str, Ed25519PublicKey]) -> Publis
 def _check_signer(ks: KeySet, signing_key: Ed25519PublicKey) -> None:
     kid = key_id(signing_key)
     if kid not in ks.roles["controlPlane"].keyids:
-        raise ApiError(
-            409,
+        raise Conflict(
             "signing_key_not_listed",
             f"this control plane signs desired states with key {kid[:16]}, which key set "
             f"version {ks.version} does not list under controlPlane: its agents would refuse "
@@ -94,12 +93,12 @@ def _check_signer(ks: KeySet, signing_key: Ed25519PublicKey) -> None:
 async def install(
     db: Database, envelope: bytes, signing_key: Ed25519PublicKey, now: datetime
 ) -> KeySet:
-    """Store the version after the newest one; raises ApiError (nothing stored) when it does
-    not follow it: not signed by the current root keys, an old version, a skipped one."""
+    """Store the version after the newest one; raises Conflict, Invalid or Refused (nothing
+    stored) when it does not follow it: not signed by the current root keys, an old version,
+    a skipped one."""
     found = await latest(db)
     if found is None:
-        raise ApiError(
-            409,
+        raise Conflict(
             "no_keyset",
             "this control plane has no key set yet: the first one is installed from the "
             "server's disk (modelfleet server --keyset FILE), never over the API",
@@ -107,13 +106,12 @@ async def install(
     try:
         ks = next_keyset(found[0], envelope, now)
     except ReplayError as exc:
-        raise ApiError(409, "keyset_not_newer", str(exc), "version") from None
+        raise Conflict("keyset_not_newer", str(exc), "version") from None
     except InvalidMessage as exc:
-        raise ApiError(
-            400 if exc.field != "version" else 409, "invalid_keyset", str(exc), exc.field
-        ) from None
+        kind = Conflict if exc.field == "version" else Invalid
+        raise kind("invalid_keyset", str(exc), exc.field) from None
     except ProtocolError as exc:
-        raise ApiError(422, "untrusted_keyset", str(exc)) from None
+        raise Refused("untrusted_keyset", str(exc)) from None
     _check_signer(ks, signing_key)
     await _store(db, ks, envelope)
     return ks
@@ -124,16 +122,15 @@ async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
         async with db.write() as s:
             newest = await s.scalar(select(func.max(KeySetRow.version)))
             if (newest or 0) != ks.version - 1:
-                raise ApiError(
-                    409,
+                raise Conflict(
                     "keyset_not_newer",
                     f"key set version {newest} was stored meanwhile",
                     "version",
                 )
             s.add(KeySetRow(version=ks.version, envelope=envelope.decode()))
     except IntegrityError:
-        raise ApiError(
-            409, "keyset_not_newer", f"key set version {ks.version} was stored meanwhile", "version"
+        raise Conflict(
+            "keyset_not_newer", f"key set version {ks.version} was stored meanwhile", "version"
         ) from None
 
 
@@ -154,7 +151,7 @@ async def at_start(
     if newest is not None:
         try:
             _check_signer(newest, signing_key)
-        except ApiError as exc:
+        except DomainError as exc:
             raise ConfigError(exc.message) from None
     return newest
 
@@ -177,7 +174,7 @@ async def _import_file(
         raise ConfigError(f"key set {path}: {exc}") from None
     try:
         _check_signer(ks, signing_key)
-    except ApiError as exc:
+    except DomainError as exc:
         raise ConfigError(f"key set {path}: {exc.message}") from None
     await _store(db, ks, data)
     log.info("installed key set version %d from %s", ks.version, path)

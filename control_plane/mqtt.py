@@ -39,7 +39,7 @@ from control_plane.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
-from control_plane.errors import ApiError
+from control_plane.errors import DomainError
 from control_plane.ingest import Ingestor
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
@@ -277,7 +277,7 @@ class MqttBridge:
             self.stored[kind] = self.stored.get(kind, 0) + 1
         except aiomqtt.MqttError:
             raise
-        except (ProtocolError, ValueError, ApiError) as exc:
+        except (ProtocolError, ValueError, DomainError) as exc:
             if is_transient(exc):
                 raise
             self._set_aside(topic, str(exc))
@@ -317,7 +317,7 @@ class MqttBridge:
                     await registry.get_envelope(self.db, check_digest(doc["manifest"]))
                 ).encode()
                 size = len(data)
-            except ApiError as exc:
+            except DomainError as exc:
                 error = exc.message
         else:
             digest = check_digest(doc.get("digest"), "digest")

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from control_plane.blobstore import BlobStore
 from control_plane.db.engine import Database
 from control_plane.db.models import Blob, Model, ModelVersion
-from control_plane.errors import ApiError
+from control_plane.errors import Conflict, DomainError, Invalid, NotFound, Refused
 from control_plane.keyset import PublisherTrust
 from protocol.bundle import Bundle, BundleLimits, read_bundle, verify_bundle
 from protocol.exceptions import DigestMismatch, InvalidMessage, ProtocolError, SignatureError
@@ -49,14 +49,14 @@ def _read_verified(
     return bundle, verify_bundle(bundle, trusted, threshold)
 
 
-def protocol_error_to_api(exc: ProtocolError) -> ApiError:
+def protocol_error_to_domain(exc: ProtocolError) -> DomainError:
     """Translate a parse or verification failure of a bundle into a 4xx."""
     if isinstance(exc, SignatureError):
-        return ApiError(422, "untrusted_signature", str(exc))
+        return Refused("untrusted_signature", str(exc))
     if isinstance(exc, DigestMismatch):
-        return ApiError(422, "digest_mismatch", str(exc))
+        return Refused("digest_mismatch", str(exc))
     field = exc.field if isinstance(exc, InvalidMessage) else None
-    return ApiError(400, "invalid_bundle", str(exc), field)
+    return Invalid("invalid_bundle", str(exc), field)
 
 
 async def _existing(db: Database, name: str, version: str) -> ModelVersion | None:
@@ -71,8 +71,7 @@ async def _existing(db: Database, name: str, version: str) -> ModelVersion | Non
 def _same_or_conflict(existing: ModelVersion, bundle: Bundle) -> PushResult:
     m = bundle.manifest
     if existing.manifest_digest != bundle.manifest_digest:
-        raise ApiError(
-            409,
+        raise Conflict(
             "version_exists",
             f"{m.name} {m.version} already exists with manifest {existing.manifest_digest}; "
             "publish a new version instead",
@@ -89,13 +88,13 @@ async def ingest_bundle(
     limits: BundleLimits,
 ) -> PushResult:
     """Verify the bundle at ``path`` (``trust.threshold`` distinct publisher signatures) and
-    store it; raises ApiError for anything refused."""
+    store it; raises a DomainError for anything refused."""
     try:
         bundle, keyids = await asyncio.to_thread(
             _read_verified, path, trust.keys, trust.threshold, limits
         )
     except ProtocolError as exc:
-        raise protocol_error_to_api(exc) from None
+        raise protocol_error_to_domain(exc) from None
     m = bundle.manifest
     if (existing := await _existing(db, m.name, m.version)) is not None:
         return _same_or_conflict(existing, bundle)
@@ -178,11 +177,11 @@ def version_json(v: ModelVersion) -> dict[str, Any]:
 
 
 async def list_versions(db: Database, name: str) -> list[dict[str, Any]]:
-    """Versions of one model, oldest first; raises ApiError 404 for an unknown model."""
+    """Versions of one model, oldest first; raises NotFound for an unknown model."""
     async with db.read() as s:
         model = await s.scalar(select(Model).where(Model.name == name))
         if model is None:
-            raise ApiError(404, "model_not_found", f"no model named {name!r}", "name")
+            raise NotFound("model_not_found", f"no model named {name!r}", "name")
         rows = await s.scalars(
             select(ModelVersion)
             .where(ModelVersion.model_id == model.id)
@@ -192,11 +191,11 @@ async def list_versions(db: Database, name: str) -> list[dict[str, Any]]:
 
 
 async def get_envelope(db: Database, manifest_digest: str) -> str:
-    """The signed manifest envelope of a version; raises ApiError 404 when unknown."""
+    """The signed manifest envelope of a version; raises NotFound when unknown."""
     async with db.read() as s:
         env = await s.scalar(
             select(ModelVersion.envelope).where(ModelVersion.manifest_digest == manifest_digest)
         )
     if env is None:
-        raise ApiError(404, "manifest_not_found", f"no manifest {manifest_digest}", "digest")
+        raise NotFound("manifest_not_found", f"no manifest {manifest_digest}", "digest")
     return env

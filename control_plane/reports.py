@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, Model, ModelVersion, Rollout
-from control_plane.errors import ApiError
+from control_plane.errors import NotFound
 from control_plane.rollout.spec import parse_duration
 from control_plane.rollup import SeriesRow, SkippedRows, series_rows, usable
 from protocol.exceptions import InvalidMessage
@@ -203,7 +203,7 @@ async def _rows(
     mine = SkippedRows(parent=skipped)  # this report's own count; the shared one logs
     async with db.read() as s:
         if await s.scalar(select(Model.id).where(Model.name == model)) is None:
-            raise ApiError(404, "model_not_found", f"no model named {model!r}", "model")
+            raise NotFound("model_not_found", f"no model named {model!r}", "model")
         stored = await series_rows(s, model, window.start, window.end, versions, skipped=mine)
         agents = {a.id: a for a in await s.scalars(select(Agent))}
     return _Read(list(usable(stored, mine, "reports")), agents, mine.skips)
@@ -220,7 +220,7 @@ def _model_query(query: dict[str, str]) -> tuple[str, list[str]]:
 async def compare(
     db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
 ) -> dict[str, Any]:
-    """The comparison report; raises InvalidMessage or ApiError 404.
+    """The comparison report; raises InvalidMessage or NotFound.
 
     Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
     """
@@ -260,7 +260,7 @@ async def compare(
 async def timeseries(
     db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
 ) -> dict[str, Any]:
-    """Requests, errors and p95 per group per bucket; raises InvalidMessage or ApiError.
+    """Requests, errors and p95 per group per bucket; raises InvalidMessage or NotFound.
 
     Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
     """

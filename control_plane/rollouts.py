@@ -23,7 +23,7 @@ from control_plane.db.models import (
     RolloutTarget,
 )
 from control_plane.desired import DesiredSigner
-from control_plane.errors import ApiError
+from control_plane.errors import Conflict, NotFound, Refused
 from control_plane.keyset import PublisherTrust
 from control_plane.notify import DesiredNotifier
 from control_plane.rollout.controller import (
@@ -59,8 +59,7 @@ def _still_trusted(mv: ModelVersion, model: str, trust: PublisherTrust) -> None:
             if trust.keyset_version
             else "the trusted publisher keys"
         )
-        raise ApiError(
-            422,
+        raise Refused(
             "untrusted_signature",
             f"{model} {mv.version} no longer meets {rule}: {exc}; agents would refuse "
             "it (publish it again with the signatures now needed)",
@@ -73,7 +72,7 @@ async def create_rollout(
 ) -> str:
     """Record a new rollout (pending until the controller starts it); return its id.
 
-    Raises InvalidMessage for a bad body, ApiError 404 when the version is not published, 422
+    Raises InvalidMessage for a bad body, NotFound when the version is not published, 422
     when its signatures no longer meet ``trust`` (agents would refuse it) and 409 when it would
     touch agents an active rollout of the same model holds.
     """
@@ -86,8 +85,8 @@ async def create_rollout(
             .where(Model.name == spec.model, ModelVersion.version == spec.version)
         )
         if mv is None:
-            raise ApiError(
-                404, "version_not_found", f"{spec.model} {spec.version} is not published", "version"
+            raise NotFound(
+                "version_not_found", f"{spec.model} {spec.version} is not published", "version"
             )
         if trust is not None:
             _still_trusted(mv, spec.model, trust)
@@ -107,8 +106,7 @@ async def create_rollout(
             if not (mine & theirs):
                 continue
             if spec.supersedes != other.id:
-                raise ApiError(
-                    409,
+                raise Conflict(
                     "rollout_overlaps",
                     f"rollout {other.id} of {spec.model} is {other.state} on {len(mine & theirs)} "
                     "of the same agents; wait for it, abort it, or pass supersedes",
@@ -184,7 +182,7 @@ def _waiting(r: Rollout, view: RolloutView) -> dict[str, Any] | None:
 async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
     """A rollout: stages with cohort sizes, gate results, timeline, targets.
 
-    Raises ApiError 404 when unknown.
+    Raises NotFound when unknown.
     """
     async with db.read() as s:
         found = (
@@ -196,7 +194,7 @@ async def get_rollout(db: Database, rollout_id: str) -> dict[str, Any]:
             )
         ).first()
         if found is None:
-            raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}", "id")
+            raise NotFound("rollout_not_found", f"no rollout {rollout_id}", "id")
         r, mv, model = found
         view = view_of(r)
         spec = view.spec
@@ -322,16 +320,16 @@ async def run_command(
     rollback: bool,
     now: datetime,
 ) -> None:
-    """pause | resume | promote | abort; raises ApiError 404 or 409 (not in that state)."""
+    """pause | resume | promote | abort; raises NotFound, or Conflict (not in that state)."""
     changed: list[str] = []
     async with db.write() as s:
         r = await s.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
         if r is None:
-            raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}", "id")
+            raise NotFound("rollout_not_found", f"no rollout {rollout_id}", "id")
         try:
             st = command(view_of(r), name, rollback)
         except CommandError as exc:
-            raise ApiError(409, "invalid_state", str(exc)) from None
+            raise Conflict("invalid_state", str(exc)) from None
         add_events(s, r.id, st.events, now)
         store_view(r, st.view, now)
         if st.view.state == "rolled_back":

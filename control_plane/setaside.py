@@ -18,8 +18,6 @@ from collections.abc import Hashable
 
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from control_plane.errors import ApiError
-
 MAX_REASON = 500
 
 # A cause of one of these types means the item's values were refused (an integer too large for
@@ -31,12 +29,12 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is the database or the network failing, not the item being handled.
 
     Transient: connection and pool failures, timeouts, a database that is restarting, an
-    error that says when to retry (``retry_after_s``, e.g. the database being busy) or an
-    ApiError 5xx; the item is kept and tried again. Not transient: a value the database or its
-    driver refused (IntegrityError, DataError, or any error caused by a ValueError-like
-    refusal), and every other exception.
+    error that says when to retry (``retry_after_s``, e.g. the database being busy); the item
+    is kept and tried again. Not transient: a value the database or its driver refused
+    (IntegrityError, DataError, or any error caused by a ValueError-like refusal), and every
+    other exception.
     """
-    if hasattr(exc, "retry_after_s") or (isinstance(exc, ApiError) and exc.status >= 500):
+    if hasattr(exc, "retry_after_s"):
         return True
     if not isinstance(exc, SQLAlchemyError | OSError | TimeoutError):
         return False

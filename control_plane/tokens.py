@@ -10,7 +10,7 @@ from sqlalchemy import select
 from control_plane.auth import API_TOKEN_PREFIX, hash_secret, new_secret
 from control_plane.db.engine import Database
 from control_plane.db.models import ApiToken
-from control_plane.errors import ApiError
+from control_plane.errors import Invalid, NotFound
 from control_plane.scopes import SCOPES
 from protocol.fields import get_number, get_str
 from protocol.timeutil import format_time
@@ -38,12 +38,12 @@ def token_json(row: ApiToken, now: datetime) -> dict[str, Any]:
 
 
 def parse_scopes(value: object) -> list[str]:
-    """A non-empty list of known scopes; raises ApiError 400 naming ``scopes``."""
+    """A non-empty list of known scopes; raises Invalid naming ``scopes``."""
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ApiError(400, "invalid", f"scopes must be a non-empty list of {SCOPES}", "scopes")
+        raise Invalid("invalid", f"scopes must be a non-empty list of {SCOPES}", "scopes")
     unknown = [v for v in value if v not in SCOPES]
     if unknown:
-        raise ApiError(400, "invalid", f"unknown scope {unknown[0]!r}; known: {SCOPES}", "scopes")
+        raise Invalid("invalid", f"unknown scope {unknown[0]!r}; known: {SCOPES}", "scopes")
     return sorted(set(value))
 
 
@@ -54,7 +54,7 @@ async def create_token(db: Database, body: dict[str, Any], now: datetime) -> dic
     scopes = parse_scopes(body.get("scopes"))
     ttl = get_number(body, "ttlSeconds", minimum=60) if body.get("ttlSeconds") is not None else None
     if ttl is not None and ttl > MAX_TTL_S:
-        raise ApiError(400, "invalid", f"ttlSeconds must be <= {MAX_TTL_S:.0f}", "ttlSeconds")
+        raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TTL_S:.0f}", "ttlSeconds")
     secret = new_secret(API_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl) if ttl is not None else None
     row = ApiToken(
@@ -73,11 +73,11 @@ async def list_tokens(db: Database, now: datetime) -> list[dict[str, Any]]:
 
 
 async def revoke_token(db: Database, token_id: int, now: datetime) -> dict[str, Any]:
-    """Revoke a token at once; raises ApiError 404. Revoking twice keeps the first time."""
+    """Revoke a token at once; raises NotFound. Revoking twice keeps the first time."""
     async with db.write() as s:
         row = await s.get(ApiToken, token_id)
         if row is None:
-            raise ApiError(404, "token_not_found", f"no API token {token_id}", "id")
+            raise NotFound("token_not_found", f"no API token {token_id}", "id")
         if row.revoked_at is None:
             row.revoked_at = now
         return token_json(row, now)

@@ -6,10 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from control_plane.api.errors import ApiError
 from control_plane.api.request import st
 from control_plane.api.route import Route
 from control_plane.blobstore import BlobNotFound
-from control_plane.errors import ApiError
 from protocol.digest import check_digest
 
 

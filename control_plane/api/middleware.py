@@ -12,10 +12,11 @@ import re
 from aiohttp import web
 
 from control_plane import audit, credentials
+from control_plane.api.errors import ApiError, to_api
 from control_plane.api.request import PRINCIPAL, error_response, json_response, st
 from control_plane.api.route import Handler
 from control_plane.auth import AgentCaller, Operator, authenticate
-from control_plane.errors import ApiError, DatabaseBusy
+from control_plane.errors import DatabaseBusy, DomainError
 from control_plane.ratelimit import RateLimiter
 from protocol.exceptions import InvalidMessage
 
@@ -31,6 +32,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc)
+    except DomainError as exc:
+        return error_response(to_api(exc))
     except InvalidMessage as exc:
         return json_response(ApiError(400, "invalid", str(exc), exc.field).to_json(), 400)
     except DatabaseBusy as exc:

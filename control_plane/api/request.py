@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane.errors import ApiError
+from control_plane.api.errors import ApiError
 from control_plane.state import STATE, State
 from protocol.exceptions import InvalidMessage
 from protocol.fields import load_json_object

@@ -9,12 +9,12 @@ from typing import Any
 from sqlalchemy import func, select
 
 from control_plane.db.models import Agent, MetricBatch, MetricSeries
-from control_plane.errors import ApiError
+from control_plane.errors import NotFound
 from control_plane.ingest import Ingestor
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.timeutil import format_time
-from tests.support.control_plane import ControlPlane
+from tests.conftest import ControlPlane
 
 
 def batch(agent_id: str, seq: int, requests: int = 5) -> MetricsBatch:
@@ -93,10 +93,10 @@ async def test_one_bad_report_does_not_fail_the_batch(cp: ControlPlane) -> None:
     finally:
         await ingest.close()
     assert results[0] is True
-    assert isinstance(results[1], ApiError) and results[1].status == 404
+    assert isinstance(results[1], NotFound) and results[1].code == "agent_not_found"
     assert results[2] is False and results[5] is True  # 7 is stale beside 9
     assert results[3] is False
-    assert isinstance(results[4], ApiError) and results[4].status == 404
+    assert isinstance(results[4], NotFound) and results[4].code == "agent_not_found"
     async with state.db.read() as s:
         agent = await s.get(Agent, aid)
         assert agent is not None

@@ -10,12 +10,12 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from control_plane.api.blobs import parse_range
+from control_plane.api.errors import ApiError
 from control_plane.api.request import PRINCIPAL
 from control_plane.api.route import Auth, Route, check_access
 from control_plane.api.routes import ROUTES
 from control_plane.auth import AgentCaller, Operator
 from control_plane.desired import expiring
-from control_plane.errors import ApiError
 
 
 async def _ok(request: web.Request) -> web.Response:
