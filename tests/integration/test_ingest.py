@@ -14,7 +14,7 @@ from control_plane.ingest import Ingestor
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.timeutil import format_time
-from tests.conftest import ControlPlane
+from tests.support.control_plane import ControlPlane
 
 
 def batch(agent_id: str, seq: int, requests: int = 5) -> MetricsBatch:
