@@ -28,13 +28,13 @@ soak: venv
 	MODELFLEET_SOAK_RUNS=200 $(BIN)/pytest -q tests/integration/test_agent_crash.py -k soak
 
 bench: venv
-	$(BIN)/python bench/agent_overhead.py
-	$(BIN)/python bench/mqtt_push.py
-	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/convergence.py
-	$(BIN)/python bench/download.py
-	$(BIN)/python bench/credentials.py
-	$(BIN)/python bench/inference_limits.py
+	$(BIN)/python -m bench.agent_overhead
+	$(BIN)/python -m bench.mqtt_push
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.convergence
+	$(BIN)/python -m bench.download
+	$(BIN)/python -m bench.credentials
+	$(BIN)/python -m bench.inference_limits
 	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
 	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
 	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'

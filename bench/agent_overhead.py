@@ -2,21 +2,17 @@
 
 Prints one JSON line of figures (and writes bench/results/agent_overhead.json). Everything runs
 on this machine, on loopback: a control plane and an agent as real processes, a 16 -> 32 -> 4
-MLP made in code, timed with 1x16 inputs.
+MLP made in code, timed with 1x16 inputs. Latencies are in milliseconds (five decimals: the
+in-process ones are a few microseconds).
 
-    python bench/agent_overhead.py [--requests 3000]
+    python -m bench.agent_overhead [--requests 3000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,37 +24,47 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from agent.metrics import MetricsRecorder
+from agent.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds
+from bench.harness import (
+    Processes,
+    create_rollout,
+    free_port,
+    machine,
+    percentile_ms,
+    proc_stats,
+    push_bundles,
+    start_agent,
+    start_server,
+    wait_http,
+    write_result,
+)
+from control_plane.cli.publish import build_bundle
+from devkit.models import mlp_onnx, mlp_tflite
+from protocol.dsse import generate_private_key, public_key_to_pem
 
-from agent.metrics import MetricsRecorder  # noqa: E402
-from agent.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds  # noqa: E402
-from control_plane.cli.publish import build_bundle  # noqa: E402
-from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from toymodels import mlp_onnx, mlp_tflite  # noqa: E402
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+DIGITS = 5  # milliseconds to the ten-nanosecond
 X = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
 BODY = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": X[0].tolist()}]}
 
 
-def us(samples_ns: list[int]) -> dict[str, float]:
-    """p50 and p99 in microseconds."""
-    s = sorted(samples_ns)
+def p50_p99(samples_s: list[float]) -> dict[str, float | None]:
+    """p50 and p99 in milliseconds."""
     return {
-        "p50_us": round(s[len(s) // 2] / 1000, 2),
-        "p99_us": round(s[int(len(s) * 0.99)] / 1000, 2),
+        "p50_ms": percentile_ms(samples_s, 0.5, DIGITS),
+        "p99_ms": percentile_ms(samples_s, 0.99, DIGITS),
     }
 
 
-def time_calls(fn: Callable[[], object], n: int) -> list[int]:
+def time_calls(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds each of ``n`` calls took, after a warm-up."""
     for _ in range(min(1000, n)):
         fn()
     out = []
     for _ in range(n):
         t0 = time.perf_counter_ns()
         fn()
-        out.append(time.perf_counter_ns() - t0)
+        out.append((time.perf_counter_ns() - t0) / 1e9)
     return out
 
 
@@ -100,57 +106,27 @@ def in_process(n: int, tmp: Path) -> dict[str, Any]:
         ("onnx", lambda: sess.run(["y"], feeds), wrapped(OnnxRuntimeModel(onnx_path))),
         ("tflite", raw_tflite, wrapped(TFLiteModel(tfl_path))),
     ):
-        r, w = us(time_calls(raw, n)), us(time_calls(wrap, n))
+        r, w = p50_p99(time_calls(raw, n)), p50_p99(time_calls(wrap, n))
         results[name] = {
             "raw": r,
             "agent_wrapper": w,
-            "overhead_p50_us": round(w["p50_us"] - r["p50_us"], 2),
-            "overhead_p99_us": round(w["p99_us"] - r["p99_us"], 2),
+            "overhead_p50_ms": round(w["p50_ms"] - r["p50_ms"], DIGITS),  # type: ignore[operator]
+            "overhead_p99_ms": round(w["p99_ms"] - r["p99_ms"], DIGITS),  # type: ignore[operator]
         }
     return results
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds used, resident bytes) of a process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    return cpu, rss
-
-
-async def wait_http(url: str, status: int = 200, within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == status:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit(f"{url} did not answer {status} within {within}s")
-
-
-async def http_latency(url: str, body: Any, n: int) -> dict[str, float]:
+async def http_latency(url: str, body: Any, n: int) -> dict[str, float | None]:
     async with aiohttp.ClientSession() as s:
         samples = []
         for i in range(n + 200):
-            t0 = time.perf_counter_ns()
+            t0 = time.perf_counter()
             async with s.post(url, json=body) as r:
                 await r.read()
                 assert r.status == 200, await r.text()
             if i >= 200:
-                samples.append(time.perf_counter_ns() - t0)
-    return us(samples)
+                samples.append(time.perf_counter() - t0)
+    return p50_p99(samples)
 
 
 async def http_throughput(url: str, body: Any, seconds: float, concurrency: int) -> float:
@@ -179,14 +155,6 @@ async def paced(url: str, body: Any, rate: float, seconds: float) -> None:
                 await r.read()
 
 
-async def rollout(base: str, auth: dict[str, str], model: str) -> None:
-    async with (
-        aiohttp.ClientSession(headers=auth) as s,
-        s.post(f"{base}/api/v1/rollouts", json={"model": model, "version": "1.0.0"}) as r,
-    ):
-        assert r.status == 201, await r.text()
-
-
 RAW_SERVER = """
 import sys, numpy as np, onnxruntime as ort
 from aiohttp import web
@@ -206,57 +174,17 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None)
 async def over_http(n: int, tmp: Path) -> dict[str, Any]:
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
-    cp_port, agent_port, raw_port = free_port(), free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    log = (tmp / "bench.log").open("wb")
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(list(args), stdout=log, stderr=log, cwd=tmp)
-        procs.append(p)
-        return p
-
-    try:
-        start(
-            MODELFLEET,
-            "server",
-            "--data-dir",
-            "cp",
-            "--port",
-            str(cp_port),
-            "--trust-publisher",
-            "pub.pem",
+    with Processes(tmp / "bench.log") as procs:
+        server = await start_server(procs, tmp / "cp", "--trust-publisher", str(tmp / "pub.pem"))
+        await push_bundles(
+            server,
+            build_bundle(mlp_onnx(), "mlp", "1.0.0", [key])[0],
+            build_bundle(mlp_tflite(), "mlp-lite", "1.0.0", [key], runtime="tflite")[0],
         )
-        base = f"http://127.0.0.1:{cp_port}"
-        await wait_http(f"{base}/api/v1/health")
-        token = (tmp / "cp" / "admin-token").read_text().strip()
-        auth = {"Authorization": f"Bearer {token}"}
-        onnx_bundle, _ = build_bundle(mlp_onnx(), "mlp", "1.0.0", [key])
-        tfl_bundle, _ = build_bundle(mlp_tflite(), "mlp-lite", "1.0.0", [key], runtime="tflite")
-        async with aiohttp.ClientSession(headers=auth) as s:
-            for b in (onnx_bundle, tfl_bundle):
-                async with s.post(f"{base}/api/v1/bundles", data=b) as r:
-                    assert r.status == 201, await r.text()
-            async with s.post(f"{base}/api/v1/enrollment-tokens", json={}) as r:
-                enroll_token = (await r.json())["token"]
-        enroll = [
-            MODELFLEET,
-            "agent",
-            "enroll",
-            "--server",
-            base,
-            "--token",
-            enroll_token,
-            "--state-dir",
-            "agent",
-            "--labels",
-            "site=bench",
-        ]
-        await asyncio.to_thread(subprocess.run, enroll, cwd=tmp, check=True, capture_output=True)
-        agent = start(
-            MODELFLEET, "agent", "run", "--state-dir", "agent", "--serve", f"127.0.0.1:{agent_port}"
-        )
-        await rollout(base, auth, "mlp")
-        agent_url = f"http://127.0.0.1:{agent_port}"
+        agent_proc = await start_agent(procs, server, tmp / "agent", labels="site=bench")
+        agent = agent_proc.process
+        await create_rollout(server, "mlp")
+        agent_url = agent_proc.url
         await wait_http(f"{agent_url}/v2/models/mlp/ready")
 
         # Footprint: idle with one tiny ONNX model loaded.
@@ -270,11 +198,12 @@ async def over_http(n: int, tmp: Path) -> dict[str, Any]:
         cpu1, rss_loaded = proc_stats(agent.pid)
         loaded_cpu = (cpu1 - cpu0) / 10 * 100
 
-        start(sys.executable, "-c", RAW_SERVER, str(tmp / "raw.onnx"), str(raw_port))
+        raw_port = free_port()
+        procs.start(sys.executable, "-c", RAW_SERVER, str(tmp / "raw.onnx"), str(raw_port))
         (tmp / "raw.onnx").write_bytes(mlp_onnx())
         await wait_http(f"http://127.0.0.1:{raw_port}/infer", status=405)
 
-        await rollout(base, auth, "mlp-lite")
+        await create_rollout(server, "mlp-lite")
         await wait_http(f"{agent_url}/v2/models/mlp-lite/ready")
 
         results: dict[str, Any] = {
@@ -300,14 +229,6 @@ async def over_http(n: int, tmp: Path) -> dict[str, Any]:
                 "rps_8_clients": await http_throughput(url, BODY, 3, 8),
             }
         return results
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def main() -> None:
@@ -318,27 +239,20 @@ def main() -> None:
         tmp = Path(d)
         figures: dict[str, Any] = {
             "benchmark": "agent_overhead",
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "processor": platform.machine(),
-            },
+            "machine": machine(processor=platform.machine()),
             "in_process": in_process(args.requests * 10, tmp),
         }
         http = asyncio.run(over_http(args.requests, tmp))
-        raw_onnx_p50 = figures["in_process"]["onnx"]["raw"]["p50_us"]
-        http["agent_http_onnx"]["overhead_vs_raw_session_run_p50_us"] = round(
-            http["agent_http_onnx"]["p50_us"] - raw_onnx_p50, 1
+        raw_onnx_p50 = figures["in_process"]["onnx"]["raw"]["p50_ms"]
+        agent_onnx = http["agent_http_onnx"]
+        agent_onnx["overhead_vs_raw_session_run_p50_ms"] = round(
+            agent_onnx["p50_ms"] - raw_onnx_p50, DIGITS
         )
-        http["agent_http_onnx"]["overhead_vs_raw_http_server_p50_us"] = round(
-            http["agent_http_onnx"]["p50_us"] - http["raw_aiohttp_plus_session_run"]["p50_us"], 1
+        agent_onnx["overhead_vs_raw_http_server_p50_ms"] = round(
+            agent_onnx["p50_ms"] - http["raw_aiohttp_plus_session_run"]["p50_ms"], DIGITS
         )
         figures.update(http)
-    line = json.dumps(figures)
-    print(line)
-    out = ROOT / "bench" / "results" / "agent_overhead.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}", file=sys.stderr)
+    write_result("agent_overhead", figures)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ every simulated agent's topic from a plain publisher (what MQTT alone costs for 
 
 Prints one JSON line; writes bench/results/convergence.json.
 
-    python bench/convergence.py [--agents 100,1000,10000] [--transports http,mqtt] [--db postgres]
+    python -m bench.convergence [--agents 100,1000,10000] [--transports http,mqtt] [--db postgres]
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import resource
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,17 +25,19 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.ingest import new_database  # noqa: E402
-from control_plane.cli.publish import build_bundle  # noqa: E402
-from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.support.fleet import free_port  # noqa: E402
-from toymodels import mlp_onnx  # noqa: E402
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-PREFIX = "bench/v1"
+from bench.harness import (
+    MODELFLEET,
+    Processes,
+    machine,
+    new_database,
+    raise_open_files_limit,
+    start_mosquitto,
+    start_server,
+    write_result,
+)
+from control_plane.cli.publish import build_bundle
+from devkit.models import mlp_onnx
+from protocol.dsse import generate_private_key, public_key_to_pem
 
 RAW_MQTT = r"""
 import json, sys, time
@@ -71,66 +68,29 @@ print(json.dumps({"agents": n, "delivered": len(got), "seconds": round(time.mono
 
 
 async def run(agents: list[int], transports: list[str], db: str) -> dict[str, Any]:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # children inherit it
+    raise_open_files_limit()  # children inherit it
     tmp = Path(tempfile.mkdtemp())
     url = await new_database(db, tmp)
-    port, mqtt_port = free_port(), free_port()
-    (tmp / "m.conf").write_text(
-        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
-        "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
-    )
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
-    log = (tmp / "bench.log").open("wb")
-    procs = [
-        subprocess.Popen(
-            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
-            stdout=log,
-            stderr=log,
-        )
-    ]
-    await asyncio.sleep(0.3)
-    procs.append(
-        subprocess.Popen(
-            [
-                MODELFLEET,
-                "server",
-                "--data-dir",
-                str(tmp / "cp"),
-                "--port",
-                str(port),
-                "--db",
-                url,
-                "--trust-publisher",
-                str(tmp / "pub.pem"),
-                "--mqtt",
-                f"mqtt://127.0.0.1:{mqtt_port}",
-                "--mqtt-prefix",
-                PREFIX,
-                "--controller-interval",
-                "0.2",
-                "--rate-limit",
-                "0",
-            ],
-            stdout=log,
-            stderr=log,
-        )
-    )
-    base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"db": db}
-    try:
+    with Processes(tmp / "bench.log", stop_within_s=30) as procs:
+        mqtt_port = await start_mosquitto(procs, tmp)
+        server = await start_server(
+            procs,
+            tmp / "cp",
+            "--db",
+            url,
+            "--trust-publisher",
+            str(tmp / "pub.pem"),
+            "--controller-interval",
+            "0.2",
+            "--rate-limit",
+            "0",
+            mqtt_port=mqtt_port,
+        )
+        base, token, auth = server.base, server.admin_token, server.auth
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{base}/api/v1/health") as r:
-                        if (await r.json()).get("mqtt", {}).get("connected"):
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            token = (tmp / "cp" / "admin-token").read_text().strip()
-            auth = {"Authorization": f"Bearer {token}"}
             n_versions = 0
             for transport in transports:
                 for n in agents:
@@ -187,13 +147,6 @@ async def run(agents: list[int], transports: list[str], db: str) -> dict[str, An
                 sys.executable, "-c", RAW_MQTT, str(mqtt_port), str(n), stdout=subprocess.PIPE
             )
             out[f"raw_mqtt_retained_{n}"] = json.loads((await p.communicate())[0])
-    finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return out
 
 
@@ -205,10 +158,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     figures = {
         "benchmark": "convergence",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         **asyncio.run(run([int(x) for x in a.agents.split(",")], a.transports.split(","), a.db)),
     }
-    print(json.dumps(figures))
-    (ROOT / "bench" / "results" / "convergence.json").write_text(
-        json.dumps(figures, indent=2) + "\n"
-    )
+    write_result("convergence", figures)

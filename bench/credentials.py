@@ -10,18 +10,13 @@ Over HTTP, one `modelfleet server` on SQLite per `--credential-cost` (10, 12 the
 
 Prints one JSON line; writes bench/results/credentials.json.
 
-    python bench/credentials.py [--agents 200]
+    python -m bench.credentials [--agents 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +24,13 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from control_plane.auth import (  # noqa: E402
+from bench.harness import Processes, machine, percentile_ms, start_server, write_result
+from control_plane.auth import (
     check_credential,
     hash_credential,
     hash_secret,
     verify_credential,
 )
-from tests.support.fleet import free_port  # noqa: E402
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
 
 def per_call(fn: Any, n: int) -> float:
@@ -49,11 +39,6 @@ def per_call(fn: Any, n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - t) / n
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 async def in_process() -> dict[str, float]:
@@ -75,36 +60,13 @@ async def in_process() -> dict[str, float]:
 
 async def over_http(agents: int, cost: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            MODELFLEET,
-            "server",
-            "--data-dir",
-            str(tmp / "cp"),
-            "--port",
-            str(port),
-            "--rate-limit",
-            "0",
-            "--credential-cost",
-            str(cost),
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}/api/v1"
-    try:
+    with Processes(tmp / "server.log", stop_within_s=10) as procs:
+        server = await start_server(
+            procs, tmp / "cp", "--rate-limit", "0", "--credential-cost", str(cost)
+        )
+        base = f"{server.base}/api/v1"
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{base}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            admin = {"Authorization": f"Bearer {(tmp / 'cp' / 'admin-token').read_text().strip()}"}
+            admin = server.auth
             async with s.post(
                 f"{base}/enrollment-tokens", headers=admin, json={"maxUses": agents}
             ) as r:
@@ -135,17 +97,13 @@ async def over_http(agents: int, cost: int) -> dict[str, Any]:
                 first.append(await timed(path, a["credential"]))
                 again.append(await timed(path, a["credential"]))
                 operator.append(await timed(path, admin["Authorization"][7:]))
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    ms = 1e3
     return {
         "credential_cost_log2n": cost,
         "agents": agents,
         "enrollments_per_s": round(agents / enroll_s, 1),
-        "agent_first_request_p50_ms": round(pct(first, 0.5) * ms, 2),
-        "agent_next_requests_p50_ms": round(pct(again, 0.5) * ms, 2),
-        "operator_token_p50_ms (baseline: sha256)": round(pct(operator, 0.5) * ms, 2),
+        "agent_first_request_p50_ms": percentile_ms(first, 0.5),
+        "agent_next_requests_p50_ms": percentile_ms(again, 0.5),
+        "operator_token_p50_ms (baseline: sha256)": percentile_ms(operator, 0.5),
     }
 
 
@@ -162,10 +120,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     figures = {
         "benchmark": "credentials",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         **asyncio.run(main(a.agents)),
     }
-    print(json.dumps(figures))
-    (ROOT / "bench" / "results" / "credentials.json").write_text(
-        json.dumps(figures, indent=2) + "\n"
-    )
+    write_result("credentials", figures)

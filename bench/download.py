@@ -7,7 +7,7 @@ Figures per case: seconds, MB/s, body bytes on the wire (counted by the proxy wh
 one), and whether the result matched the digest. Prints one JSON line; writes
 bench/results/download.json.
 
-    python bench/download.py [--mb 200]
+    python -m bench.download [--mb 200]
 """
 
 from __future__ import annotations
@@ -15,13 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import os
-import platform
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +23,13 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from agent.client import ControlPlaneClient  # noqa: E402
-from agent.exceptions import TransportError  # noqa: E402
-from control_plane.cli.publish import build_bundle  # noqa: E402
-from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from tests.support.agents import CuttingProxy  # noqa: E402
-from tests.support.fleet import free_port  # noqa: E402
-from toymodels import iris_model  # noqa: E402
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+from agent.client import ControlPlaneClient
+from agent.exceptions import TransportError
+from bench.harness import Processes, machine, start_server, write_result
+from control_plane.cli.publish import build_bundle
+from devkit.models import iris_model
+from devkit.proxies import CuttingProxy
+from protocol.dsse import generate_private_key, public_key_to_pem
 
 
 def sha256_file(path: Path) -> str:
@@ -102,27 +91,18 @@ async def main(mb: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            MODELFLEET,
-            "server",
-            "--data-dir",
-            str(tmp / "cp"),
-            "--port",
-            str(port),
+    out: dict[str, Any] = {"blob_mb": mb}
+    procs = Processes(tmp / "server.log", stop_within_s=30)
+    try:
+        server = await start_server(
+            procs,
+            tmp / "cp",
             "--trust-publisher",
             str(tmp / "pub.pem"),
             "--max-bundle-mb",
             str(mb + 64),
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-    out: dict[str, Any] = {"blob_mb": mb}
-    try:
+        )
+        base = server.base
         # A real ONNX model with mb MB of random (incompressible, like trained) weights.
         blob = iris_model(pad_bytes=mb * 1_000_000)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -130,14 +110,7 @@ async def main(mb: int) -> dict[str, Any]:
         bundle, _ = build_bundle(blob, "big", "1.0.0", [key])
         del blob
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-            for _ in range(300):
-                try:
-                    async with s.get(f"{base}/api/v1/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-            admin = {"Authorization": "Bearer " + (tmp / "cp" / "admin-token").read_text().strip()}
+            admin = server.auth
             async with s.post(f"{base}/api/v1/bundles", data=bundle, headers=admin) as r:
                 assert r.status == 201, await r.text()
             del bundle
@@ -167,8 +140,7 @@ async def main(mb: int) -> dict[str, Any]:
                     )
                     out[f"curl_{name}"]["wire_bytes"] = proxy.blob_bytes_sent
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -179,8 +151,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     figures = {
         "benchmark": "download",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         **asyncio.run(main(a.mb)),
     }
-    print(json.dumps(figures))
-    (ROOT / "bench" / "results" / "download.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_result("download", figures)

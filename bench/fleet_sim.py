@@ -1,15 +1,12 @@
-"""The fleet simulator as a benchmark script: the same as `modelfleet sim`.
+"""The fleet simulator as a benchmark script: the same as `modelfleet sim`, its agents included.
 
-    python bench/fleet_sim.py --server URL --token T --agents 1000 --transport http \\
+    python -m bench.fleet_sim --server URL --token T --agents 1000 --transport http \\
         --rollout MODEL:VERSION
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from control_plane.cli import main
 

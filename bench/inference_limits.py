@@ -1,7 +1,7 @@
 """How long big inference requests hold up small ones, and what they cost the agent in memory.
 
 A control plane and an agent run as real processes on loopback; the agent serves the
-16 -> 32 -> 4 MLP of tests/modelgen.py and an image-sized model made in code (x[N,3,224,224]
+16 -> 32 -> 4 MLP of devkit/models.py and an image-sized model made in code (x[N,3,224,224]
 -> the same shape, so each answer is as big as its request). One client sends one-row MLP
 requests back to back, first alone, then while another client sends ~60 MiB image requests
 (20 images) in a loop. Prints one JSON line (and writes bench/results/inference_limits.json):
@@ -9,7 +9,7 @@ the small requests' p50/p99 latency in both phases, the big requests' latency an
 the agent's resident memory idle and at its peak, and what decoding a body on the event loop
 costs by size (the measure behind ``inline_json_bytes``).
 
-    python bench/inference_limits.py [--seconds 20] [--images 20] [--agent-flag=--max-large-requests=2]
+    python -m bench.inference_limits [--seconds 20] [--images 20] [--agent-flag=--max-large-requests=2]
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,20 +27,22 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from agent import oip  # noqa: E402
-from bench.agent_overhead import (  # noqa: E402
-    MODELFLEET,
-    free_port,
+from agent import oip
+from bench.harness import (
+    Processes,
+    create_rollout,
+    machine,
     proc_stats,
-    rollout,
+    push_bundles,
+    start_agent,
+    start_server,
+    summary_ms,
     wait_http,
+    write_result,
 )
-from control_plane.cli.publish import build_bundle  # noqa: E402
-from protocol.dsse import generate_private_key, public_key_to_pem  # noqa: E402
-from toymodels import mlp_onnx, tile_onnx  # noqa: E402
+from control_plane.cli.publish import build_bundle
+from devkit.models import mlp_onnx, tile_onnx
+from protocol.dsse import generate_private_key, public_key_to_pem
 
 SMALL = {
     "inputs": [
@@ -56,19 +54,6 @@ SMALL = {
         }
     ]
 }
-
-
-def ms(samples_s: list[float]) -> dict[str, Any]:
-    """Count, p50, p99 and max in milliseconds."""
-    s = sorted(samples_s)
-    if not s:
-        return {"count": 0}
-    return {
-        "count": len(s),
-        "p50_ms": round(s[len(s) // 2] * 1000, 2),
-        "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, 2),
-        "max_ms": round(s[-1] * 1000, 2),
-    }
 
 
 def image_body(images: int) -> bytes:
@@ -159,64 +144,18 @@ async def peak_rss(pid: int, stop: asyncio.Event) -> int:
 async def run(tmp: Path, seconds: float, images: int, clients: int, flags: list[str]) -> dict:
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
-    cp_port, agent_port = free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    log = (tmp / "bench.log").open("wb")
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(list(args), stdout=log, stderr=log, cwd=tmp)
-        procs.append(p)
-        return p
-
-    try:
-        start(
-            MODELFLEET,
-            "server",
-            "--data-dir",
-            "cp",
-            "--port",
-            str(cp_port),
-            "--trust-publisher",
-            "pub.pem",
-        )
-        base = f"http://127.0.0.1:{cp_port}"
-        await wait_http(f"{base}/api/v1/health")
-        auth = {"Authorization": f"Bearer {(tmp / 'cp' / 'admin-token').read_text().strip()}"}
-        bundles = [
+    with Processes(tmp / "bench.log") as procs:
+        server = await start_server(procs, tmp / "cp", "--trust-publisher", str(tmp / "pub.pem"))
+        await push_bundles(
+            server,
             build_bundle(mlp_onnx(), "mlp", "1.0.0", [key])[0],
             build_bundle(tile_onnx(), "image", "1.0.0", [key])[0],
-        ]
-        async with aiohttp.ClientSession(headers=auth) as s:
-            for b in bundles:
-                async with s.post(f"{base}/api/v1/bundles", data=b) as r:
-                    assert r.status == 201, await r.text()
-            async with s.post(f"{base}/api/v1/enrollment-tokens", json={}) as r:
-                enroll_token = (await r.json())["token"]
-        enroll = [
-            MODELFLEET,
-            "agent",
-            "enroll",
-            "--server",
-            base,
-            "--token",
-            enroll_token,
-            "--state-dir",
-            "agent",
-        ]
-        await asyncio.to_thread(subprocess.run, enroll, cwd=tmp, check=True, capture_output=True)
-        agent = start(
-            MODELFLEET,
-            "agent",
-            "run",
-            "--state-dir",
-            "agent",
-            "--serve",
-            f"127.0.0.1:{agent_port}",
-            *flags,
         )
+        agent_proc = await start_agent(procs, server, tmp / "agent", *flags)
+        agent = agent_proc.process
         for model in ("mlp", "image"):
-            await rollout(base, auth, model)
-        agent_url = f"http://127.0.0.1:{agent_port}"
+            await create_rollout(server, model)
+        agent_url = agent_proc.url
         for model in ("mlp", "image"):
             await wait_http(f"{agent_url}/v2/models/{model}/ready")
 
@@ -237,28 +176,20 @@ async def run(tmp: Path, seconds: float, images: int, clients: int, flags: list[
             await asyncio.to_thread(big.join)
             stop.set()
         return {
-            "small_alone": ms(alone),
-            "small_with_big": ms(together),
+            "small_alone": summary_ms(alone),
+            "small_with_big": summary_ms(together),
             "big": {
                 "body_mib": round(len(body) / 2**20, 1),
                 "answer_mib": round(big.answer_bytes / 2**20, 1),
                 "clients": clients,
                 "statuses": big.statuses,
-                **ms(big.latencies),
+                **summary_ms(big.latencies),
             },
             "agent_rss_mb": {
                 "idle": round(rss_idle / 2**20, 1),
                 "peak_with_big": round(await rss / 2**20, 1),
             },
         }
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def main() -> None:
@@ -270,11 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     figures: dict[str, Any] = {
         "benchmark": "inference_limits",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "processor": platform.machine(),
-        },
+        "machine": machine(processor=platform.machine()),
         "agent_flags": args.agent_flag,
         "inline_decode": inline_decode_cost(),
     }
@@ -282,10 +209,7 @@ def main() -> None:
         figures.update(
             asyncio.run(run(Path(d), args.seconds, args.images, args.big_clients, args.agent_flag))
         )
-    print(json.dumps(figures))
-    out = ROOT / "bench" / "results" / "inference_limits.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}", file=sys.stderr)
+    write_result("inference_limits", figures)
 
 
 if __name__ == "__main__":

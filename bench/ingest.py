@@ -16,7 +16,7 @@ request, no report) says what the HTTP stack alone gives on this machine.
 
 Prints one JSON line; writes bench/results/ingest.json.
 
-    python bench/ingest.py [--db sqlite,postgres] [--rates 200,400,800,1600,3200] [--seconds 4]
+    python -m bench.ingest [--db sqlite,postgres] [--rates 200,400,800,1600,3200] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -24,41 +24,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.harness import (
+    PREFIX,
+    Processes,
+    machine,
+    new_database,
+    percentile_ms,
+    raise_open_files_limit,
+    start_mosquitto,
+    start_server,
+    write_result,
+)
+from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 
-from protocol.reports import MetricsBatch, SeriesWindow, StatusReport  # noqa: E402
-from tests.support.fleet import free_port  # noqa: E402
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-PG = os.environ.get("MODELFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-PREFIX = "bench/v1"
 AGENTS = 1000
 SEQ_SENTINEL = 987654321
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 2)
 
 
 def status_doc(agent_id: str) -> dict[str, Any]:
@@ -115,8 +107,8 @@ async def offered(
         "offered_per_s": rate,
         "achieved_per_s": round(n / took, 1),
         "errors": errors,
-        "p50_ms": pct(latencies, 0.5),
-        "p99_ms": pct(latencies, 0.99),
+        "p50_ms": percentile_ms(latencies, 0.5),
+        "p99_ms": percentile_ms(latencies, 0.99),
     }
 
 
@@ -274,75 +266,19 @@ async def mqtt_run(
     }
 
 
-async def new_database(db: str, tmp: Path) -> str:
-    if db != "postgres":
-        return f"sqlite:///{tmp / 'cp.db'}"
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    u = make_url(PG)
-    name = f"mf_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(
-        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
-    )
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return u.set(database=name).render_as_string(hide_password=False)
-
-
 async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     url = await new_database(db, tmp)
-    port, mqtt_port = free_port(), free_port()
-    (tmp / "m.conf").write_text(
-        f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\n"
-        "max_queued_messages 1000000\nmax_inflight_messages 0\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    log = (tmp / "bench.log").open("wb")
-    procs = [
-        subprocess.Popen(
-            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
-            stdout=log,
-            stderr=log,
-        )
-    ]
-    await asyncio.sleep(0.3)
-    procs.append(
-        subprocess.Popen(
-            [
-                MODELFLEET,
-                "server",
-                "--data-dir",
-                str(tmp / "cp"),
-                "--port",
-                str(port),
-                "--db",
-                url,
-                "--mqtt",
-                f"mqtt://127.0.0.1:{mqtt_port}",
-                "--mqtt-prefix",
-                PREFIX,
-            ],
-            stdout=log,
-            stderr=log,
-        )
-    )
-    base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {}
-    try:
+    with Processes(tmp / "bench.log", stop_within_s=20) as procs:
+        mqtt_port = await start_mosquitto(
+            procs, tmp, max_queued=1_000_000, extra="max_inflight_messages 0\n"
+        )
+        server = await start_server(procs, tmp / "cp", "--db", url, mqtt_port=mqtt_port)
+        base = server.base
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
-            for _ in range(300):
-                try:
-                    if (await health(s, base)).get("mqtt", {}).get("connected"):
-                        break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            token = (tmp / "cp" / "admin-token").read_text().strip()
-            admin = {"Authorization": f"Bearer {token}"}
             async with s.post(
-                f"{base}/api/v1/enrollment-tokens", headers=admin, json={"maxUses": AGENTS}
+                f"{base}/api/v1/enrollment-tokens", headers=server.auth, json={"maxUses": AGENTS}
             ) as r:
                 et = (await r.json())["token"]
             sem = asyncio.Semaphore(16)
@@ -381,21 +317,13 @@ async def run_db(db: str, rates: list[float], seconds: float, mqtt_messages: int
                     s, base, tmp, mqtt_port, agents, kind, mqtt_messages
                 )
             out["ingest_counters"] = (await health(s, base))["ingest"]
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
     return out
 
 
 async def main(
     dbs: list[str], rates: list[float], seconds: float, mqtt_messages: int
 ) -> dict[str, Any]:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    raise_open_files_limit()
     return {db: await run_db(db, rates, seconds, mqtt_messages) for db in dbs}
 
 
@@ -408,16 +336,11 @@ if __name__ == "__main__":
     a = ap.parse_args()
     figures = {
         "benchmark": "ingest",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "wrk": bool(shutil.which("wrk")),
-        },
+        "machine": machine(wrk=bool(shutil.which("wrk"))),
         **asyncio.run(
             main(
                 a.db.split(","), [float(r) for r in a.rates.split(",")], a.seconds, a.mqtt_messages
             )
         ),
     }
-    print(json.dumps(figures))
-    (ROOT / "bench" / "results" / "ingest.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_result("ingest", figures)

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from devkit.models import write_iris
 from tests.support.fleet import free_port
-from toymodels import write_iris
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 

@@ -11,19 +11,13 @@ from sqlalchemy import func, select
 from control_plane.cli.publish import build_bundle
 from control_plane.db.engine import Database
 from control_plane.db.models import MetricSeries
+from devkit.models import SMOKE_INPUT, iris_model, iris_reference
+from devkit.proxies import MitmProxy
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
-from tests.support.agents import (
-    MitmProxy,
-    enroll_agent,
-    eventually,
-    infer,
-    running_agent,
-    wait_active,
-)
+from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle, npy
 from tests.support.control_plane import ControlPlane
-from toymodels import SMOKE_INPUT, iris_model, iris_reference
 
 
 async def stored_requests(cp: ControlPlane) -> int:

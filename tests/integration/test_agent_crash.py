@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from agent.failpoints import KILL_POINTS
+from devkit.models import iris_model
 from tests.support.agents import enroll_agent, eventually, infer, resolves_to, wait_active
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane
 from tests.support.fleet import free_port
-from toymodels import iris_model
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 

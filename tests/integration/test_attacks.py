@@ -11,15 +11,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.support.agents import (
-    LoopbackProxy,
-    MitmProxy,
-    enroll_agent,
-    eventually,
-    infer,
-    running_agent,
-    wait_active,
-)
+from devkit.proxies import LoopbackProxy, MitmProxy
+from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, bundle_members, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 

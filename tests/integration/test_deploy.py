@@ -27,11 +27,11 @@ from agent.units import GPU_DROP_IN, render_agent_unit
 from control_plane.cli.common import CliError
 from control_plane.cli.serve import SETTINGS as SERVER_SETTINGS
 from control_plane.cli.serve import load_settings
+from devkit.models import iris_model
 from tests.support.agents import enroll_agent, eventually, wait_active
 from tests.support.bundles import Publisher, iris_bundle, make_publisher
 from tests.support.control_plane import ControlPlane
 from tests.support.fleet import free_port
-from toymodels import iris_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -13,17 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.agents import (
-    LoopbackProxy,
-    enroll_agent,
-    eventually,
-    infer,
-    running_agent,
-    wait_active,
-)
+from devkit.models import iris_model
+from devkit.proxies import LoopbackProxy
+from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane
-from toymodels import iris_model
 
 
 class SlowBlobs(LoopbackProxy):

@@ -21,10 +21,10 @@ import pytest
 
 from agent.daemon import Agent
 from control_plane.cli.publish import build_bundle
+from devkit.models import tile_onnx
 from tests.support.agents import enroll_agent, eventually, infer, running_agent
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane
-from toymodels import tile_onnx
 
 INLINE = 1024  # bytes: bodies above this take the large-request path
 MAX_BODY = 256 * 1024

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from control_plane.errors import ConfigError
+from devkit.proxies import MitmProxy
 from protocol.bundle import MEDIA_TYPE
 from protocol.desired import DesiredState
 from protocol.dsse import key_id
 from protocol.keyset import make_keyset, open_first, sign_keyset
-from tests.support.agents import (
-    MitmProxy,
-    enroll_agent,
-    eventually,
-    infer,
-    running_agent,
-    wait_active,
-)
+from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle, make_publisher
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.support.fleet import run_cli

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from control_plane.state import STATE
+from devkit.models import iris_model
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import ModelStatus, StatusReport
@@ -21,7 +22,6 @@ from tests.support.agents import eventually
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.support.fleet import TWO_ROWS, Fleet, Traffic, run_cli
-from toymodels import iris_model
 
 pytestmark = pytest.mark.slow
 

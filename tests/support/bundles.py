@@ -12,8 +12,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_plane.cli.publish import build_bundle
+from devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from protocol.dsse import generate_private_key, private_key_to_pem, public_key_to_pem
-from toymodels import SMOKE_INPUT, iris_model, iris_reference
 
 
 @dataclass

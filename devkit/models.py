@@ -1,9 +1,7 @@
 """Tiny ONNX models made in code, for the tests, the benches and the demo; nothing is downloaded.
 
-Its one home, at the top of the checkout (not shipped): ``tests/`` and ``bench/`` both import
-it, and neither imports the other. ``python -m toymodels OUT_DIR [--seed N]`` writes
-``model.onnx``, ``smoke-in.npy`` and ``smoke-out.npy`` (the expected output, computed with
-numpy, not with the runtime).
+``python -m devkit.models OUT_DIR [--seed N]`` writes ``model.onnx``, ``smoke-in.npy`` and
+``smoke-out.npy`` (the expected output, computed with numpy, not with the runtime).
 """
 
 from __future__ import annotations
