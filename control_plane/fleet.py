@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,20 +46,36 @@ DECLARED_FACTS = ("costPerHour",)
 MAX_TOKEN_TTL_S = 365 * 24 * 3600
 
 
+@dataclass(frozen=True, kw_only=True)
+class EnrollmentTokenRequest:
+    """A request for an enrollment token, parsed at the edge."""
+
+    labels: dict[str, str]
+    max_uses: int
+    ttl_s: float
+    require_approval: bool
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], default_ttl_s: float) -> EnrollmentTokenRequest:
+        """Parse a JSON body; raises InvalidMessage or Invalid naming the field."""
+        labels = check_labels(get_str_map(body, "labels"))
+        max_uses = get_int(body, "maxUses", default=1, minimum=1)
+        if max_uses > MAX_ENROLLMENT_USES:
+            raise Invalid("invalid", f"maxUses must be <= {MAX_ENROLLMENT_USES}", "maxUses")
+        ttl = get_number(body, "ttlSeconds", default=default_ttl_s, minimum=1)
+        if ttl > MAX_TOKEN_TTL_S:
+            raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
+        approval = body.get("requireApproval", False)
+        if not isinstance(approval, bool):
+            raise Invalid("invalid", "requireApproval must be true or false", "requireApproval")
+        return cls(labels=labels, max_uses=max_uses, ttl_s=ttl, require_approval=approval)
+
+
 async def create_enrollment_token(
-    db: Database, body: dict[str, Any], now: datetime, default_ttl_s: float
+    db: Database, req: EnrollmentTokenRequest, now: datetime
 ) -> dict[str, Any]:
-    """Create an enrollment token; raises InvalidMessage for a bad body."""
-    labels = check_labels(get_str_map(body, "labels"))
-    max_uses = get_int(body, "maxUses", default=1, minimum=1)
-    if max_uses > MAX_ENROLLMENT_USES:
-        raise Invalid("invalid", f"maxUses must be <= {MAX_ENROLLMENT_USES}", "maxUses")
-    ttl = get_number(body, "ttlSeconds", default=default_ttl_s, minimum=1)
-    if ttl > MAX_TOKEN_TTL_S:
-        raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TOKEN_TTL_S}", "ttlSeconds")
-    approval = body.get("requireApproval", False)
-    if not isinstance(approval, bool):
-        raise Invalid("invalid", "requireApproval must be true or false", "requireApproval")
+    """Create an enrollment token."""
+    labels, max_uses, ttl, approval = req.labels, req.max_uses, req.ttl_s, req.require_approval
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl)
     async with db.write() as s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,14 +48,30 @@ def parse_scopes(value: object) -> list[str]:
     return sorted(set(value))
 
 
-async def create_token(db: Database, body: dict[str, Any], now: datetime) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class TokenRequest:
+    """A request for an operator API token, parsed at the edge."""
+
+    name: str
+    scopes: list[str]
+    ttl_s: float | None = None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> TokenRequest:
+        """Parse a JSON body; raises InvalidMessage or Invalid naming the field."""
+        name = get_str(body, "name", max_len=128)
+        assert name is not None
+        scopes = parse_scopes(body.get("scopes"))
+        raw_ttl = body.get("ttlSeconds")
+        ttl = get_number(body, "ttlSeconds", minimum=60) if raw_ttl is not None else None
+        if ttl is not None and ttl > MAX_TTL_S:
+            raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TTL_S:.0f}", "ttlSeconds")
+        return cls(name=name, scopes=scopes, ttl_s=ttl)
+
+
+async def create_token(db: Database, req: TokenRequest, now: datetime) -> dict[str, Any]:
     """Create a token; the secret is in this answer only."""
-    name = get_str(body, "name", max_len=128)
-    assert name is not None
-    scopes = parse_scopes(body.get("scopes"))
-    ttl = get_number(body, "ttlSeconds", minimum=60) if body.get("ttlSeconds") is not None else None
-    if ttl is not None and ttl > MAX_TTL_S:
-        raise Invalid("invalid", f"ttlSeconds must be <= {MAX_TTL_S:.0f}", "ttlSeconds")
+    name, scopes, ttl = req.name, req.scopes, req.ttl_s
     secret = new_secret(API_TOKEN_PREFIX)
     expires = now + timedelta(seconds=ttl) if ttl is not None else None
     row = ApiToken(

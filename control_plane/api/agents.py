@@ -21,9 +21,8 @@ async def post_enrollment_token(request: web.Request) -> web.Response:
     """Create an enrollment token."""
     state = st(request)
     body = await read_json(request)
-    out = await fleet.create_enrollment_token(
-        state.db, body, state.clock(), state.config.enrollment_token_ttl_s
-    )
+    req = fleet.EnrollmentTokenRequest.parse(body, state.config.enrollment_token_ttl_s)
+    out = await fleet.create_enrollment_token(state.db, req, state.clock())
     return json_response(out, 201)
 
 

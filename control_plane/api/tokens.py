@@ -14,7 +14,8 @@ async def post_token(request: web.Request) -> web.Response:
     """Create an API token."""
     state = st(request)
     body = await read_json(request)
-    return json_response(await tokens.create_token(state.db, body, state.clock()), 201)
+    req = tokens.TokenRequest.parse(body)
+    return json_response(await tokens.create_token(state.db, req, state.clock()), 201)
 
 
 async def get_tokens(request: web.Request) -> web.Response:
