@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mqtt import Broker
+from tests.support.broker import Broker
 
 
 @pytest.fixture

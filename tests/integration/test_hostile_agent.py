@@ -34,8 +34,8 @@ from control_plane.state import MQTT, STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
 from protocol.sketch import DDSketch
 from protocol.topics import agent_topic
-from tests.integration.test_mqtt import Broker, mqtt_config
 from tests.support.agents import eventually
+from tests.support.broker import Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, start_control_plane
 

@@ -30,8 +30,8 @@ from control_plane.db.models import AuditEvent
 from control_plane.errors import DatabaseBusy
 from control_plane.netguard import ConnectionLimits, GuardedSite
 from control_plane.state import STATE, State
-from tests.integration.test_mqtt import Broker
 from tests.support.agents import eventually
+from tests.support.broker import Broker
 from tests.support.bundles import Publisher
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.support.fleet import MODELFLEET, free_port

@@ -29,7 +29,6 @@ from control_plane.state import MQTT, STATE
 from control_plane.status_order import StatusOrder
 from protocol.reports import ModelStatus, StatusReport
 from protocol.topics import agent_topic
-from tests.integration.test_mqtt import Broker, mqtt_config
 from tests.support.agents import (
     active_version,
     enroll_agent,
@@ -37,6 +36,7 @@ from tests.support.agents import (
     resolves_to,
     running_agent,
 )
+from tests.support.broker import Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.unit.test_status_order import CASES
