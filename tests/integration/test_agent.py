@@ -6,27 +6,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
 
 from control_plane.cli.publish import build_bundle
-from control_plane.db.engine import Database
-from control_plane.db.models import MetricSeries
 from devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from devkit.proxies import MitmProxy
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle, npy
-from tests.support.control_plane import ControlPlane
-
-
-async def stored_requests(cp: ControlPlane) -> int:
-    db = Database(cp.config.database_url)
-    try:
-        async with db.read() as s:
-            return int(await s.scalar(select(func.coalesce(func.sum(MetricSeries.requests), 0))))
-    finally:
-        await db.close()
+from tests.support.control_plane import ControlPlane, stored_requests
 
 
 async def test_agent_activates_serves_and_reports(

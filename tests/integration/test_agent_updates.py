@@ -11,10 +11,9 @@ import aiohttp
 from control_plane.cli.publish import Variant
 from devkit.models import iris_model, iris_tflite
 from devkit.proxies import CuttingProxy
-from tests.integration.test_agent import stored_requests
 from tests.support.agents import Load, enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane, start_control_plane
+from tests.support.control_plane import ControlPlane, start_control_plane, stored_requests
 
 
 async def agent_model(cp: ControlPlane, agent_id: str, version: str) -> dict | None:

@@ -10,9 +10,8 @@ from datetime import UTC, datetime, timedelta
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
-from tests.integration.test_registry import assert_error
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane
+from tests.support.control_plane import ControlPlane, assert_error
 
 
 async def agent_count(cp: ControlPlane) -> int:

@@ -21,11 +21,10 @@ from devkit.models import iris_model
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic
-from tests.integration.test_agent import stored_requests
 from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent
 from tests.support.broker import CP_PASSWORD, Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane, start_control_plane
+from tests.support.control_plane import ControlPlane, start_control_plane, stored_requests
 from tests.support.fleet import MODELFLEET, free_port
 
 pytestmark = pytest.mark.slow

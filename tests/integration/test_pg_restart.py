@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_agent import stored_requests
 from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import cp_config, start_control_plane
+from tests.support.control_plane import cp_config, start_control_plane, stored_requests
 from tests.support.fleet import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

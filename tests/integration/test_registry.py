@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocol.dsse import generate_private_key
 from tests.support.bundles import Publisher, bundle_members, iris_bundle, tar_of
-from tests.support.control_plane import ControlPlane
+from tests.support.control_plane import ControlPlane, assert_error
 
 
 async def versions(cp: ControlPlane) -> list[dict]:
@@ -14,17 +14,6 @@ async def versions(cp: ControlPlane) -> list[dict]:
 
 async def blob_count(cp: ControlPlane) -> int:
     return sum(1 for p in (cp.config.blob_dir / "sha256").rglob("*") if p.is_file())
-
-
-async def assert_error(r, status: int, code: str | None = None, field: str | None = None) -> dict:  # type: ignore[no-untyped-def]
-    assert r.status == status, await r.text()
-    body = await r.json()
-    assert set(body) == {"error"} and body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code
-    if field:
-        assert body["error"].get("field") == field
-    return body
 
 
 async def test_push_list_and_idempotent_repush(cp: ControlPlane, publisher: Publisher) -> None:

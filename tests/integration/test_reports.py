@@ -15,10 +15,9 @@ import pytest
 from control_plane.cli.operate import format_report
 from protocol.reports import MetricsBatch, SeriesWindow
 from protocol.timeutil import format_time
-from tests.integration.test_registry import assert_error
 from tests.support.agents import eventually
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
+from tests.support.control_plane import ControlPlane, assert_error, cp_config, start_control_plane
 from tests.support.fleet import Fleet, Traffic
 
 

@@ -13,8 +13,7 @@ from sqlalchemy import update
 from control_plane.db.models import Agent
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
-from tests.integration.test_registry import assert_error
-from tests.support.control_plane import ControlPlane
+from tests.support.control_plane import ControlPlane, assert_error
 
 DIGEST = "sha256:" + "c" * 64
 

@@ -8,9 +8,12 @@ from typing import Any
 
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import func, select
 
 from control_plane.app import create_app
 from control_plane.config import ServerConfig
+from control_plane.db.engine import Database
+from control_plane.db.models import MetricSeries
 from protocol.bundle import MEDIA_TYPE
 from tests.support.bundles import Publisher
 
@@ -80,3 +83,27 @@ def cp_config(tmp_path: Path, db_url: str, publisher: Publisher) -> ServerConfig
         long_poll_recheck_s=0.5,
         rollup_interval_s=3600,  # tests that roll up call control_plane.rollup themselves
     )
+
+
+async def stored_requests(cp: ControlPlane) -> int:
+    """How many inference requests the control plane has stored in its metric series."""
+    db = Database(cp.config.database_url)
+    try:
+        async with db.read() as s:
+            return int(await s.scalar(select(func.coalesce(func.sum(MetricSeries.requests), 0))))
+    finally:
+        await db.close()
+
+
+async def assert_error(
+    r: ClientResponse, status: int, code: str | None = None, field: str | None = None
+) -> dict[str, Any]:
+    """Assert an error answer: this status, the one error shape, and this code and field."""
+    assert r.status == status, await r.text()
+    body = await r.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    if field:
+        assert body["error"].get("field") == field
+    return body
