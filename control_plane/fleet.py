@@ -101,10 +101,30 @@ async def create_enrollment_token(
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class EnrollRequest:
+    """An agent's enrollment, parsed at the edge."""
+
+    token: str
+    name: str | None
+    labels: dict[str, str]
+    facts: dict[str, Any]
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> EnrollRequest:
+        """Parse a JSON body; raises InvalidMessage naming the field."""
+        token = get_str(body, "token")
+        assert token is not None
+        name = get_str(body, "name", optional=True, max_len=128)
+        labels = check_labels(get_str_map(body, "labels"))
+        facts = check_facts(body.get("facts"), "facts")
+        return cls(token=token, name=name, labels=labels, facts=facts)
+
+
 async def enroll(
     db: Database,
     signer: DesiredSigner,
-    body: dict[str, Any],
+    req: EnrollRequest,
     now: datetime,
     credential_cost: int = SCRYPT_LOG2_N,
 ) -> tuple[dict[str, Any], str, str]:
@@ -112,11 +132,7 @@ async def enroll(
 
     Raises Unauthenticated for an unknown token, Forbidden for an expired or used-up one.
     """
-    token = get_str(body, "token")
-    assert token is not None
-    name = get_str(body, "name", optional=True, max_len=128)
-    wanted = check_labels(get_str_map(body, "labels"))
-    facts = check_facts(body.get("facts"), "facts")
+    token, name, wanted, facts = req.token, req.name, req.labels, req.facts
     agent_id = str(uuid.uuid4())
     credential = new_secret(AGENT_CREDENTIAL_PREFIX)
     mqtt_password = new_password()

@@ -30,8 +30,9 @@ async def post_enroll(request: web.Request) -> web.Response:
     """Enroll an agent with an enrollment token; returns its credential and the keys it needs."""
     state = st(request)
     body = await read_json(request)
+    req = fleet.EnrollRequest.parse(body)
     agent, credential, mqtt_password = await fleet.enroll(
-        state.db, state.signer, body, state.clock(), state.config.credential_cost
+        state.db, state.signer, req, state.clock(), state.config.credential_cost
     )
     log.info("enrolled agent %s (%s) labels=%s", agent["agentId"], agent["name"], agent["labels"])
     found = await keyset.latest(state.db)
