@@ -26,6 +26,7 @@ import numpy as np
 
 from agent.metrics import MetricsRecorder
 from agent.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds
+from bench.devkit.models import mlp_onnx, mlp_tflite
 from bench.harness import (
     Processes,
     create_rollout,
@@ -40,7 +41,6 @@ from bench.harness import (
     write_result,
 )
 from control_plane.cli.publish import build_bundle
-from devkit.models import mlp_onnx, mlp_tflite
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 DIGITS = 5  # milliseconds to the ten-nanosecond

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.devkit.models import mlp_onnx
 from bench.harness import (
     MODELFLEET,
     Processes,
@@ -36,7 +37,6 @@ from bench.harness import (
     write_result,
 )
 from control_plane.cli.publish import build_bundle
-from devkit.models import mlp_onnx
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 RAW_MQTT = r"""

@@ -25,10 +25,10 @@ import aiohttp
 
 from agent.client import ControlPlaneClient
 from agent.exceptions import TransportError
+from bench.devkit.models import iris_model
+from bench.devkit.proxies import CuttingProxy
 from bench.harness import Processes, machine, start_server, write_result
 from control_plane.cli.publish import build_bundle
-from devkit.models import iris_model
-from devkit.proxies import CuttingProxy
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 

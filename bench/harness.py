@@ -1,12 +1,12 @@
 """What every benchmark needs: ports, waiting, processes, a broker, percentiles, result files.
 
 Run a benchmark as a module from the top of the checkout (``python -m bench.ingest``), so that
-``bench``, ``devkit`` and the project's packages import without touching ``sys.path``.
+``bench`` (with ``bench.devkit``) and the project's packages import without touching ``sys.path``.
 
 Rules the benches keep:
-- ``bench/`` imports nothing from ``tests/`` (nor ``tests/`` from ``bench/``). What both need
-  has one home, ``devkit/`` (not shipped): tiny models in ``devkit.models``, loopback proxies
-  in ``devkit.proxies``. Bundles are built with ``control_plane.cli.publish.build_bundle``.
+- ``bench/`` imports nothing from ``tests/``. What both need has one home, ``bench/devkit/``
+  (not shipped; the tests import it, the benches never import the tests): tiny models in
+  ``bench.devkit.models``, loopback proxies in ``bench.devkit.proxies``. Bundles are built with ``control_plane.cli.publish.build_bundle``.
 - Simulated agents are ``control_plane.sim``'s, the ones ``modelfleet sim`` runs.
 - Every latency figure is in milliseconds (``percentile_ms``, ``summary_ms``): samples are
   taken in seconds and converted once, here.

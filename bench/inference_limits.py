@@ -1,7 +1,7 @@
 """How long big inference requests hold up small ones, and what they cost the agent in memory.
 
 A control plane and an agent run as real processes on loopback; the agent serves the
-16 -> 32 -> 4 MLP of devkit/models.py and an image-sized model made in code (x[N,3,224,224]
+16 -> 32 -> 4 MLP of bench/devkit/models.py and an image-sized model made in code (x[N,3,224,224]
 -> the same shape, so each answer is as big as its request). One client sends one-row MLP
 requests back to back, first alone, then while another client sends ~60 MiB image requests
 (20 images) in a loop. Prints one JSON line (and writes bench/results/inference_limits.json):
@@ -28,6 +28,7 @@ import aiohttp
 import numpy as np
 
 from agent import oip
+from bench.devkit.models import mlp_onnx, tile_onnx
 from bench.harness import (
     Processes,
     create_rollout,
@@ -41,7 +42,6 @@ from bench.harness import (
     write_result,
 )
 from control_plane.cli.publish import build_bundle
-from devkit.models import mlp_onnx, tile_onnx
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 SMALL = {

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import aiomqtt
 
+from bench.devkit.models import mlp_onnx
 from bench.harness import (
     PREFIX,
     Processes,
@@ -37,7 +38,6 @@ from bench.harness import (
 )
 from control_plane.cli.publish import build_bundle
 from control_plane.sim import Fleet, SimAgent, SimOptions
-from devkit.models import mlp_onnx
 from protocol.dsse import generate_private_key, public_key_to_pem
 from protocol.timeutil import format_time
 

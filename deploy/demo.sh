@@ -34,7 +34,7 @@ PY
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "a tiny ONNX model made in code (4 -> 3 classifier) and its smoke test"
-python "$ROOT/devkit/models.py" model
+python "$ROOT/bench/devkit/models.py" model
 
 step "publisher key, signed bundle, verification"
 modelfleet keys generate --out publisher
@@ -98,7 +98,7 @@ http POST "http://127.0.0.1:${SERVE[cloud]}/v2/models/iris/infer" \
   '{"inputs":[{"name":"y","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 
 step "a staged rollout of iris 2.0.0, gated on live error rate and latency"
-python "$ROOT/devkit/models.py" model2 --seed 1 >/dev/null
+python "$ROOT/bench/devkit/models.py" model2 --seed 1 >/dev/null
 modelfleet bundle build model2/model.onnx --name iris --version 2.0.0 --key publisher.key \
   --smoke-input model2/smoke-in.npy --smoke-output model2/smoke-out.npy --out iris-2.0.0.mfb
 modelfleet push iris-2.0.0.mfb

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from devkit.models import write_iris
+from bench.devkit.models import write_iris
 from tests.support.fleet import free_port
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.devkit.models import SMOKE_INPUT, iris_model, iris_reference
+from bench.devkit.proxies import MitmProxy
 from control_plane.cli.publish import build_bundle
-from devkit.models import SMOKE_INPUT, iris_model, iris_reference
-from devkit.proxies import MitmProxy
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active

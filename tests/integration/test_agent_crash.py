@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.failpoints import KILL_POINTS
-from devkit.models import iris_model
+from bench.devkit.models import iris_model
 from tests.support.agents import enroll_agent, eventually, infer, resolves_to, wait_active
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from devkit.proxies import LoopbackProxy, MitmProxy
+from bench.devkit.proxies import LoopbackProxy, MitmProxy
 from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, bundle_members, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane

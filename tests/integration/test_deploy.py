@@ -24,10 +24,10 @@ import yaml
 
 from agent.settings import load_file
 from agent.units import GPU_DROP_IN, render_agent_unit
+from bench.devkit.models import iris_model
 from control_plane.cli.common import CliError
 from control_plane.cli.serve import SETTINGS as SERVER_SETTINGS
 from control_plane.cli.serve import load_settings
-from devkit.models import iris_model
 from tests.support.agents import enroll_agent, eventually, wait_active
 from tests.support.bundles import Publisher, iris_bundle, make_publisher
 from tests.support.control_plane import ControlPlane

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devkit.models import iris_model
-from devkit.proxies import LoopbackProxy
+from bench.devkit.models import iris_model
+from bench.devkit.proxies import LoopbackProxy
 from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane

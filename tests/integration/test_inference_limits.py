@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from agent.daemon import Agent
+from bench.devkit.models import tile_onnx
 from control_plane.cli.publish import build_bundle
-from devkit.models import tile_onnx
 from tests.support.agents import enroll_agent, eventually, infer, running_agent
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.devkit.proxies import MitmProxy
 from control_plane.errors import ConfigError
-from devkit.proxies import MitmProxy
 from protocol.bundle import MEDIA_TYPE
 from protocol.desired import DesiredState
 from protocol.dsse import key_id

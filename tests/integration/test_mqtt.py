@@ -15,9 +15,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from bench.devkit.models import iris_model
 from control_plane.mqtt_auth import CONTROL_PLANE_USER
 from control_plane.state import MQTT
-from devkit.models import iris_model
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic

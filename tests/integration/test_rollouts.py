@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from bench.devkit.models import iris_model
 from control_plane.state import STATE
-from devkit.models import iris_model
 from protocol.desired import accept_desired
 from protocol.dsse import keyring, load_public_key
 from protocol.reports import ModelStatus, StatusReport

@@ -3,6 +3,6 @@
 ``services`` (PostgreSQL and the CI rule), ``bundles`` (publisher keys, bundles made in code),
 ``control_plane`` (a real control plane on loopback), ``agents`` (agents in-process, load),
 ``fleet`` (agent processes and traffic), ``broker`` (a mosquitto of a test's own). What the
-benches use too (tiny models, loopback proxies) lives in ``devkit/``, which both import;
+benches use too (tiny models, loopback proxies) lives in ``bench/devkit/``, which both import;
 neither imports the other.
 """

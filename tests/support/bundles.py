@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from control_plane.cli.publish import build_bundle
-from devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from protocol.dsse import generate_private_key, private_key_to_pem, public_key_to_pem
 
 

@@ -14,7 +14,7 @@ from agent.failpoints import Failpoints
 from agent.runtime import TFLiteModel, check_feeds
 from agent.store import LocalStore
 from agent.variants import choose_variant, providers_for
-from devkit.models import SMOKE_INPUT, iris_reference, iris_tflite
+from bench.devkit.models import SMOKE_INPUT, iris_reference, iris_tflite
 from protocol.manifest import FileEntry, Manifest, TensorSpec
 from protocol.versions import compare_versions
 

@@ -1,6 +1,6 @@
 """Tiny ONNX models made in code, for the tests, the benches and the demo; nothing is downloaded.
 
-``python -m devkit.models OUT_DIR [--seed N]`` writes ``model.onnx``, ``smoke-in.npy`` and
+``python -m bench.devkit.models OUT_DIR [--seed N]`` writes ``model.onnx``, ``smoke-in.npy`` and
 ``smoke-out.npy`` (the expected output, computed with numpy, not with the runtime).
 """
 
