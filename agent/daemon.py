@@ -233,7 +233,14 @@ class Agent:
         tasks = [*self._tasks, *([self.keyring.task] if self.keyring.task else [])]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: aiomqtt's disconnect waits for the broker's word with no timeout, so a broker
+        # that never answers held the exit forever (a test hung so); a second cancel ends it.
+        _, late = await asyncio.wait(tasks, timeout=15) if tasks else (set(), set())
+        for t in late:
+            log.warning("%s did not stop within 15s; cancelled again", t.get_name())
+            t.cancel()
+        if late:
+            await asyncio.wait(late, timeout=5)
         await self.outbox.drain(3)
         await self.client.__aexit__(None, None, None)
         self.executor.shutdown(wait=True, cancel_futures=True)
