@@ -16,10 +16,10 @@ from typing import Any
 from agent.client import enroll
 from agent.config import AgentConfig
 from agent.exceptions import AgentConfigError, AgentError
-from agent.facts import gather_facts
+from agent.host.facts import gather_facts
+from agent.host.systemd import Notifier
 from agent.settings import SETTINGS, load_file, merge, parse_rate, to_config
-from agent.state import Identity, StateDir
-from agent.systemd import Notifier
+from agent.storage.state import Identity, StateDir
 from agent.tls import client_context
 from protocol.exceptions import InvalidMessage
 from protocol.labels import check_labels, parse_labels
@@ -151,7 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _tls_options(rc)
     rc.set_defaults(func=cmd_rotate_credential)
 
-    from agent.install import register_install
+    from agent.host.install import register_install
 
     register_install(asub)
 
@@ -300,7 +300,7 @@ def cmd_rotate_credential(args: argparse.Namespace) -> int:
     never locked out, whichever order things happen in.
     """
     from agent.client import rotate_credential
-    from agent.statefile import write_json
+    from agent.storage.statefile import write_json
 
     try:
         s = merge(_cli_settings(args), _file_settings(args.config))
@@ -319,7 +319,7 @@ def cmd_rotate_credential(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Verify a bundle against the agent's trusted publishers and install it offline."""
-    from agent.offline import import_bundle
+    from agent.storage.offline import import_bundle
 
     try:
         s = merge(_cli_settings(args), _file_settings(args.config))

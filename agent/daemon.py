@@ -19,24 +19,24 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.buffer import MetricsBuffer
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
-from agent.facts import gather_facts
-from agent.failpoints import Failpoints
+from agent.host.facts import gather_facts
+from agent.host.failpoints import Failpoints
+from agent.host.systemd import Notifier
 from agent.keyring import KeyRing
-from agent.metrics import MetricsRecorder
 from agent.mqtt import MqttLink
+from agent.report.buffer import MetricsBuffer
+from agent.report.metrics import MetricsRecorder
 from agent.report.outbox import MetricsOutbox
 from agent.report.status import StatusReporter
-from agent.runtime import LoadedModel
 from agent.serving.app import start_serving
 from agent.serving.prom import Gauges
+from agent.serving.runtime import LoadedModel
 from agent.serving.table import RolledBack, ServingTable
-from agent.state import Identity, PersistentState, StateDir
-from agent.store import LocalStore
+from agent.storage.blobs import LocalStore
+from agent.storage.state import Identity, PersistentState, StateDir
 from agent.sync import DesiredSync
-from agent.systemd import Notifier
 from agent.tls import client_context
 from agent.update.updater import Updater
 from protocol.keyset import KeySet

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
 from agent.exceptions import TransportError
-from agent.state import StateDir
-from agent.trust import verified_manifest
+from agent.storage.state import StateDir
+from agent.update.trust import verified_manifest
 from protocol.desired import DesiredModel
 from protocol.exceptions import ProtocolError
 from protocol.keyset import follow_chain
@@ -76,7 +76,7 @@ class KeyRing:
 
     def verified_manifest(self, envelope: bytes, wanted: DesiredModel) -> Manifest:
         """The manifest of ``wanted`` in ``envelope``, signed by enough trusted publishers
-        (agent/trust.py); raises UpdateError."""
+        (agent/update/trust.py); raises UpdateError."""
         return verified_manifest(envelope, self.publishers, wanted, self.publisher_threshold)
 
     async def refresh(self) -> int:

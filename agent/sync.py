@@ -19,7 +19,7 @@ from agent.config import AgentConfig
 from agent.exceptions import TransportError
 from agent.keyring import KeyRing
 from agent.mqtt import MqttLink
-from agent.offline import imported
+from agent.storage.offline import imported
 from agent.update.updater import Updater
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel, accept_desired

@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from agent.metrics import MetricsRecorder
-from agent.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds
+from agent.report.metrics import MetricsRecorder
+from agent.serving.runtime import OnnxRuntimeModel, TFLiteModel, check_feeds
 from bench.devkit.models import mlp_onnx, mlp_tflite
 from bench.harness import (
     Processes,
@@ -40,7 +40,7 @@ from bench.harness import (
     wait_http,
     write_result,
 )
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 DIGITS = 5  # milliseconds to the ten-nanosecond

@@ -36,7 +36,7 @@ from bench.harness import (
     start_server,
     write_result,
 )
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 RAW_MQTT = r"""

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from bench.harness import Processes, machine, percentile_ms, start_server, write_result
-from control_plane.auth import (
+from control_plane.security.auth import (
     check_credential,
     hash_credential,
     hash_secret,

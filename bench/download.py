@@ -28,7 +28,7 @@ from agent.exceptions import TransportError
 from bench.devkit.models import iris_model
 from bench.devkit.proxies import CuttingProxy
 from bench.harness import Processes, machine, start_server, write_result
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 

@@ -6,8 +6,8 @@ Run a benchmark as a module from the top of the checkout (``python -m bench.inge
 Rules the benches keep:
 - ``bench/`` imports nothing from ``tests/``. What both need has one home, ``bench/devkit/``
   (not shipped; the tests import it, the benches never import the tests): tiny models in
-  ``bench.devkit.models``, loopback proxies in ``bench.devkit.proxies``. Bundles are built with ``control_plane.cli.publish.build_bundle``.
-- Simulated agents are ``control_plane.sim``'s, the ones ``modelfleet sim`` runs.
+  ``bench.devkit.models``, loopback proxies in ``bench.devkit.proxies``. Bundles are built with ``control_plane.catalog.build.build_bundle``.
+- Simulated agents are ``control_plane.sim.fleet``'s, the ones ``modelfleet sim`` runs.
 - Every latency figure is in milliseconds (``percentile_ms``, ``summary_ms``): samples are
   taken in seconds and converted once, here.
 - Every process a bench starts is stopped the same way (``Processes``): SIGTERM in reverse

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from agent import oip
+from agent.serving import oip
 from bench.devkit.models import mlp_onnx, tile_onnx
 from bench.harness import (
     Processes,
@@ -41,7 +41,7 @@ from bench.harness import (
     wait_http,
     write_result,
 )
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, public_key_to_pem
 
 SMALL = {

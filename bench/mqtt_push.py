@@ -1,7 +1,7 @@
 """MQTT push latency and MQTT status ingest of one control plane process.
 
 Starts a mosquitto and a `modelfleet server --mqtt` on loopback, enrolls simulated agents
-(``control_plane.sim``'s, the agents of `modelfleet sim`: one MQTT connection each, subscribed
+(``control_plane.sim.fleet``'s, the agents of `modelfleet sim`: one MQTT connection each, subscribed
 to their desired topics), then for groups of 1, 100 and 1,000 agents creates a one-stage
 rollout and times, per agent, the gap from the rollout request to the signed desired state
 arriving. Then it publishes status messages as fast as it can and reads how many per second
@@ -36,8 +36,8 @@ from bench.harness import (
     start_server,
     write_result,
 )
-from control_plane.cli.publish import build_bundle
-from control_plane.sim import Fleet, SimAgent, SimOptions
+from control_plane.catalog.build import build_bundle
+from control_plane.sim.fleet import Fleet, SimAgent, SimOptions
 from protocol.dsse import generate_private_key, public_key_to_pem
 from protocol.timeutil import format_time
 

@@ -16,22 +16,22 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from control_plane import audit, keyset
 from control_plane.api.dashboard import add_ui_routes
 from control_plane.api.middleware import MIDDLEWARES
 from control_plane.api.routes import add_api_routes
-from control_plane.auth import ensure_admin_token
-from control_plane.blobstore import open_blob_store
+from control_plane.catalog.blobstore import open_blob_store
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database, PoolLimits
-from control_plane.desired import DesiredSigner
-from control_plane.files import ensure_private_dir
-from control_plane.ingest import Ingestor
-from control_plane.keys import load_or_create_signing_key, load_trusted_publishers
-from control_plane.notify import DesiredNotifier
-from control_plane.ratelimit import RateLimiter
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.ingest import Ingestor
+from control_plane.fleet.notify import DesiredNotifier
+from control_plane.metrics.rollup import rollup
 from control_plane.rollout.controller import RolloutController
-from control_plane.rollup import rollup
+from control_plane.security import audit, keyset
+from control_plane.security.auth import ensure_admin_token
+from control_plane.security.files import ensure_private_dir
+from control_plane.security.keys import load_or_create_signing_key, load_trusted_publishers
+from control_plane.security.ratelimit import RateLimiter
 from control_plane.state import MQTT, STATE, Clock, State
 
 log = logging.getLogger("modelfleet.control_plane")
@@ -109,14 +109,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     ]
     if not state.db.is_sqlite:
         # Imported here: only a PostgreSQL deployment needs the driver's LISTEN/NOTIFY.
-        from control_plane.pgnotify import PgNotifyBridge
+        from control_plane.fleet.pgnotify import PgNotifyBridge
 
         pg = PgNotifyBridge(state.db.url, state.notifier)
         state.notifier.listeners.append(pg.send)
         tasks.append(asyncio.create_task(pg.run(), name="pg-notify"))
     if state.config.mqtt_url:
         # Imported here: only a deployment with a broker needs the MQTT client.
-        from control_plane.mqtt import MqttBridge
+        from control_plane.mqtt.bridge import MqttBridge
 
         bridge = MqttBridge(state.config, state.db, state.clock, state.store, state.ingest)
         app[MQTT] = bridge

@@ -36,7 +36,7 @@ class ServerConfig:
     trusted_publisher_files: tuple[Path, ...] = ()
     signing_key_file: Path | None = None  # None: <data_dir>/control-plane.key
     keyset_file: Path | None = None  # a signed key set to install at start (protocol/keyset.py)
-    credential_cost: int = 12  # log2 of scrypt's N for agent credentials (control_plane/auth.py)
+    credential_cost: int = 12  # log2 of scrypt's N for agent credentials (security/auth.py)
     max_bundle_bytes: int = 512 * MiB
     max_json_bytes: int = 1 * MiB
     long_poll_max_s: float = 60.0
@@ -53,7 +53,7 @@ class ServerConfig:
     mqtt_password: str | None = None
     mqtt_prefix: str = "modelfleet/v1"
     mqtt_ca_file: str | None = None  # for mqtts://: the CA that signed the broker's certificate
-    # Metric roll-ups (control_plane/rollup.py): how long each tier is kept, how often to run.
+    # Metric roll-ups (metrics/rollup.py): how long each tier is kept, how often to run.
     retention: Retention = field(default_factory=Retention)
     rollup_interval_s: float = 60.0
     # Blobs: None = the directory <data_dir>/blobs (shared by replicas when it is on shared
@@ -66,7 +66,7 @@ class ServerConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
-    # Connections (control_plane/netguard.py): a request head must arrive within
+    # Connections (control_plane/security/netguard.py): a request head must arrive within
     # header_timeout_s, an idle kept-alive connection closes after keepalive_timeout_s, a
     # JSON body must arrive within body_timeout_s, and at most max_connections are open (an
     # HTTP agent holds up to two: its long-poll and a report; an MQTT agent none).

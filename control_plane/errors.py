@@ -11,9 +11,11 @@
     │   ├── Conflict        the thing exists in a state that forbids the change
     │   ├── TooLarge        what was sent is over a limit
     │   └── Refused         well-formed, but a rule says no (an untrusted signature)
+    ├── BuildError          a bundle cannot be built from these files (publisher side)
     ├── DatabaseBusy        no database connection within the wait (pool exhausted, or the
     │                       server refuses more): 503 with Retry-After at the HTTP edge
     └── ConfigError         the server cannot start with the configuration it was given
+        └── SettingsError   a setting (option, MODELFLEET_* variable, --config key) is bad
 
 Services raise the domain errors; ``control_plane.api.errors`` maps each to its HTTP status
 in one table, and the MQTT bridge catches them without knowing HTTP. Refusals that only HTTP
@@ -81,3 +83,11 @@ class DatabaseBusy(ControlPlaneError):
 
 class ConfigError(ControlPlaneError):
     """Bad configuration: a missing key file, an unreadable trust directory, and the like."""
+
+
+class SettingsError(ConfigError):
+    """A setting is malformed or out of range; the message names it and where it came from."""
+
+
+class BuildError(ControlPlaneError):
+    """A bundle cannot be built: a model its runtime cannot load, or variants that disagree."""

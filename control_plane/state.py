@@ -14,15 +14,15 @@ from datetime import datetime
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from control_plane import audit
-from control_plane.blobstore import BlobStore
+from control_plane.catalog.blobstore import BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
-from control_plane.desired import DesiredSigner
-from control_plane.ingest import Ingestor
-from control_plane.notify import DesiredNotifier
-from control_plane.ratelimit import RateLimiter
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.ingest import Ingestor
+from control_plane.fleet.notify import DesiredNotifier
 from control_plane.rollout.controller import RolloutController
+from control_plane.security import audit
+from control_plane.security.ratelimit import RateLimiter
 
 Clock = Callable[[], datetime]
 

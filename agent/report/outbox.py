@@ -1,7 +1,7 @@
 """The metrics outbox: windows of the metrics recorder, numbered batches on disk, delivery.
 
 Every ``metrics_interval_s`` the recorder's window is cut into a batch with a sequence number
-persisted before use (agent/buffer.py), and the buffered batches are sent oldest first.
+persisted before use (agent/report/buffer.py), and the buffered batches are sent oldest first.
 
 Over HTTP a batch goes when the control plane answers that it stored it. Over MQTT the
 broker's PUBACK is not enough (a broker restart can lose what it had in flight to the control
@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.buffer import MetricsBuffer
 from agent.config import AgentConfig
 from agent.exceptions import TransportError
-from agent.metrics import MetricsRecorder
+from agent.report.buffer import MetricsBuffer
+from agent.report.metrics import MetricsRecorder
 from protocol.backoff import Backoff
 from protocol.reports import MetricsBatch
 

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.exceptions import TransportError
-from agent.state import StateDir
+from agent.storage.state import StateDir
 from protocol.backoff import Backoff
 from protocol.reports import StatusReport
 

@@ -6,7 +6,7 @@ reload changes them): a body over ``max_request_bytes`` or with more than
 ``max_response_elements``, before it is encoded. Small bodies (up to ``inline_json_bytes``)
 and answers (up to ``inline_json_elements`` values) are decoded and encoded on the event loop,
 where that costs a few milliseconds at most; larger ones are handled by at most
-``max_large_requests`` requests at a time, in a worker thread and in pieces (agent/oip.py),
+``max_large_requests`` requests at a time, in a worker thread and in pieces (agent/serving/oip.py),
 so one-row requests keep being answered while a big one is decoded or encoded. A body (with
 the wait for a large-request slot) and a streamed answer must each be through within
 ``body_timeout_s``.
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from agent import oip
 from agent.exceptions import InferenceInputError, InferenceLimitError, ModelNotLoaded
 from agent.netguard import ConnectionGuard, ConnectionLimits, GuardedSite
+from agent.serving import oip
 from agent.serving.prom import Gauges, render
 from agent.serving.table import ServingTable
 

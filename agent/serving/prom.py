@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.metrics import LATENCY_BUCKETS_S
+from agent.report.metrics import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from agent.serving.table import ServingTable

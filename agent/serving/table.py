@@ -24,9 +24,9 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.exceptions import ModelNotLoaded
-from agent.metrics import MetricsRecorder
-from agent.runtime import LoadedModel, check_feeds
+from agent.report.metrics import MetricsRecorder
 from agent.serving.health import Verdict, health_verdict, rollback_reason
+from agent.serving.runtime import LoadedModel, check_feeds
 from agent.serving.shadow import score_with_shadow
 
 log = logging.getLogger("modelfleet.agent")

@@ -19,14 +19,14 @@ from typing import Any
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
 from agent.exceptions import HttpStatusError, TransportError, UpdateError
-from agent.failpoints import Failpoints
+from agent.host.failpoints import Failpoints
 from agent.keyring import KeyRing
 from agent.mqtt import MqttLink
-from agent.ratelimit import TokenBucket
-from agent.store import LocalStore
+from agent.storage.blobs import LocalStore
 from agent.transport import NoRoute, Route, falls_back, first_route
 from agent.update.disk import room_for
-from agent.variants import choose_variant
+from agent.update.ratelimit import TokenBucket
+from agent.update.variants import choose_variant
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel
 from protocol.manifest import FileEntry

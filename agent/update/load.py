@@ -14,9 +14,9 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.exceptions import UpdateError
 from agent.keyring import KeyRing
-from agent.runtime import LoadedModel, load_model, run_smoke_test
-from agent.store import LocalStore
-from agent.variants import choose_variant, providers_for
+from agent.serving.runtime import LoadedModel, load_model, run_smoke_test
+from agent.storage.blobs import LocalStore
+from agent.update.variants import choose_variant, providers_for
 from protocol.desired import DesiredModel
 from protocol.manifest import Manifest
 

@@ -1,7 +1,7 @@
 """The updater: brings the serving table to the desired versions, and records what it did.
 
 It owns the agent's state file (the active versions, the highest versions, the history), the
-failed and progress records, and the reconcile loop: plan (agent/reconciler.py), fetch
+failed and progress records, and the reconcile loop: plan (agent/update/plan.py), fetch
 (agent/update/fetch.py), load and activate (agent/update/load.py), shadows, unload, prune. The
 sync hands it a desired state with `adopt` or `want`; anything else asks for a pass with
 `wake`. A roll back by the serving table arrives as `rolled_back`.
@@ -19,17 +19,17 @@ from typing import Any
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
 from agent.exceptions import TransportError, UpdateError
-from agent.failpoints import Failpoints
+from agent.host.failpoints import Failpoints
 from agent.keyring import KeyRing
 from agent.mqtt import MqttLink
-from agent.reconciler import plan
 from agent.serving.table import RolledBack, ServingTable
-from agent.state import PersistentState, StateDir
-from agent.store import LocalStore
+from agent.storage.blobs import LocalStore
+from agent.storage.state import PersistentState, StateDir
 from agent.update.disk import prune_plan
 from agent.update.downgrade import downgrade_refusal
 from agent.update.fetch import Fetcher
 from agent.update.load import Loader
+from agent.update.plan import plan
 from protocol.backoff import Backoff
 from protocol.desired import DesiredModel
 from protocol.reports import ModelStatus

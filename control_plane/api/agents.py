@@ -8,9 +8,11 @@ import logging
 
 from aiohttp import web
 
-from control_plane import credentials, desired, fleet, keyset
 from control_plane.api.request import json_response, query_number, read_json, st
 from control_plane.api.route import Route
+from control_plane.fleet import agents as fleet
+from control_plane.fleet import desired
+from control_plane.security import credentials, keyset
 from protocol.dsse import public_key_to_pem
 from protocol.labels import parse_selector
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane import audit
 from control_plane.api.request import json_response, query_number, st
 from control_plane.api.route import Route
+from control_plane.security import audit
 
 
 async def get_audit(request: web.Request) -> web.Response:

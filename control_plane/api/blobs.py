@@ -9,7 +9,7 @@ from aiohttp import web
 from control_plane.api.errors import ApiError
 from control_plane.api.request import st
 from control_plane.api.route import Route
-from control_plane.blobstore import BlobNotFound
+from control_plane.catalog.blobstore import BlobNotFound
 from protocol.digest import check_digest
 
 

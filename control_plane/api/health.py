@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from control_plane.api.request import json_response, st
 from control_plane.api.route import Route
-from control_plane.rollup import set_aside_count
+from control_plane.metrics.rollup import set_aside_count
 from control_plane.state import MQTT
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane import fleet
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
+from control_plane.fleet import agents as fleet
 from protocol.reports import metrics_from_json, status_from_json
 
 
@@ -15,7 +15,7 @@ async def post_status(request: web.Request) -> web.Response:
     agent_id = request.match_info["id"]
     state = st(request)
     body = fleet.parse_report_body(await read_json(request), agent_id)
-    # Stale (older than the stored status, control_plane/status_order.py): a 200 all the
+    # Stale (older than the stored status, control_plane/fleet/status_order.py): a 200 all the
     # same, so the agent does not send it again; its next report is newer.
     stored = await state.ingest.status(status_from_json(body))
     return json_response({"stored": stored, "stale": not stored})

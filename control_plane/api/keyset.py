@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from control_plane import keyset
 from control_plane.api.request import json_response, query_number, read_json, st
 from control_plane.api.route import Route
+from control_plane.security import keyset
 
 log = logging.getLogger("modelfleet.control_plane")
 

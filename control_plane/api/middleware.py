@@ -11,13 +11,13 @@ import re
 
 from aiohttp import web
 
-from control_plane import audit, credentials
 from control_plane.api.errors import ApiError, to_api
 from control_plane.api.request import PRINCIPAL, error_response, json_response, st
 from control_plane.api.route import Handler
-from control_plane.auth import AgentCaller, Operator, authenticate
 from control_plane.errors import DatabaseBusy, DomainError
-from control_plane.ratelimit import RateLimiter
+from control_plane.security import audit, credentials
+from control_plane.security.auth import AgentCaller, Operator, authenticate
+from control_plane.security.ratelimit import RateLimiter
 from protocol.exceptions import InvalidMessage
 
 log = logging.getLogger("modelfleet.control_plane")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from control_plane import keyset, registry
 from control_plane.api.errors import ApiError
 from control_plane.api.request import json_response, st
 from control_plane.api.route import Route
+from control_plane.catalog import registry
+from control_plane.security import keyset
 from protocol.bundle import BundleLimits
 from protocol.digest import check_digest
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane import reports
 from control_plane.api.request import json_response, st
 from control_plane.api.route import Route
+from control_plane.metrics import reports
 
 
 async def get_compare(request: web.Request) -> web.Response:

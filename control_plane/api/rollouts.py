@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane import keyset, rollouts
 from control_plane.api.errors import ApiError
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
+from control_plane.rollout import service as rollouts
+from control_plane.security import keyset
 
 
 async def post_rollout(request: web.Request) -> web.Response:

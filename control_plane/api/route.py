@@ -14,7 +14,7 @@ from aiohttp import web
 
 from control_plane.api.errors import ApiError
 from control_plane.api.request import PRINCIPAL
-from control_plane.auth import AgentCaller, Operator
+from control_plane.security.auth import AgentCaller, Operator
 from protocol.fields import check_plain
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

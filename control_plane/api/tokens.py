@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane import tokens
 from control_plane.api.errors import ApiError
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
+from control_plane.security import tokens
 
 
 async def post_token(request: web.Request) -> web.Response:

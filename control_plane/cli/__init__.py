@@ -13,9 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
-from control_plane import redact
-from control_plane.cli import operate, publish, security, serve
+from control_plane.cli import operate, publish, security, serve, sim
 from control_plane.cli.common import CliError
+from control_plane.errors import SettingsError
+from control_plane.security import redact
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -31,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.register(sub)
     operate.register(sub)
     security.register(sub)
-    from control_plane.sim import register as register_sim
-
-    register_sim(sub)
+    sim.register(sub)
     for ep in entry_points(group="modelfleet.cli"):
         ep.load()(sub)
     return parser
@@ -60,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"modelfleet: error: {exc}", file=sys.stderr)
         return exc.code
+    except SettingsError as exc:
+        print(f"modelfleet: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from control_plane.cli.common import CliError, add_client_options, api_call, read_file
-from control_plane.files import write_private
+from control_plane.security.files import write_private
 from protocol.dsse import key_id, load_private_key, load_public_key
 from protocol.exceptions import ProtocolError
 from protocol.keyset import (

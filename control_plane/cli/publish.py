@@ -7,14 +7,12 @@ import asyncio
 import io
 import json
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from control_plane.catalog.build import Variant, build_bundle, runtime_of
 from control_plane.cli.common import (
     CliError,
     add_client_options,
@@ -22,11 +20,11 @@ from control_plane.cli.common import (
     client_settings,
     read_file,
 )
-from control_plane.files import write_private
+from control_plane.errors import BuildError
+from control_plane.security.files import write_private
 from protocol.bundle import check_file, check_files, read_bundle, verify_bundle, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
-    MANIFEST_PAYLOAD_TYPE,
     Envelope,
     generate_private_key,
     key_id,
@@ -40,19 +38,10 @@ from protocol.dsse import (
 )
 from protocol.exceptions import ProtocolError
 from protocol.manifest import (
-    MODEL_MEDIA_TYPES,
-    NPY_MEDIA_TYPE,
-    NUMPY_DATATYPES,
-    ONNX_TYPES,
-    FileEntry,
-    Manifest,
-    SmokeTest,
-    TensorSpec,
     check_name,
     check_version,
     parse_manifest,
 )
-from protocol.timeutil import format_time
 
 VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VARIANT_KEYS = {"accelerator", "arch", "os", "minMemoryBytes"}
@@ -137,137 +126,6 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def onnx_signature(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Read inputs and outputs with ONNX Runtime; raises CliError when it cannot load them."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises untyped errors for any malformed model
-        raise CliError(f"not a model ONNX Runtime can load: {exc}") from None
-
-    def spec(a: object) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (a.shape or []))  # type: ignore[attr-defined]
-        return TensorSpec(a.name, ONNX_TYPES.get(a.type, "BYTES"), shape)  # type: ignore[attr-defined]
-
-    return tuple(spec(a) for a in sess.get_inputs()), tuple(spec(a) for a in sess.get_outputs())
-
-
-def tflite_signature(model: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Read inputs and outputs with LiteRT; raises CliError when it cannot load them."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        raise CliError("building a TFLite bundle needs ai-edge-litert installed") from None
-    try:
-        it = Interpreter(model_content=model)
-    except (ValueError, RuntimeError) as exc:
-        raise CliError(f"not a model LiteRT can load: {exc}") from None
-
-    def spec(d: dict) -> TensorSpec:
-        sig = d.get("shape_signature")
-        shape = sig if sig is not None and len(sig) else d["shape"]
-        datatype = NUMPY_DATATYPES.get(np.dtype(d["dtype"]).name, "BYTES")
-        return TensorSpec(d["name"], datatype, tuple(int(x) if x >= 0 else -1 for x in shape))
-
-    return (
-        tuple(spec(d) for d in it.get_input_details()),
-        tuple(spec(d) for d in it.get_output_details()),
-    )
-
-
-SIGNATURE_READERS = {"onnx": onnx_signature, "tflite": tflite_signature}
-
-
-def runtime_of(path: Path) -> str:
-    """The runtime a model file is for, by its extension; raises CliError for another."""
-    runtime = {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
-    if runtime is None:
-        raise CliError(f"{path}: a model file must end in .onnx or .tflite")
-    return runtime
-
-
-@dataclass(frozen=True)
-class Variant:
-    """An extra hardware variant of the model: preferred over the default when it fits."""
-
-    name: str
-    model: bytes
-    requires: dict[str, Any]
-
-
-def build_bundle(
-    model: bytes,
-    name: str,
-    version: str,
-    keys: list[Ed25519PrivateKey],
-    smoke: tuple[bytes, bytes] | None = None,
-    atol: float = 1e-4,
-    created: datetime | None = None,
-    runtime: str = "onnx",
-    variants: tuple[Variant, ...] = (),
-) -> tuple[bytes, Manifest]:
-    """Sign ``model`` (and its variants) into bundle bytes.
-
-    ``smoke`` is (input .npy bytes, expected output .npy bytes). Raises CliError for a model
-    the runtime cannot load, or a variant whose inputs and outputs differ from the model's.
-    """
-    read_signature = SIGNATURE_READERS[runtime]
-    inputs, outputs = read_signature(model)
-    ext = "onnx" if runtime == "onnx" else "tflite"
-    media = MODEL_MEDIA_TYPES[runtime]
-    files = {f"model.{ext}": model}
-    entries = []
-    for v in variants:
-        if read_signature(v.model) != (inputs, outputs):
-            raise CliError(f"variant {v.name!r} has other inputs or outputs than the model")
-        path = f"variants/{v.name}.{ext}"
-        files[path] = v.model
-        entries.append(
-            FileEntry(
-                path,
-                sha256_digest(v.model),
-                len(v.model),
-                media,
-                "model",
-                variant=v.name,
-                requires=v.requires,
-            )
-        )
-    entries.append(
-        FileEntry(
-            f"model.{ext}",
-            sha256_digest(model),
-            len(model),
-            media,
-            "model",
-            variant="default" if variants else None,
-        )
-    )
-    smoke_test = None
-    if smoke is not None:
-        for member, data in zip(("smoke/input.npy", "smoke/output.npy"), smoke, strict=True):
-            files[member] = data
-            entries.append(
-                FileEntry(member, sha256_digest(data), len(data), NPY_MEDIA_TYPE, "smoke")
-            )
-        smoke_test = SmokeTest("smoke/input.npy", "smoke/output.npy", atol=atol)
-    manifest = Manifest(
-        name=name,
-        version=version,
-        runtime=runtime,
-        created=format_time(created or datetime.now(UTC)),
-        files=tuple(entries),
-        inputs=inputs,
-        outputs=outputs,
-        smoke_test=smoke_test,
-    )
-    envelope = sign(MANIFEST_PAYLOAD_TYPE, manifest.to_bytes(), keys)
-    buf = io.BytesIO()
-    write_bundle(buf, envelope, files)
-    return buf.getvalue(), manifest
-
-
 def cmd_bundle_build(args: argparse.Namespace) -> int:
     """Build and sign a bundle."""
     try:
@@ -291,18 +149,24 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
                 raise CliError(f"{flag} {path} is not a .npy array: {exc}") from None
             arrays.append(data)
         smoke = (arrays[0], arrays[1])
-    runtime = runtime_of(args.model)
+    try:
+        runtime = runtime_of(args.model)
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
-    data, manifest = build_bundle(
-        read_file(args.model, "model"),
-        name,
-        version,
-        keys,
-        smoke,
-        args.tolerance,
-        runtime=runtime,
-        variants=variants,
-    )
+    try:
+        data, manifest = build_bundle(
+            read_file(args.model, "model"),
+            name,
+            version,
+            keys,
+            smoke,
+            args.tolerance,
+            runtime=runtime,
+            variants=variants,
+        )
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
     out = args.out or Path(f"{name}-{version}.mfb")
     write_private(out, data, 0o644)
     print(f"wrote {out}: {name} {version}, manifest {sha256_digest(manifest.to_bytes())}")
@@ -318,7 +182,11 @@ def _parse_variant(text: str, runtime: str) -> Variant:
     if not VARIANT_RE.fullmatch(name):
         raise CliError(f"--variant {name!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-'")
     path = Path(file_part)
-    if runtime_of(path) != runtime:
+    try:
+        variant_runtime = runtime_of(path)
+    except BuildError as exc:
+        raise CliError(f"--variant {name}: {exc}") from None
+    if variant_runtime != runtime:
         raise CliError(f"--variant {name}: {path} is not a {runtime} model like the default")
     requires: dict[str, Any] = {}
     for pair in filter(None, req_part.split(",")):

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from control_plane.cli.common import CliError, add_client_options, api_call
-from control_plane.scopes import SCOPES
+from control_plane.security.scopes import SCOPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +89,7 @@ async def _all_events(args: argparse.Namespace) -> tuple[list[dict[str, Any]], s
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Walk the whole chain; exit 1 when it is broken or does not reach --expect-head."""
-    from control_plane.audit import verify  # SQLAlchemy stays out of the agent's process
+    from control_plane.security.audit import verify  # SQLAlchemy stays out of the agent's process
 
     events, _ = asyncio.run(_all_events(args))
     v = verify(events)

@@ -130,7 +130,7 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(128))
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # scrypt of the credential (control_plane/auth.py), found by its lookup key.
+    # scrypt of the credential (control_plane/security/auth.py), found by its lookup key.
     credential_hash: Mapped[str] = mapped_column(String(128), unique=True)
     credential_lookup: Mapped[str | None] = mapped_column(
         String(16), nullable=True, index=True, unique=True
@@ -140,7 +140,7 @@ class Agent(Base):
     reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The agent's own order of the report ``status`` came from: a report is stored only when
-    # newer (control_plane/status_order.py). (0, 0) and no time: none stored yet, or old rows.
+    # newer (control_plane/fleet/status_order.py). (0, 0) and no time: none stored yet, or old rows.
     status_epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     status_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     status_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -258,7 +258,7 @@ class MetricRollup(Base):
     """Metric series of one agent and model version merged over a minute or an hour.
 
     Raw series older than the raw retention are merged into minute rows, minute rows into hour
-    rows, and hour rows are dropped after theirs (control_plane/rollup.py), so the metric
+    rows, and hour rows are dropped after theirs (control_plane/metrics/rollup.py), so the metric
     tables stay bounded however long a fleet runs.
     """
 
@@ -293,7 +293,7 @@ class MetricSetAside(Base):
     """A stored metric row the roll-up could not merge, moved out of the way with its reason.
 
     Kept as text, never read back into a tier; dropped with the hour tier's retention
-    (control_plane/rollup.py).
+    (control_plane/metrics/rollup.py).
     """
 
     __tablename__ = "metric_set_aside"
@@ -311,7 +311,7 @@ class MetricSetAside(Base):
 class AuditEvent(Base):
     """One entry of the append-only audit log; each row's hash covers the previous row's.
 
-    ``hash = sha256(prev_hash + canonical JSON of the row)`` (control_plane/audit.py), so an
+    ``hash = sha256(prev_hash + canonical JSON of the row)`` (security/audit.py), so an
     edited or deleted row breaks the chain from there on; ``modelfleet audit verify`` checks it.
     """
 

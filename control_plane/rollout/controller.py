@@ -26,14 +26,14 @@ from control_plane.db.models import (
     RolloutEvent,
     RolloutTarget,
 )
-from control_plane.desired import DesiredSigner
-from control_plane.notify import DesiredNotifier
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.notify import DesiredNotifier
+from control_plane.metrics.series import SkippedRows, series_rows, usable
 from control_plane.rollout.cohort import cohort_order
 from control_plane.rollout.cron import parse_cron
 from control_plane.rollout.gates import Aggregate
 from control_plane.rollout.machine import Event, Observation, RolloutView, Step, Waiting, step
 from control_plane.rollout.spec import RolloutSpec, spec_from_json
-from control_plane.rollup import SkippedRows, series_rows, usable
 from control_plane.setaside import is_transient, reason_of
 from protocol.labels import selector_from_json
 from protocol.timeutil import format_time, parse_time

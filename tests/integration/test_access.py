@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import text
 
 from control_plane.api.routes import ROUTES
-from control_plane.ratelimit import RateLimiter
-from control_plane.scopes import SCOPES
+from control_plane.security.ratelimit import RateLimiter
+from control_plane.security.scopes import SCOPES
 from control_plane.state import STATE
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane

@@ -9,7 +9,7 @@ import numpy as np
 
 from bench.devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from bench.devkit.proxies import MitmProxy
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from tests.support.agents import enroll_agent, eventually, infer, running_agent, wait_active
@@ -181,7 +181,7 @@ async def test_agent_restart_serves_without_the_control_plane(
 
 
 def test_state_files_are_private(tmp_path: Path) -> None:
-    from agent.state import Identity, StateDir
+    from agent.storage.state import Identity, StateDir
     from protocol.dsse import public_key_to_pem
 
     k = public_key_to_pem(generate_private_key().public_key()).decode()

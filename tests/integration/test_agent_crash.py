@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.failpoints import KILL_POINTS
+from agent.host.failpoints import KILL_POINTS
 from bench.devkit.models import iris_model
 from tests.support.agents import enroll_agent, eventually, infer, resolves_to, wait_active
 from tests.support.bundles import Publisher, iris_bundle

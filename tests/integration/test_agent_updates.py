@@ -10,7 +10,7 @@ import aiohttp
 
 from bench.devkit.models import iris_model, iris_tflite
 from bench.devkit.proxies import CuttingProxy
-from control_plane.cli.publish import Variant
+from control_plane.catalog.build import Variant
 from tests.support.agents import Load, enroll_agent, eventually, infer, running_agent, wait_active
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, start_control_plane, stored_requests

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.blobstore import (
+from control_plane.catalog.blobstore import (
     BlobNotFound,
     DirectoryBlobStore,
     S3BlobStore,

@@ -22,12 +22,12 @@ import aiohttp
 import pytest
 import yaml
 
+from agent.host.units import GPU_DROP_IN, render_agent_unit
 from agent.settings import load_file
-from agent.units import GPU_DROP_IN, render_agent_unit
 from bench.devkit.models import iris_model
-from control_plane.cli.common import CliError
-from control_plane.cli.serve import SETTINGS as SERVER_SETTINGS
-from control_plane.cli.serve import load_settings
+from control_plane.errors import SettingsError
+from control_plane.settings import SETTINGS as SERVER_SETTINGS
+from control_plane.settings import load_settings, server_config
 from tests.support.agents import enroll_agent, eventually, wait_active
 from tests.support.bundles import Publisher, iris_bundle, make_publisher
 from tests.support.control_plane import ControlPlane
@@ -136,19 +136,18 @@ def test_server_settings_precedence_and_errors(tmp_path: Path) -> None:
         ("port = \n", "TOML"),
     ]:
         cfg.write_text(text)
-        with pytest.raises(CliError, match=fragment):
+        with pytest.raises(SettingsError, match=fragment):
             load_settings(args, {})
-    from control_plane.cli.serve import _config
 
     for text, fragment in [
         ("credential_cost = 9\n", "credential_cost: 9 is not between"),
         ("keyset = '/no/such.json'\n", "no such file"),
     ]:
         cfg.write_text(text)
-        with pytest.raises(CliError, match=fragment):
-            _config(args)
+        with pytest.raises(SettingsError, match=fragment):
+            server_config(args)
     cfg.write_text("credential_cost = 12\n")
-    assert _config(args).credential_cost == 12
+    assert server_config(args).credential_cost == 12
 
 
 def test_agent_toml_errors_name_the_setting(tmp_path: Path) -> None:

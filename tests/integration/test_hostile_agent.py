@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.config import Retention
-from control_plane.mqtt import MAX_IN_FLIGHT
-from control_plane.rollup import rollup
+from control_plane.metrics.rollup import rollup
+from control_plane.mqtt.bridge import MAX_IN_FLIGHT
 from control_plane.state import MQTT, STATE
 from protocol.reports import MetricsBatch, ModelStatus, SeriesWindow, StatusReport
 from protocol.sketch import DDSketch

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from control_plane import rollup as rollup_module
 from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import (
@@ -33,9 +32,10 @@ from control_plane.db.models import (
     Rollout,
     RolloutEvent,
 )
-from control_plane.mqtt import MAX_IN_FLIGHT
-from control_plane.notify import DesiredNotifier
-from control_plane.rollup import HOUR, MINUTE, rollup
+from control_plane.fleet.notify import DesiredNotifier
+from control_plane.metrics import rollup as rollup_module
+from control_plane.metrics.rollup import HOUR, MINUTE, rollup
+from control_plane.mqtt.bridge import MAX_IN_FLIGHT
 from control_plane.state import MQTT, STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.sketch import DDSketch
@@ -503,7 +503,7 @@ async def test_a_raising_listener_breaks_neither_the_caller_nor_the_waiters() ->
 async def test_garbage_notifications_leave_the_listener_listening(pg_url: str) -> None:
     import asyncpg
 
-    from control_plane.pgnotify import CHANNEL, PgNotifyBridge
+    from control_plane.fleet.pgnotify import CHANNEL, PgNotifyBridge
 
     notifier = DesiredNotifier()
     bridge = PgNotifyBridge(pg_url, notifier)

@@ -21,7 +21,7 @@ import pytest
 
 from agent.daemon import Agent
 from bench.devkit.models import tile_onnx
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from tests.support.agents import enroll_agent, eventually, infer, running_agent
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane

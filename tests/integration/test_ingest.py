@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from control_plane.db.models import Agent, MetricBatch, MetricSeries
 from control_plane.errors import NotFound
-from control_plane.ingest import Ingestor
+from control_plane.fleet.ingest import Ingestor
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow, StatusReport
 from protocol.timeutil import format_time

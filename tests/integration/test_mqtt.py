@@ -16,7 +16,7 @@ import aiomqtt
 import pytest
 
 from bench.devkit.models import iris_model
-from control_plane.mqtt_auth import CONTROL_PLANE_USER
+from control_plane.mqtt.broker_auth import CONTROL_PLANE_USER
 from control_plane.state import MQTT
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
@@ -99,7 +99,7 @@ def _payload(envelope: str) -> str:
 
 async def _genuine(cp: ControlPlane, agent_id: str, generation: int) -> bytes:
     """A genuine older document, re-signed exactly as the control plane signed it then."""
-    from control_plane.keys import load_or_create_signing_key
+    from control_plane.security.keys import load_or_create_signing_key
 
     key = load_or_create_signing_key(cp.config.data_dir / "control-plane.key")
     now = datetime.now(UTC)

@@ -10,11 +10,12 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from control_plane import reports
 from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import MetricBatch, MetricRollup, MetricSeries
-from control_plane.rollup import HOUR, MINUTE, rollup, series_rows, table_sizes
+from control_plane.metrics import reports
+from control_plane.metrics.rollup import HOUR, MINUTE, rollup, table_sizes
+from control_plane.metrics.series import series_rows
 from control_plane.state import STATE
 from protocol.reports import MetricsBatch, SeriesWindow
 from tests.support.bundles import Publisher, iris_bundle

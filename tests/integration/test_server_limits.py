@@ -23,12 +23,12 @@ from aiohttp import web
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 
-from control_plane import audit
 from control_plane.app import create_app
 from control_plane.db.engine import Database, PoolLimits
 from control_plane.db.models import AuditEvent
 from control_plane.errors import DatabaseBusy
-from control_plane.netguard import ConnectionLimits, GuardedSite
+from control_plane.security import audit
+from control_plane.security.netguard import ConnectionLimits, GuardedSite
 from control_plane.state import STATE, State
 from tests.support.agents import eventually
 from tests.support.broker import Broker

@@ -21,12 +21,12 @@ import aiomqtt
 import pytest
 from sqlalchemy import select, update
 
-from control_plane import fleet
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent
-from control_plane.ingest import store_batch
+from control_plane.fleet import agents as fleet
+from control_plane.fleet.ingest import store_batch
+from control_plane.fleet.status_order import StatusOrder
 from control_plane.state import MQTT, STATE
-from control_plane.status_order import StatusOrder
 from protocol.reports import ModelStatus, StatusReport
 from protocol.topics import agent_topic
 from tests.support.agents import (

@@ -15,7 +15,7 @@ import aiohttp
 from agent.client import enroll
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.state import Identity, StateDir
+from agent.storage.state import Identity, StateDir
 from tests.support.control_plane import ControlPlane
 
 

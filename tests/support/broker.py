@@ -18,7 +18,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from control_plane.mqtt_auth import CONTROL_PLANE_USER, acl_file, mosquitto_hash, password_file
+from control_plane.mqtt.broker_auth import (
+    CONTROL_PLANE_USER,
+    acl_file,
+    mosquitto_hash,
+    password_file,
+)
 from tests.support.bundles import Publisher
 from tests.support.control_plane import ControlPlane, cp_config
 from tests.support.fleet import MODELFLEET, free_port

@@ -12,7 +12,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.devkit.models import SMOKE_INPUT, iris_model, iris_reference
-from control_plane.cli.publish import build_bundle
+from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, private_key_to_pem, public_key_to_pem
 
 

@@ -81,7 +81,7 @@ def cp_config(tmp_path: Path, db_url: str, publisher: Publisher) -> ServerConfig
         db_url=db_url,
         trusted_publisher_files=(publisher.pub_path,),
         long_poll_recheck_s=0.5,
-        rollup_interval_s=3600,  # tests that roll up call control_plane.rollup themselves
+        rollup_interval_s=3600,  # tests that roll up call control_plane.metrics.rollup themselves
     )
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.buffer import MetricsBuffer
 from agent.exceptions import UpdateError
-from agent.failpoints import Failpoints
-from agent.runtime import TFLiteModel, check_feeds
-from agent.store import LocalStore
-from agent.variants import choose_variant, providers_for
+from agent.host.failpoints import Failpoints
+from agent.report.buffer import MetricsBuffer
+from agent.serving.runtime import TFLiteModel, check_feeds
+from agent.storage.blobs import LocalStore
+from agent.update.variants import choose_variant, providers_for
 from bench.devkit.models import SMOKE_INPUT, iris_reference, iris_tflite
 from protocol.manifest import FileEntry, Manifest, TensorSpec
 from protocol.versions import compare_versions
@@ -156,7 +156,7 @@ def test_unknown_failpoint_is_refused() -> None:
 async def test_token_bucket_holds_downloads_to_the_rate() -> None:
     import time
 
-    from agent.ratelimit import TokenBucket
+    from agent.update.ratelimit import TokenBucket
 
     bucket = TokenBucket(1_000_000)  # 1 MB/s, with a burst of one second's worth
     t0 = time.monotonic()
@@ -191,10 +191,10 @@ def test_the_agent_process_does_not_import_the_server_stack() -> None:
 
 
 def test_agent_credentials_are_stored_as_salted_scrypt() -> None:
-    """control_plane/auth.py: what a stolen copy of the database holds."""
+    """control_plane/security/auth.py: what a stolen copy of the database holds."""
     import hashlib
 
-    from control_plane.auth import check_credential, credential_lookup, hash_credential
+    from control_plane.security.auth import check_credential, credential_lookup, hash_credential
 
     secret = "mfc_" + "s" * 43
     a, b = hash_credential(secret), hash_credential(secret)
@@ -256,8 +256,8 @@ async def test_a_runtime_key_error_is_an_inference_failure_not_a_missing_model(
 
     from agent.config import AgentConfig
     from agent.exceptions import ModelNotLoaded
-    from agent.metrics import MetricsRecorder
-    from agent.runtime import LoadedModel
+    from agent.report.metrics import MetricsRecorder
+    from agent.serving.runtime import LoadedModel
     from agent.serving.table import ServingTable
 
     with ThreadPoolExecutor(1) as pool:

@@ -14,8 +14,8 @@ from control_plane.api.errors import ApiError
 from control_plane.api.request import PRINCIPAL
 from control_plane.api.route import Auth, Route, check_access
 from control_plane.api.routes import ROUTES
-from control_plane.auth import AgentCaller, Operator
-from control_plane.desired import expiring
+from control_plane.fleet.desired import expiring
+from control_plane.security.auth import AgentCaller, Operator
 
 
 async def _ok(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""agent/oip.py: any body is parsed or refused by name, never another error; answers round-trip."""
+"""agent/serving/oip.py: any body is parsed or refused by name; answers round-trip."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import oip
 from agent.exceptions import InferenceInputError
+from agent.serving import oip
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 scalars = st.one_of(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.reconciler import plan
+from agent.update.plan import plan
 from protocol.desired import DesiredModel
 
 A1 = DesiredModel("a", "1", "sha256:" + "1" * 64)

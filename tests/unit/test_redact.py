@@ -1,4 +1,4 @@
-"""Secrets are redacted from log records (control_plane/redact.py)."""
+"""Secrets are redacted from log records (control_plane/security/redact.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from control_plane import auth, redact
+from control_plane.security import auth, redact
 
 
 def test_prefixes_are_the_ones_auth_issues() -> None:

@@ -1,4 +1,4 @@
-"""control_plane/rollup.py: which stored sketches a reader may merge (the one check left to it
+"""metrics/rollup.py: which stored sketches a reader may merge (the one check left to it
 once DDSketch.from_json took the accuracy and the bin range)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_plane.rollup import MAX_COUNT, BadRow, checked_sketch
+from control_plane.metrics.series import MAX_COUNT, BadRow, checked_sketch
 from protocol.sketch import MAX_KEY, MIN_KEY, DDSketch
 
 

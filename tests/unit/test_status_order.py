@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.state import StateDir
-from control_plane.status_order import StatusOrder
+from agent.storage.state import StateDir
+from control_plane.fleet.status_order import StatusOrder
 from protocol.exceptions import InvalidMessage
 from protocol.reports import MAX_ORDER, StatusReport, status_from_json
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.facts import gather_facts
+from agent.host.facts import gather_facts
 from protocol.digest import check_digest
 from protocol.exceptions import InvalidMessage, ProtocolError
 from protocol.facts import MAX_ENCODED_BYTES, MAX_KEYS, check_facts, valid_facts

@@ -4,7 +4,7 @@ Every latency figure comes from merged DDSketches (never an average of percentil
 million inferences is each agent's declared hourly cost over the window, summed per group and
 divided by the requests the group served (so it is weighted by requests).
 
-A stored row that cannot be merged (see control_plane/rollup.py) is left out of a report, not
+A stored row that cannot be merged (see metrics/rollup.py) is left out of a report, not
 answered with a 500: the report says how many it left out (``skipped_rows``) and the rows are
 counted once in the ``SkippedRows`` the caller passes (the control plane's, shown by /health).
 """
@@ -22,8 +22,8 @@ from sqlalchemy import select
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, Model, ModelVersion, Rollout
 from control_plane.errors import NotFound
+from control_plane.metrics.series import SeriesRow, SkippedRows, series_rows, usable
 from control_plane.rollout.spec import parse_duration
-from control_plane.rollup import SeriesRow, SkippedRows, series_rows, usable
 from protocol.exceptions import InvalidMessage
 from protocol.facts import MAX_COST_PER_HOUR, valid_facts
 from protocol.manifest import check_name

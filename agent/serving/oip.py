@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from agent.exceptions import InferenceInputError, InferenceLimitError
-from agent.runtime import DATATYPE_OF, DTYPES
+from agent.serving.runtime import DATATYPE_OF, DTYPES
 
 MAX_DIM = 2**63  # a dimension is a non-negative 64-bit integer
 MAX_RANK = 32

@@ -7,7 +7,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from control_plane.errors import ConfigError
-from control_plane.files import write_private
+from control_plane.security.files import write_private
 from protocol.dsse import (
     generate_private_key,
     keyring,

@@ -2,7 +2,7 @@
 
 What is redacted, wherever it appears in a message, its arguments, an exception's text or a
 stack: ``Bearer <anything>``; API tokens, agent credentials and enrollment tokens by their
-prefixes (``mfa_``, ``mfc_``, ``mfe_``, see ``control_plane/auth.py``); the value after a
+prefixes (``mfa_``, ``mfc_``, ``mfe_``, see ``control_plane/security/auth.py``); the value after a
 key that names a secret (``password=…``, ``"credential": "…"``, ``token: …``); a password in
 a URL (``mqtt://user:pw@host``); and any exact string registered with :func:`add_secret` (the
 control plane's own broker password, whose shape is not known in advance).
@@ -18,7 +18,7 @@ import logging
 import re
 
 MASK = "[redacted]"
-# The prefixes of control_plane/auth.py (API_TOKEN_PREFIX, AGENT_CREDENTIAL_PREFIX,
+# The prefixes of control_plane/security/auth.py (API_TOKEN_PREFIX, AGENT_CREDENTIAL_PREFIX,
 # ENROLLMENT_TOKEN_PREFIX); tests/unit/test_redact.py holds the two lists together.
 SECRET_PREFIXES = ("mfa_", "mfc_", "mfe_")
 

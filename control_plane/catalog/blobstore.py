@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from control_plane.files import write_private
+from control_plane.security.files import write_private
 from protocol.digest import digest_hex
 
 CHUNK = 256 * 1024

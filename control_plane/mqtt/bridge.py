@@ -34,13 +34,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
-from control_plane import registry
-from control_plane.blobstore import BlobNotFound, BlobStore
+from control_plane.catalog import registry
+from control_plane.catalog.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import DomainError
-from control_plane.ingest import Ingestor
+from control_plane.fleet.ingest import Ingestor
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
 from protocol.digest import check_digest

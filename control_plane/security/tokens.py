@@ -8,11 +8,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from control_plane.auth import API_TOKEN_PREFIX, hash_secret, new_secret
 from control_plane.db.engine import Database
 from control_plane.db.models import ApiToken
 from control_plane.errors import Invalid, NotFound
-from control_plane.scopes import SCOPES
+from control_plane.security.auth import API_TOKEN_PREFIX, hash_secret, new_secret
+from control_plane.security.scopes import SCOPES
 from protocol.fields import get_number, get_str
 from protocol.timeutil import format_time
 

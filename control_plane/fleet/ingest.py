@@ -25,12 +25,12 @@ from sqlalchemy import BigInteger, Boolean, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane import fleet
 from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, MetricBatch, MetricSeries, UTCDateTime
 from control_plane.errors import NotFound
-from control_plane.status_order import StatusOrder, supersedes_stored
+from control_plane.fleet import agents as fleet
+from control_plane.fleet.status_order import StatusOrder, supersedes_stored
 from protocol.reports import MetricsBatch, StatusReport
 
 log = logging.getLogger("modelfleet.control_plane.ingest")
@@ -43,7 +43,7 @@ ROWS_PER_STATEMENT = 1000
 _agents = Agent.__table__
 # Core executemany: the ORM's bulk UPDATE costs about as much per row as the database does.
 # Conditional: a row changes only when the report is newer than what it holds (see
-# control_plane/status_order.py), so a late report never replaces a newer one, whichever
+# control_plane/fleet/status_order.py), so a late report never replaces a newer one, whichever
 # replica or transport stored that. last_seen_at is set for every report, stale or not, below.
 STATUS_UPDATE = (
     update(_agents)
@@ -224,7 +224,7 @@ class Ingestor:
         self.db = db
         self.clock = clock
         self.max_batch = max_batch
-        # Metric batches older than this are past the dedupe horizon (control_plane/rollup.py):
+        # Metric batches older than this are past the dedupe horizon (metrics/rollup.py):
         # acknowledged and dropped, so a very late retry can never be counted twice.
         self.max_age = timedelta(seconds=max_age_s)
         self.too_old = 0

@@ -9,7 +9,7 @@ Layout (all files 0600, written atomically)::
                          decides the publishers (k-of-n) and the control plane keys instead
     state.json           highest generation accepted, active versions, next metrics seq
     status-epoch         the epoch of this run's status reports (grows at every start)
-    blobs/, manifests/   the local content-addressed store (agent/store.py)
+    blobs/, manifests/   the local content-addressed store (agent/storage/blobs.py)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.exceptions import AgentConfigError
-from agent.statefile import read_json, write_atomic, write_json
+from agent.storage.statefile import read_json, write_atomic, write_json
 from protocol.dsse import keyring, load_public_key
 from protocol.exceptions import InvalidMessage, ProtocolError
 from protocol.keyset import KeySet, open_first

@@ -22,10 +22,9 @@ from control_plane.db.models import (
     RolloutEvent,
     RolloutTarget,
 )
-from control_plane.desired import DesiredSigner
 from control_plane.errors import Conflict, NotFound, Refused
-from control_plane.keyset import PublisherTrust
-from control_plane.notify import DesiredNotifier
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.notify import DesiredNotifier
 from control_plane.rollout.controller import (
     add_events,
     refresh_agents,
@@ -41,6 +40,7 @@ from control_plane.rollout.machine import (
     command,
 )
 from control_plane.rollout.spec import parse_spec
+from control_plane.security.keyset import PublisherTrust
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, parse_envelope, verify
 from protocol.exceptions import ProtocolError
 from protocol.timeutil import format_time

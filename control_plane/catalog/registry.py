@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.blobstore import BlobStore
+from control_plane.catalog.blobstore import BlobStore
 from control_plane.db.engine import Database
 from control_plane.db.models import Blob, Model, ModelVersion
 from control_plane.errors import Conflict, DomainError, Invalid, NotFound, Refused
-from control_plane.keyset import PublisherTrust
+from control_plane.security.keyset import PublisherTrust
 from protocol.bundle import Bundle, BundleLimits, read_bundle, verify_bundle
 from protocol.exceptions import DigestMismatch, InvalidMessage, ProtocolError, SignatureError
 from protocol.timeutil import format_time

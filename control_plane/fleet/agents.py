@@ -12,15 +12,6 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.auth import (
-    AGENT_CREDENTIAL_PREFIX,
-    ENROLLMENT_TOKEN_PREFIX,
-    SCRYPT_LOG2_N,
-    credential_lookup,
-    hash_credential,
-    hash_secret,
-    new_secret,
-)
 from control_plane.db.engine import Database
 from control_plane.db.models import (
     Agent,
@@ -29,11 +20,20 @@ from control_plane.db.models import (
     MetricBatch,
     MetricSeries,
 )
-from control_plane.desired import DesiredSigner
 from control_plane.errors import Forbidden, Invalid, NotFound, Unauthenticated
-from control_plane.mqtt_auth import mosquitto_hash, new_password
-from control_plane.reports import agent_state
-from control_plane.status_order import StatusOrder, newer_than_stored, order_values
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.status_order import StatusOrder, newer_than_stored, order_values
+from control_plane.metrics.reports import agent_state
+from control_plane.mqtt.broker_auth import mosquitto_hash, new_password
+from control_plane.security.auth import (
+    AGENT_CREDENTIAL_PREFIX,
+    ENROLLMENT_TOKEN_PREFIX,
+    SCRYPT_LOG2_N,
+    credential_lookup,
+    hash_credential,
+    hash_secret,
+    new_secret,
+)
 from protocol.exceptions import InvalidMessage
 from protocol.facts import check_facts, valid_facts
 from protocol.fields import get_int, get_number, get_str, get_str_map, require_object
@@ -286,7 +286,7 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> boo
     """Keep an agent's status if it is newer than the stored one; False when it is stale.
 
     True means the agent's stored status is now this report (a duplicate of the stored one
-    too). A stale report (control_plane/status_order.py) is still a sign of life: it moves
+    too). A stale report (control_plane/fleet/status_order.py) is still a sign of life: it moves
     ``last_seen_at`` and nothing else. Raises NotFound for an unknown or revoked agent.
     """
     async with db.write() as s:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.exceptions import UpdateError
-from agent.state import StateDir
-from agent.statefile import read_json, write_json
-from agent.store import LocalStore
+from agent.storage.blobs import LocalStore
+from agent.storage.state import StateDir
+from agent.storage.statefile import read_json, write_json
 from protocol.bundle import read_bundle, verify_bundle
 from protocol.exceptions import ProtocolError
 

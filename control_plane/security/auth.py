@@ -28,7 +28,7 @@ from sqlalchemy import Row, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Agent, ApiToken
-from control_plane.files import write_private
+from control_plane.security.files import write_private
 
 if TYPE_CHECKING:
     from control_plane.db.engine import Database

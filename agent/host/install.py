@@ -19,11 +19,11 @@ from pathlib import Path
 
 from agent.client import enroll
 from agent.exceptions import AgentError
-from agent.facts import gather_facts
+from agent.host.facts import gather_facts
+from agent.host.units import GPU_DROP_IN, render_agent_unit
 from agent.settings import load_file
-from agent.state import Identity, StateDir
-from agent.statefile import write_atomic
-from agent.units import GPU_DROP_IN, render_agent_unit
+from agent.storage.state import Identity, StateDir
+from agent.storage.statefile import write_atomic
 from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_labels
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from agent.statefile import write_atomic
+from agent.storage.statefile import write_atomic
 from protocol.digest import digest_hex
 from protocol.dsse import parse_envelope
 from protocol.exceptions import ProtocolError

@@ -1,7 +1,7 @@
 """Agent credentials: rotation without downtime, and revocation that cuts an agent off.
 
 Rotation: the agent asks for a new credential with its current one; the new one is stored as
-``next_credential_hash`` (scrypt, control_plane/auth.py) beside the old, so the agent keeps
+``next_credential_hash`` (scrypt, control_plane/security/auth.py) beside the old, so the agent keeps
 working with either while it writes the new one to disk and picks it up; the first request
 made with the new one retires the old.
 Revocation: both hashes are replaced by values no secret hashes to, the MQTT password hash is
@@ -18,7 +18,11 @@ from datetime import datetime
 
 from sqlalchemy import delete, update
 
-from control_plane.auth import (
+from control_plane.db.engine import Database
+from control_plane.db.models import Agent, DesiredStateRow
+from control_plane.errors import NotFound
+from control_plane.fleet.desired import DesiredSigner
+from control_plane.security.auth import (
     AGENT_CREDENTIAL_PREFIX,
     SCRYPT_LOG2_N,
     credential_lookup,
@@ -26,10 +30,6 @@ from control_plane.auth import (
     is_legacy,
     new_secret,
 )
-from control_plane.db.engine import Database
-from control_plane.db.models import Agent, DesiredStateRow
-from control_plane.desired import DesiredSigner
-from control_plane.errors import NotFound
 
 
 async def rotate(db: Database, agent_id: str, cost: int = SCRYPT_LOG2_N) -> str:

@@ -18,7 +18,7 @@ import re
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from control_plane.notify import DesiredNotifier
+from control_plane.fleet.notify import DesiredNotifier
 from control_plane.setaside import is_transient, printable, reason_of
 from protocol.backoff import Backoff
 

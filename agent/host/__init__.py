@@ -1,0 +1,1 @@
+"""This machine: its facts, systemd (notify protocol, unit, install) and crash-test failpoints."""

@@ -1,0 +1,1 @@
+"""The agent's state directory: identity and accepted state, atomic files, blobs, imports."""

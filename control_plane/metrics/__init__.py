@@ -1,0 +1,1 @@
+"""What agents measured: roll-ups and retention of metric windows, and reports read from them."""

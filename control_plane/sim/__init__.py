@@ -1,0 +1,1 @@
+"""A fleet simulator: many agents in one process that speak the real protocol."""
