@@ -1,8 +1,9 @@
 """What an agent may declare about its machine: the facts schema, one check for every path.
 
-An agent sends facts at enrollment and in every status report (``agent/facts.py`` gathers them,
-the daemon adds ``servePort``, enrollment may add ``costPerHour``). The control plane stores them,
-lists them and uses a few (cost, hardware), so they are held to a flat, bounded shape:
+An agent sends facts at enrollment and in every status report (``agent/host/facts.py`` gathers
+them, the daemon adds ``servePort``, enrollment may add ``costPerHour``). The control plane
+stores them, lists them and uses a few (cost, hardware), so they are held to a flat, bounded
+shape:
 
 * Known keys have fixed types (``KNOWN``). ``runtimes`` maps a runtime name to a small object;
   ``gpus`` is a list of small objects; ``accelerators`` a list of short names.

@@ -2,7 +2,7 @@
 
 Rows stored before keep their sha256 (it verifies, and is re-stored as scrypt at the
 credential's first use); their lookup key is the first 16 hex digits of that sha256, which
-is exactly what control_plane/auth.py computes from a presented credential.
+is exactly what control_plane/security/auth.py computes from a presented credential.
 
 Revision ID: 0010
 Revises: 0009
