@@ -228,6 +228,7 @@ class Agent:
         # loops, flush metrics once, disconnect.
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.serving.aclose()
         if self.mqtt is not None:
             await self.mqtt.say_offline()
         tasks = [*self._tasks, *([self.keyring.task] if self.keyring.task else [])]

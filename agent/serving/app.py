@@ -132,7 +132,8 @@ async def _infer(
     try:
         feeds, request_id = await asyncio.to_thread(parse, cooperative=True) if large else parse()
         del body, parse
-        lm, outputs = await table.infer(name, feeds)
+        done = await table.infer(name, feeds)
+        lm, outputs = done.model, done.outputs
         values = oip.check_answer(outputs, max_elements=cfg.max_response_elements)
     except InferenceLimitError as exc:
         return _error(413, str(exc))

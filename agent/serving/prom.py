@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.report.metrics import LATENCY_BUCKETS_S
+from agent.serving.stats import Histogram
 
 if TYPE_CHECKING:
     from agent.serving.table import ServingTable
@@ -34,6 +35,46 @@ def _labels(**kv: str) -> str:
 
 def _family(name: str, kind: str, help_: str, samples: Iterable[str]) -> list[str]:
     return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
+
+
+def _histogram(name: str, labels: dict[str, str], h: Histogram) -> list[str]:
+    out = []
+    cumulative = 0
+    for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        out.append(f"{name}_bucket{_labels(**labels, le=le)} {cumulative}")
+    out.append(f"{name}_sum{_labels(**labels)} {h.total}")
+    out.append(f"{name}_count{_labels(**labels)} {h.count}")
+    return out
+
+
+def _serving_stats(table: ServingTable) -> list[str]:
+    """Queue time, compute time and batch size per model version (answered requests)."""
+    stats = table.stats.snapshot()
+    lines: list[str] = []
+    for metric, help_, pick in (
+        (
+            "modelfleet_inference_queue_seconds",
+            "Seconds a request waited for its batch or a worker.",
+            lambda s: s.queue_s,
+        ),
+        (
+            "modelfleet_inference_compute_seconds",
+            "Seconds of the runtime call a request was part of.",
+            lambda s: s.compute_s,
+        ),
+        (
+            "modelfleet_inference_batch_size",
+            "Rows of the runtime call a request was part of.",
+            lambda s: s.batch_size,
+        ),
+    ):
+        samples: list[str] = []
+        for (m, v), s in stats:
+            samples += _histogram(metric, {"model": m, "version": v}, pick(s))
+        lines += _family(metric, "histogram", help_, samples)
+    return lines
 
 
 def render(table: ServingTable, gauges: Gauges) -> str:
@@ -78,6 +119,7 @@ def render(table: ServingTable, gauges: Gauges) -> str:
     lines += _family(
         "modelfleet_inference_latency_seconds", "histogram", "Inference latency.", hist
     )
+    lines += _serving_stats(table)
     active = table.snapshot()
     lines += _family(
         "modelfleet_model_active",

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.exceptions import InferenceInputError, UpdateError
+from agent.serving.batching import BatchPolicy
 from protocol.manifest import NUMPY_DATATYPES, ONNX_TYPES, TensorSpec
 
 # Open Inference Protocol datatypes to numpy.
@@ -224,3 +225,7 @@ class LoadedModel:
     runtime: Runtime
     variant: str = "default"
     runtime_name: str = "onnx"
+    # Dynamic batching (None: each request runs alone) and how many batches may run at once
+    # (the model's sessions): the manifest's execution settings under the agent's overrides.
+    batching: BatchPolicy | None = None
+    instances: int = 1

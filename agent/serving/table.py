@@ -1,11 +1,13 @@
 """The serving table: which version of each model answers, its health window, its shadow.
 
-It owns the loaded models and everything a request touches: ``infer`` runs on the serving
-version (with the shadow scoring a sample of requests), counts each request in the metrics
-recorder and in the health window, and rolls a failing new version back at once. What the
-rest of the agent must do about a roll back (state file, status, no retry) it hears through
-the ``on_rolled_back`` event. Readers (the OIP app, /metrics, the status report) take
-snapshots.
+It owns the loaded models and everything a request touches: ``infer`` (the one entry point
+that every protocol front end calls, REST and gRPC alike) runs on the serving version,
+through the model's dynamic batcher when its manifest or the agent's config asks for one
+(with the shadow scoring a sample of requests), counts each request in the metrics recorder,
+the per-model serving statistics and the health window, and rolls a failing new version back
+at once. What the rest of the agent must do about a roll back (state file, status, no retry)
+it hears through the ``on_rolled_back`` event. Readers (the OIP apps, /metrics, the status
+report) take snapshots.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import numpy as np
 from agent.config import AgentConfig
 from agent.exceptions import ModelNotLoaded
 from agent.report.metrics import MetricsRecorder
+from agent.serving.batching import Batcher, BatchRunError, RunFn, run_alone
 from agent.serving.health import Verdict, health_verdict, rollback_reason
 from agent.serving.runtime import LoadedModel, check_feeds
 from agent.serving.shadow import score_with_shadow
+from agent.serving.stats import ServingStats
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -51,6 +55,19 @@ class RolledBack:
     new: LoadedModel
     previous: LoadedModel | None
     reason: str
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One answered request: the version that answered, its outputs, and what the request
+    cost (seconds queued for a batch or a worker, seconds of the runtime call it was part of,
+    rows of that call: 1 or its own rows when it ran alone)."""
+
+    model: LoadedModel
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    compute_s: float
+    batch_size: int
 
 
 def _delayed(run: Any, delay_s: float, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,6 +94,25 @@ class ServingTable:
         self._probation: dict[str, Probation] = {}
         self._shadows: dict[str, tuple[LoadedModel, float]] = {}  # name -> (old version, sample)
         self._wanted: frozenset[str] = frozenset()
+        self.stats = ServingStats()
+        # Manifest digest -> the batcher of that version; a batcher has a task only while
+        # requests are queued, and those of versions that stopped serving are closed here.
+        self._batchers: dict[str, Batcher] = {}
+        self._retired: list[Batcher] = []
+
+    async def __aenter__(self) -> ServingTable:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every batcher (requests still queued fail)."""
+        batchers = [*self._batchers.values(), *self._retired]
+        self._batchers.clear()
+        self._retired.clear()
+        for b in batchers:
+            await b.aclose()
 
     def reconfigure(self, config: AgentConfig) -> None:
         self.config = config
@@ -116,6 +152,7 @@ class ServingTable:
     def restore(self, lm: LoadedModel) -> None:
         """Serve a version that was active before a restart (no health window)."""
         self.models[lm.name] = lm
+        self._retire_batchers()
 
     def activate(self, lm: LoadedModel) -> None:
         """Swap ``lm`` in and watch it through the health window, the one it replaces kept."""
@@ -129,11 +166,13 @@ class ServingTable:
     def unload(self, name: str) -> None:
         self.models.pop(name, None)
         self._probation.pop(name, None)
+        self._retire_batchers()
 
     def end_passed_windows(self, now: float) -> None:
         """Let go of the previous versions whose health window is over."""
         for name in [n for n, p in self._probation.items() if now > p.until]:
             del self._probation[name]
+        self._retire_batchers()
 
     def shadowed(self) -> dict[str, str]:
         """Model name -> manifest digest of the version scoring in its shadow."""
@@ -144,38 +183,83 @@ class ServingTable:
 
     def drop_shadow(self, name: str) -> None:
         self._shadows.pop(name, None)
+        self._retire_batchers()
 
     # ------------------------------------------------------------------------ requests
 
-    async def infer(
-        self, name: str, feeds: dict[str, np.ndarray]
-    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Run one inference on the serving version; raises ModelNotLoaded for an unknown
-        model, InferenceInputError for bad input, and the runtime's error when inference fails
-        (a KeyError from the runtime included: it is not the model's absence)."""
+    def serving(self, name: str, version: str | None = None) -> LoadedModel:
+        """The version of ``name`` serving now; raises ModelNotLoaded when there is none, or
+        when ``version`` is given and is not the one serving."""
         lm = self.models.get(name)
         if lm is None:
             raise ModelNotLoaded(f"model {name!r} is not loaded on this agent")
+        if version is not None and version != lm.version:
+            raise ModelNotLoaded(
+                f"version {version!r} of model {name!r} is not loaded on this agent "
+                f"(it serves {lm.version!r})"
+            )
+        return lm
+
+    async def infer(
+        self, name: str, feeds: dict[str, np.ndarray], *, version: str | None = None
+    ) -> Inference:
+        """Run one request on the serving version of ``name`` (``version``: only if it is the
+        one serving); ``feeds`` maps input names to decoded arrays.
+
+        This is the one entry point of every protocol (REST, gRPC): the request is checked
+        against the model's signature, joins the model's dynamic batch when it has one, and is
+        counted. Raises ModelNotLoaded for a model or version not serving,
+        InferenceInputError for input that does not fit the model, and the runtime's error
+        when inference fails (a KeyError from the runtime included: it is not the model's
+        absence).
+        """
+        lm = self.serving(name, version)
         check_feeds(lm.runtime, feeds)
-        loop = asyncio.get_running_loop()
         shadow = self._shadows.get(name)
         if shadow is not None and random.random() < shadow[1]:
-            return lm, await self._infer_with_shadow(lm, shadow[0], feeds)
-        run = lm.runtime.run
+            return await self._infer_with_shadow(lm, shadow[0], feeds)
+        submitted = time.perf_counter()
+        try:
+            if lm.batching is not None:
+                result = await self._batcher(lm).submit(feeds)
+            else:
+                result = await run_alone(self.executor, self._run_fn(lm), feeds, submitted)
+        except BatchRunError as exc:
+            self._count(lm, exc.queue_s + exc.compute_s, error=True)
+            raise exc.error from None
+        self._count(lm, result.queue_s + result.compute_s, error=False)
+        self.stats.record(lm.name, lm.version, result.queue_s, result.compute_s, result.batch_size)
+        return Inference(lm, result.outputs, result.queue_s, result.compute_s, result.batch_size)
+
+    def _run_fn(self, lm: LoadedModel) -> RunFn:
+        run: RunFn = lm.runtime.run
         if self.config.added_latency_s:
             run = functools.partial(_delayed, run, self.config.added_latency_s)
-        t0 = time.perf_counter()
-        try:
-            out = await loop.run_in_executor(self.executor, run, feeds)
-        except Exception:
-            self._count(lm, time.perf_counter() - t0, error=True)
-            raise
-        self._count(lm, time.perf_counter() - t0, error=False)
-        return lm, out
+        return run
+
+    def _batcher(self, lm: LoadedModel) -> Batcher:
+        b = self._batchers.get(lm.manifest_digest)
+        if b is None:
+            assert lm.batching is not None
+            b = Batcher(
+                run=self._run_fn(lm),
+                policy=lm.batching,
+                executor=self.executor,
+                concurrency=lm.instances,
+            )
+            self._batchers[lm.manifest_digest] = b
+        return b
+
+    def _retire_batchers(self) -> None:
+        """Batchers of versions no longer held stop taking requests once their queue is done."""
+        held = self.held_digests() | {lm.manifest_digest for lm, _ in self._shadows.values()}
+        for digest in [d for d in self._batchers if d not in held]:
+            self._retired.append(self._batchers.pop(digest))
+        self._retired = [b for b in self._retired if b.busy()]
 
     async def _infer_with_shadow(
         self, lm: LoadedModel, old: LoadedModel, feeds: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    ) -> Inference:
         """Answer with the live version; score the same input with the old one for drift."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -187,10 +271,12 @@ class ServingTable:
             self._count(lm, time.perf_counter() - t0, error=True)
             raise
         # The shadow's own time is not the live version's latency.
-        self._count(lm, time.perf_counter() - t0 - shadow_s, error=False)
+        compute_s = time.perf_counter() - t0 - shadow_s
+        self._count(lm, compute_s, error=False)
+        self.stats.record(lm.name, lm.version, 0.0, compute_s, 1)
         if drift is not None:
             self.metrics.record_shadow(lm.name, lm.version, drift, agree)
-        return out
+        return Inference(lm, out, 0.0, compute_s, 1)
 
     def _count(self, lm: LoadedModel, latency_s: float, error: bool) -> None:
         self.metrics.record(lm.name, lm.version, latency_s, error)
@@ -228,4 +314,5 @@ class ServingTable:
             self.models[new.name] = p.previous
         else:
             self.models.pop(new.name, None)
+        self._retire_batchers()
         self._on_rolled_back(RolledBack(new, p.previous, reason))

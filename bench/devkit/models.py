@@ -295,3 +295,25 @@ def tile_onnx(channels: int = 3, size: int = 224, repeat: int = 1) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def lookup_onnx(rows: int = 10, width: int = 3, seed: int = 0) -> bytes:
+    """idx[N] int64 -> y[N, width] = T[idx], a constant table of ``rows`` rows.
+
+    An index out of range fails the whole runtime call, whatever the other rows hold: the
+    batching tests join a bad request with good ones and each must keep its own answer.
+    """
+    table = np.random.default_rng(seed).normal(size=(rows, width)).astype(np.float32)
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["N"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["T", "idx"], ["y"], axis=0)],
+        "lookup",
+        [idx],
+        [y],
+        [numpy_helper.from_array(table, "T")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
