@@ -8,15 +8,16 @@ from control_plane.api.errors import ApiError
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
 from control_plane.rollout import service as rollouts
+from control_plane.rollout.spec import COMMANDS, parse_command, parse_spec
 from control_plane.security import keyset
 
 
 async def post_rollout(request: web.Request) -> web.Response:
     """Create a rollout; the controller starts it at once."""
     state = st(request)
-    body = await read_json(request)
+    spec = parse_spec(await read_json(request))
     trust = await keyset.publisher_trust(state.db, state.trusted)
-    rollout_id = await rollouts.create_rollout(state.db, body, state.clock(), trust)
+    rollout_id = await rollouts.create_rollout(state.db, spec, state.clock(), trust)
     await state.controller.advance_one(rollout_id)
     return json_response(await rollouts.get_rollout(state.db, rollout_id), 201)
 
@@ -35,15 +36,12 @@ async def post_rollout_command(request: web.Request) -> web.Response:
     """pause, resume, promote or abort (body ``{"rollback": false}`` keeps moved agents)."""
     state = st(request)
     action = request.match_info["action"]
-    if action not in ("pause", "resume", "promote", "abort"):
+    if action not in COMMANDS:  # a path that names no command is not found, not malformed
         raise ApiError(404, "unknown_command", f"no rollout command {action!r}", "action")
-    body = await read_json(request) if request.can_read_body else {}
-    rollback = body.get("rollback", True)
-    if not isinstance(rollback, bool):
-        raise ApiError(400, "invalid", "rollback must be true or false", "rollback")
+    cmd = parse_command(action, await read_json(request) if request.can_read_body else {})
     rollout_id = request.match_info["id"]
     await rollouts.run_command(
-        state.db, state.signer, state.notifier, rollout_id, action, rollback, state.clock()
+        state.db, state.signer, state.notifier, rollout_id, cmd, state.clock()
     )
     state.controller.kick()
     return json_response(await rollouts.get_rollout(state.db, rollout_id))

@@ -39,7 +39,7 @@ from control_plane.rollout.machine import (
     RolloutView,
     command,
 )
-from control_plane.rollout.spec import parse_spec
+from control_plane.rollout.spec import RolloutCommand, RolloutSpec
 from control_plane.security.keyset import PublisherTrust
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, parse_envelope, verify
 from protocol.exceptions import ProtocolError
@@ -68,15 +68,15 @@ def _still_trusted(mv: ModelVersion, model: str, trust: PublisherTrust) -> None:
 
 
 async def create_rollout(
-    db: Database, body: dict[str, Any], now: datetime, trust: PublisherTrust | None = None
+    db: Database, spec: RolloutSpec, now: datetime, trust: PublisherTrust | None = None
 ) -> str:
     """Record a new rollout (pending until the controller starts it); return its id.
 
-    Raises InvalidMessage for a bad body, NotFound when the version is not published, 422
-    when its signatures no longer meet ``trust`` (agents would refuse it) and 409 when it would
-    touch agents an active rollout of the same model holds.
+    ``spec`` is parsed at the edge (``rollout.spec.parse_spec``). Raises NotFound when the
+    version is not published, Refused when its signatures no longer meet ``trust`` (agents
+    would refuse it) and Conflict when it would touch agents an active rollout of the same
+    model holds (unless it supersedes that one).
     """
-    spec = parse_spec(body)
     rollout_id = str(uuid.uuid4())
     async with db.write() as s:
         mv = await s.scalar(
@@ -316,18 +316,17 @@ async def run_command(
     signer: DesiredSigner,
     notifier: DesiredNotifier,
     rollout_id: str,
-    name: str,
-    rollback: bool,
+    cmd: RolloutCommand,
     now: datetime,
 ) -> None:
-    """pause | resume | promote | abort; raises NotFound, or Conflict (not in that state)."""
+    """Run ``cmd`` on the rollout; raises NotFound, or Conflict (not in a state for it)."""
     changed: list[str] = []
     async with db.write() as s:
         r = await s.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
         if r is None:
             raise NotFound("rollout_not_found", f"no rollout {rollout_id}", "id")
         try:
-            st = command(view_of(r), name, rollback)
+            st = command(view_of(r), cmd.action, cmd.rollback)
         except CommandError as exc:
             raise Conflict("invalid_state", str(exc)) from None
         add_events(s, r.id, st.events, now)

@@ -408,3 +408,31 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
 def spec_from_json(doc: dict[str, Any]) -> RolloutSpec:
     """Read back a stored spec (the JSON form)."""
     return parse_spec(doc)
+
+
+COMMANDS = ("pause", "resume", "promote", "abort")
+
+
+@dataclass(frozen=True)
+class RolloutCommand:
+    """An operator's command to a rollout; ``rollback`` (abort only) moves agents back."""
+
+    action: str
+    rollback: bool = True
+
+
+def parse_command(action: str, body: object) -> RolloutCommand:
+    """The command named in the URL with its body; raises InvalidMessage naming the field."""
+    if action not in COMMANDS:
+        raise InvalidMessage(
+            f"no rollout command {action!r}: one of {', '.join(COMMANDS)}", "action"
+        )
+    if not isinstance(body, dict):
+        raise InvalidMessage("the body must be a JSON object", "body")
+    unknown = sorted(set(body) - {"rollback"})
+    if unknown:
+        raise InvalidMessage(f"{unknown[0]} is not a field of a rollout command", unknown[0])
+    rollback = body.get("rollback", True)
+    if not isinstance(rollback, bool):
+        raise InvalidMessage("rollback must be true or false", "rollback")
+    return RolloutCommand(action, rollback)

@@ -25,6 +25,8 @@ from control_plane.rollout.machine import (
 )
 from control_plane.rollout.spec import (
     DEFAULT_MAX_STALL_S,
+    RolloutCommand,
+    parse_command,
     parse_duration,
     parse_spec,
     parse_stages_text,
@@ -556,3 +558,23 @@ def test_a_baseline_p95_below_the_sketch_resolution_gives_no_infinite_ratio() ->
     gates = [g for e in sim.events for g in (e.figures or {}).get("gates", [])]
     ratio = [g for g in gates if g["gate"] == "max_p95_latency_ratio"]
     assert ratio and all(g["value"] is None and g["outcome"] == "pass" for g in ratio), ratio
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "field"),
+    [
+        ("explode", {}, "action"),
+        ("abort", [], "body"),
+        ("abort", {"rollback": "yes"}, "rollback"),
+        ("pause", {"rollback": True, "force": True}, "force"),
+    ],
+)
+def test_a_rollout_command_is_parsed_at_the_edge(action: str, body: object, field: str) -> None:
+    with pytest.raises(InvalidMessage) as err:
+        parse_command(action, body)
+    assert err.value.field == field
+
+
+def test_a_rollout_command_rolls_back_unless_told_not_to() -> None:
+    assert parse_command("abort", {}) == RolloutCommand("abort", rollback=True)
+    assert parse_command("abort", {"rollback": False}).rollback is False
