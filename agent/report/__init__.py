@@ -1,1 +1,1 @@
-"""Reporting to the control plane: the status reporter (and, later, the metrics outbox)."""
+"""Reporting to the control plane: the status reporter, the metrics recorder, outbox and buffer."""

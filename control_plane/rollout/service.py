@@ -1,4 +1,4 @@
-"""Rollouts over REST: create (with overlap checks), show, list, and operator commands.
+"""Rollouts as a service: create (with overlap checks), show, list, and operator commands.
 
 The controller (control_plane/rollout/controller.py) moves them; this module only records
 what operators ask for and renders what happened.

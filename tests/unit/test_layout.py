@@ -142,3 +142,28 @@ def test_the_checks_see_a_circle_and_a_crossing() -> None:
     tree = ast.parse("from . import x\nfrom ..p import q\nif TYPE_CHECKING:\n    import z\n")
     got = set(_imports(tree, "pkg.sub.mod", is_package=False))
     assert {"pkg.sub.x", "pkg.p.q", "z"} <= got
+
+
+def _importers_of(prefix: str) -> dict[str, set[str]]:
+    """Modules importing ``prefix`` or a module under it, with what they import."""
+    out: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        hits = {t for t in targets if t == prefix or t.startswith(f"{prefix}.")}
+        if hits and not (module == prefix or module.startswith(f"{prefix}.")):
+            out[module] = hits
+    return out
+
+
+def test_services_never_speak_http() -> None:
+    # Services raise domain errors and take typed requests; only the REST edge (api/) and the
+    # wiring (app.py) know its types, so MQTT and any later transport reuse them (ADR 14).
+    wrong = {
+        m: t for m, t in _importers_of("control_plane.api").items() if m != "control_plane.app"
+    }
+    assert not wrong, f"outside control_plane/api: {wrong}"
+
+
+def test_library_code_never_lives_in_a_command_line_module() -> None:
+    # The CLI parses arguments and calls the library; nothing else may need a CLI module.
+    wrong = {**_importers_of("control_plane.cli"), **_importers_of("agent.cli")}
+    assert not wrong, f"imports of a CLI module: {wrong}"
