@@ -63,7 +63,13 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
             config.trusted_publisher_files, config.data_dir / "trusted-publishers"
         ),
         clock=clock,
-        controller=RolloutController(db, signer, notifier, clock, config.controller_interval_s),
+        controller=RolloutController(
+            db=db,
+            signer=signer,
+            notifier=notifier,
+            clock=clock,
+            interval_s=config.controller_interval_s,
+        ),
         ingest=Ingestor(db, clock, max_age_s=config.retention.batches_s),
         limiter=RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         if config.rate_limit_per_s > 0
@@ -118,7 +124,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Imported here: only a deployment with a broker needs the MQTT client.
         from control_plane.mqtt.bridge import MqttBridge
 
-        bridge = MqttBridge(state.config, state.db, state.clock, state.store, state.ingest)
+        bridge = MqttBridge(
+            state.config, state.db, state.clock, store=state.store, ingest=state.ingest
+        )
         app[MQTT] = bridge
         state.notifier.listeners.append(bridge.notify)
         tasks.append(asyncio.create_task(bridge.run(), name="mqtt-bridge"))

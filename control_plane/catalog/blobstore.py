@@ -110,7 +110,12 @@ class S3BlobStore:
     """Objects named by their sha256 digest in an S3-compatible bucket."""
 
     def __init__(
-        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client: Any = None
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        client: Any = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")

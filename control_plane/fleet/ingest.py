@@ -218,6 +218,7 @@ class Ingestor:
         self,
         db: Database,
         clock: Callable[[], datetime],
+        *,
         max_batch: int = 1000,
         max_age_s: float = Retention().batches_s,
     ) -> None:

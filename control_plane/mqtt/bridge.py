@@ -80,6 +80,7 @@ class MqttBridge:
         config: ServerConfig,
         db: Database,
         clock: Callable[[], datetime],
+        *,
         store: BlobStore | None = None,
         ingest: Ingestor | None = None,
     ) -> None:

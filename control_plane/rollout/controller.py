@@ -271,6 +271,7 @@ class RolloutController:
 
     def __init__(
         self,
+        *,
         db: Database,
         signer: DesiredSigner,
         notifier: DesiredNotifier,

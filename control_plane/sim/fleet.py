@@ -122,7 +122,7 @@ class SimAgent:
     """One simulated agent."""
 
     def __init__(
-        self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str, index: int = 0
+        self, fleet: Fleet, enrolled: dict[str, Any], behaviour: str, *, index: int = 0
     ) -> None:
         self.fleet = fleet
         self.e = enrolled
@@ -345,7 +345,7 @@ async def _start_agents(
                         f"{server}/api/v1/agents/enroll", json={"token": token, "name": f"sim-{i}"}
                     ) as r:
                         if r.status == 201:
-                            return SimAgent(fleet, await r.json(), behaviours[i - first], i)
+                            return SimAgent(fleet, await r.json(), behaviours[i - first], index=i)
                         if r.status < 500:
                             raise SimError(f"enrollment refused ({r.status}): {await r.text()}")
                 except (aiohttp.ClientError, TimeoutError):
