@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Test processes: the suite mostly waits on I/O, so more workers than cores pays.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo test soak bench lint clean
+.PHONY: venv demo test soak bench lint clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "modelfleet needs Python 3.11+"'
@@ -38,6 +38,17 @@ bench: venv
 	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
 	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
 	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'
+
+# The gRPC OIP messages from agent/serving/proto/grpc_predict_v2.proto (see the README there).
+# grpcio-tools is pinned: the protobuf release it embeds is the oldest runtime the module loads
+# on (the grpc extra's protobuf floor).
+PROTO := agent/serving/proto
+proto: venv
+	$(BIN)/pip install --quiet 'grpcio-tools==1.76.0'
+	$(BIN)/python -m grpc_tools.protoc -I$(PROTO) --python_out=$(PROTO) --pyi_out=$(PROTO) \
+	  $(PROTO)/grpc_predict_v2.proto
+	sed -i 's/_descriptor_pool.Default()/_descriptor_pool.DescriptorPool()/' \
+	  $(PROTO)/grpc_predict_v2_pb2.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -133,6 +133,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     limits.add_argument(
         "--max-connections", type=int, help="open connections to the serve port (256); more: 503"
     )
+    g = r.add_argument_group("gRPC Open Inference Protocol (the grpc extra)")
+    g.add_argument("--grpc", metavar="HOST:PORT", help="serve gRPC OIP there (default: off)")
+    g.add_argument(
+        "--grpc-token-file",
+        metavar="FILE",
+        help="bearer tokens (one a line) a gRPC call must carry one of (default: none asked)",
+    )
+    g.add_argument("--grpc-cert", metavar="PEM", help="TLS certificate of the gRPC port")
+    g.add_argument("--grpc-key", metavar="PEM", help="its private key")
+    g.add_argument(
+        "--grpc-client-ca", metavar="PEM", help="ask gRPC clients for certificates it signed"
+    )
     _tls_options(r)
     r.set_defaults(func=cmd_run)
 

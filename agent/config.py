@@ -79,3 +79,12 @@ class AgentConfig:
     keepalive_timeout_s: float = 15.0
     body_timeout_s: float = 60.0
     max_connections: int = 256
+    # gRPC OIP (agent/serving/grpc.py): off while grpc_host is None. With grpc_tokens, every
+    # call must carry one of them as a bearer token; with a certificate and key the port speaks
+    # TLS, and with a client CA as well it asks every client for a certificate (mutual TLS).
+    grpc_host: str | None = None
+    grpc_port: int = 8511
+    grpc_tokens: tuple[str, ...] = ()
+    grpc_cert_file: str | None = None
+    grpc_key_file: str | None = None
+    grpc_client_ca_file: str | None = None

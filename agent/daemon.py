@@ -15,12 +15,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from agent.client import ControlPlaneClient
 from agent.config import AgentConfig
+from agent.exceptions import AgentConfigError
 from agent.host.facts import gather_facts
 from agent.host.failpoints import Failpoints
 from agent.host.systemd import Notifier
@@ -41,6 +43,9 @@ from agent.tls import client_context
 from agent.update.updater import Updater
 from protocol.keyset import KeySet
 from protocol.reports import ModelStatus, StatusReport
+
+if TYPE_CHECKING:
+    from agent.serving.grpc import GrpcServer
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -111,6 +116,8 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.serve_port: int | None = None
+        self._grpc: GrpcServer | None = None
+        self.grpc_port: int | None = None
         self.mqtt = self._mqtt_link()
         self.updater = Updater(
             config=config,
@@ -207,6 +214,12 @@ class Agent:
             self.config.serve_host,
             self.serve_port,
         )
+        if self.config.grpc_host is not None:
+            try:
+                self.grpc_port = await self._start_grpc()
+            except BaseException:
+                await self.__aexit__(None, None, None)
+                raise
         loops = [
             ("sync", self.sync.run()),
             ("reconcile", self.updater.run()),
@@ -226,8 +239,10 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         # Order: stop taking requests and drain them (aiohttp waits up to drain_s), stop the
         # loops, flush metrics once, disconnect.
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await asyncio.gather(
+            *([self._runner.cleanup()] if self._runner is not None else []),
+            *([self._grpc.__aexit__(None, None, None)] if self._grpc is not None else []),
+        )
         await self.serving.aclose()
         if self.mqtt is not None:
             await self.mqtt.say_offline()
@@ -247,6 +262,27 @@ class Agent:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.buffer.close()
 
+    async def _start_grpc(self) -> int:
+        """Start the gRPC OIP server (the grpc extra, imported only now); its bound port.
+        Raises AgentConfigError without the extra, OSError when it cannot listen."""
+        try:
+            from agent.serving.grpc import GrpcServer, GrpcTls
+        except ImportError as exc:
+            raise AgentConfigError(
+                f"--grpc needs the grpc extra (pip install 'modelfleet[grpc]'): {exc}"
+            ) from None
+        cfg = self.config
+        assert cfg.grpc_host is not None
+        tls = None
+        if cfg.grpc_cert_file and cfg.grpc_key_file:
+            ca = Path(cfg.grpc_client_ca_file) if cfg.grpc_client_ca_file else None
+            tls = GrpcTls(Path(cfg.grpc_cert_file), Path(cfg.grpc_key_file), ca)
+        server = GrpcServer(table=self.serving, host=cfg.grpc_host, port=cfg.grpc_port, tls=tls)
+        await server.__aenter__()
+        self._grpc = server
+        log.info("gRPC inference on %s:%s", cfg.grpc_host, server.port)
+        return server.port
+
     async def _restore(self) -> None:
         """Serve what was active before a restart, and resume the last accepted desired state."""
         self.sync.restore()
@@ -255,22 +291,23 @@ class Agent:
     def reload(self, config: AgentConfig) -> None:
         """Take a re-read configuration (SIGHUP); raises AgentConfigError for a bad one.
 
-        Trusted keys, intervals, health and download settings change at once; the serve
-        address and the state directory need a restart.
+        Trusted keys, intervals, health and download settings (and the gRPC tokens) change at
+        once; the serve and gRPC addresses, the gRPC TLS files and the state directory need a
+        restart.
         """
-        if (config.state_dir, config.serve_host, config.serve_port) != (
-            self.config.state_dir,
-            self.config.serve_host,
-            self.config.serve_port,
-        ):
-            log.warning("serve address and state directory changes need a restart")
-            old = self.config
-            config = replace(
-                config,
-                state_dir=old.state_dir,
-                serve_host=old.serve_host,
-                serve_port=old.serve_port,
-            )
+        fixed = (
+            "state_dir",
+            "serve_host",
+            "serve_port",
+            "grpc_host",
+            "grpc_port",
+            "grpc_cert_file",
+            "grpc_key_file",
+            "grpc_client_ca_file",
+        )
+        if any(getattr(config, f) != getattr(self.config, f) for f in fixed):
+            log.warning("serve address, gRPC and state directory changes need a restart")
+            config = replace(config, **{f: getattr(self.config, f) for f in fixed})
         self.keyring.reconfigure(config)
         identity = self.dirs.load_identity()
         if identity.credential != self.identity.credential:

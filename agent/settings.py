@@ -129,6 +129,12 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "keepalive_timeout": (_positive(float), AgentConfig.keepalive_timeout_s),
     "body_timeout": (_positive(float), AgentConfig.body_timeout_s),
     "max_connections": (_positive(int), AgentConfig.max_connections),
+    # gRPC OIP: off unless an address is given.
+    "grpc": (_string, None),
+    "grpc_token_file": (_string, None),
+    "grpc_cert": (_string, None),
+    "grpc_key": (_string, None),
+    "grpc_client_ca": (_string, None),
 }
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
@@ -170,12 +176,54 @@ def merge(cli: Mapping[str, Any], file: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def serve_address(text: str) -> tuple[str, int]:
+def serve_address(text: str, option: str = "serve") -> tuple[str, int]:
     """``HOST:PORT``; raises ValueError."""
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--serve (serve) must be HOST:PORT, got {text!r}")
+        raise ValueError(f"--{option} ({option}) must be HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def read_tokens(path: str) -> tuple[str, ...]:
+    """The bearer tokens in a file, one a line (blank lines and ``#`` comments skipped);
+    raises AgentConfigError when it cannot be read or holds none."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentConfigError(f"grpc-token-file {path}: {exc}") from None
+    tokens = tuple(
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    )
+    if not tokens:
+        raise AgentConfigError(f"grpc-token-file {path}: holds no token")
+    if any(len(t) < 16 or not t.isascii() or not t.isprintable() for t in tokens):
+        raise AgentConfigError(
+            f"grpc-token-file {path}: every token must be 16 or more printable ASCII characters"
+        )
+    return tokens
+
+
+def _grpc(s: Mapping[str, Any]) -> dict[str, Any]:
+    """The gRPC fields of AgentConfig; raises AgentConfigError."""
+    if s["grpc"] is None:
+        return {}
+    try:
+        host, port = serve_address(s["grpc"], "grpc")
+    except ValueError as exc:
+        raise AgentConfigError(str(exc)) from None
+    if (s["grpc_cert"] is None) != (s["grpc_key"] is None):
+        raise AgentConfigError("grpc-cert and grpc-key go together")
+    if s["grpc_client_ca"] is not None and s["grpc_cert"] is None:
+        raise AgentConfigError("grpc-client-ca needs grpc-cert and grpc-key (mutual TLS)")
+    tokens = read_tokens(s["grpc_token_file"]) if s["grpc_token_file"] else ()
+    return {
+        "grpc_host": host,
+        "grpc_port": port,
+        "grpc_tokens": tokens,
+        "grpc_cert_file": s["grpc_cert"],
+        "grpc_key_file": s["grpc_key"],
+        "grpc_client_ca_file": s["grpc_client_ca"],
+    }
 
 
 def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentConfig:
@@ -183,7 +231,7 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
     if s["state_dir"] is None:
         raise AgentConfigError("no state directory: pass --state-dir or set state_dir")
     for name in SETTINGS:
-        if name in ("state_dir", "trust_publisher", "serve") or s[name] is None:
+        if name in ("state_dir", "trust_publisher", "serve", "grpc") or s[name] is None:
             continue
         try:
             SETTINGS[name][0](s[name])
@@ -229,4 +277,5 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         keepalive_timeout_s=s["keepalive_timeout"],
         body_timeout_s=s["body_timeout"],
         max_connections=s["max_connections"],
+        **_grpc(s),
     )
