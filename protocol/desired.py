@@ -15,10 +15,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.digest import check_digest
+from protocol.digest import check_digest, sha256_digest
 from protocol.dsse import DESIRED_PAYLOAD_TYPE, Envelope, parse_envelope, sign, verify
 from protocol.exceptions import InvalidMessage, ReplayError
 from protocol.fields import (
+    check_json,
     extra_fields,
     get_int,
     get_list,
@@ -28,6 +29,32 @@ from protocol.fields import (
 )
 from protocol.manifest import check_name, check_version
 from protocol.timeutil import format_time, parse_time
+
+# A model's merged configuration, as signed into the desired state: bounded like any message.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 8
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """The digest of a configuration: sha256 of its canonical JSON (sorted keys, no spaces).
+
+    The agent reports the digest of the configuration it applied; the control plane compares
+    it with the one it signed.
+    """
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return sha256_digest(canonical.encode())
+
+
+def check_config(doc: object, field_name: str = "config") -> dict[str, Any]:
+    """A configuration object within its bounds; raises InvalidMessage naming the field."""
+    d = require_object(doc, field_name)
+    check_json(d, field_name, max_depth=MAX_CONFIG_DEPTH)
+    size = len(json.dumps(d, separators=(",", ":")))
+    if size > MAX_CONFIG_BYTES:
+        raise InvalidMessage(
+            f"{field_name} is {size} bytes of JSON, over {MAX_CONFIG_BYTES}", field_name
+        )
+    return d
 
 
 @dataclass(frozen=True)
@@ -58,7 +85,22 @@ class DesiredModel:
     # it an agent refuses to go below the highest version it has activated.
     rollback: bool = False
     shadow: Shadow | None = None
+    # The merged configuration of this model on this agent (None: the bundle's defaults, as
+    # before configuration existed); signed with its digest, which the agent reports back.
+    config: Mapping[str, Any] | None = field(default=None, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def config_digest(self) -> str | None:
+        """The digest of ``config``, None without one."""
+        return None if self.config is None else config_digest(self.config)
+
+    @property
+    def serving_key(self) -> str:
+        """What identifies this version with this configuration: two desired models with the
+        same key serve the same way (the manifest digest alone without a configuration)."""
+        digest = self.config_digest
+        return self.manifest_digest if digest is None else f"{self.manifest_digest}+{digest}"
 
     def to_json(self) -> dict[str, Any]:
         """JSON form, unknown fields kept."""
@@ -72,6 +114,9 @@ class DesiredModel:
             doc["rollback"] = True
         if self.shadow is not None:
             doc["shadow"] = self.shadow.to_json()
+        if self.config is not None:
+            doc["config"] = dict(self.config)
+            doc["configDigest"] = config_digest(self.config)
         return doc
 
 
@@ -127,6 +172,31 @@ def _shadow(doc: object, prefix: str) -> Shadow | None:
     )
 
 
+def _config(md: dict, prefix: str) -> dict[str, Any] | None:
+    if md.get("config") is None:
+        if md.get("configDigest") is not None:
+            raise InvalidMessage(f"{prefix}configDigest without {prefix}config", f"{prefix}config")
+        return None
+    config = check_config(md["config"], f"{prefix}config")
+    digest = check_digest(md.get("configDigest"), f"{prefix}configDigest")
+    if digest != config_digest(config):
+        raise InvalidMessage(
+            f"{prefix}configDigest does not match {prefix}config", f"{prefix}configDigest"
+        )
+    return config
+
+
+KNOWN_MODEL_FIELDS = (
+    "name",
+    "version",
+    "manifestDigest",
+    "rollback",
+    "shadow",
+    "config",
+    "configDigest",
+)
+
+
 def desired_from_json(doc: object) -> DesiredState:
     """Validate decoded JSON; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "desired")
@@ -146,7 +216,8 @@ def desired_from_json(doc: object) -> DesiredState:
                 manifest_digest=check_digest(md.get("manifestDigest"), f"{p}manifestDigest"),
                 rollback=_get_bool(md, "rollback", p),
                 shadow=_shadow(md.get("shadow"), f"{p}shadow."),
-                extra=extra_fields(md, ("name", "version", "manifestDigest", "rollback", "shadow")),
+                config=_config(md, p),
+                extra=extra_fields(md, KNOWN_MODEL_FIELDS),
             )
         )
     return DesiredState(

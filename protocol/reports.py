@@ -49,6 +49,8 @@ class ModelStatus:
     state: str
     reason: str | None = None
     variant: str | None = None
+    # The digest of the configuration applied (active) or tried (failed); None without one.
+    config_digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -58,6 +60,8 @@ class ModelStatus:
             "manifestDigest": self.manifest_digest,
             "state": self.state,
         }
+        if self.config_digest:
+            doc["configDigest"] = self.config_digest
         if self.reason:
             # Exception text from anywhere: made to pass the receiver's check, not refused whole.
             doc["reason"] = clean_text(self.reason, MAX_TEXT)
@@ -122,6 +126,11 @@ def status_from_json(doc: object) -> StatusReport:
                 state=state,
                 reason=get_str(md, "reason", p, optional=True, max_len=MAX_TEXT, text=True),
                 variant=get_str(md, "variant", p, optional=True, max_len=64),
+                config_digest=(
+                    None
+                    if md.get("configDigest") is None
+                    else check_digest(md.get("configDigest"), f"{p}configDigest")
+                ),
             )
         )
     facts = check_facts(d.get("facts"), "facts")
