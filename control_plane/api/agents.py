@@ -1,5 +1,5 @@
 """Agents: enrollment tokens, enroll, list and read, the desired-state long-poll, credential
-rotation, approval and revocation."""
+rotation, approval, relabel and revocation."""
 
 from __future__ import annotations
 
@@ -127,6 +127,18 @@ async def post_approve(request: web.Request) -> web.Response:
     return json_response({"agentId": agent_id, "approved": True})
 
 
+async def post_labels(request: web.Request) -> web.Response:
+    """Relabel an agent: set and remove labels (not those its enrollment token locked)."""
+    state = st(request)
+    agent_id = request.match_info["id"]
+    req = fleet.RelabelRequest.parse(await read_json(request))
+    labels, moved = await fleet.relabel(state.db, state.signer, agent_id, req, state.clock())
+    if moved:
+        state.notifier.notify([agent_id])
+    log.info("relabelled agent %s: %s", agent_id, labels)
+    return json_response({"agentId": agent_id, "labels": labels, "desiredChanged": moved})
+
+
 async def post_revoke(request: web.Request) -> web.Response:
     """Revoke an agent: its credential, its broker password and its desired state go at once."""
     state = st(request)
@@ -190,6 +202,16 @@ ROUTES = (
         auth="operator",
         body="application/json",
         responses=(200, 404),
+        scope="admin",
+    ),
+    Route(
+        "POST",
+        "/api/v1/agents/{id}/labels",
+        post_labels,
+        summary="Set and remove an agent's labels",
+        auth="operator",
+        body="application/json",
+        responses=(200, 400, 403, 404),
         scope="admin",
     ),
     Route(

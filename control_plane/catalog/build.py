@@ -103,8 +103,13 @@ def build_bundle(
     created: datetime | None = None,
     runtime: str = "onnx",
     variants: tuple[Variant, ...] = (),
+    config_schema: dict[str, Any] | None = None,
 ) -> tuple[bytes, Manifest]:
     """Sign ``model`` (and its variants) into bundle bytes.
+
+    ``config_schema`` is the JSON Schema of the version's configuration (``configSchema`` in
+    the manifest: operators' configuration layers are validated against it, and its
+    ``default``s are the configuration without layers).
 
     ``smoke`` is (input .npy bytes, expected output .npy bytes). Raises BuildError for a model
     the runtime cannot load, or a variant whose inputs and outputs differ from the model's.
@@ -158,6 +163,7 @@ def build_bundle(
         inputs=inputs,
         outputs=outputs,
         smoke_test=smoke_test,
+        extra={"configSchema": config_schema} if config_schema is not None else {},
     )
     envelope = sign(MANIFEST_PAYLOAD_TYPE, manifest.to_bytes(), keys)
     buf = io.BytesIO()

@@ -16,6 +16,7 @@ from control_plane.catalog.blobstore import BlobStore
 from control_plane.db.engine import Database
 from control_plane.db.models import Blob, Model, ModelVersion
 from control_plane.errors import Conflict, DomainError, Invalid, NotFound, Refused
+from control_plane.fleet.config import check_schema
 from control_plane.security.keyset import PublisherTrust
 from protocol.bundle import Bundle, BundleLimits, read_bundle, verify_bundle
 from protocol.exceptions import DigestMismatch, InvalidMessage, ProtocolError, SignatureError
@@ -96,6 +97,8 @@ async def ingest_bundle(
     except ProtocolError as exc:
         raise protocol_error_to_domain(exc) from None
     m = bundle.manifest
+    if "configSchema" in m.extra:
+        check_schema(m.extra["configSchema"], "manifest.configSchema")
     if (existing := await _existing(db, m.name, m.version)) is not None:
         return _same_or_conflict(existing, bundle)
 

@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="agents enrolled with it wait until `modelfleet agents approve`",
     )
+    c.add_argument(
+        "--lock-labels",
+        action="store_true",
+        help="the labels it grants cannot be changed by `modelfleet agents relabel`",
+    )
     add_client_options(c)
     c.set_defaults(func=cmd_enroll_token_create)
 
@@ -142,6 +147,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("id")
     add_client_options(ap)
     ap.set_defaults(func=cmd_agents_approve)
+    rl = asub.add_parser("relabel", help="set and remove an agent's labels (audited)")
+    rl.add_argument("id")
+    rl.add_argument("--set", action="append", default=[], metavar="K=V", help="set a label")
+    rl.add_argument("--remove", action="append", default=[], metavar="K", help="remove a label")
+    add_client_options(rl)
+    rl.set_defaults(func=cmd_agents_relabel)
     ar = asub.add_parser("revoke", help="cut an agent off at once (HTTP and MQTT)")
     ar.add_argument("id")
     add_client_options(ar)
@@ -183,6 +194,7 @@ def cmd_enroll_token_create(args: argparse.Namespace) -> int:
         "maxUses": args.max_uses,
         "ttlSeconds": args.ttl,
         "requireApproval": args.require_approval,
+        "lockLabels": args.lock_labels,
     }
     _, out = asyncio.run(api_call(args, "POST", "/enrollment-tokens", json_body=body))
     _print(args, out, out["token"])
@@ -223,6 +235,20 @@ def cmd_agents_approve(args: argparse.Namespace) -> int:
     """Approve a pending agent."""
     _, out = asyncio.run(api_call(args, "POST", f"/agents/{args.id}/approve", json_body={}))
     _print(args, out, f"agent {args.id} approved")
+    return 0
+
+
+def cmd_agents_relabel(args: argparse.Namespace) -> int:
+    """Set and remove an agent's labels."""
+    try:
+        to_set = parse_labels(",".join(args.set))
+    except InvalidMessage as exc:
+        raise CliError(f"--set: {exc}") from None
+    body = {"set": to_set, "remove": args.remove}
+    _, out = asyncio.run(api_call(args, "POST", f"/agents/{args.id}/labels", json_body=body))
+    labels = ",".join(f"{k}={v}" for k, v in sorted(out["labels"].items())) or "-"
+    moved = " (new desired state)" if out["desiredChanged"] else ""
+    _print(args, out, f"agent {args.id}: {labels}{moved}")
     return 0
 
 

@@ -20,7 +20,8 @@ from control_plane.cli.common import (
     client_settings,
     read_file,
 )
-from control_plane.errors import BuildError
+from control_plane.errors import BuildError, Invalid
+from control_plane.fleet.config import check_schema
 from control_plane.security.files import write_private
 from protocol.bundle import check_file, check_files, read_bundle, verify_bundle, write_bundle
 from protocol.digest import sha256_digest
@@ -84,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--smoke-input", type=Path, help=".npy fed to the first input")
     b.add_argument("--smoke-output", type=Path, help=".npy expected from the first output")
     b.add_argument("--tolerance", type=float, default=1e-4, help="absolute tolerance (atol)")
+    b.add_argument(
+        "--config-schema",
+        type=Path,
+        help="JSON Schema of the version's configuration (with defaults), signed in the manifest",
+    )
     b.set_defaults(func=cmd_bundle_build)
     v = bsub.add_parser("verify", help="check a bundle's signature and every digest")
     v.add_argument("bundle", type=Path)
@@ -154,6 +160,12 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     except BuildError as exc:
         raise CliError(str(exc)) from None
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
+    schema = None
+    if args.config_schema is not None:
+        try:
+            schema = check_schema(json.loads(read_file(args.config_schema, "config schema")))
+        except (ValueError, Invalid) as exc:
+            raise CliError(f"--config-schema: {exc}") from None
     try:
         data, manifest = build_bundle(
             read_file(args.model, "model"),
@@ -164,6 +176,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
             args.tolerance,
             runtime=runtime,
             variants=variants,
+            config_schema=schema,
         )
     except BuildError as exc:
         raise CliError(str(exc)) from None

@@ -117,6 +117,8 @@ class EnrollmentToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Agents enrolled with it wait as "pending" until an operator approves them.
     require_approval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The labels it grants are locked on the agents it enrolls: relabel cannot change them.
+    lock_labels: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Agent(Base):
@@ -154,6 +156,8 @@ class Agent(Base):
     # Enrolled with a token that requires approval, and not approved yet: no desired state, no
     # place in rollouts, no downloads.
     pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Label keys an enrollment token pinned and locked: relabel refuses to change them.
+    locked_labels: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
 
 
 class Rollout(Base):
@@ -204,6 +208,30 @@ class RolloutEvent(Base):
     stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
     reason: Mapped[str] = mapped_column(Text)
     figures: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ConfigLayer(Base):
+    """One configuration layer of one model: fleet, selector or agent scope
+    (control_plane/fleet/config.py says how layers merge)."""
+
+    __tablename__ = "config_layers"
+    __table_args__ = (UniqueConstraint("model", "target", name="uq_config_layers_target"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    # What the layer is for, one string per (model, target): "fleet", "selector:<selector>",
+    # "agent:<id>", "rollout:<id>".
+    target: Mapped[str] = mapped_column(String(1100))
+    selector: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    agent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    rollout_id: Mapped[str | None] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class DesiredStateRow(Base):

@@ -54,6 +54,7 @@ class EnrollmentTokenRequest:
     max_uses: int
     ttl_s: float
     require_approval: bool
+    lock_labels: bool = False
 
     @classmethod
     def parse(cls, body: dict[str, Any], default_ttl_s: float) -> EnrollmentTokenRequest:
@@ -68,7 +69,16 @@ class EnrollmentTokenRequest:
         approval = body.get("requireApproval", False)
         if not isinstance(approval, bool):
             raise Invalid("invalid", "requireApproval must be true or false", "requireApproval")
-        return cls(labels=labels, max_uses=max_uses, ttl_s=ttl, require_approval=approval)
+        lock = body.get("lockLabels", False)
+        if not isinstance(lock, bool):
+            raise Invalid("invalid", "lockLabels must be true or false", "lockLabels")
+        return cls(
+            labels=labels,
+            max_uses=max_uses,
+            ttl_s=ttl,
+            require_approval=approval,
+            lock_labels=lock,
+        )
 
 
 async def create_enrollment_token(
@@ -87,6 +97,7 @@ async def create_enrollment_token(
             expires_at=expires,
             created_at=now,
             require_approval=approval,
+            lock_labels=req.lock_labels,
         )
         s.add(row)
         await s.flush()
@@ -98,6 +109,7 @@ async def create_enrollment_token(
         "maxUses": max_uses,
         "expiresAt": format_time(expires),
         "requireApproval": approval,
+        "lockLabels": req.lock_labels,
     }
 
 
@@ -187,6 +199,7 @@ async def enroll(
             status={},
             mqtt_password_hash=mosquitto_hash(mqtt_password),
             pending=et.require_approval,
+            locked_labels=sorted(et.labels) if et.lock_labels else [],
         )
         s.add(agent)
         await s.flush()
@@ -224,6 +237,7 @@ def agent_json(
         "desiredState": agent.status.get("desiredState", "unknown"),
         "keysetVersion": agent.status.get("keysetVersion"),
         "state": agent_state(agent, now, offline_after_s),
+        "lockedLabels": list(agent.locked_labels or []),
     }
 
 
@@ -252,6 +266,60 @@ async def get_agent(db: Database, agent_id: str, now: datetime, offline_after_s:
             raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         row = await s.get(DesiredStateRow, agent_id)
         return agent_json(agent, row.generation if row else 0, now, offline_after_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelabelRequest:
+    """A change to an agent's labels, parsed at the edge: labels to set, keys to remove."""
+
+    set: dict[str, str]
+    remove: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> RelabelRequest:
+        """Parse a JSON body; raises InvalidMessage or Invalid naming the field."""
+        to_set = check_labels(get_str_map(body, "set"), "set")
+        remove = body.get("remove", [])
+        if not isinstance(remove, list) or not all(isinstance(k, str) for k in remove):
+            raise Invalid("invalid", "remove must be a list of label keys", "remove")
+        if not to_set and not remove:
+            raise Invalid("invalid", "nothing to change: give set or remove", "set")
+        both = sorted(set(to_set) & set(remove))
+        if both:
+            raise Invalid("invalid", f"label {both[0]!r} is both set and removed", "remove")
+        check_labels({k: "x" for k in remove}, "remove")
+        return cls(set=to_set, remove=tuple(remove))
+
+
+async def relabel(
+    db: Database, signer: DesiredSigner, agent_id: str, req: RelabelRequest, now: datetime
+) -> tuple[dict[str, str], bool]:
+    """Change an agent's labels; return them and whether its desired state moved.
+
+    Raises NotFound for an unknown or revoked agent and Forbidden for a label its enrollment
+    token locked. Selector-based objects follow: the desired state is recomputed here (completed
+    rollouts that take late joiners, configuration layers); running rollouts match by labels
+    at every step.
+    """
+    async with db.write() as s:
+        agent = await s.get(Agent, agent_id, with_for_update=True)
+        if agent is None or agent.revoked_at is not None:
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
+        locked = set(agent.locked_labels or [])
+        for key in [*req.set, *req.remove]:
+            if key in locked and (key in req.remove or agent.labels.get(key) != req.set[key]):
+                field = "remove" if key in req.remove else f"set.{key}"
+                raise Forbidden(
+                    "label_locked",
+                    f"label {key!r} was pinned by the agent's enrollment token and is locked",
+                    field,
+                )
+        labels = {k: v for k, v in agent.labels.items() if k not in req.remove}
+        labels = check_labels({**labels, **req.set})
+        agent.labels = labels
+        await s.flush()
+        moved = await signer.refresh(s, agent, now)
+    return labels, moved is not None
 
 
 def status_document(report: StatusReport) -> dict[str, Any]:

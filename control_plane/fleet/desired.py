@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,12 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db.engine import Database
 from control_plane.db.models import (
     Agent,
+    ConfigLayer,
     DesiredStateRow,
     Model,
     ModelVersion,
     Rollout,
     RolloutTarget,
 )
+from control_plane.fleet.config import Layer, config_errors, effective, schema_defaults
 from protocol.desired import DesiredModel, DesiredState, Shadow, desired_from_json
 from protocol.labels import Selector, selector_from_json
 from protocol.timeutil import parse_time
@@ -86,6 +88,83 @@ def desired_models(
             )
         )
     return tuple(out)
+
+
+def applying_rollouts(candidates: Sequence[Candidate], labels: dict[str, str]) -> set[str]:
+    """The ids of the rollouts that apply to an agent now (a configuration rollout's layer
+    applies to the same agents as its version does)."""
+    return {c.id for c in candidates if _applies(c, labels)}
+
+
+@dataclass(frozen=True)
+class ConfigSources:
+    """What configuration is made of: every layer, and each version's schema by digest."""
+
+    layers: tuple[Layer, ...] = ()
+    schemas: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
+
+    def schema(self, manifest_digest: str) -> Mapping[str, Any] | None:
+        """The configuration schema a version declares (None: it declares none)."""
+        return self.schemas.get(manifest_digest)
+
+
+def configured(
+    models: tuple[DesiredModel, ...],
+    sources: ConfigSources,
+    *,
+    agent_id: str,
+    labels: dict[str, str],
+    rollouts: Collection[str],
+) -> tuple[DesiredModel, ...]:
+    """The desired models with their merged configuration.
+
+    A model whose version declares no schema and has no layer gets none (documents stay as
+    they were before configuration existed). A merge that does not meet the version's schema
+    (a version with a stricter schema than the layers were checked against) is not signed:
+    the agent gets the schema's defaults, and ``config show`` says why.
+    """
+    out = []
+    for m in models:
+        schema = sources.schema(m.manifest_digest)
+        mine = [x for x in sources.layers if x.model == m.name]
+        if schema is None and not mine:
+            out.append(m)
+            continue
+        config = effective(mine, agent_id=agent_id, labels=labels, schema=schema, rollouts=rollouts)
+        if config_errors(config, schema):
+            config = schema_defaults(schema)
+        out.append(replace(m, config=config))
+    return tuple(out)
+
+
+def layer_of(row: ConfigLayer) -> Layer:
+    """A stored layer as the merge sees it."""
+    return Layer(
+        id=row.id,
+        model=row.model,
+        scope=row.scope,
+        selector=selector_from_json(row.selector) if row.selector is not None else None,
+        agent_id=row.agent_id,
+        values=row.values,
+        created_at=row.created_at,
+        rollout_id=row.rollout_id,
+    )
+
+
+async def config_sources(session: AsyncSession, digests: Collection[str]) -> ConfigSources:
+    """Every configuration layer, and the schemas of these versions."""
+    layers = tuple(layer_of(r) for r in await session.scalars(select(ConfigLayer)))
+    schemas: dict[str, Mapping[str, Any] | None] = {}
+    for chunk in _chunks(sorted(digests)):
+        found = await session.execute(
+            select(ModelVersion.manifest_digest, ModelVersion.manifest).where(
+                ModelVersion.manifest_digest.in_(chunk)
+            )
+        )
+        for digest, manifest in found:
+            schema = manifest.get("configSchema") if isinstance(manifest, dict) else None
+            schemas[digest] = schema if isinstance(schema, dict) else None
+    return ConfigSources(layers, schemas)
 
 
 def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
@@ -161,12 +240,21 @@ class DesiredSigner:
                 select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(chunk)).with_for_update()
             )
             rows.update((r.agent_id, r) for r in found)
+        digests = {c.manifest_digest for cs in candidates.values() for c in cs}
+        sources = await config_sources(session, digests)
         changed = {}
         for agent in agents:
             if agent.pending or agent.revoked_at is not None:
                 models: tuple[DesiredModel, ...] = ()  # not approved, or cut off: nothing
             else:
-                models = desired_models(candidates[agent.id], agent.labels)
+                mine = candidates[agent.id]
+                models = configured(
+                    desired_models(mine, agent.labels),
+                    sources,
+                    agent_id=agent.id,
+                    labels=agent.labels,
+                    rollouts=applying_rollouts(mine, agent.labels),
+                )
             generation = self._apply(session, agent.id, models, now, rows.get(agent.id))
             if generation is not None:
                 changed[agent.id] = generation

@@ -2,5 +2,5 @@
 
 # ``admin`` may do everything; the others are least privilege for automation: a dashboard reads
 # (fleet:read), a CI job pushes bundles (models:write), a release tool starts and steers
-# rollouts (rollouts:write).
-SCOPES = ("fleet:read", "models:write", "rollouts:write", "admin")
+# rollouts (rollouts:write), a tuning tool changes configuration layers (config:write).
+SCOPES = ("fleet:read", "models:write", "rollouts:write", "config:write", "admin")
