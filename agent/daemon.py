@@ -363,7 +363,14 @@ class Agent:
         reporter's (epoch, seq): agent/report/status.py)."""
         epoch, seq = self.reporter.next_number()
         models = [
-            ModelStatus(lm.name, lm.version, lm.manifest_digest, "active", variant=lm.variant)
+            ModelStatus(
+                lm.name,
+                lm.version,
+                lm.manifest_digest,
+                "active",
+                variant=lm.variant,
+                config_digest=lm.config_digest,
+            )
             for lm in self.serving.snapshot()
         ]
         models.extend(self.updater.model_statuses())

@@ -229,3 +229,5 @@ class LoadedModel:
     # (the model's sessions): the manifest's execution settings under the agent's overrides.
     batching: BatchPolicy | None = None
     instances: int = 1
+    # The digest of the configuration it serves under (agent/update/config.py); None: none.
+    config_digest: str | None = None

@@ -70,6 +70,12 @@ class Inference:
     batch_size: int
 
 
+def _batcher_key(lm: LoadedModel) -> str:
+    # A version under another configuration (agent/update/config.py) runs another way: its
+    # own batcher, with its own run function and policy.
+    return f"{lm.manifest_digest}+{lm.config_digest or ''}"
+
+
 def _delayed(run: Any, delay_s: float, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     time.sleep(delay_s)  # in the worker thread, like a slower machine would be
     return run(feeds)
@@ -238,7 +244,7 @@ class ServingTable:
         return run
 
     def _batcher(self, lm: LoadedModel) -> Batcher:
-        b = self._batchers.get(lm.manifest_digest)
+        b = self._batchers.get(_batcher_key(lm))
         if b is None:
             assert lm.batching is not None
             b = Batcher(
@@ -247,14 +253,16 @@ class ServingTable:
                 executor=self.executor,
                 concurrency=lm.instances,
             )
-            self._batchers[lm.manifest_digest] = b
+            self._batchers[_batcher_key(lm)] = b
         return b
 
     def _retire_batchers(self) -> None:
         """Batchers of versions no longer held stop taking requests once their queue is done."""
-        held = self.held_digests() | {lm.manifest_digest for lm, _ in self._shadows.values()}
-        for digest in [d for d in self._batchers if d not in held]:
-            self._retired.append(self._batchers.pop(digest))
+        loaded = [*self.models.values(), *(lm for lm, _ in self._shadows.values())]
+        loaded += [p.previous for p in self._probation.values() if p.previous is not None]
+        held = {_batcher_key(lm) for lm in loaded}
+        for key in [k for k in self._batchers if k not in held]:
+            self._retired.append(self._batchers.pop(key))
         self._retired = [b for b in self._retired if b.busy()]
 
     async def _infer_with_shadow(

@@ -32,18 +32,20 @@ def plan(
     """Decide what to fetch, activate and unload.
 
     ``installed`` holds manifest digests fully present and verified on disk; ``running`` maps a
-    model name to the manifest digest serving it; ``failed`` maps a manifest digest to the
-    reason it failed, and such a version is not tried again until the desired state changes
-    (the caller clears ``failed`` on a new generation).
+    model name to the serving key (manifest digest, plus the configuration's digest when it
+    has one: ``DesiredModel.serving_key``) serving it; ``failed`` maps a serving key to the
+    reason it failed, and such a version (under that configuration) is not tried again until
+    the desired state changes (the caller clears ``failed`` on a new generation). The same
+    version under another configuration is activated again, without a fetch.
     """
     fetch: list[DesiredModel] = []
     activate: list[DesiredModel] = []
     blocked: list[tuple[DesiredModel, str]] = []
     for m in desired:
-        if running.get(m.name) == m.manifest_digest:
+        if running.get(m.name) == m.serving_key:
             continue
-        if m.manifest_digest in failed:
-            blocked.append((m, failed[m.manifest_digest]))
+        if m.serving_key in failed:
+            blocked.append((m, failed[m.serving_key]))
             continue
         if m.manifest_digest not in installed:
             fetch.append(m)

@@ -25,6 +25,7 @@ from agent.mqtt import MqttLink
 from agent.serving.table import RolledBack, ServingTable
 from agent.storage.blobs import LocalStore
 from agent.storage.state import PersistentState, StateDir
+from agent.update.config import config_of, configure, serving_key
 from agent.update.disk import prune_plan
 from agent.update.downgrade import downgrade_refusal
 from agent.update.fetch import Fetcher
@@ -76,8 +77,9 @@ class Updater:
         self._note_error = note_error
         self._changed = changed
         self.desired: tuple[DesiredModel, ...] = ()
-        self.failed: dict[str, Progress] = {}  # manifest digest -> failed or refused, with reason
-        self.progress: dict[str, Progress] = {}  # manifest digest -> what is happening to it
+        # Keyed by serving key: the manifest digest, plus the configuration's digest if any.
+        self.failed: dict[str, Progress] = {}  # serving key -> failed or refused, with reason
+        self.progress: dict[str, Progress] = {}  # serving key -> what is happening to it
         self._wake = asyncio.Event()
         self._unsaved = False  # the state changed outside a pass (a roll back): save it next
         self._lock = asyncio.Lock()
@@ -137,12 +139,13 @@ class Updater:
                 "version": prev.version,
                 "manifestDigest": prev.manifest_digest,
                 "variant": prev.variant,
+                "config": config_of(prev),
             }
         else:
             self.state.active.pop(new.name, None)
         log.error("%s %s: %s", new.name, new.version, event.reason)
-        self.failed[new.manifest_digest] = Progress("failed", event.reason)
-        self.progress[new.manifest_digest] = Progress("failed", event.reason)
+        self.failed[serving_key(new)] = Progress("failed", event.reason)
+        self.progress[serving_key(new)] = Progress("failed", event.reason)
         self._unsaved = True
         self.wake()  # persists the state
         self._changed()
@@ -152,11 +155,20 @@ class Updater:
         models = []
         for m in self.desired:
             running = self.serving.get(m.name)
-            if running is not None and running.manifest_digest == m.manifest_digest:
+            if running is not None and serving_key(running) == m.serving_key:
                 continue
-            pr = self.failed.get(m.manifest_digest) or self.progress.get(m.manifest_digest)
+            pr = self.failed.get(m.serving_key) or self.progress.get(m.serving_key)
             pr = pr or Progress("downloading")
-            models.append(ModelStatus(m.name, m.version, m.manifest_digest, pr.state, pr.reason))
+            models.append(
+                ModelStatus(
+                    m.name,
+                    m.version,
+                    m.manifest_digest,
+                    pr.state,
+                    pr.reason,
+                    config_digest=m.config_digest,
+                )
+            )
         return models
 
     async def restore(self) -> None:
@@ -164,7 +176,12 @@ class Updater:
         for name, info in list(self.state.active.items()):
             wanted = DesiredModel(name, info["version"], info["manifestDigest"], rollback=True)
             try:
-                self.serving.restore(await self.loader.load(wanted))
+                lm = await self.loader.load(wanted)
+                try:
+                    lm = configure(lm, info.get("config"))
+                except UpdateError as exc:  # kept by an older agent: serve as loaded
+                    log.error("could not restore %s's configuration: %s", name, exc)
+                self.serving.restore(lm)
             except UpdateError as exc:
                 log.error("could not restore %s %s: %s", name, wanted.version, exc)
                 self.state.active.pop(name, None)
@@ -214,13 +231,13 @@ class Updater:
                 serving=running.get(m.name) == m.manifest_digest,
             )
             if reason is not None:
-                self.failed[m.manifest_digest] = Progress("refused", reason)
+                self.failed[m.serving_key] = Progress("refused", reason)
 
     async def reconcile(self) -> bool:
         """Run one plan to completion; True when something must be retried later."""
         async with self._lock:
             self._check_rollback()
-            running = self.serving.running()
+            running = {lm.name: serving_key(lm) for lm in self.serving.snapshot()}
             failed = {d: p.reason or p.state for d, p in self.failed.items()}
             p = plan(self.desired, await asyncio.to_thread(self._installed), running, failed)
             for m in p.fetch:
@@ -237,7 +254,7 @@ class Updater:
                 self._set_progress(m, "loading")
                 try:
                     await self._activate(m)
-                    self.progress.pop(m.manifest_digest, None)
+                    self.progress.pop(m.serving_key, None)
                     log.info("activated %s %s", m.name, m.version)
                 except UpdateError as exc:
                     self._fail(m, str(exc))
@@ -280,13 +297,13 @@ class Updater:
         return incomplete
 
     def _set_progress(self, m: DesiredModel, state: str, reason: str | None = None) -> None:
-        self.progress[m.manifest_digest] = Progress(state, reason)
+        self.progress[m.serving_key] = Progress(state, reason)
         self._changed()
 
     def _fail(self, m: DesiredModel, reason: str) -> None:
         log.error("%s %s failed: %s", m.name, m.version, reason)
-        self.failed[m.manifest_digest] = Progress("failed", reason)
-        self.progress[m.manifest_digest] = Progress("failed", reason)
+        self.failed[m.serving_key] = Progress("failed", reason)
+        self.progress[m.serving_key] = Progress("failed", reason)
         self._changed()
 
     async def _fetch_one(self, m: DesiredModel) -> str:
@@ -302,7 +319,14 @@ class Updater:
             return "retry"
 
     async def _activate(self, m: DesiredModel) -> None:
-        lm = await self.loader.load(m)
+        current = self.serving.get(m.name)
+        if current is not None and current.manifest_digest == m.manifest_digest:
+            # The same version under another configuration: nothing is loaded again; the
+            # version goes through the health window as a new one would.
+            lm = configure(current, m.config)
+            log.info("%s %s: configuration %s", m.name, m.version, m.config_digest)
+        else:
+            lm = configure(await self.loader.load(m), m.config)
         self.failpoints.hit("model-loaded")
         self.serving.activate(lm)
         self.failpoints.hit("before-state-saved")
@@ -310,6 +334,7 @@ class Updater:
             "version": m.version,
             "manifestDigest": m.manifest_digest,
             "variant": lm.variant,
+            "config": m.config,
         }
         highest = self.state.highest_versions.get(m.name)
         if highest is None or compare_versions(m.version, highest) > 0 or m.rollback:
