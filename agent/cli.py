@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-concurrent-downloads", type=int, help="(2)")
     r.add_argument("--disk-budget-mb", type=float, help="cap on the blob store's size")
     r.add_argument(
+        "--memory-limit-mb",
+        type=float,
+        help="memory the loaded models may take together; a version that would not fit beside "
+        "those loaded is refused with the figures",
+    )
+    r.add_argument(
         "--keep-versions", type=int, help="old versions kept on disk per model for rollback (1)"
     )
     r.add_argument(

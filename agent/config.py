@@ -39,6 +39,9 @@ class AgentConfig:
     download_min_rate: float = 16 * 1024.0
     download_grace_s: float = 30.0
     disk_budget_bytes: int | None = None  # None: only the free space of the disk counts
+    # Memory the loaded models may take together (weights counted once per loaded version);
+    # None: only what the host reports available counts. Also simulates a small host.
+    memory_limit_bytes: int | None = None
     failpoints: tuple[str, ...] = ()
     # Demos and tests: an artificial delay on every inference, to stand for a slower machine.
     added_latency_s: float = 0.0

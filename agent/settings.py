@@ -110,6 +110,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "download_min_rate": (parse_rate, 16 * 1024.0),
     "max_concurrent_downloads": (_positive(int), 2),
     "disk_budget_mb": (_positive(float), None),
+    "memory_limit_mb": (_positive(float), None),
     "keep_versions": (_non_negative_int, 1),
     "health_window": (_positive(float), 60.0),
     "health_max_error_rate": (_fraction, 0.2),
@@ -242,6 +243,7 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
     except ValueError as exc:
         raise AgentConfigError(str(exc)) from None
     budget = s["disk_budget_mb"]
+    memory = s["memory_limit_mb"]
     return AgentConfig(
         state_dir=Path(s["state_dir"]),
         serve_host=host,
@@ -255,6 +257,7 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         download_min_rate=s["download_min_rate"],
         max_concurrent_downloads=s["max_concurrent_downloads"],
         disk_budget_bytes=int(budget * 1024 * 1024) if budget else None,
+        memory_limit_bytes=int(memory * 1024 * 1024) if memory else None,
         keep_versions=s["keep_versions"],
         health_window_s=s["health_window"],
         health_max_error_rate=s["health_max_error_rate"],

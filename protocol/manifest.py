@@ -20,7 +20,21 @@ from protocol.fields import (
     require_object,
 )
 
+# A manifest that needs nothing an older agent lacks stays at version 1, byte for byte as
+# before; one that does says so in ``requiredFeatures`` at version 2, which agents before
+# version 2 refuse outright instead of misreading (docs/adr/0014-manifest-required-features.md).
 SCHEMA_VERSION = 1
+FEATURES_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (SCHEMA_VERSION, FEATURES_SCHEMA_VERSION)
+# Features this agent and control plane understand; a manifest requiring another is refused.
+EXTERNAL_DATA = "external-data"
+KNOWN_FEATURES = (EXTERNAL_DATA,)
+# File roles: the model (one per variant), a model's external data (weights the model file
+# names by relative path), auxiliary files served beside the model (labels, tokenizer,
+# settings), the smoke test's arrays. "data" is what an entry without a role has always meant;
+# a role this version does not know is laid out like "data" (a feature that changes how a file
+# is used comes with a requiredFeatures name).
+ROLES = ("model", "external-data", "aux", "smoke", "data")
 RUNTIMES = ("onnx", "tflite")
 # Open Inference Protocol (KServe v2) tensor datatypes.
 DATATYPES = (
@@ -111,11 +125,13 @@ def check_path(value: str, field_name: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a bundle.
+    """One file of a bundle, laid out at ``path`` in the version's directory on the agent.
 
     A model file may be one of several hardware ``variant``s, each with ``requires``
     constraints (``accelerator``, ``arch``, ``os``, ``minMemoryBytes``); the manifest lists
-    them in order of preference.
+    them in order of preference. An ``external-data`` file belongs to the model file whose
+    ``variant`` it names (None: the only model), which refers to it by its path relative to
+    the model's own directory.
     """
 
     path: str
@@ -187,6 +203,7 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     smoke_test: SmokeTest | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    required_features: tuple[str, ...] = ()
 
     def file(self, path: str) -> FileEntry:
         """The entry for ``path``; raises KeyError when absent."""
@@ -203,12 +220,25 @@ class Manifest:
         """The first (preferred) model file."""
         return self.model_files()[0]  # parse_manifest guarantees at least one
 
+    def files_for(self, model: FileEntry) -> tuple[FileEntry, ...]:
+        """What a machine running ``model`` needs: that model file, its external data, and
+        every file that belongs to no variant (auxiliary files, the smoke test)."""
+        return tuple(
+            f
+            for f in self.files
+            if f is model
+            or (f.role == "external-data" and f.variant == model.variant)
+            or f.role not in ("model", "external-data")
+        )
+
     def to_json(self) -> dict[str, Any]:
         """JSON form, unknown fields kept."""
         doc: dict[str, Any] = dict(self.extra)
         doc.update(
             {
-                "schemaVersion": SCHEMA_VERSION,
+                "schemaVersion": (
+                    FEATURES_SCHEMA_VERSION if self.required_features else SCHEMA_VERSION
+                ),
                 "name": self.name,
                 "version": self.version,
                 "runtime": self.runtime,
@@ -222,6 +252,8 @@ class Manifest:
         )
         if self.smoke_test is not None:
             doc["smokeTest"] = self.smoke_test.to_json()
+        if self.required_features:
+            doc["requiredFeatures"] = sorted(self.required_features)
         return doc
 
     def to_bytes(self) -> bytes:
@@ -243,6 +275,14 @@ def _tensor(doc: object, prefix: str) -> TensorSpec:
     return TensorSpec(name, datatype, tuple(shape))
 
 
+def _check_dirs(paths: list[str]) -> None:
+    """No path is also a directory of another (``a`` and ``a/b``): they cannot both be laid out."""
+    dirs = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    clash = sorted(dirs.intersection(paths))
+    if clash:
+        raise InvalidMessage(f"files names {clash[0]!r} as a file and a directory", "files")
+
+
 def _file(doc: object, prefix: str) -> FileEntry:
     d = require_object(doc, prefix.rstrip("."))
     role = get_str(d, "role", prefix, optional=True) or "data"
@@ -260,12 +300,51 @@ def _file(doc: object, prefix: str) -> FileEntry:
     )
 
 
+def _features(d: dict[str, Any], schema: int) -> tuple[str, ...]:
+    if schema == SCHEMA_VERSION:
+        if "requiredFeatures" in d:
+            raise InvalidMessage(
+                f"requiredFeatures needs schemaVersion {FEATURES_SCHEMA_VERSION}",
+                "requiredFeatures",
+            )
+        return ()
+    raw = get_list(d, "requiredFeatures")
+    if not raw or len(raw) > 32 or not all(isinstance(x, str) and len(x) <= 64 for x in raw):
+        raise InvalidMessage("requiredFeatures must list 1 to 32 names", "requiredFeatures")
+    for name in raw:
+        if name not in KNOWN_FEATURES:
+            raise InvalidMessage(
+                f"requiredFeatures names {name!r}, which this version does not support",
+                "requiredFeatures",
+            )
+    return tuple(sorted(set(raw)))
+
+
+def _check_external_data(files: tuple[FileEntry, ...], features: tuple[str, ...]) -> None:
+    """Every external-data file belongs to a model file, and says so in requiredFeatures."""
+    variants = {f.variant for f in files if f.role == "model"}
+    for i, f in enumerate(files):
+        if f.role != "external-data":
+            continue
+        if EXTERNAL_DATA not in features:
+            raise InvalidMessage(
+                f"files[{i}] is external data but requiredFeatures lacks {EXTERNAL_DATA!r}",
+                "requiredFeatures",
+            )
+        if f.variant not in variants:
+            raise InvalidMessage(
+                f"files[{i}] is external data of variant {f.variant!r}, which no model file is",
+                f"files[{i}].variant",
+            )
+
+
 def manifest_from_json(doc: object) -> Manifest:
     """Validate decoded JSON into a Manifest; raises InvalidMessage naming the bad field."""
     d = require_object(doc, "manifest")
     schema = get_int(d, "schemaVersion", default=SCHEMA_VERSION)
-    if schema != SCHEMA_VERSION:
+    if schema not in SCHEMA_VERSIONS:
         raise InvalidMessage(f"schemaVersion {schema} is not supported", "schemaVersion")
+    features = _features(d, schema)
     runtime = req_str(d, "runtime")
     if runtime not in RUNTIMES:
         raise InvalidMessage(f"runtime must be one of {', '.join(RUNTIMES)}", "runtime")
@@ -275,7 +354,10 @@ def manifest_from_json(doc: object) -> Manifest:
     files = tuple(_file(f, f"files[{i}].") for i, f in enumerate(raw_files))
     paths = [f.path for f in files]
     if len(set(paths)) != len(paths):
-        raise InvalidMessage("files names a path twice", "files")
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise InvalidMessage(f"files names a path twice: {', '.join(twice)}", "files")
+    _check_dirs(paths)
+    _check_external_data(files, features)
     models = [f for f in files if f.role == "model"]
     if not models:
         raise InvalidMessage("files must hold at least one entry with role 'model'", "files")
@@ -313,6 +395,7 @@ def manifest_from_json(doc: object) -> Manifest:
         inputs=inputs,
         outputs=outputs,
         smoke_test=smoke,
+        required_features=features,
         extra=extra_fields(
             d,
             (
@@ -324,6 +407,7 @@ def manifest_from_json(doc: object) -> Manifest:
                 "files",
                 "signature",
                 "smokeTest",
+                "requiredFeatures",
             ),
         ),
     )

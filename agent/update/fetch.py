@@ -101,7 +101,7 @@ class Fetcher:
         await self._keyring.fresh()
         manifest = self._keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
-        files = [f for f in manifest.files if f.role != "model" or f is variant]
+        files = list(manifest.files_for(variant))
         await self._ensure_room(files)
         try:
             await asyncio.gather(*(self._download(f) for f in files))

@@ -1,14 +1,18 @@
 """Loading an installed version: verified again, its variant loaded, its smoke test passed.
 
 What is on disk is not trusted for having been verified when it was fetched: the manifest's
-signatures and every file the chosen variant needs are checked again before the runtime loads
-it (in a worker thread), and the bundle's smoke test must pass before it may serve.
+signatures are checked again, and every file the chosen variant needs is laid out in the
+version's directory and verified there, where the runtime reads it (in a worker thread). The
+load is refused first when the memory plan says the host cannot hold it beside the versions
+loaded now (agent/update/memory.py). The bundle's smoke test must pass before it may serve.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
@@ -16,9 +20,20 @@ from agent.exceptions import UpdateError
 from agent.keyring import KeyRing
 from agent.serving.runtime import LoadedModel, load_model, run_smoke_test
 from agent.storage.blobs import LocalStore
+from agent.update.memory import memory_refusal, parse_meminfo, weight_bytes
 from agent.update.variants import choose_variant, providers_for
 from protocol.desired import DesiredModel
-from protocol.manifest import Manifest
+from protocol.dsse import parse_envelope
+from protocol.exceptions import ProtocolError
+from protocol.manifest import Manifest, parse_manifest
+
+
+def available_memory() -> int | None:
+    """The host's available memory in bytes (Linux), None when unknown."""
+    try:
+        return parse_meminfo(Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
 
 
 class Loader:
@@ -32,12 +47,14 @@ class Loader:
         keyring: KeyRing,
         facts: dict[str, Any],
         executor: Executor,
+        held: Callable[[], set[str]] = set,
     ) -> None:
-        self.config = config  # allow_cuda: a reload replaces it (reconfigure)
+        self.config = config  # allow_cuda, memory_limit_bytes: a reload replaces it
         self.store = store
         self.facts = facts
         self.executor = executor
         self._keyring = keyring
+        self._held = held  # manifest digests loaded now (the serving table's)
 
     def reconfigure(self, config: AgentConfig) -> None:
         self.config = config
@@ -49,18 +66,21 @@ class Loader:
             raise UpdateError(f"{m.name} {m.version} is not installed")
         manifest = self._keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
-        for f in manifest.files:
-            if f.role == "model" and f is not variant:
-                continue
-            if not await asyncio.to_thread(self.store.verify_blob, f.digest, f.size):
-                raise UpdateError(f"stored file {f.path!r} is missing or corrupt")
+        await self._check_memory(m, manifest, variant)
+        try:
+            directory = await asyncio.to_thread(
+                self.store.lay_out, m.manifest_digest, manifest.files_for(variant)
+            )
+        except ValueError as exc:
+            raise UpdateError(str(exc)) from None
         loop = asyncio.get_running_loop()
         providers = providers_for(variant, self.facts, self.config.allow_cuda)
-        path = self.store.blob_path(variant.digest)
+        # From the version's directory, so ONNX Runtime finds external data beside the model.
+        path = directory / variant.path
         runtime = await loop.run_in_executor(
             self.executor, load_model, manifest.runtime, path, providers
         )
-        await self._smoke_test(manifest, runtime)
+        await self._smoke_test(manifest, runtime, directory)
         return LoadedModel(
             m.name,
             m.version,
@@ -70,14 +90,39 @@ class Loader:
             runtime_name=manifest.runtime,
         )
 
-    async def _smoke_test(self, manifest: Manifest, runtime: Any) -> None:
+    async def _check_memory(self, m: DesiredModel, manifest: Manifest, variant: Any) -> None:
+        """Refuse (UpdateError) a version the host cannot hold beside those loaded now."""
+        held = self._held() - {m.manifest_digest}
+        loaded = await asyncio.to_thread(lambda: [self._weights_of(d) for d in held])
+        reason = memory_refusal(
+            what=f"{m.name} {m.version}",
+            needed=weight_bytes(manifest, variant),
+            loaded=loaded,
+            limit=self.config.memory_limit_bytes,
+            available=await asyncio.to_thread(available_memory),
+        )
+        if reason is not None:
+            raise UpdateError(reason)
+
+    def _weights_of(self, manifest_digest: str) -> int:
+        """The weights of a loaded version, from its stored manifest (0 when unreadable)."""
+        envelope = self.store.load_manifest(manifest_digest)
+        if envelope is None:
+            return 0
+        try:
+            manifest = parse_manifest(parse_envelope(envelope).payload)
+            return weight_bytes(manifest, choose_variant(manifest, self.facts))
+        except (ProtocolError, UpdateError):
+            return 0
+
+    async def _smoke_test(self, manifest: Manifest, runtime: Any, directory: Path) -> None:
         st = manifest.smoke_test
         if st is None:
             return
         inp, out = await asyncio.to_thread(
             lambda: (
-                self.store.blob_path(manifest.file(st.input_path).digest).read_bytes(),
-                self.store.blob_path(manifest.file(st.output_path).digest).read_bytes(),
+                (directory / st.input_path).read_bytes(),
+                (directory / st.output_path).read_bytes(),
             )
         )
         await asyncio.get_running_loop().run_in_executor(

@@ -84,7 +84,12 @@ class Updater:
         self._unsaved = False  # the state changed outside a pass (a roll back): save it next
         self._lock = asyncio.Lock()
         self.loader = Loader(
-            config=config, store=store, keyring=keyring, facts=facts, executor=executor
+            config=config,
+            store=store,
+            keyring=keyring,
+            facts=facts,
+            executor=executor,
+            held=serving.held_digests,
         )
         self.fetcher = Fetcher(
             config=config,

@@ -154,6 +154,90 @@ def iris_tflite(seed: int = 0) -> bytes:
     return bytes(builder.Output())
 
 
+def _external_tensor(
+    name: str, dims: list[int], dtype: int, location: str, offset: int, length: int
+) -> TensorProto:
+    t = TensorProto()
+    t.name = name
+    t.dims.extend(dims)
+    t.data_type = dtype
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return t
+
+
+def write_external_iris(
+    out_dir: Path,
+    seed: int = 0,
+    pad_bytes: int = 0,
+    shards: int = 1,
+    weights_dir: str = "weights",
+    chunk: int = 16 * 1024 * 1024,
+) -> Path:
+    """The iris classifier with every weight as ONNX external data; return the model's path.
+
+    ``W`` and ``B`` go to ``WEIGHTS_DIR/core.bin``; ``pad_bytes`` more, split over ``shards``
+    files ``WEIGHTS_DIR/shard-K.bin``, are float32 tables [rows, 3] whose row 0 is zero, each
+    added to the logits through a Gather at an index computed from the input (always 0), so
+    the runtime must load every byte and the answers stay ``iris_reference``'s. The files are
+    written in ``chunk``-byte pieces: a model of any size is made in bounded memory.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / weights_dir).mkdir(parents=True, exist_ok=True)
+    w, b = iris_weights(seed)
+    core = f"{weights_dir}/core.bin"
+    (out_dir / core).write_bytes(w.tobytes() + b.tobytes())
+    f32 = TensorProto.FLOAT
+    inits = [
+        _external_tensor("W", [4, 3], f32, core, 0, w.nbytes),
+        _external_tensor("B", [3], f32, core, w.nbytes, b.nbytes),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["logits0"]),
+        # An index the runtime cannot fold away: 0, computed from the input.
+        helper.make_node("Mul", ["x", "zero"], ["x0"]),
+        helper.make_node("ReduceSum", ["x0"], ["s0"], keepdims=0),
+        helper.make_node("Cast", ["s0"], ["idx"], to=TensorProto.INT64),
+    ]
+    last = "logits0"
+    rng = np.random.default_rng(seed + 7)
+    n_shards = shards if pad_bytes else 0
+    for k in range(n_shards):
+        rows = max(1, -(-pad_bytes // n_shards) // 12)
+        location = f"{weights_dir}/shard-{k}.bin"
+        with (out_dir / location).open("wb") as f:
+            left = rows * 12
+            f.write(bytes(12))  # row 0: zeros, so the answers do not change
+            left -= 12
+            while left > 0:
+                n = min(chunk, left)
+                f.write(rng.bytes(n))
+                left -= n
+        inits.append(_external_tensor(f"pad{k}", [rows, 3], f32, location, 0, rows * 12))
+        nodes += [
+            helper.make_node("Gather", [f"pad{k}", "idx"], [f"row{k}"], axis=0),
+            helper.make_node("Add", [last, f"row{k}"], [f"logits{k + 1}"]),
+        ]
+        last = f"logits{k + 1}"
+    nodes.append(helper.make_node("Softmax", [last], ["probs"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "iris-external",
+        [helper.make_tensor_value_info("x", f32, ["N", 4])],
+        [helper.make_tensor_value_info("probs", f32, ["N", 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = out_dir / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def iris_reference(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """What the model computes, in numpy."""
     w, b = iris_weights(seed)

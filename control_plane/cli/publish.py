@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from control_plane.catalog.build import Variant, build_bundle, runtime_of
+from control_plane.catalog.build import (
+    BundleSpec,
+    ModelSource,
+    build_bundle_file,
+    directory_sources,
+    runtime_of,
+)
 from control_plane.cli.common import (
     CliError,
     add_client_options,
@@ -63,14 +69,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     bundle = sub.add_parser("bundle", help="build and verify .mfb bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
     b = bsub.add_parser("build", help="sign a model into a bundle")
-    b.add_argument("model", type=Path, help="the model file (.onnx or .tflite)")
+    b.add_argument(
+        "model",
+        type=Path,
+        help="the model file (.onnx or .tflite), or a directory holding one model file at its "
+        "top and the files that go with it (its external data, labels, a tokenizer...)",
+    )
+    b.add_argument(
+        "--file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file beside a model file: its external data, or an auxiliary file served with "
+        "it; placed at its path relative to the model's directory, or under its own name "
+        "(repeatable)",
+    )
     b.add_argument(
         "--variant",
         action="append",
         default=[],
-        metavar="NAME=FILE[:KEY=VALUE,...]",
+        metavar="NAME=FILE_OR_DIR[:KEY=VALUE,...]",
         help="a hardware variant preferred where it fits, e.g. "
-        "cuda-fp16=model-fp16.onnx:accelerator=cuda (repeatable, most preferred first)",
+        "cuda-fp16=model-fp16.onnx:accelerator=cuda; a directory holds the variant's model and "
+        "its own external data (repeatable, most preferred first)",
     )
     b.add_argument("--name", required=True)
     b.add_argument("--version", required=True)
@@ -155,8 +177,9 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
                 raise CliError(f"{flag} {path} is not a .npy array: {exc}") from None
             arrays.append(data)
         smoke = (arrays[0], arrays[1])
+    source = _model_source(args.model, args.file)
     try:
-        runtime = runtime_of(args.model)
+        runtime = runtime_of(source.path)
     except BuildError as exc:
         raise CliError(str(exc)) from None
     variants = tuple(_parse_variant(v, runtime) for v in args.variant)
@@ -166,27 +189,59 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
             schema = check_schema(json.loads(read_file(args.config_schema, "config schema")))
         except (ValueError, Invalid) as exc:
             raise CliError(f"--config-schema: {exc}") from None
+    out = args.out or Path(f"{name}-{version}.mfb")
+    smoke_paths = None
+    if smoke is not None:
+        smoke_paths = (args.smoke_input, args.smoke_output)
+    spec = BundleSpec(
+        name=name,
+        version=version,
+        runtime=runtime,
+        model=source,
+        variants=variants,
+        smoke=smoke_paths,
+        atol=args.tolerance,
+        config_schema=schema,
+    )
     try:
-        data, manifest = build_bundle(
-            read_file(args.model, "model"),
-            name,
-            version,
-            keys,
-            smoke,
-            args.tolerance,
-            runtime=runtime,
-            variants=variants,
-            config_schema=schema,
-        )
+        manifest = build_bundle_file(out, spec, keys)
     except BuildError as exc:
         raise CliError(str(exc)) from None
-    out = args.out or Path(f"{name}-{version}.mfb")
-    write_private(out, data, 0o644)
-    print(f"wrote {out}: {name} {version}, manifest {sha256_digest(manifest.to_bytes())}")
+    extra = len(manifest.files) - len(manifest.model_files())
+    print(
+        f"wrote {out}: {name} {version}, {len(manifest.files)} files "
+        f"({len(manifest.model_files())} model, {extra} other), "
+        f"manifest {sha256_digest(manifest.to_bytes())}"
+    )
     return 0
 
 
-def _parse_variant(text: str, runtime: str) -> Variant:
+def _model_source(path: Path, files: list[Path]) -> ModelSource:
+    """A model file with ``--file``s beside it, or a directory; raises CliError."""
+    try:
+        if path.is_dir():
+            if files:
+                raise CliError("--file goes with a model file; a directory brings its own files")
+            model, beside = directory_sources(path)
+            return ModelSource(path=model, beside=beside)
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
+    if not path.is_file():
+        raise CliError(f"{path}: no such file or directory")
+    base = path.resolve().parent
+    beside: dict[str, Path] = {}
+    for f in files:
+        if not f.is_file():
+            raise CliError(f"--file {f}: no such file")
+        resolved = f.resolve()
+        rel = resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else f.name
+        if rel in beside:
+            raise CliError(f"--file {f}: a second file at {rel!r}")
+        beside[rel] = f
+    return ModelSource(path=path, beside=beside)
+
+
+def _parse_variant(text: str, runtime: str) -> ModelSource:
     """``NAME=FILE[:KEY=VALUE,...]``; raises CliError naming what is wrong."""
     name, sep, rest = text.partition("=")
     if not sep or not name:
@@ -195,7 +250,10 @@ def _parse_variant(text: str, runtime: str) -> Variant:
     if not VARIANT_RE.fullmatch(name):
         raise CliError(f"--variant {name!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-'")
     path = Path(file_part)
+    beside: dict[str, Path] = {}
     try:
+        if path.is_dir():
+            path, beside = directory_sources(path)
         variant_runtime = runtime_of(path)
     except BuildError as exc:
         raise CliError(f"--variant {name}: {exc}") from None
@@ -215,7 +273,9 @@ def _parse_variant(text: str, runtime: str) -> Variant:
             requires[key] = int(value)
         else:
             requires[key] = value
-    return Variant(name, read_file(path, f"--variant {name}"), requires)
+    if not path.is_file():
+        raise CliError(f"--variant {name}: {path}: no such file")
+    return ModelSource(path=path, beside=beside, variant=name, requires=requires)
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
