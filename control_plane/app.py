@@ -2,9 +2,9 @@
 
 Wiring only: the handlers, middleware and route table live in ``control_plane/api/``, the
 shared State in ``control_plane/state.py``. The app's life: migrate and seed at start, run the
-rollout controller, the metric roll-up, the audit flush, PostgreSQL NOTIFY and the MQTT bridge
-beside the requests, and on shutdown drain (long-polls answer at once, queued reports are
-stored, the pool closes).
+rollout controller, the metric roll-up, the audit flush, webhook deliveries, PostgreSQL NOTIFY
+and the MQTT bridge beside the requests, and on shutdown drain (long-polls answer at once,
+queued reports are stored, the pool closes).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from control_plane.api.routes import add_api_routes
 from control_plane.catalog.blobstore import open_blob_store
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database, PoolLimits
+from control_plane.events.delivery import DeliveryConfig, WebhookDeliverer
+from control_plane.events.retry import RetryPolicy
+from control_plane.events.watch import OfflineWatch
 from control_plane.fleet.desired import DesiredSigner
 from control_plane.fleet.ingest import Ingestor
 from control_plane.fleet.notify import DesiredNotifier
@@ -78,6 +81,18 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         if config.refusal_rate_per_s > 0
         else None,
         refusals=audit.RefusalLog(db, config.audit_coalesce_s),
+        webhooks=WebhookDeliverer(
+            db,
+            clock,
+            DeliveryConfig(
+                retry=RetryPolicy(
+                    max_attempts=config.webhook_max_attempts, base_s=config.webhook_retry_base_s
+                ),
+                timeout_s=config.webhook_timeout_s,
+                allow_private=config.webhook_allow_private,
+            ),
+            OfflineWatch(db, clock, config.offline_after_s),
+        ),
     )
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_json_bytes)
     app[STATE] = state
@@ -113,6 +128,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_rollup_loop(state), name="metric-rollup"),
         asyncio.create_task(_audit_flush_loop(state), name="audit-flush"),
     ]
+    if state.webhooks is not None:
+        tasks.append(asyncio.create_task(state.webhooks.run(), name="webhook-delivery"))
     if not state.db.is_sqlite:
         # Imported here: only a PostgreSQL deployment needs the driver's LISTEN/NOTIFY.
         from control_plane.fleet.pgnotify import PgNotifyBridge

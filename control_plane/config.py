@@ -87,6 +87,12 @@ class ServerConfig:
     # SIGTERM: seconds from the signal to exit, whatever is open (long-polls are answered
     # at once, in-flight requests get part of it, then background tasks stop).
     drain_s: float = 10.0
+    # Webhooks (control_plane/events/): receivers on loopback or private addresses only when
+    # allowed; one attempt's timeout; attempts per delivery and the first retry's delay.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_retry_base_s: float = 5.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

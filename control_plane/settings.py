@@ -56,7 +56,17 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "db_pool_size": ("MODELFLEET_DB_POOL_SIZE", int, None),
     "db_wait": ("MODELFLEET_DB_WAIT", float, 10.0),
     "drain": ("MODELFLEET_DRAIN", float, 10.0),
+    "webhook_allow_private": ("MODELFLEET_WEBHOOK_ALLOW_PRIVATE", lambda v: _flag(v), False),
 }
+
+
+def _flag(value: object) -> bool:
+    """A boolean setting: true/false (TOML), or 1/0, true/false, yes/no (environment)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.lower() in ("1", "true", "yes")
+    raise ValueError(f"not a boolean: {value!r}")
 
 
 _RETENTION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
@@ -132,6 +142,7 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
                 "db_pool_size",
                 "db_wait",
                 "drain",
+                "webhook_allow_private",
             )
         },
     }
@@ -244,6 +255,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         db_pool_size=s["db_pool_size"],
         db_wait_s=s["db_wait"],
         drain_s=s["drain"],
+        webhook_allow_private=s["webhook_allow_private"],
     )
 
 

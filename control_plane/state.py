@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from control_plane.catalog.blobstore import BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
+from control_plane.events.delivery import WebhookDeliverer
 from control_plane.fleet.desired import DesiredSigner
 from control_plane.fleet.ingest import Ingestor
 from control_plane.fleet.notify import DesiredNotifier
@@ -44,6 +45,7 @@ class State:
     # Unauthenticated refusals per source address (see source_limit_middleware).
     refusal_limiter: RateLimiter | None = None
     refusals: audit.RefusalLog | None = None
+    webhooks: WebhookDeliverer | None = None  # set by create_app
     # Set when SIGTERM's drain begins: long-polls answer at once instead of waiting.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     polling: dict[str, int] = field(default_factory=dict)  # agent id -> long-polls waiting

@@ -17,6 +17,7 @@ from control_plane.api import (
     reports,
     rollouts,
     tokens,
+    webhooks,
 )
 from control_plane.api.openapi import build_openapi
 from control_plane.api.request import json_response
@@ -43,6 +44,7 @@ ROUTES: tuple[Route, ...] = (
     *reports.ROUTES,
     *tokens.ROUTES,
     *audit.ROUTES,
+    *webhooks.ROUTES,
 )
 
 

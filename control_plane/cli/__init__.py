@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
-from control_plane.cli import config, operate, publish, security, serve, sim
+from control_plane.cli import config, operate, publish, security, serve, sim, webhook
 from control_plane.cli.common import CliError
 from control_plane.errors import SettingsError
 from control_plane.security import redact
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.register(sub)
     security.register(sub)
     sim.register(sub)
+    webhook.register(sub)
     for ep in entry_points(group="modelfleet.cli"):
         ep.load()(sub)
     return parser

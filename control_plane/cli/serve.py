@@ -124,6 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="on SIGTERM, exit within this long whatever is open (10)",
     )
+    p.add_argument(
+        "--webhook-allow-private",
+        action="store_true",
+        default=None,
+        help="let webhook receivers be on loopback or private addresses (never link-local)",
+    )
     p.set_defaults(func=cmd_server)
 
     db = sub.add_parser("db", help="database maintenance")

@@ -21,6 +21,7 @@ from control_plane.db.models import (
     MetricSeries,
 )
 from control_plane.errors import Forbidden, Invalid, NotFound, Unauthenticated
+from control_plane.events.watch import note_failures
 from control_plane.fleet.desired import DesiredSigner
 from control_plane.fleet.status_order import StatusOrder, newer_than_stored, order_values
 from control_plane.metrics.reports import agent_state
@@ -376,6 +377,7 @@ async def store_status(db: Database, report: StatusReport, now: datetime) -> boo
                 **order_values(report),
             )
         )
+        await note_failures(s, [report], now)  # webhooks: activation.failed
         # A sign of life either way; what the row holds now says whether it is this report.
         held = await s.execute(
             update(Agent)

@@ -29,6 +29,7 @@ from control_plane.config import Retention
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, MetricBatch, MetricSeries, UTCDateTime
 from control_plane.errors import NotFound
+from control_plane.events.watch import note_failures
 from control_plane.fleet import agents as fleet
 from control_plane.fleet.status_order import StatusOrder, supersedes_stored
 from protocol.reports import MetricsBatch, StatusReport
@@ -139,6 +140,7 @@ async def store_batch(
     if latest_status:
         rows = [status_values(known[a], r) for a, r in latest_status.items()]
         await s.execute(STATUS_UPDATE, rows)  # one executemany, no ORM bookkeeping per row
+        await note_failures(s, latest_status.values(), now)  # webhooks: activation.failed
 
     inserted: set[tuple[str, int]] = set()
     if new_batches:

@@ -26,6 +26,8 @@ from control_plane.db.models import (
     RolloutEvent,
     RolloutTarget,
 )
+from control_plane.events.outbox import emit
+from control_plane.events.types import rollout_type
 from control_plane.fleet.desired import DesiredSigner
 from control_plane.fleet.notify import DesiredNotifier
 from control_plane.metrics.series import SkippedRows, series_rows, usable
@@ -85,7 +87,7 @@ def store_view(r: Rollout, view: RolloutView, now: datetime) -> None:
 
 
 def add_events(s: AsyncSession, rollout_id: str, events: Iterable[Event], now: datetime) -> None:
-    """Append timeline entries."""
+    """Append timeline entries, each announced as a ``rollout.<kind>`` event."""
     for e in events:
         s.add(
             RolloutEvent(
@@ -98,6 +100,8 @@ def add_events(s: AsyncSession, rollout_id: str, events: Iterable[Event], now: d
             )
         )
         log.info("rollout %s: %s: %s", rollout_id[:8], e.kind, e.reason)
+        data = {"rolloutId": rollout_id, "stage": e.stage, "reason": e.reason, "figures": e.figures}
+        emit(s, rollout_type(e.kind), f"rollout/{rollout_id}", data, now)
 
 
 async def refresh_agents(

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 API_TOKEN_PREFIX = "mfa_"
 AGENT_CREDENTIAL_PREFIX = "mfc_"
 ENROLLMENT_TOKEN_PREFIX = "mfe_"
+WEBHOOK_SECRET_PREFIX = "mfw_"  # signs webhook deliveries (control_plane/events/)
 
 
 def new_secret(prefix: str) -> str:

@@ -23,10 +23,12 @@ from sqlalchemy.exc import IntegrityError
 from control_plane.db.engine import Database
 from control_plane.db.models import KeySetRow
 from control_plane.errors import ConfigError, Conflict, DomainError, Invalid, Refused
+from control_plane.events.outbox import emit
 from protocol.dsse import key_id, parse_envelope
 from protocol.exceptions import InvalidMessage, ProtocolError, ReplayError
 from protocol.fields import load_json_object
 from protocol.keyset import KeySet, keyset_from_json, next_keyset, open_first
+from protocol.timeutil import format_time
 
 log = logging.getLogger("modelfleet.control_plane")
 
@@ -113,11 +115,20 @@ async def install(
     except ProtocolError as exc:
         raise Refused("untrusted_keyset", str(exc)) from None
     _check_signer(ks, signing_key)
-    await _store(db, ks, envelope)
+    await _store(db, ks, envelope, now)
     return ks
 
 
-async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
+def keyset_event(ks: KeySet) -> dict[str, object]:
+    """What a keyset.changed event says: the version, its expiry and the key ids per role."""
+    return {
+        "version": ks.version,
+        "expiresAt": format_time(ks.expires_at),
+        "roles": {name: list(role.keyids) for name, role in ks.roles.items()},
+    }
+
+
+async def _store(db: Database, ks: KeySet, envelope: bytes, now: datetime) -> None:
     try:
         async with db.write() as s:
             newest = await s.scalar(select(func.max(KeySetRow.version)))
@@ -128,6 +139,7 @@ async def _store(db: Database, ks: KeySet, envelope: bytes) -> None:
                     "version",
                 )
             s.add(KeySetRow(version=ks.version, envelope=envelope.decode()))
+            emit(s, "keyset.changed", f"keyset/{ks.version}", keyset_event(ks), now)
     except IntegrityError:
         raise Conflict(
             "keyset_not_newer", f"key set version {ks.version} was stored meanwhile", "version"
@@ -176,6 +188,6 @@ async def _import_file(
         _check_signer(ks, signing_key)
     except DomainError as exc:
         raise ConfigError(f"key set {path}: {exc.message}") from None
-    await _store(db, ks, data)
+    await _store(db, ks, data, now)
     log.info("installed key set version %d from %s", ks.version, path)
     return ks

@@ -1,10 +1,11 @@
 """Secrets never reach a log line: a logging filter that redacts them from every record.
 
 What is redacted, wherever it appears in a message, its arguments, an exception's text or a
-stack: ``Bearer <anything>``; API tokens, agent credentials and enrollment tokens by their
-prefixes (``mfa_``, ``mfc_``, ``mfe_``, see ``control_plane/security/auth.py``); the value after a
-key that names a secret (``password=…``, ``"credential": "…"``, ``token: …``); a password in
-a URL (``mqtt://user:pw@host``); and any exact string registered with :func:`add_secret` (the
+stack: ``Bearer <anything>``; API tokens, agent credentials, enrollment tokens and webhook
+secrets by their prefixes (``mfa_``, ``mfc_``, ``mfe_``, ``mfw_``, see
+``control_plane/security/auth.py``); the value after a key that names a secret
+(``password=…``, ``"credential": "…"``, ``token: …``); a password in a URL
+(``mqtt://user:pw@host``); and any exact string registered with :func:`add_secret` (the
 control plane's own broker password, whose shape is not known in advance).
 
 ``install()`` puts the filter on every handler of the root logger, where it sees the records
@@ -19,8 +20,9 @@ import re
 
 MASK = "[redacted]"
 # The prefixes of control_plane/security/auth.py (API_TOKEN_PREFIX, AGENT_CREDENTIAL_PREFIX,
-# ENROLLMENT_TOKEN_PREFIX); tests/unit/test_redact.py holds the two lists together.
-SECRET_PREFIXES = ("mfa_", "mfc_", "mfe_")
+# ENROLLMENT_TOKEN_PREFIX, WEBHOOK_SECRET_PREFIX); tests/unit/test_redact.py holds the two
+# lists together.
+SECRET_PREFIXES = ("mfa_", "mfc_", "mfe_", "mfw_")
 
 _PATTERNS = (
     # A bearer token, also cut short (aiohttp quotes a header's first 100 bytes).

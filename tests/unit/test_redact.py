@@ -14,6 +14,7 @@ def test_prefixes_are_the_ones_auth_issues() -> None:
         auth.API_TOKEN_PREFIX,
         auth.AGENT_CREDENTIAL_PREFIX,
         auth.ENROLLMENT_TOKEN_PREFIX,
+        auth.WEBHOOK_SECRET_PREFIX,
     }
 
 
