@@ -82,16 +82,16 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         else None,
         refusals=audit.RefusalLog(db, config.audit_coalesce_s),
         webhooks=WebhookDeliverer(
-            db,
-            clock,
-            DeliveryConfig(
+            db=db,
+            clock=clock,
+            config=DeliveryConfig(
                 retry=RetryPolicy(
                     max_attempts=config.webhook_max_attempts, base_s=config.webhook_retry_base_s
                 ),
                 timeout_s=config.webhook_timeout_s,
                 allow_private=config.webhook_allow_private,
             ),
-            OfflineWatch(db, clock, config.offline_after_s),
+            offline=OfflineWatch(db=db, clock=clock, offline_after_s=config.offline_after_s),
         ),
     )
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_json_bytes)

@@ -111,6 +111,7 @@ class WebhookDeliverer:
 
     def __init__(
         self,
+        *,
         db: Database,
         clock: Callable[[], datetime],
         config: DeliveryConfig,

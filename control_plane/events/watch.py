@@ -74,6 +74,7 @@ class OfflineWatch:
 
     def __init__(
         self,
+        *,
         db: Database,
         clock: Callable[[], datetime],
         offline_after_s: float,
