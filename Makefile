@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Test processes: the suite mostly waits on I/O, so more workers than cores pays.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo test soak bench lint clean proto
+.PHONY: venv demo test soak bench bench-mlserver lint clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "modelfleet needs Python 3.11+"'
@@ -27,7 +27,17 @@ test: venv
 soak: venv
 	MODELFLEET_SOAK_RUNS=200 $(BIN)/pytest -q tests/integration/test_agent_crash.py -k soak
 
-bench: venv
+# MLServer 1.7, the peer bench/serving.py runs beside the agent, in a venv of its own so that
+# its pins (FastAPI, uvloop, protobuf...) never touch the project's.
+MLSERVER := bench/.venv-mlserver
+$(MLSERVER)/bin/mlserver:
+	$(PYTHON) -m venv $(MLSERVER)
+	$(MLSERVER)/bin/pip install --quiet 'mlserver==1.7.1' onnxruntime numpy
+
+bench-mlserver: $(MLSERVER)/bin/mlserver
+
+bench: venv bench-mlserver
+	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.agent_overhead
 	$(BIN)/python -m bench.mqtt_push
 	$(BIN)/python -m bench.ingest
@@ -55,4 +65,4 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MLSERVER) demo-run .pytest_cache .ruff_cache

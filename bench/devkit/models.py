@@ -401,3 +401,30 @@ def lookup_onnx(rows: int = 10, width: int = 3, seed: int = 0) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def classifier_onnx(channels: int = 3, classes: int = 1000, seed: int = 0) -> bytes:
+    """An image classifier's shape: x[N, C, H, W] float -> probs[N, classes].
+
+    A global average pool, a dense layer and a softmax: an image-sized request with a
+    classifier-sized answer, as bench/serving.py times (the request path, not the model).
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(channels, classes)).astype(np.float32)
+    b = rng.normal(size=(classes,)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["pooled"], axes=[2, 3], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "W"], ["logits0"]),
+            helper.make_node("Add", ["logits0", "B"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
