@@ -11,8 +11,9 @@ Refusals map to status codes in one table (``STATUS``): bad input INVALID_ARGUME
 field, a limit RESOURCE_EXHAUSTED naming it, an unknown model or version NOT_FOUND, a missing
 or wrong bearer token UNAUTHENTICATED, the runtime's own failure INTERNAL.
 
-Access: with ``grpc_tokens`` set, every call must carry ``authorization: Bearer <token>``
-metadata naming one of them; with a certificate and key the port speaks TLS, and with a client
+Access: with ``grpc_tokens`` set, every call but the health ones (ServerLive, ServerReady:
+open, as REST's health probes are) must carry ``authorization: Bearer <token>`` metadata
+naming one of them; with a certificate and key the port speaks TLS, and with a client
 CA as well it asks every client for a certificate signed by it (mutual TLS).
 
 The ``grpc`` extra (grpcio, protobuf) is imported only by this module, which the daemon
@@ -205,14 +206,20 @@ def _guarded(handler: Handler, table: ServingTable) -> Handler:
     return guarded
 
 
+# Open without a token, as REST's /v2/health/live and /ready are: an orchestrator's probes
+# need no secret.
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
+
+
 def generic_handler(table: ServingTable) -> grpc.GenericRpcHandler:
-    """The service's method handlers over ``table``, each behind the token check."""
+    """The service's method handlers over ``table``, all but the health ones behind the token
+    check."""
     servicer = InferenceServicer(table)
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
             method: grpc.unary_unary_rpc_method_handler(
-                _guarded(fn, table),
+                fn if method in OPEN_METHODS else _guarded(fn, table),
                 request_deserializer=request.FromString,
                 response_serializer=response.SerializeToString,
             )

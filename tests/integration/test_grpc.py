@@ -307,10 +307,14 @@ async def test_bearer_token_is_required_when_configured(
         triton(agent) as client,
     ):
         for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}):
+            # The health calls stay open, as REST's probes do.
+            assert await client.is_server_live(headers=headers)
+            assert await client.is_server_ready(headers=headers)
             for call in (
                 client.infer("iris", [iris_input()], headers=headers),
-                client.is_server_live(headers=headers),
+                client.is_model_ready("iris", headers=headers),
                 client.get_model_metadata("iris", headers=headers),
+                client.get_server_metadata(headers=headers),
             ):
                 with pytest.raises(InferenceServerException) as err:
                     await call
@@ -319,7 +323,7 @@ async def test_bearer_token_is_required_when_configured(
         good = {"authorization": f"Bearer {TOKEN}"}
         out = await client.infer("iris", [iris_input()], headers=good)
         np.testing.assert_allclose(out.as_numpy("probs"), iris_reference(ROWS), rtol=1e-5)
-        assert await client.is_server_live(headers=good)
+        assert await client.is_model_ready("iris", headers=good)
 
 
 def _certificates(root: Path) -> dict[str, Path]:

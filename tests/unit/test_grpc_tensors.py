@@ -25,7 +25,7 @@ from agent.serving.grpc_tensors import (
     token_accepted,
 )
 from agent.serving.proto import grpc_predict_v2_pb2 as pb
-from agent.settings import merge, to_config
+from agent.settings import load_file, merge, to_config
 
 
 def request(arr: np.ndarray, datatype: str, *, raw: bool = True, **kw: Any) -> Any:
@@ -181,8 +181,12 @@ def test_grpc_settings(tmp_path: Path) -> None:
     on = to_config(merge({**base, "grpc": "0.0.0.0:8511", "grpc_token_file": str(tokens)}, {}))
     assert (on.grpc_host, on.grpc_port, on.grpc_tokens) == ("0.0.0.0", 8511, ("a" * 16, "b" * 20))
     # agent.toml: grpc = "HOST:PORT", the command line over it.
-    from_file = to_config(merge(base, {"grpc": "[::1]:9000"}))
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f'state_dir = "{tmp_path}"\ngrpc = "[::1]:9000"\n')
+    from_file = to_config(merge({}, load_file(toml)))
     assert (from_file.grpc_host, from_file.grpc_port) == ("[::1]", 9000)
+    over = to_config(merge({"grpc": "127.0.0.1:9001"}, load_file(toml)))
+    assert (over.grpc_host, over.grpc_port) == ("127.0.0.1", 9001)
     for bad, fragment in [
         ({"grpc": "nowhere"}, "--grpc (grpc) must be HOST:PORT"),
         ({"grpc": "h:1", "grpc_cert": "c.pem"}, "grpc-cert and grpc-key go together"),
