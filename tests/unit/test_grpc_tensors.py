@@ -198,3 +198,26 @@ def test_grpc_settings(tmp_path: Path) -> None:
     tokens.write_text("short\n")
     with pytest.raises(AgentConfigError, match="16 or more"):
         to_config(merge({**base, "grpc": "h:1", "grpc_token_file": str(tokens)}, {}))
+
+
+def test_agent_run_takes_grpc_options(tmp_path: Path) -> None:
+    import argparse
+
+    from agent.cli import register
+    from agent.settings import SETTINGS
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    tokens = tmp_path / "tokens"
+    tokens.write_text("c" * 32 + "\n")
+    grpc_flags = ["--grpc-token-file", str(tokens), "--grpc-cert", "s.pem", "--grpc-key", "s.key"]
+    args = parser.parse_args(
+        ["agent", "run", "--state-dir", str(tmp_path), "--grpc", "127.0.0.1:8511", *grpc_flags]
+    )
+    cfg = to_config(merge({n: getattr(args, n, None) for n in SETTINGS}, {}))
+    assert (cfg.grpc_host, cfg.grpc_port, cfg.grpc_tokens) == ("127.0.0.1", 8511, ("c" * 32,))
+    assert (cfg.grpc_cert_file, cfg.grpc_key_file, cfg.grpc_client_ca_file) == (
+        "s.pem",
+        "s.key",
+        None,
+    )
