@@ -8,6 +8,8 @@ the client, and hostile messages go through a bare gRPC channel with the agent's
 from __future__ import annotations
 
 import ipaddress
+import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ import tritonclient.grpc.aio as tgrpc
 from tritonclient.utils import InferenceServerException
 
 from agent.daemon import Agent
+from agent.exceptions import AgentConfigError
 from agent.serving.proto import grpc_predict_v2_pb2 as pb
 from bench.devkit.models import iris_reference, tile_onnx
 from control_plane.catalog.build import build_bundle
@@ -405,3 +408,24 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(
                 with pytest.raises(InferenceServerException) as err:
                     await client.is_server_live(client_timeout=5)
                 assert err.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.UNKNOWN")
+
+
+async def test_grpc_off_without_the_extra_or_a_free_port(
+    cp_sqlite: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enroll_agent(cp_sqlite, tmp_path / "a1", {"site": "edge"})
+    async with running_agent(tmp_path / "a1") as agent:
+        assert agent.grpc_port is None  # off unless asked for
+    # An address already taken: the agent does not start, and leaves nothing running.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="gRPC could not listen"):
+            async with running_agent(tmp_path / "a1", grpc_host="127.0.0.1", grpc_port=port):
+                pass
+    # No grpc extra installed: the agent says which extra it needs.
+    monkeypatch.setitem(sys.modules, "agent.serving.grpc", None)
+    with pytest.raises(AgentConfigError, match=r"modelfleet\[grpc\]"):
+        async with running_agent(tmp_path / "a1", grpc_host="127.0.0.1", grpc_port=0):
+            pass
