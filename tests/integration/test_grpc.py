@@ -7,11 +7,13 @@ the client, and hostile messages go through a bare gRPC channel with the agent's
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -429,3 +431,25 @@ async def test_grpc_off_without_the_extra_or_a_free_port(
     with pytest.raises(AgentConfigError, match=r"modelfleet\[grpc\]"):
         async with running_agent(tmp_path / "a1", grpc_host="127.0.0.1", grpc_port=0):
             pass
+
+
+async def test_stopping_the_agent_drains_calls_in_flight(
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    async with serving(cp_sqlite, publisher, tmp_path) as agent:
+        agent.serving.reconfigure(replace(agent.config, added_latency_s=0.8))
+        in_flight = asyncio.create_task(raw_infer(agent, iris_request(id="late")))
+        await asyncio.sleep(0.3)  # the call is in the runtime now
+        port = agent.grpc_port
+    # Leaving the agent waited for the call (drain_s is 2 s) and then closed the port.
+    answer = await in_flight
+    assert answer.id == "late"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(pb.ServerLiveRequest(), timeout=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
