@@ -281,3 +281,60 @@ async def agent_config(db: Database, agent_id: str) -> dict[str, Any]:
             entry["failed"] = bad.get("reason") or bad.get("state")
         models.append(entry)
     return {"agentId": agent_id, "name": agent.name, "labels": agent.labels, "models": models}
+
+
+async def add_rollout_layer(
+    s: AsyncSession,
+    *,
+    rollout_id: str,
+    model: str,
+    version: str,
+    manifest_digest: str,
+    selector: Selector,
+    values: dict[str, Any],
+    agents: list[Agent],
+    now: datetime,
+) -> None:
+    """Store the layer a configuration rollout carries, checked first on every agent its
+    selector matches (on the rollout's version, with the stored layers of the model).
+
+    Raises Invalid naming the path of a value the version's schema refuses; the caller's
+    transaction then stores nothing.
+    """
+    layer = Layer(
+        id=0,
+        model=model,
+        scope="selector",
+        selector=selector,
+        values=values,
+        created_at=now,
+        rollout_id=rollout_id,
+    )
+    sources = await config_sources(s, {manifest_digest})
+    schema = sources.schema(manifest_digest)
+    layers = [*(x for x in sources.layers if x.model == model and x.rollout_id is None), layer]
+    where = f"configuration rollout of {model} {version}"
+    targets = [a for a in agents if selector.matches(a.labels)]
+    for a in targets:
+        config = effective(
+            layers, agent_id=a.id, labels=a.labels, schema=schema, rollouts={rollout_id}
+        )
+        validate(config, schema, where=f"{where} on agent {a.name}")
+    if not targets:
+        validate(
+            effective([layer], agent_id="", labels={}, schema=schema, rollouts={rollout_id}),
+            schema,
+            where=where,
+        )
+    s.add(
+        ConfigLayer(
+            model=model,
+            scope="selector",
+            target=f"rollout:{rollout_id}",
+            selector=selector.to_json(),
+            rollout_id=rollout_id,
+            values=values,
+            created_at=now,
+            updated_at=now,
+        )
+    )

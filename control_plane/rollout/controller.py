@@ -214,8 +214,11 @@ async def advance(
             new = await _aggregate(
                 s, model, view.soak_started_at, cohort, mv.version, True, skipped
             )
+            # A configuration rollout keeps the version: its baseline is the same version on
+            # the agents not moved (under the configuration they had), not other versions.
+            same = spec.config is not None
             baseline = await _aggregate(
-                s, model, view.soak_started_at, others, mv.version, False, skipped
+                s, model, view.soak_started_at, others, mv.version, same, skipped
             )
         obs = Observation(
             now,

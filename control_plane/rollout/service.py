@@ -24,6 +24,7 @@ from control_plane.db.models import (
 )
 from control_plane.errors import Conflict, NotFound, Refused
 from control_plane.fleet.desired import DesiredSigner
+from control_plane.fleet.layers import add_rollout_layer
 from control_plane.fleet.notify import DesiredNotifier
 from control_plane.rollout.controller import (
     add_events,
@@ -75,7 +76,9 @@ async def create_rollout(
     ``spec`` is parsed at the edge (``rollout.spec.parse_spec``). Raises NotFound when the
     version is not published, Refused when its signatures no longer meet ``trust`` (agents
     would refuse it) and Conflict when it would touch agents an active rollout of the same
-    model holds (unless it supersedes that one).
+    model holds (unless it supersedes that one). A configuration rollout (``spec.config``)
+    stores its layer, checked first: Invalid naming the path of a value the version's schema
+    refuses.
     """
     rollout_id = str(uuid.uuid4())
     async with db.write() as s:
@@ -133,13 +136,27 @@ async def create_rollout(
             )
         )
         await s.flush()
+        if spec.config is not None:
+            await add_rollout_layer(
+                s,
+                rollout_id=rollout_id,
+                model=spec.model,
+                version=spec.version,
+                manifest_digest=mv.manifest_digest,
+                selector=spec.selector,
+                values=dict(spec.config),
+                agents=agents,
+                now=now,
+            )
         add_events(
             s,
             rollout_id,
             [
                 Event(
                     "created",
-                    f"{spec.model} {spec.version} to {str(spec.selector) or 'every agent'}",
+                    f"{spec.model} {spec.version}"
+                    + (" with configuration" if spec.config is not None else "")
+                    + f" to {str(spec.selector) or 'every agent'}",
                     None,
                     {"matching_agents": len(mine)},
                 )

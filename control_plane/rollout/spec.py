@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from control_plane.rollout.cron import parse_cron
+from protocol.desired import check_config
 from protocol.exceptions import InvalidMessage
 from protocol.fields import get_str, req_str
 from protocol.labels import Selector, check_labels, parse_selector, selector_from_json
@@ -166,6 +168,9 @@ class RolloutSpec:
     rollback: bool = False
     supersedes: str | None = None
     max_stall_s: float | None = None  # None: DEFAULT_MAX_STALL_S; math.inf: never ("off")
+    # A configuration rollout: this layer (values as in a configuration layer) applies to the
+    # agents the rollout applies to, on the version named (docs/adr/0016).
+    config: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @property
     def stall_limit_s(self) -> float:
@@ -203,6 +208,8 @@ class RolloutSpec:
             doc["supersedes"] = self.supersedes
         if self.max_stall_s is not None:
             doc["max_stall"] = self.max_stall_json()["value"]
+        if self.config is not None:
+            doc["config"] = dict(self.config)
         return doc
 
 
@@ -341,6 +348,7 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
         "rollback",
         "supersedes",
         "max_stall",
+        "config",
     }
     for key in body:
         if key not in known:
@@ -386,6 +394,13 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
         parse_cron(window)
     sample = _number(body, "shadow_sample", "", 0.0001, 1)
     supersedes = get_str(body, "supersedes", optional=True, max_len=36)
+    config = None
+    if body.get("config") is not None:
+        config = check_config(body["config"], "config")
+        if not config:
+            raise InvalidMessage("config must set at least one key", "config")
+        if _bool(body, "shadow", False):
+            raise InvalidMessage("a configuration rollout cannot shadow-score", "shadow")
     return RolloutSpec(
         model=check_name(req_str(body, "model"), "model"),
         version=check_version(req_str(body, "version")),
@@ -402,6 +417,7 @@ def parse_spec(body: dict[str, Any]) -> RolloutSpec:
         rollback=_bool(body, "rollback", False),
         supersedes=supersedes,
         max_stall_s=_max_stall(body.get("max_stall")),
+        config=config,
     )
 
 
