@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from control_plane.cli.common import CliError, add_client_options, api_call
+from control_plane.errors import Invalid
+from control_plane.fleet.config import parse_assignment, set_values
 from control_plane.rollout.spec import parse_stages_text
 from protocol.bundle import MEDIA_TYPE
 from protocol.exceptions import InvalidMessage
@@ -94,6 +96,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="agents that enroll after it completes do not get it",
     )
     rc.add_argument("--supersedes", metavar="ID", help="replace an active rollout")
+    rc.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a configuration rollout: this layer applies where the rollout does (repeatable)",
+    )
     rc.add_argument(
         "--rollback",
         action="store_true",
@@ -384,6 +393,11 @@ def cmd_rollout_create(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             body[key] = getattr(args, flag)
+    if args.config:
+        try:
+            body["config"] = set_values({}, dict(parse_assignment(a) for a in args.config))
+        except (ValueError, Invalid) as exc:
+            raise CliError(f"--config: {exc}") from None
     _, out = asyncio.run(api_call(args, "POST", "/rollouts", json_body=body))
     _print(args, out, out["id"])
     return 0

@@ -66,27 +66,26 @@ async def cli(cp: ControlPlane, *args: str) -> Any:
 
 
 async def shown(cp: ControlPlane, agent: FleetAgent) -> dict[str, Any]:
-    p = await cli(cp, "config", "show", "--agent", agent.agent_id, "--json")
-    assert p.returncode == 0, p.stderr
-    (m,) = json.loads(p.stdout)["models"]
+    (m,) = (await (await cp.call("GET", f"/config/agents/{agent.agent_id}")).json())["models"]
     return m
 
 
 async def applied(cp: ControlPlane, fleet: Fleet, want: list[dict[str, Any]]) -> None:
     """Every agent reports it applied the configuration ``want`` names for it."""
 
-    async def check() -> list[Any] | None:
-        got = [await shown(cp, a) for a in fleet.agents]
-        ok = all(
+    got: list[dict[str, Any]] = []
+
+    async def check() -> bool:
+        got[:] = [await shown(cp, a) for a in fleet.agents]
+        return all(
             m["applied"] and m["config"] == w and m["appliedDigest"] == config_digest(w)
             for m, w in zip(got, want, strict=True)
         )
-        return None if not ok else got
 
     try:
-        await eventually(check, 30, 0.2)
+        await eventually(check, 60, 0.2)
     except AssertionError:
-        raise AssertionError(fleet.logs()) from None
+        raise AssertionError(f"{got}\n{fleet.logs()}") from None
 
 
 async def infer(agent: FleetAgent, body: dict[str, Any]) -> int:
@@ -122,6 +121,10 @@ async def test_layers_reach_three_agents_merged_and_apply_without_a_restart(
     assert [a.proc.pid for a in fleet.agents if a.proc and a.proc.poll() is None] == pids
     assert [await infer(a, TWO_ROWS) for a in (a1, a2, b1)] == [200, 200, 400]
     assert await infer(b1, ONE_ROW) == 200
+    p = await cli(cp, "config", "show", "--agent", b1.agent_id, "--json")
+    assert p.returncode == 0, p.stderr
+    (m,) = json.loads(p.stdout)["models"]
+    assert m["config"] == want_b1 and m["applied"] and len(m["layers"]) == 2
 
     # A bad value: refused naming its path, nothing stored, nothing moves.
     before = (await (await cp.call("GET", "/config/layers")).json())["layers"]

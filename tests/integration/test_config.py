@@ -177,3 +177,28 @@ async def test_relabel_moves_selector_layers_and_locked_labels_stay(
     actions = json.dumps(audit)
     assert "POST /api/v1/agents/{id}/labels" in actions
     assert "POST /api/v1/config/layers" in actions
+
+
+async def test_a_configuration_rollout_with_a_bad_value_stores_nothing(
+    cp: ControlPlane, three: list[dict[str, Any]]
+) -> None:
+    before = (await (await cp.call("GET", "/rollouts")).json())["rollouts"]
+    body = {"model": "iris", "version": "1.0.0", "selector": "site=a", "config": {"maxBatch": 0}}
+    r = await cp.call("POST", "/rollouts", json={**body, "supersedes": before[0]["id"]})
+    err = await assert_error(r, 400, "invalid_config", "maxBatch")
+    assert "configuration rollout of iris 1.0.0 on agent a1" in err["error"]["message"]
+    assert (await (await cp.call("GET", "/rollouts")).json())["rollouts"] == before
+    assert (await (await cp.call("GET", "/config/layers")).json())["layers"] == []
+    r = await cp.call("POST", "/rollouts", json={**body, "config": {}})
+    await assert_error(r, 400, field="config")
+
+    # A good one: its layer is listed with its rollout.
+    r = await cp.call(
+        "POST",
+        "/rollouts",
+        json={**body, "config": {"maxBatch": 2}, "supersedes": before[0]["id"]},
+    )
+    assert r.status == 201, await r.text()
+    rid = (await r.json())["id"]
+    (layer,) = (await (await cp.call("GET", "/config/layers")).json())["layers"]
+    assert layer["rollout"] == rid and layer["selector"] == "site=a"
