@@ -169,7 +169,7 @@ class RolloutSpec:
     supersedes: str | None = None
     max_stall_s: float | None = None  # None: DEFAULT_MAX_STALL_S; math.inf: never ("off")
     # A configuration rollout: this layer (values as in a configuration layer) applies to the
-    # agents the rollout applies to, on the version named (docs/adr/0016).
+    # agents the rollout applies to, on the version named (docs/adr/0018).
     config: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @property

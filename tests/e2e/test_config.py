@@ -174,7 +174,7 @@ async def test_a_configuration_rollout_that_breaks_inference_is_rolled_back_by_i
     assert failed["kind"] == "failed" and "max_error_rate" in failed["reason"]
     new = failed["figures"]["new"]
     # The soak counts from the move; a moved agent may answer a request or two under the old
-    # configuration before it applies the new one (docs/adr/0016).
+    # configuration before it applies the new one (docs/adr/0018).
     assert new["requests"] >= 5 and new["errors"] >= 0.9 * new["requests"]
     # The moved agents went back to the configuration they had, without a restart.
     await applied(cp, fleet, [DEFAULTS] * 4)
