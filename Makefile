@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Test processes: the suite mostly waits on I/O, so more workers than cores pays.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo test soak bench bench-mlserver lint clean proto
+.PHONY: venv demo test test-containers soak bench bench-mlserver lint clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "modelfleet needs Python 3.11+"'
@@ -21,7 +21,16 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not containers"
+
+# Needs a Docker engine: the tests marked `containers` (they build the images they run; the
+# builds are cached), then a representative set of integration tests with PostgreSQL and every
+# mosquitto in containers instead of the machine's services.
+CONTAINER_SET ?= tests/integration/test_fleet_api.py tests/integration/test_rollouts.py \
+	tests/integration/test_mqtt.py
+test-containers: venv
+	$(BIN)/pytest -q -n 2 -m containers tests/containers
+	MODELFLEET_TEST_SERVICES=containers $(BIN)/pytest -q -n 2 $(CONTAINER_SET)
 
 # The agent killed with -9 at 200 random moments of its update (20 in `make test`).
 soak: venv

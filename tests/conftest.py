@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.support.bundles import Publisher, make_publisher
+from tests.support.containers import PostgresContainer, pg_source, service_images
 from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
 from tests.support.services import PG_URL, pg_execute, run_in_thread, service_unavailable
 
@@ -26,20 +27,36 @@ def publisher(tmp_path: Path) -> Publisher:
     return make_publisher(tmp_path / "keys")
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The administrator URL of the PostgreSQL server: PG_URL, or a container of this session's
+    own when tests/support/containers.py's rule says so."""
+    if pg_source() == "local":
+        yield PG_URL
+        return
+    server = PostgresContainer(service_images().postgres)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(pg_server: str) -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
+    server = pg_server
     name = f"mf_test_{uuid.uuid4().hex[:12]}"
     try:
-        run_in_thread(pg_execute(f'CREATE DATABASE "{name}"'))
+        run_in_thread(pg_execute(f'CREATE DATABASE "{name}"', server))
     except (OSError, TimeoutError, ImportError) as exc:
-        service_unavailable(f"PostgreSQL at {PG_URL} is not reachable: {exc!r}")
+        service_unavailable(f"PostgreSQL at {server} is not reachable: {exc!r}")
     except Exception as exc:  # asyncpg's own errors: the server answered but refused
-        service_unavailable(f"PostgreSQL at {PG_URL} refused to create a database: {exc!r}")
+        service_unavailable(f"PostgreSQL at {server} refused to create a database: {exc!r}")
     try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
-        run_in_thread(pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_in_thread(pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', server))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

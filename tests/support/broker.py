@@ -78,6 +78,12 @@ class Broker:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL the broker: no persistence flush, no DISCONNECT to anyone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     async def load_passwords(self, cp: ControlPlane) -> None:
         """`modelfleet mqtt passwd` from the database, then SIGHUP so mosquitto re-reads it."""
         p = await asyncio.to_thread(
@@ -98,9 +104,13 @@ class Broker:
             timeout=60,
         )
         assert p.returncode == 0, p.stderr
+        self.reload()
+        await asyncio.sleep(0.3)
+
+    def reload(self) -> None:
+        """Have mosquitto re-read its password file and ACL (SIGHUP)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.3)
 
     def client(self, username: str, password: str) -> aiomqtt.Client:
         return aiomqtt.Client(

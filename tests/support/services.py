@@ -1,7 +1,8 @@
 """Services the tests reach (PostgreSQL), and the rule for when one is missing.
 
 PostgreSQL comes from MODELFLEET_TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432
-/test). When a service is unreachable the test skips, except under CI (CI=true), where it fails.
+/test), or from a container (``tests/support/containers.py`` says when). When a service is
+unreachable the test skips, except under CI (CI=true), where it fails.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def service_unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-async def _pg_admin() -> Any:
+async def _pg_admin(url: str) -> Any:
     import asyncpg
 
-    u = make_url(PG_URL)
+    u = make_url(url)
     return await asyncpg.connect(
         host=u.host,
         port=u.port or 5432,
@@ -39,9 +40,9 @@ async def _pg_admin() -> Any:
     )
 
 
-async def pg_execute(sql: str) -> None:
-    """Run one statement on PG_URL's database as its administrator."""
-    conn = await _pg_admin()
+async def pg_execute(sql: str, url: str = PG_URL) -> None:
+    """Run one statement on the database of ``url`` (PG_URL unless given) as its administrator."""
+    conn = await _pg_admin(url)
     try:
         await conn.execute(sql)
     finally:
