@@ -92,15 +92,20 @@ def test_compose_file_names_only_what_exists() -> None:
     cp = doc["services"]["control-plane"]
     known = {var for var, _, _ in SERVER_SETTINGS.values()}
     assert set(cp["environment"]) <= known, set(cp["environment"]) - known
-    assert (ROOT / cp["build"]["context"].replace("../../", "")).exists()
-    assert (compose.parent / cp["build"]["context"] / cp["build"]["dockerfile"]).is_file()
-    for service in doc["services"].values():
+    # The product images come from deploy/images/build-images.sh, not from a build here.
+    assert "build" not in cp and cp["image"].endswith("modelfleet-control-plane:latest}")
+    assert (DEPLOY / "images/control-plane.Dockerfile").is_file()
+    agents = yaml.safe_load((compose.parent / "compose.agents.yaml").read_text())
+    assert {s["image"] for s in agents["services"].values()} == {
+        "${MODELFLEET_AGENT_IMAGE:-modelfleet-agent:latest}"
+    }
+    for service in [*doc["services"].values(), *agents["services"].values()]:
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (compose.parent / source).exists(), volume
             else:
-                assert source in doc["volumes"], volume
+                assert source in doc["volumes"] or source in agents["volumes"], volume
         for dep in service.get("depends_on", {}):
             assert dep in doc["services"]
     # The settings the variables carry parse as the server would read them.
