@@ -28,7 +28,10 @@ test: venv
 # mosquitto in containers instead of the machine's services.
 CONTAINER_SET ?= tests/integration/test_fleet_api.py tests/integration/test_rollouts.py \
 	tests/integration/test_mqtt.py
+# The images are built (or found in the cache) first, outside any test's timeout.
 test-containers: venv
+	bash deploy/images/build-base.sh
+	BASE=modelfleet-base:bookworm bash deploy/images/build-images.sh
 	$(BIN)/pytest -q -n 2 -m containers tests/containers
 	MODELFLEET_TEST_SERVICES=containers $(BIN)/pytest -q -n 2 $(CONTAINER_SET)
 

@@ -170,6 +170,9 @@ async def stack(tmp_path: Path) -> Any:
         await compose.run("down", "-v", "--remove-orphans", check=False)
 
 
+# Five stacks' worth of containers started twice, on a loaded two-core machine: minutes, not
+# a hang (the default timeout is 300 s; the images are built before, see make test-containers).
+@pytest.mark.timeout(900)
 async def test_the_compose_stack_end_to_end_and_down_up_loses_nothing(
     stack: Stack, publisher: Publisher, tmp_path: Path
 ) -> None:
