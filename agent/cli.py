@@ -151,6 +151,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--grpc-client-ca", metavar="PEM", help="ask gRPC clients for certificates it signed"
     )
+    access = r.add_argument_group("access to the inference port (health probes stay open)")
+    access.add_argument(
+        "--serve-token-file",
+        help="file of bearer tokens, one a line; requests must carry one of them",
+    )
+    access.add_argument("--serve-cert", help="serve HTTPS with this certificate")
+    access.add_argument("--serve-key", help="the certificate's private key")
+    access.add_argument(
+        "--serve-client-ca", help="mutual TLS: clients must present a certificate signed by this CA"
+    )
     _tls_options(r)
     r.set_defaults(func=cmd_run)
 

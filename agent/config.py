@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from protocol.execution import Execution
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,14 @@ class AgentConfig:
     inline_json_bytes: int = 128 * 1024
     inline_json_elements: int = 4096
     max_large_requests: int = 1
+    # JSON bodies up to json_thread_max_bytes (and JSON answers up to json_thread_max_elements
+    # values) are decoded (encoded) by orjson in one go in a worker thread, which holds the GIL
+    # ~3 ms per MiB; only larger ones take the piecewise path and its slot. Request bodies
+    # held at once, of any size, add up to at most body_budget_bytes (the others wait, unread).
+    # See docs/adr/0014-serving-data-plane.md.
+    json_thread_max_bytes: int = 16 * 1024 * 1024
+    json_thread_max_elements: int = 1 << 21
+    body_budget_bytes: int = 256 * 1024 * 1024
     # The serve port's connections (agent/netguard.py): a request's headers must arrive within
     # header_timeout_s of its first byte (or of the connection), an idle keep-alive connection
     # is closed after keepalive_timeout_s, connections beyond max_connections are refused with
@@ -91,3 +102,13 @@ class AgentConfig:
     grpc_cert_file: str | None = None
     grpc_key_file: str | None = None
     grpc_client_ca_file: str | None = None
+    # Per-model execution settings over the manifests' (agent.toml [models.NAME]; "*" for every
+    # model, under a model's own): batching, sessions, threads, providers, warm-up. Taken
+    # when a version loads.
+    model_execution: Mapping[str, Execution] = field(default_factory=dict)
+    # The inference port's access (agent/serving/access.py): bearer tokens (any of them
+    # admits), and TLS with a client CA for mutual TLS. Health probes stay open.
+    serve_tokens: tuple[str, ...] = ()
+    serve_cert_file: str | None = None
+    serve_key_file: str | None = None
+    serve_client_ca_file: str | None = None

@@ -375,6 +375,9 @@ class Agent:
         ]
         models.extend(self.updater.model_statuses())
         facts: dict[str, Any] = {**self.facts, "servePort": self.serve_port}
+        # What each model runs with; the facts schema takes 32 (protocol/facts.py).
+        serving = self.serving.snapshot()[:32]
+        facts["serving"] = [lm.plan.facts(lm.name) for lm in serving]
         return StatusReport(
             agent_id=self.identity.agent_id,
             generation=self.state.highest_generation,

@@ -9,6 +9,21 @@ defaults. Only the command line module calls this; the daemon receives an AgentC
     heartbeat = 15
     max_request_elements = 8388608   # inference limits: see `agent run --help`
 
+    serve_token_file = "/etc/modelfleet/serve-tokens"   # inference port: bearer tokens
+    serve_cert = "/etc/modelfleet/serve.crt"            # ... TLS, and mutual TLS with
+    serve_key = "/etc/modelfleet/serve.key"
+    serve_client_ca = "/etc/modelfleet/clients-ca.pem"  # ... serve_client_ca
+
+    [models."*"]                  # execution settings over every manifest's
+    intra_op_threads = 2
+    [models.resnet]               # ... and over those for one model
+    max_batch_size = 8
+    max_queue_delay_ms = 2
+    preferred_batch_sizes = [4, 8]
+    instances = 2
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    warmup_requests = 1
+
     [enroll]                      # used once, by `modelfleet agent enroll --config`
     server = "https://cp.example:8400"
     token = "mfe_..."
@@ -25,6 +40,8 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.exceptions import AgentConfigError
+from protocol.exceptions import InvalidMessage
+from protocol.execution import Execution, parse_batching, parse_execution
 
 
 def parse_rate(value: object) -> float:
@@ -136,7 +153,54 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "grpc_cert": (_string, None),
     "grpc_key": (_string, None),
     "grpc_client_ca": (_string, None),
+    # The inference port's access: a file of bearer tokens (one a line), TLS, mutual TLS.
+    "serve_token_file": (_string, None),
+    "serve_cert": (_string, None),
+    "serve_key": (_string, None),
+    "serve_client_ca": (_string, None),
 }
+# agent.toml's [models.NAME] keys -> the manifest's execution names (protocol/execution.py).
+MODEL_KEYS = {
+    "instances": "instances",
+    "intra_op_threads": "intraOpThreads",
+    "inter_op_threads": "interOpThreads",
+    "providers": "providers",
+    "warmup_requests": "warmupRequests",
+    "litert_threads": "litertThreads",
+}
+BATCHING_KEYS = {
+    "max": "max_batch_size",
+    "delay": "max_queue_delay_ms",
+    "preferred": "preferred_batch_sizes",
+}
+
+
+def parse_models(doc: object, where: str) -> dict[str, Execution]:
+    """agent.toml's [models.NAME] tables; raises AgentConfigError naming the key."""
+    if not isinstance(doc, dict):
+        raise AgentConfigError(f"{where}: [models] must hold one table per model")
+    out = {}
+    for name, table in doc.items():
+        field = f"models.{name}"
+        if not isinstance(table, dict):
+            raise AgentConfigError(f"{where}: [{field}] must be a table")
+        unknown = set(table) - set(MODEL_KEYS) - set(BATCHING_KEYS.values())
+        if unknown:
+            raise AgentConfigError(f"{where}: [{field}] does not take {sorted(unknown)[0]!r}")
+        execution = {MODEL_KEYS[k]: v for k, v in table.items() if k in MODEL_KEYS}
+        batching = {k: v for k, v in table.items() if k in BATCHING_KEYS.values()}
+        try:
+            parsed = parse_execution(execution, field)
+            if batching:
+                parsed = Execution(batching=parse_batching(batching, field, BATCHING_KEYS)).over(
+                    parsed
+                )
+        except InvalidMessage as exc:
+            raise AgentConfigError(f"{where}: {exc}") from None
+        out[name] = parsed
+    return out
+
+
 ENROLL_KEYS = {"server", "token", "name", "labels"}
 
 
@@ -151,6 +215,9 @@ def load_file(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in doc.items():
         name = key.replace("-", "_")
+        if name == "models":
+            out["models"] = parse_models(value, str(path))
+            continue
         if name == "enroll":
             if not isinstance(value, dict) or set(value) - ENROLL_KEYS:
                 bad = sorted(set(value) - ENROLL_KEYS) if isinstance(value, dict) else ["enroll"]
@@ -169,7 +236,7 @@ def load_file(path: Path) -> dict[str, Any]:
 def merge(cli: Mapping[str, Any], file: Mapping[str, Any]) -> dict[str, Any]:
     """Command line (values that are not None) over file over defaults."""
     out = {name: default for name, (_, default) in SETTINGS.items()}
-    out.update({k: v for k, v in file.items() if k in SETTINGS})
+    out.update({k: v for k, v in file.items() if k in SETTINGS or k == "models"})
     for name in SETTINGS:
         value = cli.get(name)
         if value is not None and value != []:
@@ -185,21 +252,21 @@ def serve_address(text: str, option: str = "serve") -> tuple[str, int]:
     return host, int(port)
 
 
-def read_tokens(path: str) -> tuple[str, ...]:
+def read_tokens(path: str, option: str = "grpc-token-file") -> tuple[str, ...]:
     """The bearer tokens in a file, one a line (blank lines and ``#`` comments skipped);
-    raises AgentConfigError when it cannot be read or holds none."""
+    raises AgentConfigError (naming ``option``) when it cannot be read or holds none."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise AgentConfigError(f"grpc-token-file {path}: {exc}") from None
+        raise AgentConfigError(f"{option} {path}: {exc}") from None
     tokens = tuple(
         line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
     )
     if not tokens:
-        raise AgentConfigError(f"grpc-token-file {path}: holds no token")
+        raise AgentConfigError(f"{option} {path}: holds no token")
     if any(len(t) < 16 or not t.isascii() or not t.isprintable() for t in tokens):
         raise AgentConfigError(
-            f"grpc-token-file {path}: every token must be 16 or more printable ASCII characters"
+            f"{option} {path}: every token must be 16 or more printable ASCII characters"
         )
     return tokens
 
@@ -231,6 +298,10 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
     """Settings to the daemon's config; raises AgentConfigError for a bad value."""
     if s["state_dir"] is None:
         raise AgentConfigError("no state directory: pass --state-dir or set state_dir")
+    if bool(s["serve_cert"]) != bool(s["serve_key"]):
+        raise AgentConfigError("TLS on the serve port needs both serve_cert and serve_key")
+    if s["serve_client_ca"] and not s["serve_cert"]:
+        raise AgentConfigError("serve_client_ca (mutual TLS) needs serve_cert and serve_key")
     for name in SETTINGS:
         if name in ("state_dir", "trust_publisher", "serve", "grpc") or s[name] is None:
             continue
@@ -281,4 +352,11 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         body_timeout_s=s["body_timeout"],
         max_connections=s["max_connections"],
         **_grpc(s),
+        model_execution=dict(s.get("models") or {}),
+        serve_tokens=(
+            read_tokens(s["serve_token_file"], "serve-token-file") if s["serve_token_file"] else ()
+        ),
+        serve_cert_file=s["serve_cert"],
+        serve_key_file=s["serve_key"],
+        serve_client_ca_file=s["serve_client_ca"],
     )

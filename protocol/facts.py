@@ -6,7 +6,8 @@ stores them, lists them and uses a few (cost, hardware), so they are held to a f
 shape:
 
 * Known keys have fixed types (``KNOWN``). ``runtimes`` maps a runtime name to a small object;
-  ``gpus`` is a list of small objects; ``accelerators`` a list of short names.
+  ``gpus`` and ``serving`` (each model's execution settings) are lists of small objects;
+  ``accelerators`` a list of short names.
 * Any other key must be a plain name (``[A-Za-z][A-Za-z0-9_.-]{0,63}``) with a flat scalar value:
   a string of at most ``MAX_STRING`` characters free of control characters, a finite number, a
   boolean or null. Nested objects of unknown keys (in a runtime, a GPU) follow the same rule.
@@ -111,6 +112,18 @@ _RUNTIME = _object({"version": _string, "package": _string, "providers": _string
 _GPU = _object({"name": _string, "memoryBytes": _count})
 
 
+_SERVING = _object({"model": _string, "providers": _strings})
+
+
+def _serving(value: object, field: str) -> None:
+    """What each serving model runs with (agent/serving/execution.py): sessions, threads,
+    providers, batching, one small object per model."""
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise _fail(field, f"a list of at most {MAX_LIST} models")
+    for i, model in enumerate(value):
+        _SERVING(model, f"{field}[{i}]")
+
+
 def _runtimes(value: object, field: str) -> None:
     if not isinstance(value, dict) or len(value) > MAX_NESTED_KEYS:
         raise _fail(field, f"an object of at most {MAX_NESTED_KEYS} runtimes")
@@ -140,6 +153,7 @@ KNOWN: dict[str, Check] = {
     "cudaProviderMissing": _flag,
     "costPerHour": _cost,
     "servePort": _port,
+    "serving": _serving,
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from protocol.digest import check_digest
 from protocol.exceptions import InvalidMessage
+from protocol.execution import Execution, parse_execution
 from protocol.fields import (
     extra_fields,
     get_int,
@@ -202,6 +203,8 @@ class Manifest:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     smoke_test: SmokeTest | None = None
+    # How the version asks to be run (batching, sessions, threads): protocol/execution.py.
+    execution: Execution | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     required_features: tuple[str, ...] = ()
 
@@ -254,6 +257,8 @@ class Manifest:
             doc["smokeTest"] = self.smoke_test.to_json()
         if self.required_features:
             doc["requiredFeatures"] = sorted(self.required_features)
+        if self.execution is not None:
+            doc["execution"] = self.execution.to_json()
         return doc
 
     def to_bytes(self) -> bytes:
@@ -396,6 +401,7 @@ def manifest_from_json(doc: object) -> Manifest:
         outputs=outputs,
         smoke_test=smoke,
         required_features=features,
+        execution=parse_execution(d["execution"]) if d.get("execution") is not None else None,
         extra=extra_fields(
             d,
             (
@@ -408,6 +414,7 @@ def manifest_from_json(doc: object) -> Manifest:
                 "signature",
                 "smokeTest",
                 "requiredFeatures",
+                "execution",
             ),
         ),
     )

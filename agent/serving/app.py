@@ -24,16 +24,25 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from agent.exceptions import InferenceInputError, InferenceLimitError, ModelNotLoaded
+from agent.exceptions import (
+    AgentConfigError,
+    InferenceInputError,
+    InferenceLimitError,
+    ModelNotLoaded,
+)
 from agent.netguard import ConnectionGuard, ConnectionLimits, GuardedSite
-from agent.serving import oip
+from agent.serving import binary, oip
+from agent.serving.access import bearer_middleware, server_context
 from agent.serving.prom import Gauges, render
+from agent.serving.runtime import LoadedModel
 from agent.serving.table import ServingTable
 
 log = logging.getLogger("modelfleet.agent.serve")
 TABLE = web.AppKey("table", ServingTable)
 GAUGES = web.AppKey("gauges", Callable[[], Gauges])
 LARGE_SLOTS = web.AppKey("large_slots", asyncio.Semaphore)
+BODY_BUDGET = web.AppKey("body_budget", "ByteBudget")
+EXTENSIONS = ["binary_tensor_data"]
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
 STREAM_BUDGET = 1 << 20  # answer bytes encoded per trip to the worker thread
 _dumps = functools.partial(json.dumps, allow_nan=False)
@@ -89,12 +98,67 @@ def _busy(within_s: float) -> web.Response:
     )
 
 
+class ByteBudget:
+    """Bytes of request bodies held at once: a body waits (unread) for its share."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = asyncio.Condition()
+
+    async def take(self, n: int, within_s: float) -> bool:
+        """Wait up to ``within_s`` for ``n`` bytes (at most the whole budget); whether had."""
+        n = min(n, self.total)
+        try:
+            async with asyncio.timeout(within_s), self._changed:
+                await self._changed.wait_for(lambda: self.free >= n)
+                self.free -= n
+        except TimeoutError:
+            return False
+        return True
+
+    async def give(self, n: int) -> None:
+        async with self._changed:
+            self.free += min(n, self.total)
+            self._changed.notify_all()
+
+
+async def _read_aligned(request: web.Request, length: int, header: int) -> memoryview:
+    """A body of known ``length`` read straight into a buffer laid out so that the binary
+    section after a ``header``-byte JSON header is aligned (its tensors become views)."""
+    pad = binary.aligned_offset(header)
+    buf = np.empty(pad + length + binary.ALIGN, dtype=np.uint8)
+    start = pad + (-buf.ctypes.data % binary.ALIGN)
+    view = memoryview(buf)[start : start + length]
+    at = 0
+    while chunk := await request.content.readany():
+        if at + len(chunk) > length:
+            raise InferenceInputError("the body is longer than its Content-Length")
+        view[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != length:
+        raise InferenceInputError("the body is shorter than its Content-Length")
+    return view
+
+
+def _version(request: web.Request) -> str | None:
+    return request.match_info.get("version")
+
+
+def _not_serving(table: ServingTable, request: web.Request) -> web.Response | None:
+    """404 for a model (or version) not serving; None when it is."""
+    try:
+        table.serving(request.match_info["name"], _version(request))
+    except ModelNotLoaded as exc:
+        return _error(404, str(exc))
+    return None
+
+
 async def infer(request: web.Request) -> web.StreamResponse:
-    """POST /v2/models/{name}/infer."""
+    """POST /v2/models/{name}[/versions/{version}]/infer: JSON, or binary tensor data."""
     table = _table(request)
-    name = request.match_info["name"]
-    if name not in table:
-        return _error(404, f"model {name!r} is not loaded on this agent")
+    if (missing := _not_serving(table, request)) is not None:
+        return missing
     cfg = table.config
     length = request.content_length
     if length is not None and length > cfg.max_request_bytes:
@@ -103,38 +167,85 @@ async def infer(request: web.Request) -> web.StreamResponse:
             f"request body of {length} bytes is over the limit "
             f"max_request_bytes {cfg.max_request_bytes}",
         )
+    held = length if length is not None else cfg.max_request_bytes
+    budget = request.app[BODY_BUDGET]
+    if not await budget.take(held, cfg.body_timeout_s):
+        return _error(
+            503,
+            f"request bodies held the whole body_budget_bytes for {cfg.body_timeout_s:g}s",
+            headers={"Retry-After": "1"},
+        )
     slot = _Slot(request.app[LARGE_SLOTS])
     try:
-        return await _infer(request, table, name, slot)
+        return await _infer(request, table, slot)
     finally:
         slot.give_back()
+        await budget.give(held)
 
 
-async def _infer(
-    request: web.Request, table: ServingTable, name: str, slot: _Slot
-) -> web.StreamResponse:
+async def _parse(
+    request: web.Request, table: ServingTable, slot: _Slot
+) -> oip.InferRequest | web.Response:
+    """The request read and decoded (big decodes off the loop), or the answer refusing it."""
     cfg = table.config
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.body_timeout_s
-    large = request.content_length is None or request.content_length > cfg.inline_json_bytes
-    if large and not await slot.take(cfg.body_timeout_s):
+    length = request.content_length
+    header_text = request.headers.get(binary.HEADER)
+    # JSON over json_thread_max_bytes (or of unknown length) is decoded in pieces, one such
+    # request at a time; below it orjson decodes it in a thread, or on the loop when small.
+    huge = header_text is None and (length is None or length > cfg.json_thread_max_bytes)
+    if huge and not await slot.take(cfg.body_timeout_s):
         return _busy(cfg.body_timeout_s)
     try:
         async with asyncio.timeout_at(deadline):
-            body = await _read_body(request, cfg.max_request_bytes)
+            if header_text is not None and length is not None:
+                first = binary.header_length(header_text, length)
+                body: Any = await _read_aligned(request, length, first or 0)
+            else:
+                body = await _read_body(request, cfg.max_request_bytes)
     except TimeoutError:
         return _error(
             408, f"request body not received within body_timeout_s {cfg.body_timeout_s:g}"
         )
     except InferenceLimitError as exc:
         return _error(413, str(exc))
-    parse = functools.partial(oip.parse_request, body, max_elements=cfg.max_request_elements)
+    except InferenceInputError as exc:
+        return _error(400, str(exc))
     try:
-        feeds, request_id = await asyncio.to_thread(parse, cooperative=True) if large else parse()
-        del body, parse
-        done = await table.infer(name, feeds)
-        lm, outputs = done.model, done.outputs
-        values = oip.check_answer(outputs, max_elements=cfg.max_response_elements)
+        header = binary.header_length(header_text, len(body))
+        parse = functools.partial(
+            oip.parse_request,
+            body,
+            max_elements=cfg.max_request_elements,
+            header_length=header,
+            cooperative=huge,
+        )
+        # Binary tensors are views of the body, but BYTES elements and the checks still cost
+        # per value: any body past inline_json_bytes is handled in a thread.
+        if huge or len(body) > cfg.inline_json_bytes:
+            return await asyncio.to_thread(parse)
+        return parse()
+    except InferenceLimitError as exc:
+        return _error(413, str(exc))
+    except InferenceInputError as exc:
+        return _error(400, str(exc))
+
+
+async def _infer(request: web.Request, table: ServingTable, slot: _Slot) -> web.StreamResponse:
+    cfg = table.config
+    name = request.match_info["name"]
+    parsed = await _parse(request, table, slot)
+    if isinstance(parsed, web.Response):
+        return parsed
+    slot.give_back()  # decoded: the arrays are what the rest holds
+    try:
+        lm = table.serving(name, _version(request))
+        oip.check_outputs(parsed, (t.name for t in lm.runtime.outputs))
+        done = await table.infer(name, parsed.feeds, version=_version(request))
+        lm = done.model
+        outputs = oip.select(done.outputs, parsed)
+        values = oip.check_answer(outputs, max_elements=cfg.max_response_elements, request=parsed)
     except InferenceLimitError as exc:
         return _error(413, str(exc))
     except oip.NonFiniteOutput as exc:
@@ -148,11 +259,20 @@ async def _infer(
         log.warning("inference on %s failed: %s", name, exc)
         return _error(500, f"inference failed: {exc}")
     head: dict[str, Any] = {"model_name": lm.name, "model_version": lm.version}
-    if request_id is not None:
-        head["id"] = request_id
-    if values <= cfg.inline_json_elements:
-        return web.json_response(oip.answer_document(head, outputs), dumps=_dumps)
-    # A big answer (perhaps to a small request): encoded under a slot, in pieces, off the loop.
+    if parsed.request_id is not None:
+        head["id"] = parsed.request_id
+    in_json = sum(int(a.size) for n, a in outputs.items() if not parsed.is_binary(n))
+    if in_json <= cfg.json_thread_max_elements or in_json < values:
+        encode = functools.partial(oip.encode_answer, head, outputs, parsed)
+        pieces, header = (
+            await asyncio.to_thread(encode) if in_json > cfg.inline_json_elements else encode()
+        )
+        headers = {"Content-Type": "application/json"}
+        if header is not None:
+            headers = {"Content-Type": "application/octet-stream", binary.HEADER: str(header)}
+        return web.Response(body=b"".join(pieces), headers=headers)
+    # A very big JSON answer (perhaps to a small request): encoded under a slot, in pieces,
+    # off the loop (an answer with binary outputs never comes here).
     if not await slot.take(cfg.body_timeout_s):
         return _busy(cfg.body_timeout_s)
     return await _stream(request, head, outputs, cfg.body_timeout_s)
@@ -178,11 +298,33 @@ async def _stream(
     return resp
 
 
+def model_config_document(lm: LoadedModel) -> dict[str, Any]:
+    """What a version serves with: signature, dynamic batching (Triton's names), instances."""
+    doc: dict[str, Any] = {
+        "name": lm.name,
+        "version": lm.version,
+        "platform": PLATFORMS.get(lm.runtime_name, lm.runtime_name),
+        "variant": lm.variant,
+        "inputs": [t.to_json() for t in lm.runtime.inputs],
+        "outputs": [t.to_json() for t in lm.runtime.outputs],
+        "max_batch_size": lm.batching.max_batch_size if lm.batching else 0,
+        "instance_count": lm.instances,
+    }
+    if lm.batching is not None:
+        doc["dynamic_batching"] = {
+            "max_queue_delay_microseconds": round(lm.batching.max_queue_delay_s * 1e6),
+            "preferred_batch_size": list(lm.batching.preferred_sizes),
+        }
+    return doc
+
+
 async def model_metadata(request: web.Request) -> web.Response:
-    """GET /v2/models/{name}."""
-    lm = _table(request).get(request.match_info["name"])
-    if lm is None:
-        return _error(404, f"model {request.match_info['name']!r} is not loaded on this agent")
+    """GET /v2/models/{name}[/versions/{version}]."""
+    table = _table(request)
+    try:
+        lm = table.serving(request.match_info["name"], _version(request))
+    except ModelNotLoaded as exc:
+        return _error(404, str(exc))
     return web.json_response(
         {
             "name": lm.name,
@@ -195,9 +337,20 @@ async def model_metadata(request: web.Request) -> web.Response:
     )
 
 
+async def model_config(request: web.Request) -> web.Response:
+    """GET /v2/models/{name}[/versions/{version}]/config: the signature, batching and
+    execution settings the version serves with."""
+    table = _table(request)
+    try:
+        lm = table.serving(request.match_info["name"], _version(request))
+    except ModelNotLoaded as exc:
+        return _error(404, str(exc))
+    return web.json_response(model_config_document(lm))
+
+
 async def model_ready(request: web.Request) -> web.Response:
-    """GET /v2/models/{name}/ready."""
-    ok = request.match_info["name"] in _table(request)
+    """GET /v2/models/{name}[/versions/{version}]/ready."""
+    ok = _not_serving(_table(request), request) is None
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
@@ -224,7 +377,9 @@ async def prometheus(request: web.Request) -> web.Response:
 
 async def server_metadata(request: web.Request) -> web.Response:
     """GET /v2."""
-    return web.json_response({"name": "modelfleet-agent", "version": "0.1.0", "extensions": []})
+    return web.json_response(
+        {"name": "modelfleet-agent", "version": "0.1.0", "extensions": EXTENSIONS}
+    )
 
 
 def create_serve_app(
@@ -232,19 +387,23 @@ def create_serve_app(
 ) -> web.Application:
     """The inference app over one serving table; ``gauges`` snapshots the agent's counters for
     /metrics; ``guard`` sees each request start and end."""
-    app = web.Application(
-        client_max_size=table.config.max_request_bytes,
-        middlewares=[guard.middleware] if guard is not None else [],
-    )
+    middlewares: list[Any] = [guard.middleware] if guard is not None else []
+    if table.config.serve_tokens:
+        middlewares.append(bearer_middleware(table.config.serve_tokens))
+    app = web.Application(client_max_size=table.config.max_request_bytes, middlewares=middlewares)
     app[TABLE] = table
     app[GAUGES] = gauges
     app[LARGE_SLOTS] = asyncio.Semaphore(table.config.max_large_requests)
+    cfg = table.config
+    app[BODY_BUDGET] = ByteBudget(max(cfg.body_budget_bytes, cfg.max_request_bytes))
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
-    app.router.add_get("/v2/models/{name}", model_metadata)
-    app.router.add_get("/v2/models/{name}/ready", model_ready)
-    app.router.add_post("/v2/models/{name}/infer", infer)
+    for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.router.add_get(model, model_metadata)
+        app.router.add_get(model + "/ready", model_ready)
+        app.router.add_get(model + "/config", model_config)
+        app.router.add_post(model + "/infer", infer)
     app.router.add_get("/metrics", prometheus)
     return app
 
@@ -252,9 +411,10 @@ def create_serve_app(
 async def start_serving(
     table: ServingTable, gauges: Callable[[], Gauges]
 ) -> tuple[web.AppRunner, int]:
-    """Listen on the serve address (of the table's config) behind its connection guard; the
-    runner (cleaned up by the caller) and the bound port. Connection limits are taken here,
-    once: a reload does not change them. Raises OSError when the address cannot be bound."""
+    """Listen on the serve address (of the table's config) behind its connection guard, with
+    its TLS and tokens; the runner (cleaned up by the caller) and the bound port. Connection
+    limits, tokens and TLS are taken here, once: a reload does not change them. Raises OSError
+    when the address cannot be bound, AgentConfigError for unreadable TLS files."""
     cfg = table.config
     limits = ConnectionLimits(
         header_timeout_s=cfg.header_timeout_s,
@@ -269,7 +429,12 @@ async def start_serving(
         **limits.handler_kwargs(),
     )
     await runner.setup()
-    site = GuardedSite(runner, cfg.serve_host, cfg.serve_port, guard=guard)
+    try:
+        tls = server_context(cfg.serve_cert_file, cfg.serve_key_file, cfg.serve_client_ca_file)
+    except AgentConfigError:
+        await runner.cleanup()
+        raise
+    site = GuardedSite(runner, cfg.serve_host, cfg.serve_port, guard=guard, ssl_context=tls)
     try:
         await site.start()
     except OSError:

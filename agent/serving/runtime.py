@@ -5,9 +5,10 @@ Loading and inference block: the daemon calls them from worker threads.
 
 from __future__ import annotations
 
-import threading
+import itertools
+import queue
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from agent.exceptions import InferenceInputError, UpdateError
 from agent.serving.batching import BatchPolicy
+from agent.serving.execution import ExecutionPlan
 from protocol.manifest import NUMPY_DATATYPES, ONNX_TYPES, TensorSpec
 
 # Open Inference Protocol datatypes to numpy.
@@ -31,6 +33,8 @@ DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    # BYTES: an object array of bytes (str from a runtime is accepted on the way out).
+    "BYTES": np.dtype(object),
 }
 DATATYPE_OF = {v: k for k, v in DTYPES.items()}
 
@@ -52,29 +56,56 @@ def _ort_spec(arg: Any) -> TensorSpec:
 
 
 class OnnxRuntimeModel:
-    """A model in an ONNX Runtime session."""
+    """A model in ``plan.instances`` ONNX Runtime sessions, taken in turn by requests."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path, plan: ExecutionPlan | None = None) -> None:
         import onnxruntime as ort
 
+        plan = plan or ExecutionPlan()
         opts = ort.SessionOptions()
-        # One request per worker thread: keep each session's own pools small.
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = plan.intra_op_threads
+        opts.inter_op_num_threads = plan.inter_op_threads
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.sessions = [
+                ort.InferenceSession(str(path), sess_options=opts, providers=list(plan.providers))
+                for _ in range(plan.instances)
+            ]
         except Exception as exc:  # ORT raises its own untyped errors for any bad model file
             raise UpdateError(f"ONNX Runtime could not load the model: {exc}") from exc
+        self.session = self.sessions[0]
+        # What each session really got (a provider that fails to start is dropped by ORT).
+        self.providers = tuple(self.session.get_providers())
+        self._turn = itertools.cycle(self.sessions)  # next() is atomic under the GIL
         self.inputs = tuple(_ort_spec(a) for a in self.session.get_inputs())
         self.outputs = tuple(_ort_spec(a) for a in self.session.get_outputs())
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one inference."""
-        results = self.session.run(self._output_names, dict(feeds))
+        """Run one inference; raises InferenceInputError for BYTES that are not UTF-8."""
+        given = {n: _as_text(n, a) if a.dtype.kind == "O" else a for n, a in feeds.items()}
+        results = next(self._turn).run(self._output_names, given)
         return dict(zip(self._output_names, results, strict=True))
+
+
+def available_providers() -> tuple[str, ...]:
+    """The execution providers the installed ONNX Runtime build has."""
+    import onnxruntime as ort
+
+    return tuple(ort.get_available_providers())
+
+
+def _as_text(name: str, arr: np.ndarray) -> np.ndarray:
+    """A BYTES input as ONNX Runtime's strings (text: it would store b'..' reprs of bytes)."""
+    out = np.empty(arr.shape, dtype=object)
+    flat, dst = arr.reshape(-1), out.reshape(-1)
+    try:
+        for i, v in enumerate(flat):
+            dst[i] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    except UnicodeDecodeError:
+        raise InferenceInputError(
+            f"input {name!r}: element {i} is not UTF-8, and ONNX Runtime strings are text"
+        ) from None
+    return out
 
 
 def _tflite_interpreter_class() -> Any:
@@ -103,54 +134,98 @@ def _tflite_spec(d: dict[str, Any]) -> TensorSpec:
     )
 
 
-class TFLiteModel:
-    """A model in a LiteRT interpreter.
+class _Interpreter:
+    """One LiteRT interpreter and the input shapes it is allocated for."""
 
-    An interpreter is not thread-safe: calls are serialised by a lock, and inputs whose shape
-    differs from the last call resize the interpreter first.
+    def __init__(self, interpreter: Any) -> None:
+        self.interpreter = interpreter
+        self.shapes = {d["name"]: tuple(d["shape"]) for d in interpreter.get_input_details()}
+
+
+class TFLiteModel:
+    """A model in ``plan.instances`` LiteRT interpreters.
+
+    An interpreter is not thread-safe: each request takes a free one (waiting when all are
+    busy), and inputs whose shape differs from its last call resize it first.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, plan: ExecutionPlan | None = None) -> None:
+        plan = plan or ExecutionPlan()
         interpreter_class = _tflite_interpreter_class()
         if interpreter_class is None:
             raise UpdateError("no TFLite runtime: install ai-edge-litert (or tflite-runtime)")
+        self._free: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         try:
-            self.interpreter = interpreter_class(model_path=str(path), num_threads=1)
-            self.interpreter.allocate_tensors()
+            for _ in range(plan.instances):
+                it = interpreter_class(model_path=str(path), num_threads=plan.litert_threads)
+                it.allocate_tensors()
+                self._free.put(_Interpreter(it))
         except (ValueError, RuntimeError) as exc:
             raise UpdateError(f"TFLite could not load the model: {exc}") from exc
-        self._in = self.interpreter.get_input_details()
-        self._out = self.interpreter.get_output_details()
+        self.interpreter = it
+        self.providers = ()
+        self._in = it.get_input_details()
+        self._out = it.get_output_details()
         self.inputs = tuple(_tflite_spec(d) for d in self._in)
         self.outputs = tuple(_tflite_spec(d) for d in self._out)
-        self._shapes = {d["name"]: tuple(d["shape"]) for d in self._in}
-        self._lock = threading.Lock()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one inference."""
-        with self._lock:
+        held = self._free.get()
+        try:
+            it = held.interpreter
             resized = False
             for d in self._in:
                 arr = feeds[d["name"]]
-                if tuple(arr.shape) != self._shapes[d["name"]]:
-                    self.interpreter.resize_tensor_input(d["index"], list(arr.shape))
-                    self._shapes[d["name"]] = tuple(arr.shape)
+                if tuple(arr.shape) != held.shapes[d["name"]]:
+                    it.resize_tensor_input(d["index"], list(arr.shape))
+                    held.shapes[d["name"]] = tuple(arr.shape)
                     resized = True
             if resized:
-                self.interpreter.allocate_tensors()
+                it.allocate_tensors()
             for d in self._in:
-                self.interpreter.set_tensor(d["index"], feeds[d["name"]])
-            self.interpreter.invoke()
-            return {d["name"]: self.interpreter.get_tensor(d["index"]) for d in self._out}
+                it.set_tensor(d["index"], feeds[d["name"]])
+            it.invoke()
+            return {d["name"]: it.get_tensor(d["index"]) for d in self._out}
+        finally:
+            self._free.put(held)
 
 
-def load_model(runtime: str, model_path: Path, providers: list[str] | None = None) -> Runtime:
-    """Load a model file for ``runtime``; raises UpdateError."""
+def load_model(runtime: str, model_path: Path, plan: ExecutionPlan | None = None) -> Runtime:
+    """Load a model file for ``runtime`` as ``plan`` says, warm-up requests run; raises
+    UpdateError."""
+    plan = plan or ExecutionPlan()
+    model: Runtime
     if runtime == "onnx":
-        return OnnxRuntimeModel(model_path, providers)
-    if runtime == "tflite":
-        return TFLiteModel(model_path)
-    raise UpdateError(f"runtime {runtime!r} is not supported by this agent")
+        model = OnnxRuntimeModel(model_path, plan)
+    elif runtime == "tflite":
+        model = TFLiteModel(model_path, plan)
+    else:
+        raise UpdateError(f"runtime {runtime!r} is not supported by this agent")
+    warm_up(model, plan.warmup_requests * plan.instances)
+    return model
+
+
+def warm_up(model: Runtime, requests: int) -> None:
+    """Run ``requests`` inferences on zeros of the signature's shapes (free dimensions 1),
+    so the first real requests do not pay for lazy allocation; raises UpdateError."""
+    if not requests:
+        return
+    feeds = {
+        t.name: np.zeros(
+            tuple(1 if d == -1 else d for d in t.shape),
+            dtype=DTYPES.get(t.datatype, np.dtype(np.float32)),
+        )
+        for t in model.inputs
+    }
+    for t in model.inputs:
+        if t.datatype == "BYTES":
+            feeds[t.name] = np.full(feeds[t.name].shape, b"", dtype=object)
+    try:
+        for _ in range(requests):
+            model.run(feeds)
+    except Exception as exc:  # the runtime's own error types; any of them fails the load
+        raise UpdateError(f"warm-up request failed: {exc}") from exc
 
 
 def _shape_fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
@@ -225,9 +300,17 @@ class LoadedModel:
     runtime: Runtime
     variant: str = "default"
     runtime_name: str = "onnx"
-    # Dynamic batching (None: each request runs alone) and how many batches may run at once
-    # (the model's sessions): the manifest's execution settings under the agent's overrides.
-    batching: BatchPolicy | None = None
-    instances: int = 1
+    # The manifest's execution settings under the agent's overrides (agent/serving/execution.py).
+    plan: ExecutionPlan = field(default_factory=ExecutionPlan)
     # The digest of the configuration it serves under (agent/update/config.py); None: none.
     config_digest: str | None = None
+
+    @property
+    def batching(self) -> BatchPolicy | None:
+        """Dynamic batching (None: each request runs alone)."""
+        return self.plan.batching
+
+    @property
+    def instances(self) -> int:
+        """Sessions of the model: how many of its batches may run at once."""
+        return self.plan.instances

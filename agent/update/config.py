@@ -137,7 +137,8 @@ def configure(lm: LoadedModel, config: Mapping[str, Any] | None) -> LoadedModel:
     apply."""
     inner, batching = as_loaded(lm)
     if config is None:
-        return dataclasses.replace(lm, runtime=inner, config_digest=None, batching=batching)
+        plan = dataclasses.replace(lm.plan, batching=batching)
+        return dataclasses.replace(lm, runtime=inner, config_digest=None, plan=plan)
     options = model_options(config)
     runtime = ConfiguredRuntime(inner, options, batching)
     runtime.config = dict(config)
@@ -145,7 +146,7 @@ def configure(lm: LoadedModel, config: Mapping[str, Any] | None) -> LoadedModel:
         lm,
         runtime=runtime,
         config_digest=config_digest(config),
-        batching=options.batching or batching,
+        plan=dataclasses.replace(lm.plan, batching=options.batching or batching),
     )
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.exceptions import UpdateError
 from agent.keyring import KeyRing
-from agent.serving.runtime import LoadedModel, load_model, run_smoke_test
+from agent.serving.execution import plan_execution
+from agent.serving.runtime import LoadedModel, available_providers, load_model, run_smoke_test
 from agent.storage.blobs import LocalStore
 from agent.update.memory import memory_refusal, parse_meminfo, weight_bytes
 from agent.update.variants import choose_variant, providers_for
@@ -74,13 +76,23 @@ class Loader:
         except ValueError as exc:
             raise UpdateError(str(exc)) from None
         loop = asyncio.get_running_loop()
-        providers = providers_for(variant, self.facts, self.config.allow_cuda)
+        overrides = self.config.model_execution
+        plan = plan_execution(
+            manifest.execution,
+            [overrides.get("*"), overrides.get(m.name)],
+            inputs=manifest.inputs,
+            default_providers=providers_for(variant, self.facts, self.config.allow_cuda),
+            available_providers=await asyncio.to_thread(available_providers),
+            allow_cuda=self.config.allow_cuda,
+        )
         # From the version's directory, so ONNX Runtime finds external data beside the model.
         path = directory / variant.path
         runtime = await loop.run_in_executor(
-            self.executor, load_model, manifest.runtime, path, providers
+            self.executor, load_model, manifest.runtime, path, plan
         )
         await self._smoke_test(manifest, runtime, directory)
+        # Report the providers the sessions really got (ORT drops one that fails to start).
+        plan = replace(plan, providers=getattr(runtime, "providers", ()))
         return LoadedModel(
             m.name,
             m.version,
@@ -88,6 +100,7 @@ class Loader:
             runtime,
             variant=variant.variant or "default",
             runtime_name=manifest.runtime,
+            plan=plan,
         )
 
     async def _check_memory(self, m: DesiredModel, manifest: Manifest, variant: Any) -> None:

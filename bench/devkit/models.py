@@ -428,3 +428,14 @@ def classifier_onnx(channels: int = 3, classes: int = 1000, seed: int = 0) -> by
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def strings_onnx() -> bytes:
+    """s[N] string -> t[N] string, the same strings (Identity): BYTES tensors end to end."""
+    s = helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])
+    t = helper.make_tensor_value_info("t", TensorProto.STRING, ["N"])
+    graph = helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "strings", [s], [t])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

@@ -34,6 +34,7 @@ from control_plane.errors import BuildError
 from protocol.bundle import write_bundle
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, sign
 from protocol.exceptions import ProtocolError
+from protocol.execution import Execution
 from protocol.manifest import (
     EXTERNAL_DATA,
     MODEL_MEDIA_TYPES,
@@ -161,6 +162,8 @@ class BundleSpec:
     # operators' configuration layers are validated against it, its defaults are the
     # configuration without layers).
     config_schema: dict[str, Any] | None = None
+    # How the version asks to be run: batching, sessions, threads (protocol/execution.py).
+    execution: Execution | None = None
 
 
 def directory_sources(directory: Path) -> tuple[Path, dict[str, Path]]:
@@ -354,6 +357,7 @@ def plan_bundle(spec: BundleSpec) -> tuple[Manifest, dict[str, Path]]:
         smoke_test=smoke_test,
         required_features=(EXTERNAL_DATA,) if external else (),
         extra={"configSchema": spec.config_schema} if spec.config_schema is not None else {},
+        execution=spec.execution,
     )
     try:  # the agent's own checks, here first: safe paths, no path twice, variants named...
         manifest_from_json(manifest.to_json())
@@ -422,11 +426,13 @@ def build_bundle(
     variants: tuple[Variant, ...] = (),
     files: Mapping[str, bytes] | None = None,
     config_schema: dict[str, Any] | None = None,
+    execution: Execution | None = None,
 ) -> tuple[bytes, Manifest]:
     """Sign a model given as bytes (and its variants) into bundle bytes: small models only.
 
     ``files`` are the files beside the model by relative path: its external data and auxiliary
-    files. ``smoke`` is (input .npy bytes, expected output .npy bytes). Raises BuildError.
+    files. ``smoke`` is (input .npy bytes, expected output .npy bytes). ``execution``: how the
+    version asks to be run. Raises BuildError.
     """
     ext = "onnx" if runtime == "onnx" else "tflite"
     with tempfile.TemporaryDirectory(prefix="modelfleet-build-") as tmp:
@@ -469,6 +475,7 @@ def build_bundle(
             atol=atol,
             created=created,
             config_schema=config_schema,
+            execution=execution,
         )
         out = root / "bundle.mfb"
         manifest = build_bundle_file(out, spec, keys)

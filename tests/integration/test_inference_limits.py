@@ -92,7 +92,9 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     ("too many values", request([ROW] * 300, [300, 4]), 413, "max_request_elements"),
     ("data/shape mismatch", request(ROW[:3], [1, 4]), 400, "3 values given"),
     ("data/shape mismatch", request([ROW, ROW[:3]], [2, 4]), 400, "input 'x'"),
-    ("integer past 64 bits", request([2**70, 1, 1, 1], [1, 4]), 400, "input 'x'"),
+    # An integer beyond 64 bits is a float (as orjson reads it); past a float's range it is
+    # refused like 1e999.
+    ("integer past a float", request([10**400, 1, 1, 1], [1, 4]), 400, "input 'x'"),
     (
         "integer text of 5000 digits",
         request([1, 1, 1, 1], [1, 4]).replace(b"[1,", b"[" + b"9" * 5000 + b","),

@@ -23,6 +23,7 @@ from agent.serving.batching import (
     plan_batch,
     split,
 )
+from agent.serving.execution import ExecutionPlan
 from agent.serving.runtime import LoadedModel, OnnxRuntimeModel
 from agent.serving.table import ServingTable
 from bench.devkit.models import lookup_onnx, mlp_onnx
@@ -133,7 +134,7 @@ async def test_the_table_batches_counts_and_refuses_a_version_not_serving(
         metrics=MetricsRecorder(datetime.now(UTC)),
         on_rolled_back=lambda _: None,
     ) as table:
-        table.restore(LoadedModel("mlp", "1.0.0", D, model, batching=policy))
+        table.restore(LoadedModel("mlp", "1.0.0", D, model, plan=ExecutionPlan(batching=policy)))
         x = np.ones((1, 16), np.float32)
         done = await asyncio.gather(*(table.infer("mlp", {"x": x}) for _ in range(4)))
         assert [d.batch_size for d in done] == [4] * 4

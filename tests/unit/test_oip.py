@@ -43,7 +43,7 @@ tensor = st.fixed_dictionaries(
 def test_any_document_is_parsed_or_refused_by_name(body: Any, cooperative: bool) -> None:
     raw = json.dumps(body).encode()
     try:
-        feeds, _ = oip.parse_request(raw, max_elements=64, cooperative=cooperative)
+        feeds = oip.parse_request(raw, max_elements=64, cooperative=cooperative).feeds
     except InferenceInputError:
         return
     for name, arr in feeds.items():
@@ -113,5 +113,19 @@ def test_an_id_or_input_name_past_the_cap_is_refused_without_echoing_it(
     assert "NaN" in str(exc.value) and len(str(exc.value)) < 200
     del body["parameters"]
     tensor["name"], body["id"] = "n" * oip.MAX_NAME, "i" * oip.MAX_NAME
-    feeds, request_id = oip.parse_request(json.dumps(body).encode(), max_elements=64)
-    assert list(feeds) == ["n" * oip.MAX_NAME] and request_id == "i" * oip.MAX_NAME
+    parsed = oip.parse_request(json.dumps(body).encode(), max_elements=64)
+    assert list(parsed.feeds) == ["n" * oip.MAX_NAME] and parsed.request_id == "i" * oip.MAX_NAME
+
+
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_both_decoders_read_a_big_integer_as_a_float_and_integer_inputs_refuse_it(
+    cooperative: bool,
+) -> None:
+    def body(datatype: str) -> bytes:
+        x = {"name": "x", "shape": [2], "datatype": datatype, "data": [2**70, -(2**64)]}
+        return json.dumps({"inputs": [x]}).encode()
+
+    got = oip.parse_request(body("FP64"), max_elements=8, cooperative=cooperative).feeds["x"]
+    assert got.tolist() == [2.0**70, -(2.0**64)]
+    with pytest.raises(InferenceInputError, match="input 'x'"):
+        oip.parse_request(body("INT64"), max_elements=8, cooperative=cooperative)
