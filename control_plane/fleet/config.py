@@ -16,6 +16,7 @@ Objects merge key by key; any other value (a list included) replaces the one bel
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -219,6 +220,18 @@ def effective(
     return merged
 
 
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Draft202012Validator | str:
+    """A validator per schema, made once (a fleet's refresh checks every agent against the
+    same few schemas); the schema's own error as text when it is not one."""
+    schema = json.loads(schema_json)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return exc.message
+    return Draft202012Validator(schema)
+
+
 def config_errors(config: Mapping[str, Any], schema: Mapping[str, Any] | None) -> list[str]:
     """Why ``config`` does not meet ``schema``, as ``path: message`` (empty when it does).
 
@@ -226,11 +239,9 @@ def config_errors(config: Mapping[str, Any], schema: Mapping[str, Any] | None) -
     """
     if schema is None:
         return [f"{k}: this version declares no configuration schema" for k in sorted(config)]
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        return [f"(root): the version's configuration schema is not valid: {exc.message}"]
-    validator = Draft202012Validator(schema)
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    if isinstance(validator, str):
+        return [f"(root): the version's configuration schema is not valid: {validator}"]
     out = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
         where = ".".join(str(p) for p in err.absolute_path) or "(root)"

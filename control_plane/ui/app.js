@@ -62,7 +62,7 @@
       <b><a href="#/rollout/${esc(r.id)}">${esc(r.model)} ${esc(r.version)}</a></b>
       <span class="state-${esc(r.state)}">${esc(r.state)}</span> stage ${r.stage}/${r.stages}</div>`).join("");
     const rows = agents.agents.map((a) => `<tr data-agent="${esc(a.id)}">
-      <td>${esc(a.name)}<div class="muted">${esc(a.id.slice(0, 8))}</div></td>
+      <td><a href="#/agent/${esc(a.id)}">${esc(a.name)}</a><div class="muted">${esc(a.id.slice(0, 8))}</div></td>
       <td>${Object.entries(a.labels).map(([k, v]) => `<span class="tag">${esc(k)}=${esc(v)}</span>`).join("")}</td>
       <td>${esc(a.labels.site || "–")}</td>
       <td>${esc(a.facts.cpuCount ?? "?")} cpu ${esc(a.facts.arch || "")} ${esc((a.facts.accelerators || []).join(",") || "")}</td>
@@ -200,6 +200,32 @@
     });
   }
 
+  // One agent: its labels (locked ones marked) and its effective configuration per model, as
+  // signed for it, beside the digest the agent reports it applied.
+  async function agentPage(id) {
+    const [agent, config] = await Promise.all([
+      api(`/agents/${encodeURIComponent(id)}`), api(`/config/agents/${encodeURIComponent(id)}`)]);
+    const locked = new Set(agent.lockedLabels || []);
+    const labels = Object.entries(agent.labels).map(([k, v]) =>
+      `<span class="tag">${esc(k)}=${esc(v)}${locked.has(k) ? " 🔒" : ""}</span>`).join("") || "–";
+    const rows = config.models.map((m) => `<tr data-model="${esc(m.model)}">
+      <td>${esc(m.model)} ${esc(m.version)}</td>
+      <td><pre class="config">${esc(JSON.stringify(m.config, null, 2))}</pre></td>
+      <td><code>${esc((m.configDigest || "none").slice(0, 19))}</code></td>
+      <td class="${m.applied ? "state-active" : "state-failed"}">${m.applied ? "applied"
+        : `agent reports ${esc((m.appliedDigest || "none").slice(0, 19))}`}${
+        m.failed ? `<div class="error">failed: ${esc(m.failed)}</div>` : ""}${
+        m.invalid ? `<div class="error">not signed: ${esc(m.invalid.join("; "))}</div>` : ""}</td>
+      <td>${m.layers.map((l) => `#${esc(l)}`).join(" ") || "defaults"}</td></tr>`).join("");
+    view.innerHTML = `<h1>Agent ${esc(agent.name)}</h1>
+      <p class="muted">${esc(agent.id)} · <span class="state-${esc(agent.state)}">${esc(agent.state)}</span>
+      · last seen ${ago(agent.lastSeen)}</p><p>${labels}</p>
+      <h2>Effective configuration</h2>
+      <table id="agent-config"><thead><tr><th>model</th><th>configuration</th><th>digest</th>
+      <th>on the agent</th><th>layers</th></tr></thead><tbody>${rows ||
+        "<tr><td colspan=5>no model</td></tr>"}</tbody></table>`;
+  }
+
   async function route() {
     destroyCharts();
     if (!token()) return login();
@@ -212,6 +238,7 @@
       let m;
       if ((m = hash.match(/^#\/model\/(.+)$/))) await modelPage(decodeURIComponent(m[1]));
       else if ((m = hash.match(/^#\/rollout\/(.+)$/))) await rolloutPage(decodeURIComponent(m[1]));
+      else if ((m = hash.match(/^#\/agent\/(.+)$/))) await agentPage(decodeURIComponent(m[1]));
       else if (hash === "#/rollouts") await rolloutsPage();
       else await fleetPage();
       document.body.dataset.loaded = hash || "#/fleet";

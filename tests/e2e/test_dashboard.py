@@ -117,3 +117,60 @@ async def test_dashboard_shows_the_fleet_charts_and_pauses_a_rollout(
     finally:
         await fleet.stop()
         await cp.client.close()
+
+
+async def test_the_agent_page_shows_its_effective_configuration(
+    tmp_path: Path, publisher: Publisher
+) -> None:
+    executable = _chromium()
+    from playwright.async_api import async_playwright
+
+    schema = {
+        "type": "object",
+        "properties": {"maxBatch": {"type": "integer", "minimum": 1, "default": 8}},
+    }
+    cp = await start_control_plane(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher)
+    )
+    (tmp_path / "fleet").mkdir()
+    fleet = Fleet(cp, tmp_path / "fleet")
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0", config_schema=schema))
+        (agent,) = await fleet.add(1, "onprem")
+        await cp.rollout("1.0.0")
+        body = {
+            "model": "iris",
+            "scope": "selector",
+            "selector": "site=onprem",
+            "set": {"maxBatch": 2},
+        }
+        assert (await cp.call("POST", "/config/layers", json=body)).status == 200
+
+        async def applied() -> bool:
+            r = await cp.call("GET", f"/config/agents/{agent.agent_id}")
+            return all(m["applied"] for m in (await r.json())["models"])
+
+        await eventually(applied, 30)
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = await browser.new_page(viewport={"width": 1360, "height": 700})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{cp.url}/ui/")
+            await page.fill("#token", cp.token)
+            await page.click("button[type=submit]")
+            await page.click(f"a[href='#/agent/{agent.agent_id}']")
+            await page.wait_for_selector("#agent-config tbody tr[data-model=iris]")
+            row = await page.locator("#agent-config tbody tr").inner_text()
+            assert '"maxBatch": 2' in row and "applied" in row and "#1" in row, row
+            await page.screenshot(path=str(tmp_path / "dashboard-agent.png"), full_page=True)
+            await browser.close()
+        assert errors == []
+        shots = os.environ.get("MODELFLEET_SCREENSHOT_DIR")
+        if shots:
+            shutil.copy(tmp_path / "dashboard-agent.png", Path(shots) / "dashboard-agent.png")
+    finally:
+        await fleet.stop()
+        await cp.client.close()
