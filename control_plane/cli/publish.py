@@ -43,7 +43,8 @@ from protocol.dsse import (
     public_key_to_pem,
     sign,
 )
-from protocol.exceptions import ProtocolError
+from protocol.exceptions import InvalidMessage, ProtocolError
+from protocol.execution import parse_execution
 from protocol.manifest import (
     check_name,
     check_version,
@@ -111,6 +112,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config-schema",
         type=Path,
         help="JSON Schema of the version's configuration (with defaults), signed in the manifest",
+    )
+    b.add_argument(
+        "--execution",
+        type=Path,
+        help="JSON: how the version asks to be run (batching, instances, threads, providers, "
+        "warmupRequests), signed in the manifest",
     )
     b.set_defaults(func=cmd_bundle_build)
     v = bsub.add_parser("verify", help="check a bundle's signature and every digest")
@@ -189,6 +196,12 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
             schema = check_schema(json.loads(read_file(args.config_schema, "config schema")))
         except (ValueError, Invalid) as exc:
             raise CliError(f"--config-schema: {exc}") from None
+    execution = None
+    if args.execution is not None:
+        try:
+            execution = parse_execution(json.loads(read_file(args.execution, "execution")))
+        except (ValueError, InvalidMessage) as exc:
+            raise CliError(f"--execution: {exc}") from None
     out = args.out or Path(f"{name}-{version}.mfb")
     smoke_paths = None
     if smoke is not None:
@@ -202,6 +215,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
         smoke=smoke_paths,
         atol=args.tolerance,
         config_schema=schema,
+        execution=execution,
     )
     try:
         manifest = build_bundle_file(out, spec, keys)

@@ -4,6 +4,7 @@ model config and per-model statistics, against a real agent serving real models.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.daemon import Agent
 from bench.devkit.models import strings_onnx, tile_onnx
 from control_plane.catalog.build import build_bundle
+from protocol.bundle import read_bundle
 from protocol.execution import Batching, Execution
 from tests.support.agents import enroll_agent, eventually, running_agent
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane
+from tests.support.fleet import run_cli
 from tests.support.pki import make_pki
 
 httpclient = pytest.importorskip("tritonclient.http.aio", reason="tritonclient[http] not installed")
@@ -226,3 +229,21 @@ async def test_tokens_and_mutual_tls_guard_the_inference_port(
             with pytest.raises(aiohttp.ClientError):  # no client certificate
                 async with s.get(f"{base}/v2/health/live", ssl=trusting) as r:
                     await r.read()
+
+
+async def test_bundle_build_signs_the_execution_section(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(tile_onnx(**TILE))
+    await run_cli("keys", "generate", "--out", tmp_path / "pub")
+    execution = {"batching": {"maxBatchSize": 4, "maxQueueDelayMs": 1}, "instances": 2}
+    (tmp_path / "execution.json").write_text(json.dumps(execution))
+    out = tmp_path / "tile.mfb"
+    build = ["bundle", "build", tmp_path / "model.onnx", "--name", "tile", "--version", "1.0.0"]
+    build += ["--key", tmp_path / "pub.key", "--out", out]
+    done = await run_cli(*build, "--execution", tmp_path / "execution.json")
+    assert done.returncode == 0, done.stderr
+    with out.open("rb") as f:
+        manifest = read_bundle(f).manifest
+    assert manifest.execution == Execution(batching=Batching(4, 1.0), instances=2)
+    (tmp_path / "execution.json").write_text(json.dumps({"instances": 0}))
+    done = await run_cli(*build, "--execution", tmp_path / "execution.json")
+    assert done.returncode != 0 and "execution.instances" in done.stderr, done.stderr
