@@ -80,7 +80,7 @@ class AgentConfig:
     # values) are decoded (encoded) by orjson in one go in a worker thread, which holds the GIL
     # ~3 ms per MiB; only larger ones take the piecewise path and its slot. Request bodies
     # held at once, of any size, add up to at most body_budget_bytes (the others wait, unread).
-    # See docs/adr/0019-rest-data-plane.md.
+    # See docs/adr/0020-rest-data-plane.md.
     json_thread_max_bytes: int = 32 * 1024 * 1024
     json_thread_max_elements: int = 1 << 21
     body_budget_bytes: int = 256 * 1024 * 1024
