@@ -183,3 +183,37 @@ async def test_a_configuration_rollout_that_breaks_inference_is_rolled_back_by_i
     await applied(cp, fleet, [DEFAULTS] * 4)
     assert all(a.proc is not None and a.proc.poll() is None for a in fleet.agents)
     assert all([await infer(a, TWO_ROWS) == 200 for a in fleet.agents])
+
+
+async def test_the_agent_rolls_a_failing_configuration_back_by_itself(
+    cp: ControlPlane, tmp_path: Path, publisher: Publisher
+) -> None:
+    # The agents' own health window (defaults: 20 requests, 20% errors) this time.
+    fleet = Fleet(cp, tmp_path / "own")
+    (tmp_path / "own").mkdir()
+    try:
+        await cp.push(iris_bundle(publisher.key, "1.0.0", config_schema=SCHEMA))
+        (agent,) = await fleet.add(1, "a")
+        await cp.rollout("1.0.0")
+        await applied(cp, fleet, [DEFAULTS])
+        body = {"model": "iris", "scope": "fleet", "set": {"maxBatch": 1}}
+        assert (await cp.call("POST", "/config/layers", json=body)).status == 200
+        bad = config_digest({**DEFAULTS, "maxBatch": 1})
+
+        async def failed() -> dict[str, Any] | None:
+            m = await shown(cp, agent)
+            return m if m.get("failed") else None
+
+        async with Traffic(fleet, TWO_ROWS):
+            m = await eventually(failed, 60, 0.2)
+        # Thrown out on the device: the configuration it had serves again, in the same process.
+        assert m["configDigest"] == bad and m["appliedDigest"] == config_digest(DEFAULTS)
+        assert "requests failed" in m["failed"] and "rolled back" in m["failed"]
+        assert not m["applied"]
+        assert await infer(agent, TWO_ROWS) == 200
+        assert agent.proc is not None and agent.proc.poll() is None
+        r = await cp.call("GET", f"/agents/{agent.agent_id}")
+        states = {(x["state"], x.get("configDigest")) for x in (await r.json())["models"]}
+        assert states == {("active", config_digest(DEFAULTS)), ("failed", bad)}
+    finally:
+        await fleet.stop()
