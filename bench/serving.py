@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as tgrpc
+from protocol.execution import Batching, Execution
 
 from bench.devkit.models import classifier_onnx, mlp_onnx
 from bench.harness import (
@@ -57,6 +58,8 @@ from protocol.dsse import generate_private_key, public_key_to_pem
 
 MLSERVER_VENV = ROOT / "bench" / ".venv-mlserver"
 CLIENTS = 8
+BATCH_CLIENTS = 32  # single-image clients for the dynamic batching figures
+BATCH, DELAY_MS = 16, 2.0  # the batched model's policy
 DIGITS = 3
 
 
@@ -266,25 +269,75 @@ async def serve_cells(
 
 async def run_agent(
     tmp: Path, table: list[Row], seconds: float, check: dict[str, np.ndarray]
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The agent's cells, and dynamic batching: the same classifier file as a second model
+    whose manifest asks for batching."""
     key = generate_private_key()
     (tmp / "pub.pem").write_bytes(public_key_to_pem(key.public_key()))
+    classifier = (tmp / "classifier.onnx").read_bytes()
+    batched = Execution(batching=Batching(max_batch_size=BATCH, max_queue_delay_ms=DELAY_MS))
     with Processes(tmp / "agent.log") as procs:
         server = await start_server(procs, tmp / "cp", "--trust-publisher", str(tmp / "pub.pem"))
         await push_bundles(
             server,
-            build_bundle((tmp / "classifier.onnx").read_bytes(), "classifier", "1.0.0", [key])[0],
+            build_bundle(classifier, "classifier", "1.0.0", [key])[0],
+            build_bundle(classifier, "classifier-batched", "1.0.0", [key], execution=batched)[0],
             build_bundle((tmp / "mlp.onnx").read_bytes(), "mlp", "1.0.0", [key])[0],
         )
         gport = free_port()
         agent = await start_agent(
             procs, server, tmp / "agent", "--grpc", f"127.0.0.1:{gport}", labels="site=bench"
         )
-        for model in ("classifier", "mlp"):
+        models = ("classifier", "classifier-batched", "mlp")
+        for model in models:
             await create_rollout(server, model)
-        for model in ("classifier", "mlp"):
+        for model in models:
             await wait_http(f"{agent.url}/v2/models/{model}/ready", within_s=120)
-        return await serve_cells("agent", agent.url, f"127.0.0.1:{gport}", table, seconds, check)
+        grpc_url = f"127.0.0.1:{gport}"
+        cells = await serve_cells("agent", agent.url, grpc_url, table, seconds, check)
+        return cells, await batching(grpc_url, table[0].x, seconds)
+
+
+async def batching(grpc_url: str, x: np.ndarray, seconds: float) -> dict[str, Any]:
+    """BATCH_CLIENTS single-image clients over gRPC, unbatched then batched."""
+    figures: dict[str, Any] = {
+        "clients": BATCH_CLIENTS,
+        "policy": {"max_batch_size": BATCH, "max_queue_delay_ms": DELAY_MS},
+    }
+    client = tgrpc.InferenceServerClient(grpc_url)
+
+    async def load(model: str) -> dict[str, Any]:
+        tin = tgrpc.InferInput("x", list(x.shape), "FP32")
+        tin.set_data_from_numpy(x)
+        for _ in range(20):
+            await client.infer(model, [tin])
+        samples: list[float] = []
+        end = time.monotonic() + seconds
+
+        async def one() -> None:
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                await client.infer(model, [tin])
+                samples.append(time.perf_counter() - t0)
+
+        start = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(BATCH_CLIENTS)))
+        return {
+            "rps": round(len(samples) / (time.monotonic() - start), 1),
+            "p50_ms": percentile_ms(samples, 0.5, DIGITS),
+            "p99_ms": percentile_ms(samples, 0.99, DIGITS),
+        }
+
+    try:
+        for label, model in (("unbatched", "classifier"), ("batched", "classifier-batched")):
+            figures[label] = await load(model)
+            print(f"  batching  {label:10} {figures[label]}", file=sys.stderr)
+    finally:
+        await client.close()
+    u, b = figures["unbatched"], figures["batched"]
+    figures["throughput_gain"] = round(b["rps"] / u["rps"], 2)
+    figures["p99_cost_ms"] = round(b["p99_ms"] - u["p99_ms"], DIGITS)
+    return figures
 
 
 def mlserver_repository(tmp: Path, http: int, grpc: int, metrics: int) -> Path:
@@ -409,7 +462,8 @@ async def main() -> None:
             cell.update(measure_raw(sessions[row.model], row.x, args.seconds))
             print(f"  {'raw':9} {row.name:18} {'run':11} {cell}", file=sys.stderr)
             cells.append(cell)
-        cells += await run_agent(tmp, table, args.seconds, check)
+        agent_cells, figures["batching"] = await run_agent(tmp, table, args.seconds, check)
+        cells += agent_cells
         version = mlserver_version()
         if args.no_mlserver:
             figures["mlserver"] = "left out (--no-mlserver)"
