@@ -15,7 +15,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -266,18 +265,16 @@ class Agent:
         """Start the gRPC OIP server (the grpc extra, imported only now); its bound port.
         Raises AgentConfigError without the extra, OSError when it cannot listen."""
         try:
-            from agent.serving.grpc import GrpcServer, GrpcTls
+            from agent.serving.grpc import GrpcServer, grpc_tls
         except ImportError as exc:
             raise AgentConfigError(
                 f"--grpc needs the grpc extra (pip install 'modelfleet[grpc]'): {exc}"
             ) from None
         cfg = self.config
         assert cfg.grpc_host is not None
-        tls = None
-        if cfg.grpc_cert_file and cfg.grpc_key_file:
-            ca = Path(cfg.grpc_client_ca_file) if cfg.grpc_client_ca_file else None
-            tls = GrpcTls(Path(cfg.grpc_cert_file), Path(cfg.grpc_key_file), ca)
-        server = GrpcServer(table=self.serving, host=cfg.grpc_host, port=cfg.grpc_port, tls=tls)
+        server = GrpcServer(
+            table=self.serving, host=cfg.grpc_host, port=cfg.grpc_port, tls=grpc_tls(cfg)
+        )
         await server.__aenter__()
         self._grpc = server
         log.info("gRPC inference on %s:%s", cfg.grpc_host, server.port)
@@ -291,14 +288,19 @@ class Agent:
     def reload(self, config: AgentConfig) -> None:
         """Take a re-read configuration (SIGHUP); raises AgentConfigError for a bad one.
 
-        Trusted keys, intervals, health and download settings (and the gRPC tokens) change at
-        once; the serve and gRPC addresses, the gRPC TLS files and the state directory need a
-        restart.
+        Trusted keys, intervals, health and download settings (and the gRPC port's own tokens)
+        change at once; the serve and gRPC addresses, their TLS files, the serve port's tokens
+        (which the REST app takes at start, and gRPC falls back to) and the state directory
+        need a restart.
         """
         fixed = (
             "state_dir",
             "serve_host",
             "serve_port",
+            "serve_tokens",
+            "serve_cert_file",
+            "serve_key_file",
+            "serve_client_ca_file",
             "grpc_host",
             "grpc_port",
             "grpc_cert_file",
@@ -306,7 +308,7 @@ class Agent:
             "grpc_client_ca_file",
         )
         if any(getattr(config, f) != getattr(self.config, f) for f in fixed):
-            log.warning("serve address, gRPC and state directory changes need a restart")
+            log.warning("serve and gRPC address, access and state directory changes need a restart")
             config = replace(config, **{f: getattr(self.config, f) for f in fixed})
         self.keyring.reconfigure(config)
         identity = self.dirs.load_identity()

@@ -11,10 +11,12 @@ Refusals map to status codes in one table (``STATUS``): bad input INVALID_ARGUME
 field, a limit RESOURCE_EXHAUSTED naming it, an unknown model or version NOT_FOUND, a missing
 or wrong bearer token UNAUTHENTICATED, the runtime's own failure INTERNAL.
 
-Access: with ``grpc_tokens`` set, every call but the health ones (ServerLive, ServerReady:
-open, as REST's health probes are) must carry ``authorization: Bearer <token>`` metadata
-naming one of them; with a certificate and key the port speaks TLS, and with a client
-CA as well it asks every client for a certificate signed by it (mutual TLS).
+Access: with bearer tokens set (``grpc_tokens``, or else the serve port's ``serve_tokens``),
+every call but the health ones (ServerLive, ServerReady: open, as REST's health probes are)
+must carry ``authorization: Bearer <token>`` metadata naming one of them; with a certificate
+and key (the gRPC port's own, or else the serve port's) the port speaks TLS, and with a client
+CA as well it asks every client for a certificate signed by it (mutual TLS). So what guards
+REST guards gRPC unless the gRPC port is given settings of its own.
 
 The ``grpc`` extra (grpcio, protobuf) is imported only by this module, which the daemon
 imports only when ``--grpc`` is given.
@@ -34,6 +36,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
+from agent.config import AgentConfig
 from agent.exceptions import (
     InferenceInputError,
     InferenceLimitError,
@@ -83,6 +86,24 @@ class GrpcTls:
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
+
+
+def grpc_tls(cfg: AgentConfig) -> GrpcTls | None:
+    """The gRPC port's TLS: its own files when given, else the serve port's (one certificate,
+    and one client CA, guard both ports); None: plain."""
+    if cfg.grpc_cert_file and cfg.grpc_key_file:
+        cert, key, ca = cfg.grpc_cert_file, cfg.grpc_key_file, cfg.grpc_client_ca_file
+    elif cfg.serve_cert_file and cfg.serve_key_file:
+        cert, key, ca = cfg.serve_cert_file, cfg.serve_key_file, cfg.serve_client_ca_file
+    else:
+        return None
+    return GrpcTls(Path(cert), Path(key), Path(ca) if ca else None)
+
+
+def grpc_tokens(cfg: AgentConfig) -> tuple[str, ...]:
+    """The bearer tokens the gRPC port admits: its own when given, else the serve port's, so
+    that tokens set for REST never leave gRPC open."""
+    return cfg.grpc_tokens or cfg.serve_tokens
 
 
 Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
@@ -192,7 +213,7 @@ def _guarded(handler: Handler, table: ServingTable) -> Handler:
     """``handler`` behind the bearer-token check of the config (read at each call)."""
 
     async def guarded(req: Any, ctx: aio.ServicerContext) -> Any:
-        tokens = table.config.grpc_tokens
+        tokens = grpc_tokens(table.config)
         if tokens:
             given = grpc_tensors.bearer_token(ctx.invocation_metadata() or ())
             if not grpc_tensors.token_accepted(given, tokens):

@@ -8,13 +8,11 @@ the client, and hostile messages go through a bare gRPC channel with the agent's
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from control_plane.catalog.build import build_bundle
 from tests.support.agents import enroll_agent, eventually, infer, running_agent
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane
+from tests.support.pki import make_pki
 
 TILE = {"channels": 3, "size": 8, "repeat": 2}  # x[N,3,8,8] -> y[N,6,8,8]
 TOKEN = "grpc-test-token-0123456789"
@@ -305,11 +304,13 @@ async def test_triton_client_sees_invalid_argument(
         assert "raw_input_contents[0]" in (err.value.message() or "")
 
 
+@pytest.mark.parametrize("tokens", ["grpc_tokens", "serve_tokens"])
 async def test_bearer_token_is_required_when_configured(
-    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path, tokens: str
 ) -> None:
+    """With the gRPC port's own tokens, or with the serve port's (which guard both)."""
     async with (
-        serving(cp_sqlite, publisher, tmp_path, grpc_tokens=(TOKEN,)) as agent,
+        serving(cp_sqlite, publisher, tmp_path, **{tokens: (TOKEN,)}) as agent,
         triton(agent) as client,
     ):
         for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}):
@@ -332,68 +333,22 @@ async def test_bearer_token_is_required_when_configured(
         assert await client.is_model_ready("iris", headers=good)
 
 
-def _certificates(root: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test CA"))
-        .issuer_name(name("test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    out = {"ca": root / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(pem))
-    for serial, who in enumerate(("server", "client"), start=2):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(f"{who}"))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1))
-        )
-        if who == "server":
-            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-            builder = builder.add_extension(san, critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        out[f"{who}_cert"] = root / f"{who}.pem"
-        out[f"{who}_key"] = root / f"{who}.key"
-        out[f"{who}_cert"].write_bytes(cert.public_bytes(pem))
-        out[f"{who}_key"].write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    return out
-
-
+@pytest.mark.parametrize("port", ["grpc", "serve"])
 async def test_mutual_tls_refuses_a_client_without_a_certificate(
-    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path, port: str
 ) -> None:
+    """With the gRPC port's own TLS files, or with the serve port's (which guard both)."""
     (tmp_path / "tls").mkdir()
-    pki = _certificates(tmp_path / "tls")
+    pki = make_pki(tmp_path / "tls")
     async with serving(
         cp_sqlite,
         publisher,
         tmp_path,
-        grpc_cert_file=str(pki["server_cert"]),
-        grpc_key_file=str(pki["server_key"]),
-        grpc_client_ca_file=str(pki["ca"]),
+        **{
+            f"{port}_cert_file": str(pki["server_cert"]),
+            f"{port}_key_file": str(pki["server_key"]),
+            f"{port}_client_ca_file": str(pki["ca"]),
+        },
     ) as agent:
         url = f"127.0.0.1:{agent.grpc_port}"
         ca = str(pki["ca"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,24 @@ def test_agent_run_takes_grpc_options(tmp_path: Path) -> None:
         "s.key",
         None,
     )
+
+
+def test_grpc_port_takes_the_serve_ports_access_unless_given_its_own(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.serving.grpc import GrpcTls, grpc_tls, grpc_tokens
+
+    plain = AgentConfig(state_dir=tmp_path)
+    assert grpc_tls(plain) is None
+    assert grpc_tokens(plain) == ()
+    serve = AgentConfig(
+        state_dir=tmp_path,
+        serve_tokens=("s" * 16,),
+        serve_cert_file="s.pem",
+        serve_key_file="s.key",
+        serve_client_ca_file="ca.pem",
+    )
+    assert grpc_tokens(serve) == ("s" * 16,)
+    assert grpc_tls(serve) == GrpcTls(Path("s.pem"), Path("s.key"), Path("ca.pem"))
+    own = replace(serve, grpc_tokens=("g" * 16,), grpc_cert_file="g.pem", grpc_key_file="g.key")
+    assert grpc_tokens(own) == ("g" * 16,)
+    assert grpc_tls(own) == GrpcTls(Path("g.pem"), Path("g.key"), None)
