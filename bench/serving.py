@@ -37,7 +37,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import tritonclient.grpc.aio as tgrpc
-from protocol.execution import Batching, Execution
 
 from bench.devkit.models import classifier_onnx, mlp_onnx
 from bench.harness import (
@@ -55,6 +54,7 @@ from bench.harness import (
 )
 from control_plane.catalog.build import build_bundle
 from protocol.dsse import generate_private_key, public_key_to_pem
+from protocol.execution import Batching, Execution
 
 MLSERVER_VENV = ROOT / "bench" / ".venv-mlserver"
 CLIENTS = 8
