@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from control_plane.api.route import Route
+from control_plane.security.scopes import SCOPES
 
 _STATUS_TEXT = {
     200: "OK",
@@ -140,7 +141,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         '`{"error": {"code", "message", "field"?}}`.',
         "",
         "An operator's token reaches a route only if it carries the route's scope (`admin` "
-        "carries all): `fleet:read`, `models:write`, `rollouts:write` or `admin`.",
+        "carries all): " + ", ".join(f"`{x}`" for x in SCOPES[:-1]) + f" or `{SCOPES[-1]}`.",
         "",
         "| method | path | who | scope | summary |",
         "| --- | --- | --- | --- | --- |",
