@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from agent.client import enroll
 from agent.config import AgentConfig
+from agent.enrollment import enroll_into
 from agent.exceptions import AgentConfigError, AgentError
 from agent.host.facts import gather_facts
 from agent.host.systemd import Notifier
 from agent.settings import SETTINGS, load_file, merge, parse_rate, to_config
-from agent.storage.state import Identity, StateDir
+from agent.storage.state import StateDir
 from agent.tls import client_context
 from protocol.exceptions import InvalidMessage
 from protocol.labels import check_labels, parse_labels
@@ -242,22 +242,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             args.client_cert or file.get("client_cert"),
             args.client_key or file.get("client_key"),
         )
-        out = asyncio.run(enroll(server, token, name, labels, facts, tls))
-        identity = Identity(
-            agent_id=out["agentId"],
-            server=server,
-            credential=out["credential"],
-            name=out["name"],
-            labels=out["labels"],
-            mqtt=out.get("mqtt"),
-        )
-        dirs.save_enrollment(
-            identity, out["controlPlaneKey"], out.get("trustedPublishers", []), out.get("keyset")
+        identity = asyncio.run(
+            enroll_into(
+                dirs,
+                server=server,
+                token=token,
+                name=name,
+                labels=labels,
+                facts=facts,
+                ssl_context=tls,
+            )
         )
     except AgentError as exc:
         return _fail(str(exc))
-    except (KeyError, TypeError) as exc:
-        return _fail(f"the control plane's enrollment answer lacks {exc}")
     print(identity.agent_id)
     return 0
 

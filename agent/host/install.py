@@ -17,13 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.client import enroll
+from agent.enrollment import enroll_into
 from agent.exceptions import AgentError
 from agent.host.facts import gather_facts
 from agent.host.units import GPU_DROP_IN, render_agent_unit
 from agent.settings import load_file
-from agent.storage.state import Identity, StateDir
+from agent.storage.state import StateDir
 from agent.storage.statefile import write_atomic
+from agent.tls import client_context
 from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_labels
 
@@ -131,11 +132,19 @@ def install(args: argparse.Namespace) -> str:
         if args.cost_per_hour is not None:
             facts["costPerHour"] = args.cost_per_hour
         labels = parse_labels(table.get("labels", ""))
-        server = table["server"]
-        out = asyncio.run(enroll(server, table["token"], table.get("name"), labels, facts))
-        identity = Identity(out["agentId"], server, out["credential"], out["name"], out["labels"])
-        state.save_enrollment(
-            identity, out["controlPlaneKey"], out.get("trustedPublishers", []), out.get("keyset")
+        tls = client_context(
+            settings.get("ca"), settings.get("client_cert"), settings.get("client_key")
+        )
+        asyncio.run(
+            enroll_into(
+                state,
+                server=table["server"],
+                token=table["token"],
+                name=table.get("name"),
+                labels=labels,
+                facts=facts,
+                ssl_context=tls,
+            )
         )
     write_atomic(layout.unit, render_agent_unit(str(layout.venv), str(layout.etc)).encode(), 0o644)
     if args.gpu:

@@ -3,6 +3,7 @@ credentials and ACLs; every test uses a topic prefix of its own."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from agent.host.install import install
 from bench.devkit.models import iris_model
 from control_plane.mqtt.broker_auth import CONTROL_PLANE_USER
 from control_plane.state import MQTT
@@ -467,3 +469,29 @@ async def test_revoked_agent_is_cut_off_on_mqtt(
             raise AssertionError("a revoked agent connected to the broker")
     except aiomqtt.MqttError:
         pass
+
+
+async def test_an_installed_agent_keeps_the_broker_credentials_enrollment_hands_out(
+    mcp: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    # `agent install` enrolled through a copy of the enrollment code that dropped the MQTT
+    # credentials: an installed agent never used the broker. Both now share enroll_into.
+    r = await mcp.call("POST", "/enrollment-tokens", json={"labels": {"site": "x"}})
+    args = argparse.Namespace(
+        root=tmp_path / "root",
+        venv="/opt/modelfleet/venv",
+        server=mcp.url,
+        token=(await r.json())["token"],
+        name="edge-1",
+        labels="site=x",
+        serve=f"127.0.0.1:{free_port()}",
+        trust_publisher=[publisher.pub_path],
+        cost_per_hour=None,
+        gpu=False,
+        no_start=True,
+    )
+    summary = await asyncio.to_thread(install, args)
+    assert summary.startswith("installed: agent")
+    identity = json.loads((tmp_path / "root/var/lib/modelfleet/identity.json").read_text())
+    assert identity["mqtt"]["username"] == identity["agent_id"]
+    assert identity["mqtt"]["password"]
