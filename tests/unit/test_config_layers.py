@@ -21,6 +21,8 @@ from control_plane.fleet.config import (
     unset_values,
     validate,
 )
+from control_plane.rollout.spec import parse_spec, spec_from_json
+from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_selector
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -142,3 +144,19 @@ def test_schema_itself_is_checked() -> None:
 def test_bad_changes_are_refused(body: dict[str, Any]) -> None:
     with pytest.raises(Invalid):
         parse_changes(body)
+
+
+def test_a_rollout_spec_carries_a_configuration_layer() -> None:
+    body = {"model": "iris", "version": "1.0.0", "config": {"batching": {"maxBatchSize": 4}}}
+    spec = parse_spec(body)
+    assert spec.config == {"batching": {"maxBatchSize": 4}}
+    assert spec_from_json(spec.to_json()) == spec
+    assert "config" not in parse_spec({"model": "iris", "version": "1.0.0"}).to_json()
+    for bad, field in (
+        ({"config": {}}, "config"),
+        ({"config": [1]}, "config"),
+        ({"config": {"a": 1}, "shadow": True}, "shadow"),
+    ):
+        with pytest.raises(InvalidMessage) as e:
+            parse_spec({"model": "iris", "version": "1.0.0", **bad})
+        assert e.value.field == field
