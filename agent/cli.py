@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import signal
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,14 +14,11 @@ from agent.config import AgentConfig
 from agent.enrollment import enroll_into
 from agent.exceptions import AgentConfigError, AgentError
 from agent.host.facts import gather_facts
-from agent.host.systemd import Notifier
 from agent.settings import SETTINGS, load_file, merge, parse_rate, to_config
 from agent.storage.state import StateDir
 from agent.tls import client_context
 from protocol.exceptions import InvalidMessage
 from protocol.labels import check_labels, parse_labels
-
-log = logging.getLogger("modelfleet.agent")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -263,42 +257,6 @@ def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in SETTINGS}
 
 
-async def run_agent(config: AgentConfig, reload: Callable[[], AgentConfig] | None = None) -> None:
-    """Run until SIGINT/SIGTERM, then drain and stop; a second signal exits at once.
-
-    SIGHUP re-reads the configuration through ``reload``.
-    """
-    from agent.daemon import Agent
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    notifier = Notifier()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    async with Agent(config, notifier) as agent:
-        if reload is not None:
-
-            def on_hup() -> None:
-                notifier.reloading()
-                try:
-                    agent.reload(reload())
-                except AgentConfigError as exc:
-                    log.error("reload refused, keeping the running configuration: %s", exc)
-                notifier.ready()
-
-            loop.add_signal_handler(signal.SIGHUP, on_hup)
-        notifier.ready()
-        await stop.wait()
-        notifier.stopping()
-        log.info("stopping: draining in-flight requests")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon."""
     failpoints = tuple(filter(None, os.environ.get("MODELFLEET_FAILPOINTS", "").split(",")))
@@ -311,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = build()
     except AgentConfigError as exc:
         return _fail(str(exc), 2)
+    from agent.server import run_agent  # here: loading the runtimes is this command's alone
+
     try:
         asyncio.run(run_agent(config, build if args.config else None))
     except (AgentError, ValueError) as exc:
