@@ -162,13 +162,16 @@ class BundleReader:
     differs from its entry's, or a named file the bundle lacks; DigestMismatch from the chunks.
     """
 
-    def __init__(self, src: BinaryIO, limits: BundleLimits | None = None) -> None:
+    def __init__(
+        self, src: BinaryIO, limits: BundleLimits | None = None, *, seekable: bool = False
+    ) -> None:
         self.limits = limits or BundleLimits()
-        self._members = 0
+        self._count = 0
         self._total = 0
         try:
             # Closed by close() / the with block: the reader outlives this method.
-            self._tar = tarfile.open(fileobj=src, mode="r|", bufsize=CHUNK)  # noqa: SIM115
+            mode = "r:" if seekable else "r|"
+            self._tar = tarfile.open(fileobj=src, mode=mode, bufsize=CHUNK)  # noqa: SIM115
             head: dict[str, bytes] = {}
             while len(head) < len(RESERVED_PATHS):
                 m = self._next()
@@ -202,8 +205,8 @@ class BundleReader:
         m = self._tar.next()
         if m is None:
             return None
-        self._members += 1
-        if self._members > self.limits.max_members:
+        self._count += 1
+        if self._count > self.limits.max_members:
             raise BundleError(f"bundle holds more than {self.limits.max_members} members")
         if not m.isreg():
             kind = "link" if (m.issym() or m.islnk()) else "non-regular member"
@@ -225,8 +228,7 @@ class BundleReader:
             raise BundleError(f"bundle member {m.name!r} is truncated")
         return data
 
-    def files(self) -> Iterator[tuple[FileEntry, Iterator[bytes]]]:
-        """Each file of the bundle in tar order, with its bytes as verified chunks."""
+    def _members(self) -> Iterator[tuple[tarfile.TarInfo, FileEntry]]:
         entries = {f.path: f for f in self.head.manifest.files}
         seen: set[str] = set()
         try:
@@ -242,15 +244,7 @@ class BundleReader:
                     raise DigestMismatch(
                         f"file {name!r} is {m.size} bytes, manifest says {entry.size}"
                     )
-                fobj = self._tar.extractfile(m)
-                if fobj is None:
-                    raise BundleError(f"bundle member {name!r} cannot be read")
-                yield (
-                    entry,
-                    verified_chunks(
-                        _chunks_of(fobj, m.size, name), entry.digest, entry.size, f"file {name!r}"
-                    ),
-                )
+                yield m, entry
         except tarfile.TarError as exc:
             raise BundleError(f"not a valid bundle tar: {exc}") from None
         except EOFError:
@@ -258,6 +252,27 @@ class BundleReader:
         for f in self.head.manifest.files:
             if f.path not in seen:
                 raise BundleError(f"manifest names {f.path!r}, which the bundle lacks")
+
+    def files(self) -> Iterator[tuple[FileEntry, Iterator[bytes]]]:
+        """Each file of the bundle in tar order, with its bytes as verified chunks."""
+        for m, entry in self._members():
+            fobj = self._tar.extractfile(m)
+            if fobj is None:
+                raise BundleError(f"bundle member {m.name!r} cannot be read")
+            yield (
+                entry,
+                verified_chunks(
+                    _chunks_of(fobj, m.size, m.name), entry.digest, entry.size, f"file {m.name!r}"
+                ),
+            )
+
+    def check_layout(self) -> None:
+        """Check every member against the manifest without reading a file's bytes (it seeks
+        past them when ``seekable``): what :meth:`files` would refuse for the tar's shape, it
+        refuses here first, so nothing is stored from a bundle that is refused anyway. Digests
+        are not checked; raises BundleError."""
+        for _ in self._members():
+            pass
 
 
 def _chunks_of(fobj: BinaryIO, size: int, name: str) -> Iterator[bytes]:

@@ -1,13 +1,15 @@
 """Reverse proxies on a free loopback port, between an agent and its control plane.
 
 ``MitmProxy`` replaces desired-state answers (an attacker); ``CuttingProxy`` cuts the first blob
-midway and counts the body bytes it sends (a link that drops).
+midway and counts the body bytes it sends (a link that drops); ``UploadCuttingProxy`` drops a
+push's connection once so many upload bytes went through.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Self
+from collections.abc import AsyncIterator
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -131,3 +133,54 @@ class CuttingProxy(LoopbackProxy):
                     self.blob_bytes_sent += len(chunk)
             await resp.write_eof()
             return resp
+
+
+class UploadCuttingProxy(LoopbackProxy):
+    """A reverse proxy on loopback that forwards requests and, once ``cut_after`` bytes of
+    upload bodies went through, drops the connection in the middle of the upload (a push cut
+    halfway). ``uploads`` counts the uploads that reached the upstream whole."""
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.cut_after = cut_after
+        self.forwarded = 0
+        self.cut = False
+        self.uploads = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.cut:
+            raise web.HTTPServiceUnavailable()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("host", "transfer-encoding")
+        }
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                if self.forwarded + len(chunk) > self.cut_after:
+                    self.cut = True
+                    raise ConnectionResetError("cut by the proxy")
+                self.forwarded += len(chunk)
+                yield chunk
+
+        data: Any = body() if request.method == "PUT" else await request.read()
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.request(
+                    request.method, self.upstream + request.path_qs, headers=headers, data=data
+                ) as r,
+            ):
+                payload = await r.read()
+                if request.method == "PUT":
+                    self.uploads += 1
+                return web.Response(
+                    status=r.status,
+                    body=payload,
+                    headers={"Content-Type": r.headers.get("Content-Type", "application/json")},
+                )
+        except (aiohttp.ClientError, ConnectionResetError):
+            if request.transport is not None:
+                request.transport.close()  # the client sees its connection drop
+            raise web.HTTPServiceUnavailable() from None

@@ -1,16 +1,22 @@
-"""Blob downloads by digest, with ETag and HTTP Range so an interrupted download resumes."""
+"""Blobs by digest: downloads with ETag and HTTP Range so an interrupted download resumes;
+uploads one by one, each addressed by its digest and streamed into the store while hashed,
+and the "which of these do you lack" question that lets a push send only what is missing."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 from aiohttp import web
 
 from control_plane.api.errors import ApiError
-from control_plane.api.request import st
+from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
+from control_plane.catalog import registry
 from control_plane.catalog.blobstore import BlobNotFound
+from control_plane.errors import Refused
 from protocol.digest import check_digest
+from protocol.exceptions import DigestMismatch
 
 
 def parse_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -81,6 +87,47 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _body_chunks(
+    request: web.Request, loop: asyncio.AbstractEventLoop, idle_s: float
+) -> Iterator[bytes]:
+    """The request body as it arrives, for a worker thread: each read runs on the loop; a
+    body silent for ``idle_s`` raises TimeoutError (the store then keeps nothing)."""
+    while True:
+        read = asyncio.run_coroutine_threadsafe(request.content.readany(), loop)
+        chunk = read.result(timeout=idle_s)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    """Upload one blob; the body is its bytes, streamed into the store while hashed."""
+    digest = check_digest(request.match_info["digest"], "digest")
+    state = st(request)
+    size = request.content_length
+    if size is None:
+        raise ApiError(411, "length_required", "a blob upload needs a Content-Length")
+    limit = state.config.max_bundle_bytes
+    if size > limit:
+        raise ApiError(413, "blob_too_large", f"blob is over the {limit}-byte limit")
+    chunks = _body_chunks(request, asyncio.get_running_loop(), state.config.body_timeout_s)
+    try:
+        stored = await asyncio.to_thread(state.store.put_stream, digest, size, chunks)
+    except DigestMismatch as exc:
+        raise Refused("digest_mismatch", str(exc), "digest") from None
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", "the blob stopped arriving") from None
+    return json_response(
+        {"digest": digest, "size": size, "created": stored}, 201 if stored else 200
+    )
+
+
+async def post_missing(request: web.Request) -> web.Response:
+    """Which of these blobs the store lacks: a push uploads only those."""
+    digests = registry.parse_digest_list(await read_json(request))
+    return json_response({"missing": await registry.missing_blobs(st(request).store, digests)})
+
+
 ROUTES = (
     Route(
         "GET",
@@ -89,5 +136,25 @@ ROUTES = (
         summary="Download a blob (Range, ETag)",
         auth="any",
         responses=(200, 206, 304, 404, 416),
+    ),
+    Route(
+        "POST",
+        "/api/v1/blobs/missing",
+        post_missing,
+        summary="Which of these blobs the control plane lacks",
+        auth="operator",
+        body="application/json",
+        responses=(200, 400, 413),
+        scope="models:write",
+    ),
+    Route(
+        "PUT",
+        "/api/v1/blobs/{digest}",
+        put_blob,
+        summary="Upload one blob, addressed by its digest (streamed, hashed as stored)",
+        auth="operator",
+        body="application/octet-stream",
+        responses=(200, 201, 400, 408, 411, 413, 422),
+        scope="models:write",
     ),
 )

@@ -54,6 +54,30 @@ async def post_bundle(request: web.Request) -> web.Response:
     return json_response(result.to_json(), 201 if result.created else 200)
 
 
+async def post_manifest(request: web.Request) -> web.Response:
+    """Publish a version from its signed manifest envelope, every blob it names pushed first."""
+    state = st(request)
+    limit = 1024 * 1024
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "manifest_too_large", f"a manifest envelope is at most {limit} bytes")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(state.config.body_timeout_s):
+            # read() answers with what has arrived: read until the end of the body.
+            while chunk := await request.content.read(limit + 1 - len(body)):
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(
+                        413, "manifest_too_large", f"a manifest envelope is at most {limit} bytes"
+                    )
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
+    trust = await keyset.publisher_trust(state.db, state.trusted)
+    result = await registry.register_manifest(state.db, state.store, trust, bytes(body))
+    log.info("push %s %s %s", result.name, result.version, "stored" if result.created else "same")
+    return json_response(result.to_json(), 201 if result.created else 200)
+
+
 async def get_models(request: web.Request) -> web.Response:
     """List models."""
     return json_response({"models": await registry.list_models(st(request).db)})
@@ -81,6 +105,16 @@ ROUTES = (
         auth="operator",
         body="application/vnd.modelfleet.bundle.v1+tar",
         responses=(200, 201, 400, 409, 413, 422),
+        scope="models:write",
+    ),
+    Route(
+        "POST",
+        "/api/v1/manifests",
+        post_manifest,
+        summary="Publish a version from its signed manifest (its blobs uploaded first)",
+        auth="operator",
+        body="application/json",
+        responses=(200, 201, 400, 408, 409, 413, 422),
         scope="models:write",
     ),
     Route("GET", "/api/v1/models", get_models, summary="List models", auth="operator"),

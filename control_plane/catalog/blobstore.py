@@ -2,26 +2,33 @@
 
 Both keep a blob under its sha256 digest, ``sha256/<2 hex>/<64 hex>``, below their root or
 prefix, and offer the same blocking methods (call them from a worker thread): ``has``,
-``put`` (data already verified against its digest), ``size`` and ``open_range`` (an iterator
-of chunks, so a 200 MB blob is never held in memory). A missing blob raises
+``put`` (data already verified against its digest), ``put_stream`` (chunks hashed as they are
+written, so a blob of any size is never held in memory, and kept only when its digest and
+size match), ``size`` and ``open_range`` (an iterator of chunks). A missing blob raises
 :class:`BlobNotFound` from either.
 
 The directory store writes to a temp file, fsyncs and renames, so a reader never sees half a
-blob. The S3 store relies on S3's own atomic PUT; it talks to any S3-compatible server
-(AWS_ENDPOINT_URL, or ``endpoint_url``), with credentials from the usual AWS chain.
+blob. The S3 store relies on S3's own atomic PUT, and for a streamed blob over one part on a
+multipart upload (parts of ``S3_PART`` bytes), completed only once the digest matched and
+aborted otherwise: the object appears whole or not at all. It talks to any S3-compatible
+server (AWS_ENDPOINT_URL, or ``endpoint_url``), with credentials from the usual AWS chain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from control_plane.security.files import write_private
+from protocol.bundle import verified_chunks
 from protocol.digest import digest_hex
 
 CHUNK = 256 * 1024
+S3_PART = 8 * 1024 * 1024  # S3 wants parts of 5 MiB or more, but the last
 
 
 class BlobNotFound(LookupError):
@@ -47,6 +54,13 @@ class BlobStore(Protocol):
 
     def put(self, digest: str, data: bytes) -> None:
         """Store ``data`` (already verified to match ``digest``) unless it is there already."""
+        ...
+
+    def put_stream(self, digest: str, size: int, chunks: Iterable[bytes]) -> bool:
+        """Store a blob from ``chunks``, hashing them as they are written; True when stored,
+        False when it was there already (``chunks`` are then checked, not written). Raises
+        DigestMismatch, keeping nothing, unless they have exactly ``size`` bytes and
+        ``digest``; whatever ``chunks`` raises goes through the same way."""
         ...
 
     def size(self, digest: str) -> int:
@@ -79,6 +93,28 @@ class DirectoryBlobStore:
         dest = self.path(digest)
         if not dest.is_file():
             write_private(dest, data, 0o644)
+
+    def put_stream(self, digest: str, size: int, chunks: Iterable[bytes]) -> bool:
+        checked = verified_chunks(chunks, digest, size, f"blob {digest}")
+        dest = self.path(digest)
+        if dest.is_file():
+            for _ in checked:
+                pass
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".upload-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in checked:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     def size(self, digest: str) -> int:
         try:
@@ -150,6 +186,49 @@ class S3BlobStore:
     def put(self, digest: str, data: bytes) -> None:
         if not self.has(digest):
             self.client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=data)
+
+    def put_stream(self, digest: str, size: int, chunks: Iterable[bytes]) -> bool:
+        checked = verified_chunks(chunks, digest, size, f"blob {digest}")
+        if self.has(digest):
+            for _ in checked:
+                pass
+            return False
+        key = self.key(digest)
+        part = bytearray()
+        it = iter(checked)
+        # Up to one part: a plain PUT once the digest matched (the iterator ran out cleanly).
+        for chunk in it:
+            part += chunk
+            if len(part) >= S3_PART:
+                break
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(part))
+            return True
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        parts: list[dict[str, Any]] = []
+        try:
+
+            def send(data: bytes) -> None:
+                n = len(parts) + 1
+                r = self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=n, Body=data
+                )
+                parts.append({"PartNumber": n, "ETag": r["ETag"]})
+
+            for chunk in it:
+                part += chunk
+                while len(part) >= S3_PART:
+                    send(bytes(part[:S3_PART]))
+                    del part[:S3_PART]
+            if part:
+                send(bytes(part))
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+        return True
 
     def size(self, digest: str) -> int:
         from botocore.exceptions import ClientError

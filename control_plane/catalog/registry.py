@@ -1,4 +1,12 @@
-"""The model registry: accept verified bundles, list models and versions."""
+"""The model registry: accept verified bundles, list models and versions.
+
+A version arrives either whole (``ingest_bundle``: the .mfb read front to back, its signature
+checked before any file, each file streamed into the blob store while hashed) or blob by blob
+as OCI registries do (``missing_blobs``, ``put_blob``, then ``register_manifest``), so a push
+sends only what the store lacks and an interrupted push resumes. Blobs are content addressed
+and stored only once their digest matched, so an orphan is harmless; a version's rows are
+written only once every blob it names is stored.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +20,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.catalog.blobstore import BlobStore
+from control_plane.catalog.blobstore import BlobNotFound, BlobStore
 from control_plane.db.engine import Database
 from control_plane.db.models import Blob, Model, ModelVersion
 from control_plane.errors import Conflict, DomainError, Invalid, NotFound, Refused
 from control_plane.fleet.config import check_schema
 from control_plane.security.keyset import PublisherTrust
-from protocol.bundle import Bundle, BundleLimits, read_bundle, verify_bundle
+from protocol.bundle import BundleHead, BundleLimits, BundleReader
+from protocol.digest import check_digest
+from protocol.dsse import MANIFEST_PAYLOAD_TYPE, parse_envelope, verify
 from protocol.exceptions import DigestMismatch, InvalidMessage, ProtocolError, SignatureError
+from protocol.manifest import Manifest, parse_manifest
 from protocol.timeutil import format_time
+
+MAX_DIGESTS_ASKED = 1024
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,30 @@ class PushResult:
         }
 
 
-def _read_verified(
+def _check_config_schema(m: Manifest) -> None:
+    """Raise Invalid unless the manifest's configuration schema (if any) is a usable one."""
+    if "configSchema" in m.extra:
+        check_schema(m.extra["configSchema"], "manifest.configSchema")
+
+
+def _read_head(
     path: Path, trusted: Mapping[str, Ed25519PublicKey], threshold: int, limits: BundleLimits
-) -> tuple[Bundle, list[str]]:
-    with path.open("rb") as f:
-        bundle = read_bundle(f, limits)
-    return bundle, verify_bundle(bundle, trusted, threshold)
+) -> tuple[BundleHead, list[str]]:
+    """Check the bundle's shape (seeking past file bytes) and its signature. Blocking; raises
+    ProtocolError or Invalid."""
+    with path.open("rb") as f, BundleReader(f, limits, seekable=True) as reader:
+        reader.check_layout()
+        _, keyids = verify(reader.head.envelope, trusted, MANIFEST_PAYLOAD_TYPE, threshold)
+        _check_config_schema(reader.head.manifest)
+        return reader.head, keyids
+
+
+def _store_files(path: Path, store: BlobStore, limits: BundleLimits) -> None:
+    """Stream each file of a checked bundle into the store as it is hashed. Blocking; raises
+    ProtocolError (a file whose digest does not match leaves nothing behind)."""
+    with path.open("rb") as f, BundleReader(f, limits) as reader:
+        for entry, chunks in reader.files():
+            store.put_stream(entry.digest, entry.size, chunks)
 
 
 def protocol_error_to_domain(exc: ProtocolError) -> DomainError:
@@ -69,7 +100,7 @@ async def _existing(db: Database, name: str, version: str) -> ModelVersion | Non
         )
 
 
-def _same_or_conflict(existing: ModelVersion, bundle: Bundle) -> PushResult:
+def _same_or_conflict(existing: ModelVersion, bundle: BundleHead) -> PushResult:
     m = bundle.manifest
     if existing.manifest_digest != bundle.manifest_digest:
         raise Conflict(
@@ -91,24 +122,24 @@ async def ingest_bundle(
     """Verify the bundle at ``path`` (``trust.threshold`` distinct publisher signatures) and
     store it; raises a DomainError for anything refused."""
     try:
-        bundle, keyids = await asyncio.to_thread(
-            _read_verified, path, trust.keys, trust.threshold, limits
+        head, keyids = await asyncio.to_thread(
+            _read_head, path, trust.keys, trust.threshold, limits
         )
+        if (existing := await _existing(db, head.manifest.name, head.manifest.version)) is not None:
+            return _same_or_conflict(existing, head)
+        # Blobs first: each stored only once its digest matched, so an orphan left by a file
+        # further on that lies, or a failed insert, is harmless and reused by the next push.
+        await asyncio.to_thread(_store_files, path, store, limits)
     except ProtocolError as exc:
         raise protocol_error_to_domain(exc) from None
-    m = bundle.manifest
-    if "configSchema" in m.extra:
-        check_schema(m.extra["configSchema"], "manifest.configSchema")
+    return await _record(db, head, keyids)
+
+
+async def _record(db: Database, head: BundleHead, keyids: list[str]) -> PushResult:
+    """Write a version's rows (its blobs are stored); the same version again is a no-op."""
+    m = head.manifest
     if (existing := await _existing(db, m.name, m.version)) is not None:
-        return _same_or_conflict(existing, bundle)
-
-    # Blobs first: content addressed, so an orphan left by a failed insert is harmless and is
-    # simply reused by the next push of the same bytes.
-    def _store_files() -> None:
-        for f in m.files:
-            store.put(f.digest, bundle.files[f.path])
-
-    await asyncio.to_thread(_store_files)
+        return _same_or_conflict(existing, head)
     try:
         async with db.write() as s:
             model = await s.scalar(select(Model).where(Model.name == m.name))
@@ -119,13 +150,14 @@ async def ingest_bundle(
             for f in m.files:
                 if await s.get(Blob, f.digest) is None:
                     s.add(Blob(digest=f.digest, size=f.size, media_type=f.media_type))
+                    await s.flush()  # a digest at two paths is one row
             s.add(
                 ModelVersion(
                     model_id=model.id,
                     version=m.version,
-                    manifest_digest=bundle.manifest_digest,
+                    manifest_digest=head.manifest_digest,
                     manifest=m.to_json(),
-                    envelope=bundle.envelope.to_bytes().decode(),
+                    envelope=head.envelope.to_bytes().decode(),
                     runtime=m.runtime,
                     size=sum(f.size for f in m.files),
                     publisher_keyids=keyids,
@@ -134,9 +166,65 @@ async def ingest_bundle(
     except IntegrityError:
         # A concurrent push of the same name and version won the race.
         if (existing := await _existing(db, m.name, m.version)) is not None:
-            return _same_or_conflict(existing, bundle)
+            return _same_or_conflict(existing, head)
         raise
-    return PushResult(m.name, m.version, bundle.manifest_digest, created=True)
+    return PushResult(m.name, m.version, head.manifest_digest, created=True)
+
+
+def parse_digest_list(doc: object) -> list[str]:
+    """The ``digests`` of a "which of these do you lack" request; raises Invalid."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("digests"), list):
+        raise Invalid("invalid_request", 'body must be {"digests": [...]}', "digests")
+    digests = doc["digests"]
+    if len(digests) > MAX_DIGESTS_ASKED:
+        raise Invalid("invalid_request", f"digests may list up to {MAX_DIGESTS_ASKED}", "digests")
+    try:
+        return [check_digest(d, f"digests[{i}]") for i, d in enumerate(digests)]
+    except InvalidMessage as exc:
+        raise Invalid("invalid_request", str(exc), exc.field) from None
+
+
+async def missing_blobs(store: BlobStore, digests: list[str]) -> list[str]:
+    """Those of ``digests`` the store lacks, in the order asked, each once."""
+
+    def lacking() -> list[str]:
+        return [d for d in dict.fromkeys(digests) if not store.has(d)]
+
+    return await asyncio.to_thread(lacking)
+
+
+async def register_manifest(
+    db: Database, store: BlobStore, trust: PublisherTrust, envelope_bytes: bytes
+) -> PushResult:
+    """Record a version from its signed manifest envelope once every blob it names is stored
+    (pushed one by one before); raises a DomainError for anything refused."""
+    try:
+        envelope = parse_envelope(envelope_bytes)
+        _, keyids = verify(envelope, trust.keys, MANIFEST_PAYLOAD_TYPE, trust.threshold)
+        manifest = parse_manifest(envelope.payload)
+    except ProtocolError as exc:
+        raise protocol_error_to_domain(exc) from None
+    _check_config_schema(manifest)
+
+    def check_blobs() -> None:
+        for i, f in enumerate(manifest.files):
+            try:
+                size = store.size(f.digest)
+            except BlobNotFound:
+                raise Refused(
+                    "blob_missing",
+                    f"file {f.path!r} ({f.digest}) has not been uploaded: PUT it first",
+                    f"files[{i}].digest",
+                ) from None
+            if size != f.size:
+                raise Refused(
+                    "digest_mismatch",
+                    f"file {f.path!r} is {f.size} bytes in the manifest, {size} in the store",
+                    f"files[{i}].size",
+                )
+
+    await asyncio.to_thread(check_blobs)
+    return await _record(db, BundleHead(envelope, manifest, envelope.payload), keyids)
 
 
 async def list_models(db: Database) -> list[dict[str, Any]]:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from control_plane.cli.common import CliError, add_client_options, api_call
+from control_plane.catalog.push import PushError, push_bundle
+from control_plane.cli.common import CliError, add_client_options, api_call, client_settings
 from control_plane.errors import Invalid
 from control_plane.fleet.config import parse_assignment, set_values
 from control_plane.rollout.spec import parse_stages_text
-from protocol.bundle import MEDIA_TYPE
 from protocol.exceptions import InvalidMessage
 from protocol.labels import parse_labels
 from protocol.timeutil import parse_time
@@ -179,16 +179,20 @@ def _print(args: argparse.Namespace, body: Any, text: str) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    """Upload a bundle."""
+    """Upload a bundle: only the blobs the control plane lacks, then its manifest."""
+    server, token = client_settings(args)
     try:
-        data = args.bundle.read_bytes()
-    except OSError as exc:
-        raise CliError(f"{args.bundle}: {exc.strerror}") from None
-    status, body = asyncio.run(
-        api_call(args, "POST", "/bundles", data=data, content_type=MEDIA_TYPE)
+        out = asyncio.run(push_bundle(server, token, args.bundle))
+    except PushError as exc:
+        raise CliError(str(exc), 1) from None
+    body = out.body
+    what = "pushed" if out.status == 201 else "already present"
+    _print(
+        args,
+        body,
+        f"{what}: {body['name']} {body['version']} ({body['manifestDigest']}); sent "
+        f"{out.sent_files} file(s), {out.sent_bytes} bytes; {out.held_files} already held",
     )
-    what = "pushed" if status == 201 else "already present"
-    _print(args, body, f"{what}: {body['name']} {body['version']} ({body['manifestDigest']})")
     return 0
 
 

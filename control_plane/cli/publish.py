@@ -29,9 +29,10 @@ from control_plane.cli.common import (
 from control_plane.errors import BuildError, Invalid
 from control_plane.fleet.config import check_schema
 from control_plane.security.files import write_private
-from protocol.bundle import check_file, check_files, read_bundle, verify_bundle, write_bundle
+from protocol.bundle import BundleReader, check_file, check_files, read_bundle, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
+    MANIFEST_PAYLOAD_TYPE,
     Envelope,
     generate_private_key,
     key_id,
@@ -42,6 +43,7 @@ from protocol.dsse import (
     private_key_to_pem,
     public_key_to_pem,
     sign,
+    verify,
 )
 from protocol.exceptions import InvalidMessage, ProtocolError
 from protocol.execution import parse_execution
@@ -298,12 +300,16 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
         trusted = keyring(load_public_key(read_file(p, "--trust")) for p in args.trust)
     except ProtocolError as exc:
         raise CliError(f"--trust: {exc}") from None
+    if args.threshold < 1:
+        raise CliError("--threshold must be >= 1")
     try:
-        with args.bundle.open("rb") as f:
-            bundle = read_bundle(f)
-        if args.threshold < 1:
-            raise CliError("--threshold must be >= 1")
-        keyids = verify_bundle(bundle, trusted, args.threshold)
+        # Streamed: the signature first, then each file's digest as it passes.
+        with args.bundle.open("rb") as f, BundleReader(f) as reader:
+            bundle = reader.head
+            _, keyids = verify(bundle.envelope, trusted, MANIFEST_PAYLOAD_TYPE, args.threshold)
+            for _, chunks in reader.files():
+                for _ in chunks:
+                    pass
     except OSError as exc:
         raise CliError(f"{args.bundle}: {exc.strerror}") from None
     except ProtocolError as exc:

@@ -102,3 +102,40 @@ async def test_control_plane_serves_bundles_from_s3(
         assert r.status == 404
     finally:
         await cp.client.close()
+
+
+def _chunks(data: bytes, n: int = 1024 * 1024) -> Iterator[bytes]:
+    for i in range(0, len(data), n):
+        yield data[i : i + n]
+
+
+@pytest.mark.parametrize("where", ["s3", "dir"])
+def test_streamed_put_multipart_and_a_lie_keeps_nothing(
+    s3_endpoint: str, tmp_path: Path, where: str
+) -> None:
+    from protocol.exceptions import DigestMismatch
+
+    store = open_blob_store(
+        "s3://fleet/streamed" if where == "s3" else str(tmp_path / "b"), tmp_path
+    )
+    data = hashlib.sha256(b"seed").digest() * (20 * 1024 * 1024 // 32 + 5)  # ~20 MiB: 3 parts
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.put_stream(digest, len(data), _chunks(data)) is True
+    assert store.put_stream(digest, len(data), _chunks(data)) is False  # held: checked only
+    assert store.size(digest) == len(data)
+    assert hashlib.sha256(b"".join(store.open_range(digest, 0, len(data)))).digest() == (
+        hashlib.sha256(data).digest()
+    )
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    lie = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    for body, size in ((bytes(flipped), len(data)), (data, len(data) - 1), (data[:100], 100)):
+        with pytest.raises(DigestMismatch):
+            store.put_stream(lie, size, _chunks(body))
+        assert not store.has(lie)
+    if where == "s3":
+        assert isinstance(store, S3BlobStore)
+        uploads = store.client.list_multipart_uploads(Bucket="fleet").get("Uploads", [])
+        assert uploads == []  # every aborted upload is gone
+    else:
+        assert [p.name for p in (tmp_path / "b" / "sha256").rglob(".upload-*")] == []
