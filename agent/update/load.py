@@ -68,13 +68,6 @@ class Loader:
             raise UpdateError(f"{m.name} {m.version} is not installed")
         manifest = self._keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
-        await self._check_memory(m, manifest, variant)
-        try:
-            directory = await asyncio.to_thread(
-                self.store.lay_out, m.manifest_digest, manifest.files_for(variant)
-            )
-        except ValueError as exc:
-            raise UpdateError(str(exc)) from None
         loop = asyncio.get_running_loop()
         overrides = self.config.model_execution
         plan = plan_execution(
@@ -85,6 +78,14 @@ class Loader:
             available_providers=await asyncio.to_thread(available_providers),
             allow_cuda=self.config.allow_cuda,
         )
+        # Each instance is a session of its own, with its own copy of the weights.
+        await self._check_memory(m, weight_bytes(manifest, variant) * plan.instances)
+        try:
+            directory = await asyncio.to_thread(
+                self.store.lay_out, m.manifest_digest, manifest.files_for(variant)
+            )
+        except ValueError as exc:
+            raise UpdateError(str(exc)) from None
         # From the version's directory, so ONNX Runtime finds external data beside the model.
         path = directory / variant.path
         runtime = await loop.run_in_executor(
@@ -103,13 +104,13 @@ class Loader:
             plan=plan,
         )
 
-    async def _check_memory(self, m: DesiredModel, manifest: Manifest, variant: Any) -> None:
+    async def _check_memory(self, m: DesiredModel, needed: int) -> None:
         """Refuse (UpdateError) a version the host cannot hold beside those loaded now."""
         held = self._held() - {m.manifest_digest}
         loaded = await asyncio.to_thread(lambda: [self._weights_of(d) for d in held])
         reason = memory_refusal(
             what=f"{m.name} {m.version}",
-            needed=weight_bytes(manifest, variant),
+            needed=needed,
             loaded=loaded,
             limit=self.config.memory_limit_bytes,
             available=await asyncio.to_thread(available_memory),
