@@ -13,8 +13,11 @@ the figures are the servers' (and the clients' reading of answers), not the enco
 requests; answers are read whole but not decoded. REST goes through one aiohttp session, gRPC
 through Triton's client (`tritonclient.grpc.aio`), the same for the agent and MLServer.
 
+Then dynamic batching: 32 single-image gRPC clients against the classifier, and against the
+same file as a second model whose manifest asks for batching (throughput gain, p99 cost).
+
     make bench-mlserver            # once: MLServer 1.7 in bench/.venv-mlserver
-    python -m bench.serving [--seconds 4] [--no-mlserver]
+    python -m bench.serving [--seconds 4] [--no-mlserver] [--rows MLP]
 """
 
 from __future__ import annotations
@@ -295,7 +298,10 @@ async def run_agent(
             await wait_http(f"{agent.url}/v2/models/{model}/ready", within_s=120)
         grpc_url = f"127.0.0.1:{gport}"
         cells = await serve_cells("agent", agent.url, grpc_url, table, seconds, check)
-        return cells, await batching(grpc_url, table[0].x, seconds)
+        image = next((r.x for r in table if r.model == "classifier" and len(r.x) == 1), None)
+        if image is None:
+            return cells, {"skipped": "no single-image row in this run (--rows)"}
+        return cells, await batching(grpc_url, image, seconds)
 
 
 async def batching(grpc_url: str, x: np.ndarray, seconds: float) -> dict[str, Any]:
@@ -438,10 +444,11 @@ async def main() -> None:
         "--seconds", type=float, default=4.0, help="per cell, eight clients (one: half)"
     )
     ap.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
+    ap.add_argument("--rows", help="only the rows whose name holds this (e.g. MLP)")
     args = ap.parse_args()
     import onnxruntime as ort
 
-    table = rows()
+    table = [r for r in rows() if args.rows is None or args.rows in r.name]
     figures: dict[str, Any] = {"benchmark": "serving", "machine": machine(), "clients": CLIENTS}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
