@@ -8,8 +8,11 @@ for refusals that only HTTP has: a body too large or too slow (413, 408), too ma
 
 from __future__ import annotations
 
+import math
+
 from control_plane.errors import (
     Conflict,
+    DatabaseBusy,
     DomainError,
     Forbidden,
     Invalid,
@@ -18,6 +21,7 @@ from control_plane.errors import (
     TooLarge,
     Unauthenticated,
 )
+from protocol.exceptions import InvalidMessage
 
 
 class ApiError(Exception):
@@ -66,6 +70,16 @@ def status_of(exc: DomainError) -> int:
     return 400
 
 
-def to_api(exc: DomainError) -> ApiError:
-    """The ``ApiError`` that renders ``exc``: same code, message and field."""
+def to_api(exc: DomainError | InvalidMessage | DatabaseBusy) -> ApiError:
+    """The ``ApiError`` that renders ``exc``: same code, message and field.
+
+    Besides the domain errors, the table's edge knows two more: a request the protocol's
+    readers refused (``InvalidMessage``, 400 ``invalid``) and no database connection in time
+    (``DatabaseBusy``, 503 with ``Retry-After``: the caller may retry).
+    """
+    if isinstance(exc, InvalidMessage):
+        return ApiError(400, "invalid", str(exc), exc.field)
+    if isinstance(exc, DatabaseBusy):
+        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return ApiError(503, "database_busy", "the database is busy; retry shortly", headers=retry)
     return ApiError(status_of(exc), exc.code, exc.message, exc.field)

@@ -32,17 +32,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc)
-    except DomainError as exc:
+    except (DomainError, InvalidMessage) as exc:
         return error_response(to_api(exc))
-    except InvalidMessage as exc:
-        return json_response(ApiError(400, "invalid", str(exc), exc.field).to_json(), 400)
     except DatabaseBusy as exc:
         # Every connection is in use (or the server refuses more): the caller may retry.
         log.warning("%s %s: %s", request.method, request.path, exc)
-        retry = {"Retry-After": RateLimiter.retry_after(exc.retry_after_s)}
-        return error_response(
-            ApiError(503, "database_busy", "the database is busy; retry shortly", headers=retry)
-        )
+        return error_response(to_api(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from control_plane.api.errors import ApiError
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
 from control_plane.security import tokens
+from protocol.exceptions import InvalidMessage
 
 
 async def post_token(request: web.Request) -> web.Response:
@@ -29,7 +29,7 @@ async def delete_token(request: web.Request) -> web.Response:
     state = st(request)
     raw = request.match_info["id"]
     if not raw.isdigit() or len(raw) > 18:
-        raise ApiError(400, "invalid", "token id must be a number", "id")
+        raise InvalidMessage("token id must be a number", "id")
     return json_response(await tokens.revoke_token(state.db, int(raw), state.clock()))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from control_plane.errors import NotFound
 from control_plane.security.files import write_private
 from protocol.bundle import verified_chunks
 from protocol.digest import digest_hex
@@ -31,8 +32,12 @@ CHUNK = 256 * 1024
 S3_PART = 8 * 1024 * 1024  # S3 wants parts of 5 MiB or more, but the last
 
 
-class BlobNotFound(LookupError):
-    """No blob with that digest in the store."""
+class BlobNotFound(NotFound):
+    """No blob with that digest in the store (a NotFound: 404 at the HTTP edge)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__("blob_not_found", f"no blob {digest}", "digest")
+        self.digest = digest
 
 
 def blob_key(digest: str) -> str:

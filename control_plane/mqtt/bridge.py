@@ -335,8 +335,8 @@ class MqttBridge:
                 data, size = await asyncio.to_thread(
                     _read_chunk, self.store, digest, offset, length
                 )
-            except BlobNotFound:
-                error = f"no blob {digest}"
+            except BlobNotFound as exc:
+                error = exc.message
         reply = Properties(PacketTypes.PUBLISH)
         reply.CorrelationData = corr
         reply.UserProperty = [("size", str(size))] + ([("error", error)] if error else [])
