@@ -110,8 +110,14 @@ class MqttBridge:
             self.pending.put_nowait(agent_id)
 
     async def run(self) -> None:
-        """Connect, subscribe, publish and consume; reconnect with jittered back-off."""
-        backoff = Backoff()
+        """Connect, subscribe, publish and consume; reconnect with jittered back-off.
+
+        The back-off is capped at 5 s, not the 30 s of an agent's: while this bridge is away,
+        agents' status reports over MQTT reach no subscriber (a restarted broker has no session
+        to keep them in) and the fleet's picture waits for its return. One connection per
+        replica reconnecting within seconds is no load on a broker that is back.
+        """
+        backoff = Backoff(cap=5.0)
         while True:
             try:
                 await self._session(backoff)

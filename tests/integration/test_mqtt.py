@@ -412,8 +412,16 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
                     f" dropped {agent.counters['dropped_batches']}; control plane {h}"
                 ) from None
             await eventually(lambda: agent.counters["pending_batches"] == 0, 10)
-        a = await (await cp.call("GET", f"/agents/{ident.agent_id}")).json()
-        assert [m["version"] for m in a["models"] if m["state"] == "active"] == ["2.0.0"]
+
+            # Status reports have no end-to-end acknowledgement: one published while the
+            # control plane's bridge was still reconnecting reached no subscriber. The
+            # heartbeat repairs the picture once the bridge is back, and it never goes back.
+            async def active() -> list[str]:
+                a = await (await cp.call("GET", f"/agents/{ident.agent_id}")).json()
+                return [m["version"] for m in a["models"] if m["state"] == "active"]
+
+            await eventually(lambda: resolves_to(active(), ["2.0.0"]), 20)
+        assert await active() == ["2.0.0"]
     finally:
         await cp.client.close()
 
