@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from control_plane.api import metrics
 from control_plane.api.dashboard import add_ui_routes
 from control_plane.api.middleware import MIDDLEWARES
 from control_plane.api.routes import add_api_routes
@@ -94,11 +95,18 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
             offline=OfflineWatch(db=db, clock=clock, offline_after_s=config.offline_after_s),
         ),
     )
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.max_json_bytes)
+    app = web.Application(
+        middlewares=(metrics.metrics_middleware, *MIDDLEWARES),
+        client_max_size=config.max_json_bytes,
+    )
     app[STATE] = state
+    metrics.install(app)
     add_api_routes(app)
     add_ui_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    if config.metrics_listen is not None:
+        # After _lifecycle: it listens once the database is migrated, and stops first.
+        app.cleanup_ctx.append(metrics.MetricsListener(app, *config.metrics_listen).context)
     app.on_shutdown.append(_begin_drain)
     return app
 

@@ -93,6 +93,9 @@ class ServerConfig:
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 8
     webhook_retry_base_s: float = 5.0
+    # GET /metrics also on this address, without authentication (None: only on the API port,
+    # with a fleet:read token).
+    metrics_listen: tuple[str, int] | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

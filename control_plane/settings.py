@@ -57,7 +57,19 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "db_wait": ("MODELFLEET_DB_WAIT", float, 10.0),
     "drain": ("MODELFLEET_DRAIN", float, 10.0),
     "webhook_allow_private": ("MODELFLEET_WEBHOOK_ALLOW_PRIVATE", lambda v: _flag(v), False),
+    "metrics_listen": ("MODELFLEET_METRICS_LISTEN", lambda v: listen_address(v), None),
 }
+
+
+def listen_address(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a pair; raises ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"not HOST:PORT: {value!r}")
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT with a port 1-65535: {value!r}")
+    return host, int(port)
 
 
 def _flag(value: object) -> bool:
@@ -145,6 +157,7 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
                 "webhook_allow_private",
             )
         },
+        "metrics_listen": _opt(args, "metrics_listen", listen_address),
     }
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
@@ -256,6 +269,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         db_wait_s=s["db_wait"],
         drain_s=s["drain"],
         webhook_allow_private=s["webhook_allow_private"],
+        metrics_listen=s["metrics_listen"],
     )
 
 

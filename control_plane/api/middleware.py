@@ -155,8 +155,9 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Resolve the bearer token of every /api/v1 route but the public ones."""
-    if not request.path.startswith("/api/v1/") or request.path in PUBLIC_PATHS:
+    """Resolve the bearer token of every /api/v1 route but the public ones, and /metrics."""
+    guarded = request.path.startswith("/api/v1/") or request.path == "/metrics"
+    if not guarded or request.path in PUBLIC_PATHS:
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")

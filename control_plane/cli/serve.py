@@ -125,6 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on SIGTERM, exit within this long whatever is open (10)",
     )
     p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve GET /metrics here, without authentication (on the API port it "
+        "needs a fleet:read token)",
+    )
+    p.add_argument(
         "--webhook-allow-private",
         action="store_true",
         default=None,

@@ -141,6 +141,10 @@ class Database:
         self._slots = asyncio.Semaphore(self.pool.sessions(self.is_sqlite))
         self._holders: dict[asyncio.Task[Any], int] = {}  # task -> sessions it has open
 
+    def sessions_in_use(self) -> tuple[int, int]:
+        """Sessions open now (by tasks holding one) and the most that may be open at once."""
+        return sum(self._holders.values()), self.pool.sessions(self.is_sqlite)
+
     async def migrate(self) -> None:
         """Apply every Alembic migration up to head (and fix the SQLite files' modes)."""
         if self.file is not None:

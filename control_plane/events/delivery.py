@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.engine import Database
 from control_plane.db.models import EventMark, OutboxEvent, WebhookDelivery, WebhookEndpoint
@@ -176,8 +177,10 @@ class WebhookDeliverer:
         if self.offline is not None and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             await self.offline.sweep()
-        await self.fan_out()
-        for claimed in await self.claim():
+        async with self.db.write() as s:  # one transaction a pass: the pool is shared
+            await self.fan_out(s)
+            due = await self.claim(s)
+        for claimed in due:
             self._per_endpoint[claimed.endpoint_id] += 1
             task = asyncio.create_task(
                 self._send_task(session, claimed), name=f"webhook-delivery-{claimed.id}"
@@ -187,88 +190,86 @@ class WebhookDeliverer:
             self._last_prune = time.monotonic()
             await self.prune()
 
-    async def fan_out(self) -> int:
+    async def fan_out(self, s: AsyncSession) -> int:
         """Turn undispatched events into deliveries; returns how many deliveries were made."""
         made = 0
-        async with self.db.write() as s:
-            events = list(
-                await s.scalars(
-                    select(OutboxEvent)
-                    .where(OutboxEvent.dispatched.is_(False))
-                    .order_by(OutboxEvent.id)
-                    .limit(self.config.fan_out_batch)
-                    .with_for_update(skip_locked=True)
-                )
+        events = list(
+            await s.scalars(
+                select(OutboxEvent)
+                .where(OutboxEvent.dispatched.is_(False))
+                .order_by(OutboxEvent.id)
+                .limit(self.config.fan_out_batch)
+                .with_for_update(skip_locked=True)
             )
-            if not events:
-                return 0
-            endpoints = list(await s.scalars(select(WebhookEndpoint)))
-            now = self.clock()
-            for e in events:
-                e.dispatched = True
-                targets = [ep for ep in endpoints if _subscribed(ep, e.type)]
-                if not targets:
-                    continue
-                body = json.dumps(
-                    event_body(e.event_id, e.type, e.subject, format_time(e.at), e.data),
-                    separators=(",", ":"),
-                    sort_keys=True,
-                    default=str,
-                )
-                for ep in targets:
-                    s.add(
-                        WebhookDelivery(
-                            endpoint_id=ep.id,
-                            event_id=e.event_id,
-                            type=e.type,
-                            body=body,
-                            state="pending",
-                            attempts=0,
-                            next_attempt_at=now,
-                            log=[],
-                            created_at=now,
-                        )
+        )
+        if not events:
+            return 0
+        endpoints = list(await s.scalars(select(WebhookEndpoint)))
+        now = self.clock()
+        for e in events:
+            e.dispatched = True
+            targets = [ep for ep in endpoints if _subscribed(ep, e.type)]
+            if not targets:
+                continue
+            body = json.dumps(
+                event_body(e.event_id, e.type, e.subject, format_time(e.at), e.data),
+                separators=(",", ":"),
+                sort_keys=True,
+                default=str,
+            )
+            for ep in targets:
+                s.add(
+                    WebhookDelivery(
+                        endpoint_id=ep.id,
+                        event_id=e.event_id,
+                        type=e.type,
+                        body=body,
+                        state="pending",
+                        attempts=0,
+                        next_attempt_at=now,
+                        log=[],
+                        created_at=now,
                     )
-                    made += 1
+                )
+                made += 1
         self.fanned_out += made
         return made
 
-    async def claim(self) -> list[_Claimed]:
+    async def claim(self, s: AsyncSession) -> list[_Claimed]:
         """Lease due deliveries to this replica, within the in-flight limits."""
         room = self.config.concurrency - len(self._inflight)
         if room <= 0:
             return []
         now = self.clock()
         out: list[_Claimed] = []
-        async with self.db.write() as s:
-            rows = (
-                await s.execute(
-                    select(WebhookDelivery, WebhookEndpoint)
-                    .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
-                    .where(
-                        WebhookDelivery.state == "pending",
-                        WebhookDelivery.next_attempt_at <= now,
-                        (WebhookDelivery.claimed_until.is_(None))
-                        | (WebhookDelivery.claimed_until < now),
-                    )
-                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-                    .limit(room * 4)
-                    .with_for_update(skip_locked=True, of=WebhookDelivery)
+        rows = (
+            await s.execute(
+                select(WebhookDelivery, WebhookEndpoint)
+                .join(WebhookEndpoint, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
+                .where(
+                    WebhookDelivery.state == "pending",
+                    WebhookDelivery.next_attempt_at <= now,
+                    (WebhookDelivery.claimed_until.is_(None))
+                    | (WebhookDelivery.claimed_until < now),
                 )
-            ).all()
-            taken: Counter[str] = Counter()
-            until = now + timedelta(seconds=self.config.lease_s)
-            for d, ep in rows:
-                busy = self._per_endpoint[ep.id] + taken[ep.id]
-                if len(out) >= room or busy >= self.config.per_endpoint:
-                    continue
-                if d.id in self._inflight:
-                    continue
-                d.claimed_until = until
-                taken[ep.id] += 1
-                out.append(
-                    _Claimed(d.id, ep.id, ep.url, ep.secret, d.body, d.event_id, d.type, d.attempts)
-                )
+                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                .limit(room * 4)
+                .with_for_update(skip_locked=True, of=WebhookDelivery)
+            )
+        ).all()
+        taken: Counter[str] = Counter()
+        until = now + timedelta(seconds=self.config.lease_s)
+        for d, ep in rows:
+            busy = self._per_endpoint[ep.id] + taken[ep.id]
+            if len(out) >= room or busy >= self.config.per_endpoint:
+                continue
+            if d.id in self._inflight:
+                continue
+            d.claimed_until = until
+            taken[ep.id] += 1
+            out.append(
+                _Claimed(d.id, ep.id, ep.url, ep.secret, d.body, d.event_id, d.type, d.attempts)
+            )
         return out
 
     async def _send_task(self, session: aiohttp.ClientSession, c: _Claimed) -> None:

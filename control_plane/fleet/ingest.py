@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -80,6 +81,7 @@ SEEN_RETURNING = (
 class _Item:
     report: StatusReport | MetricsBatch
     future: asyncio.Future[bool] = field(repr=False)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 def _not_found(agent_id: str) -> NotFound:
@@ -237,6 +239,15 @@ class Ingestor:
         self.transactions = 0
         self.reports = 0
         self.largest_batch = 0
+        # Called after each committed batch with its size and its lag (seconds from the oldest
+        # report's arrival to the commit): control_plane/api/metrics.py turns them into
+        # histograms, so this module knows nothing of Prometheus.
+        self.observer: Callable[[int, float], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Reports waiting for the writer."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         """Start the writer task on the running loop."""
@@ -311,6 +322,8 @@ class Ingestor:
         self.transactions += 1
         self.reports += len(items)
         self.largest_batch = max(self.largest_batch, len(items))
+        if self.observer is not None:
+            self.observer(len(items), time.monotonic() - min(i.queued_at for i in items))
         for item, result in zip(items, results, strict=True):
             self._settle(item, result)
 
