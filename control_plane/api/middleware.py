@@ -14,6 +14,7 @@ from aiohttp import web
 from control_plane.api.errors import ApiError, to_api
 from control_plane.api.request import PRINCIPAL, error_response, json_response, st
 from control_plane.api.route import Handler
+from control_plane.api.routes import PUBLIC_PATHS
 from control_plane.errors import DatabaseBusy, DomainError
 from control_plane.security import audit, credentials
 from control_plane.security.auth import AgentCaller, Operator, authenticate
@@ -21,8 +22,6 @@ from control_plane.security.ratelimit import RateLimiter
 from protocol.exceptions import InvalidMessage
 
 log = logging.getLogger("modelfleet.control_plane")
-
-PUBLIC_PATHS = {"/api/v1/agents/enroll", "/api/v1/openapi.json", "/api/v1/health"}
 
 
 @web.middleware

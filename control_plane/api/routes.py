@@ -47,6 +47,10 @@ ROUTES: tuple[Route, ...] = (
     *webhooks.ROUTES,
 )
 
+# The routes that answer without a bearer token (auth="none"), for the middlewares that skip
+# authentication and count refusals there: read from the table, never listed twice.
+PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.auth == "none")
+
 
 def add_api_routes(app: web.Application) -> None:
     """Register every route, each behind its access check (route.guarded)."""

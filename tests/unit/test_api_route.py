@@ -13,7 +13,7 @@ from control_plane.api.blobs import parse_range
 from control_plane.api.errors import ApiError
 from control_plane.api.request import PRINCIPAL
 from control_plane.api.route import Auth, Route, check_access
-from control_plane.api.routes import ROUTES
+from control_plane.api.routes import PUBLIC_PATHS, ROUTES
 from control_plane.fleet.desired import expiring
 from control_plane.security.auth import AgentCaller, Operator
 
@@ -123,3 +123,10 @@ def test_desired_state_is_re_signed_past_half_its_lifetime() -> None:
     assert not expiring(doc, now, ttl)
     assert expiring(doc, now + timedelta(minutes=1), ttl)
     assert expiring(doc, now + timedelta(hours=2), ttl)
+
+
+def test_the_public_paths_are_the_routes_that_say_so() -> None:
+    # The middlewares skip authentication on these; a public route with a path parameter
+    # could not be matched by path and would be refused instead.
+    assert {"/api/v1/agents/enroll", "/api/v1/health"} <= PUBLIC_PATHS
+    assert not [p for p in PUBLIC_PATHS if "{" in p]
