@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 from control_plane.cli import config, operate, publish, security, serve, sim, webhook
 from control_plane.cli.common import CliError
-from control_plane.errors import SettingsError
+from control_plane.errors import ConfigError
 from control_plane.security import redact
 
 Command = Callable[[argparse.Namespace], int]
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"modelfleet: error: {exc}", file=sys.stderr)
         return exc.code
-    except SettingsError as exc:
+    except ConfigError as exc:  # settings, a backup refused, ...: the input, named
         print(f"modelfleet: error: {exc}", file=sys.stderr)
         return 2
 

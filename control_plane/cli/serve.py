@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sqlite3
 from pathlib import Path
 
 from control_plane.cli.common import CliError
@@ -212,56 +211,30 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sqlite_path(cfg: ServerConfig) -> Path:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(cfg.database_url)
-    if not url.drivername.startswith("sqlite") or not url.database:
-        raise CliError(
-            "db backup/restore handle SQLite; for PostgreSQL use pg_dump / pg_restore "
-            "(see README, Operations)"
-        )
-    return Path(url.database)
-
-
 def cmd_db_backup(args: argparse.Namespace) -> int:
     """Copy the live SQLite database with its online backup API (consistent while serving)."""
-    src = _sqlite_path(_db_config(args))
-    if not src.is_file():
-        raise CliError(f"no database at {src}")
-    if args.out.exists():
-        raise CliError(f"{args.out} exists; choose a new file")
-    with sqlite3.connect(src) as source, sqlite3.connect(args.out) as dest:
-        source.backup(dest)
-    args.out.chmod(0o600)
+    from control_plane.db.backup import backup, sqlite_path
+
+    src = sqlite_path(_db_config(args).database_url)
+    backup(src, args.out)
     print(f"backed up {src} to {args.out}")
     return 0
 
 
 def cmd_db_restore(args: argparse.Namespace) -> int:
     """Replace the SQLite database with a backup (stop the server first)."""
-    dest = _sqlite_path(_db_config(args))
-    try:
-        with sqlite3.connect(f"file:{args.backup}?mode=ro", uri=True) as check:
-            tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}
-    except sqlite3.DatabaseError as exc:
-        raise CliError(f"{args.backup} is not a SQLite database: {exc}") from None
-    if "alembic_version" not in tables:
-        raise CliError(f"{args.backup} is not a modelfleet database (no alembic_version)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(args.backup) as source, sqlite3.connect(dest) as target:
-        source.backup(target)
+    from control_plane.db.backup import restore, sqlite_path
+
+    dest = sqlite_path(_db_config(args).database_url)
+    restore(args.backup, dest)
     print(f"restored {dest} from {args.backup}")
     return 0
 
 
 def cmd_mqtt_passwd(args: argparse.Namespace) -> int:
     """Every enrolled agent's broker credentials, plus the control plane's own."""
-    from sqlalchemy import select
-
-    from control_plane.db.engine import Database
-    from control_plane.db.models import Agent
-    from control_plane.mqtt.broker_auth import CONTROL_PLANE_USER, mosquitto_hash, password_file
+    from control_plane.mqtt.broker_auth import password_entries, password_file
+    from control_plane.security.files import write_private
 
     cfg = _db_config(args)
     cp_password = args.control_plane_password or os.environ.get("MODELFLEET_MQTT_PASSWORD")
@@ -270,20 +243,7 @@ def cmd_mqtt_passwd(args: argparse.Namespace) -> int:
             "the control plane's broker password is needed: "
             "--control-plane-password or MODELFLEET_MQTT_PASSWORD"
         )
-
-    async def rows() -> list[tuple[str, str]]:
-        db = Database(cfg.database_url)
-        try:
-            await db.migrate()
-            async with db.read() as s:
-                found = await s.execute(select(Agent.id, Agent.mqtt_password_hash))
-                return [(a, h) for a, h in found if h]
-        finally:
-            await db.close()
-
-    entries = [*asyncio.run(rows()), (CONTROL_PLANE_USER, mosquitto_hash(cp_password))]
-    from control_plane.security.files import write_private
-
+    entries = asyncio.run(password_entries(cfg.database_url, cp_password))
     write_private(args.out, password_file(entries).encode(), 0o600)
     print(f"wrote {args.out}: {len(entries) - 1} agents and the control plane")
     return 0

@@ -52,3 +52,21 @@ def acl_file(prefix: str = DEFAULT_PREFIX) -> str:
         f"pattern write {base}/%u/blobs/request\n"
         f"pattern read {base}/%u/blobs/response\n"
     )
+
+
+async def password_entries(database_url: str, control_plane_password: str) -> list[tuple[str, str]]:
+    """(username, hash) of every agent holding broker credentials, then the control plane's."""
+    from sqlalchemy import select  # here: the hashing above serves enrollment without them
+
+    from control_plane.db.engine import Database
+    from control_plane.db.models import Agent
+
+    db = Database(database_url)
+    try:
+        await db.migrate()
+        async with db.read() as s:
+            found = await s.execute(select(Agent.id, Agent.mqtt_password_hash))
+            agents = [(a, h) for a, h in found if h]
+    finally:
+        await db.close()
+    return [*agents, (CONTROL_PLANE_USER, mosquitto_hash(control_plane_password))]

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent
+from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent, serving
 from tests.support.broker import Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.containers import (
@@ -128,7 +128,7 @@ async def test_broker_killed_mid_rollout_the_agent_rides_it_out(
                 await eventually(lambda: load.ok > 0, 10)
                 broker.kill()  # mid-flight: reports on their way, a rollout about to start
                 await cp.rollout("2.0.0", "site=x")
-                await eventually(lambda: agent.models["iris"].version == "2.0.0", 15)
+                await eventually(lambda: serving(agent, "iris", "2.0.0"), 15)
                 await eventually(lambda: not mqtt.connected, 10)
                 await broker.start()
                 await broker.load_passwords(cp)

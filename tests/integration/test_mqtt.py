@@ -23,7 +23,7 @@ from control_plane.state import MQTT
 from protocol.desired import DesiredModel, DesiredState
 from protocol.dsse import generate_private_key
 from protocol.topics import agent_topic
-from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent
+from tests.support.agents import Load, enroll_agent, eventually, resolves_to, running_agent, serving
 from tests.support.broker import CP_PASSWORD, Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
 from tests.support.control_plane import ControlPlane, start_control_plane, stored_requests
@@ -90,7 +90,7 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
                 agent_topic(ident.agent_id, "desired", broker.prefix), genuine_gen1, qos=1
             )
         await eventually(lambda: "older" in (agent.last_error or ""), 5)
-        await eventually(lambda: agent.models["iris"].version == "2.0.0", 10)
+        await eventually(lambda: serving(agent, "iris", "2.0.0"), 10)
 
 
 def _payload(envelope: str) -> str:
@@ -182,7 +182,7 @@ async def test_broker_down_up_down_falls_back_to_http_and_loses_nothing(
                 await broker.load_passwords(cp)
                 await eventually(lambda: agent.mqtt.connected, 20)  # type: ignore[union-attr]
                 await cp.rollout("2.0.0", "site=x")
-                await eventually(lambda: agent.models["iris"].version == "2.0.0", 10)
+                await eventually(lambda: serving(agent, "iris", "2.0.0"), 10)
                 await asyncio.sleep(0.5)
                 broker.stop()
                 await eventually(lambda: not agent.mqtt.connected, 20)  # type: ignore[union-attr]
@@ -393,7 +393,7 @@ async def test_broker_restarted_during_a_rollout_loses_no_desired_state_or_repor
                 await asyncio.sleep(0.5)
                 broker.stop()  # mid-flight: reports on their way, a rollout about to start
                 await cp.rollout("2.0.0", "site=x")
-                await eventually(lambda: agent.models["iris"].version == "2.0.0", 15)
+                await eventually(lambda: serving(agent, "iris", "2.0.0"), 15)
                 await broker.start()
                 await broker.load_passwords(cp)
                 await eventually(lambda: agent.mqtt.connected, 20)  # type: ignore[union-attr]

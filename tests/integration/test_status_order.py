@@ -35,6 +35,7 @@ from tests.support.agents import (
     eventually,
     resolves_to,
     running_agent,
+    serving,
 )
 from tests.support.broker import Broker, mqtt_config
 from tests.support.bundles import Publisher, iris_bundle
@@ -340,7 +341,7 @@ async def test_status_never_regresses_through_broker_outages(
                     broker.stop()
                     if run == 0:
                         await cp.rollout("2.0.0", "site=x")
-                        await eventually(lambda: agent.models["iris"].version == "2.0.0")
+                        await eventually(lambda: serving(agent, "iris", "2.0.0"))
                     # Built now: any report stored with a later order was built after it.
                     mark = agent.status_report().to_json()
 

@@ -24,6 +24,13 @@ async def resolves_to(awaitable: Awaitable[Any], want: Any) -> bool:
     return await awaitable == want
 
 
+def serving(agent: Agent, model: str, version: str) -> bool:
+    """For ``eventually``: whether ``agent`` serves ``version`` of ``model`` (False, not a
+    KeyError, while the model is not loaded yet)."""
+    loaded = agent.models.get(model)
+    return loaded is not None and loaded.version == version
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any] | Any], within_s: float = 15.0, interval: float = 0.05
 ) -> Any:
