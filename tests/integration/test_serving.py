@@ -247,3 +247,40 @@ async def test_bundle_build_signs_the_execution_section(tmp_path: Path) -> None:
     (tmp_path / "execution.json").write_text(json.dumps({"instances": 0}))
     done = await run_cli(*build, "--execution", tmp_path / "execution.json")
     assert done.returncode != 0 and "execution.instances" in done.stderr, done.stderr
+
+
+async def test_malformed_binary_framing_is_400_naming_the_field_and_serving_goes_on(
+    cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
+) -> None:
+    async with serving(cp_sqlite, publisher, tmp_path) as agent:
+        url = f"http://127.0.0.1:{agent.serve_port}/v2/models/tile/infer"
+        x = np.ones((1, 3, 32, 32), np.float32)
+
+        def framed(size: int, shape: list[int], raw: bytes) -> tuple[bytes, int]:
+            spec = {"name": "x", "shape": shape, "datatype": "FP32"}
+            spec["parameters"] = {"binary_data_size": size}
+            head = json.dumps({"inputs": [spec]}).encode()
+            return head + raw, len(head)
+
+        good, n = framed(x.nbytes, [1, 3, 32, 32], x.tobytes())
+        cases = [
+            # (body, the header's value, a fragment the error must hold)
+            (good, len(good) + 1, "longer than the body"),
+            (good, "-4", "Inference-Header-Content-Length must be"),
+            (*framed(x.nbytes + 4, [1, 3, 32, 32], x.tobytes()), "runs past the end"),
+            (*framed(x.nbytes - 4, [1, 3, 32, 32], x.tobytes()), "add up to"),
+            (*framed(x.nbytes, [1, 3, 32, 31], x.tobytes()), "needs 11904 bytes"),
+            (good, n - 3, "not JSON"),
+        ]
+        async with aiohttp.ClientSession() as s:
+            for body, header, fragment in cases:
+                hdr = {"Inference-Header-Content-Length": str(header)}
+                async with s.post(url, data=body, headers=hdr) as r:
+                    assert r.status == 400, (fragment, await r.text())
+                    assert fragment in (await r.json())["error"], fragment
+            hdr = {"Inference-Header-Content-Length": str(n)}
+            async with s.post(url, data=good, headers=hdr) as r:
+                assert r.status == 200
+                assert np.array_equal(
+                    np.array((await r.json())["outputs"][0]["data"], np.float32), x.ravel()
+                )
