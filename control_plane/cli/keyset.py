@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from control_plane.cli.common import CliError, add_client_options, api_call, read_file
+from control_plane.security import keyset_change
 from control_plane.security.files import write_private
+from control_plane.security.keyset_change import KeySetChange, KeySetChangeError, RoleChange
 from protocol.dsse import key_id, load_private_key, load_public_key
 from protocol.exceptions import ProtocolError
 from protocol.keyset import (
     ROLES,
     KeySet,
-    Role,
     next_keyset,
     open_first,
     sign_keyset,
@@ -102,77 +103,50 @@ def _resolve_id(arg: str, members: tuple[str, ...], flag: str) -> str:
     return match[0]
 
 
-def _changed_role(
-    role: Role,
-    keys: dict[str, Ed25519PublicKey],
-    add: list[str],
-    remove: list[str],
-    threshold: int | None,
-    flags: tuple[str, str, str],
-) -> Role:
-    ids = list(role.keyids)
-    for arg in remove:
-        kid = _resolve_id(arg, tuple(ids), flags[1])
-        ids.remove(kid)
-    for arg in add:
-        pub = _public(arg, flags[0])
-        kid = key_id(pub)
-        keys[kid] = pub
-        if kid not in ids:
-            ids.append(kid)
-    t = threshold if threshold is not None else min(role.threshold, max(len(ids), 1))
-    if not ids:
-        raise CliError(f"{flags[1]}: the role would have no key left")
-    if not 1 <= t <= len(ids):
-        raise CliError(f"{flags[2]} {t}: must be between 1 and the role's {len(ids)} key(s)")
-    return Role(tuple(ids), t)
+# Each role's options: (add, remove, threshold); the control plane role has no threshold option.
+FLAGS = {
+    "root": ("--add-root", "--remove-root", "--root-threshold"),
+    "publishers": ("--add-publisher", "--revoke-publisher", "--threshold"),
+    "controlPlane": ("--add-control-plane", "--remove-control-plane", ""),
+}
+
+
+def change_of(args: argparse.Namespace, members: dict[str, tuple[str, ...]]) -> KeySetChange:
+    """The change the options ask for; keys to remove are resolved against ``members`` (each
+    role's key ids now). Raises CliError naming the option."""
+    given = {
+        "root": (args.add_root, args.remove_root, args.root_threshold),
+        "publishers": (args.add_publisher, args.revoke_publisher, args.threshold),
+        "controlPlane": (args.add_control_plane, args.remove_control_plane, None),
+    }
+    roles = {}
+    for name, (add, remove, threshold) in given.items():
+        flags = FLAGS[name]
+        roles[name] = RoleChange(
+            add=tuple(_public(a, flags[0]) for a in add),
+            remove=tuple(_resolve_id(r, members.get(name, ()), flags[1]) for r in remove),
+            threshold=threshold,
+        )
+    return KeySetChange(roles=roles, expires_days=args.expires_days)
 
 
 def next_version(current: KeySet | None, args: argparse.Namespace, signers: list) -> KeySet:
     """The key set ``args`` asks for, one version after ``current`` (None: version 1)."""
-    empty = Role((), 1)
-    roles = dict(current.roles) if current else dict.fromkeys(ROLES, empty)
-    keys: dict[str, Ed25519PublicKey] = dict(current.keys) if current else {}
-    add_roots = list(args.add_root)
-    if current is None:  # version 1: the signing root keys are the roots
-        for k in signers:
-            keys[key_id(k.public_key())] = k.public_key()
-        roles["root"] = Role(tuple(dict.fromkeys(key_id(k.public_key()) for k in signers)), 1)
-    new_roles = {
-        "root": _changed_role(
-            roles["root"],
-            keys,
-            add_roots,
-            args.remove_root,
-            args.root_threshold,
-            ("--add-root", "--remove-root", "--root-threshold"),
-        ),
-        "publishers": _changed_role(
-            roles["publishers"],
-            keys,
-            args.add_publisher,
-            args.revoke_publisher,
-            args.threshold,
-            ("--add-publisher", "--revoke-publisher", "--threshold"),
-        ),
-        "controlPlane": _changed_role(
-            roles["controlPlane"],
-            keys,
-            args.add_control_plane,
-            args.remove_control_plane,
-            None,
-            ("--add-control-plane", "--remove-control-plane", ""),
-        ),
-    }
-    used = {kid for r in new_roles.values() for kid in r.keyids}
-    if args.expires_days <= 0:
-        raise CliError("--expires-days must be > 0")
-    return KeySet(
-        version=(current.version if current else 0) + 1,
-        expires_at=datetime.now(UTC).replace(microsecond=0) + timedelta(days=args.expires_days),
-        keys={k: v for k, v in keys.items() if k in used},
-        roles=new_roles,
-    )
+    publics = [k.public_key() for k in signers]
+    if current is not None:
+        members = {name: current.roles[name].keyids for name in ROLES}
+    else:
+        members = {"root": tuple(dict.fromkeys(key_id(k) for k in publics))}
+    try:
+        return keyset_change.next_version(
+            current, change_of(args, members), publics, datetime.now(UTC)
+        )
+    except KeySetChangeError as exc:
+        flag = {"add": 0, "remove": 1, "threshold": 2}.get(exc.what)
+        where = FLAGS[exc.role][flag] if flag is not None and exc.role in FLAGS else ""
+        if exc.value is not None:
+            where = f"{where} {exc.value}"
+        raise CliError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def _describe(ks: KeySet) -> str:
