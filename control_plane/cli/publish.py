@@ -357,6 +357,21 @@ def cmd_bundle_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+
+
+async def _read_capped(resp: Any, cap: int, what: str) -> bytes:
+    """The body, refused (CliError) as soon as it passes ``cap`` bytes: a server that sends
+    more than the manifest says is not read into memory."""
+    chunks, total = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        total += len(chunk)
+        if total > cap:
+            raise CliError(f"{what}: the control plane sent more than {cap} bytes", 1)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _fetch_bundle(args: argparse.Namespace) -> tuple[bytes, str]:
     import aiohttp
 
@@ -371,14 +386,14 @@ async def _fetch_bundle(args: argparse.Namespace) -> tuple[bytes, str]:
         async with s.get(f"{server}/api/v1/manifests/{digest}") as r:
             if r.status != 200:
                 raise CliError(f"manifest {digest}: HTTP {r.status}", 1)
-            envelope = parse_envelope(await r.read())
+            envelope = parse_envelope(await _read_capped(r, MAX_ENVELOPE_BYTES, "manifest"))
         manifest = parse_manifest(envelope.payload)
         files = {}
         for f in manifest.files:
             async with s.get(f"{server}/api/v1/blobs/{f.digest}") as r:
                 if r.status != 200:
                     raise CliError(f"blob {f.digest}: HTTP {r.status}", 1)
-                data = await r.read()
+                data = await _read_capped(r, f.size, f"file {f.path!r}")
             check_file(data, f.digest, f.size, f"file {f.path!r}")
             files[f.path] = data
     buf = io.BytesIO()
