@@ -325,16 +325,17 @@ async def model_metadata(request: web.Request) -> web.Response:
         lm = table.serving(request.match_info["name"], _version(request))
     except ModelNotLoaded as exc:
         return _error(404, str(exc))
-    return web.json_response(
-        {
-            "name": lm.name,
-            "versions": [lm.version],
-            "platform": PLATFORMS.get(lm.runtime_name, lm.runtime_name),
-            "variant": lm.variant,
-            "inputs": [t.to_json() for t in lm.runtime.inputs],
-            "outputs": [t.to_json() for t in lm.runtime.outputs],
-        }
-    )
+    doc: dict[str, Any] = {
+        "name": lm.name,
+        "versions": [lm.version],
+        "platform": PLATFORMS.get(lm.runtime_name, lm.runtime_name),
+        "variant": lm.variant,
+        "inputs": [t.to_json() for t in lm.runtime.inputs],
+        "outputs": [t.to_json() for t in lm.runtime.outputs],
+    }
+    if lm.aux_files:  # what a client's pre- or post-processing must match
+        doc["files"] = [{"path": f.path, "digest": f.digest, "size": f.size} for f in lm.aux_files]
+    return web.json_response(doc)
 
 
 async def model_config(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ import numpy as np
 from agent.exceptions import InferenceInputError, UpdateError
 from agent.serving.batching import BatchPolicy
 from agent.serving.execution import ExecutionPlan
-from protocol.manifest import NUMPY_DATATYPES, ONNX_TYPES, TensorSpec
+from protocol.manifest import NUMPY_DATATYPES, ONNX_TYPES, FileEntry, TensorSpec
 
 # Open Inference Protocol datatypes to numpy.
 DTYPES: dict[str, np.dtype] = {
@@ -304,6 +304,9 @@ class LoadedModel:
     plan: ExecutionPlan = field(default_factory=ExecutionPlan)
     # The digest of the configuration it serves under (agent/update/config.py); None: none.
     config_digest: str | None = None
+    # The auxiliary files served with it (labels, tokenizer...), laid out in ``directory``.
+    aux_files: tuple[FileEntry, ...] = ()
+    directory: Path | None = None
 
     @property
     def batching(self) -> BatchPolicy | None:

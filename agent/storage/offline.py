@@ -15,7 +15,8 @@ from agent.exceptions import UpdateError
 from agent.storage.blobs import LocalStore
 from agent.storage.state import StateDir
 from agent.storage.statefile import read_json, write_json
-from protocol.bundle import read_bundle, verify_bundle
+from protocol.bundle import BundleReader
+from protocol.dsse import MANIFEST_PAYLOAD_TYPE, verify
 from protocol.exceptions import ProtocolError
 
 IMPORTED = "imported.json"
@@ -36,19 +37,30 @@ def import_bundle(state_dir: Path, bundle: Path, extra_trust: tuple[Path, ...]) 
     dirs.load_identity()  # an agent must be enrolled here: its keys decide what is trusted
     # The fleet's key set decides when there is one, as for versions the control plane names.
     trusted, threshold = dirs.publisher_trust(dirs.load_keyset(), extra_trust)
+    store = LocalStore(state_dir)
     try:
-        with bundle.open("rb") as f:
-            b = read_bundle(f)
-        verify_bundle(b, trusted, threshold)
+        # Streamed: the signature first, then each file into the store as it is hashed.
+        with bundle.open("rb") as f, BundleReader(f) as reader:
+            b = reader.head
+            verify(b.envelope, trusted, MANIFEST_PAYLOAD_TYPE, threshold)
+            for entry, chunks in reader.files():
+                if store.has_blob(entry.digest):
+                    for _ in chunks:  # checked all the same
+                        pass
+                    continue
+                part = store.partial_path(entry.digest)
+                try:
+                    with part.open("wb") as out:
+                        for chunk in chunks:
+                            out.write(chunk)
+                except ProtocolError:
+                    part.unlink(missing_ok=True)
+                    raise
+                store.commit_partial(entry.digest, entry.size)
     except OSError as exc:
         raise UpdateError(f"{bundle}: {exc.strerror}") from None
     except ProtocolError as exc:
         raise UpdateError(f"{bundle} refused: {exc}") from None
-    store = LocalStore(state_dir)
-    for f in b.manifest.files:
-        if not store.has_blob(f.digest):
-            store.partial_path(f.digest).write_bytes(b.files[f.path])
-            store.commit_partial(f.digest, f.size)
     store.save_manifest(b.manifest_digest, b.envelope.to_bytes())
     pins = imported(state_dir)
     pins[b.manifest.name] = {"version": b.manifest.version, "manifestDigest": b.manifest_digest}

@@ -102,6 +102,8 @@ class Loader:
             variant=variant.variant or "default",
             runtime_name=manifest.runtime,
             plan=plan,
+            aux_files=tuple(f for f in manifest.files if f.role == "aux"),
+            directory=directory,
         )
 
     async def _check_memory(self, m: DesiredModel, needed: int) -> None:

@@ -4,9 +4,11 @@ refusing a second version cleanly while the first keeps serving."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 from bench.devkit.models import SMOKE_INPUT, iris_reference, write_external_iris
@@ -66,8 +68,21 @@ async def test_external_data_and_labels_from_the_version_directory(
         probs = out["outputs"][0]["data"]
         assert np.allclose(probs, iris_reference(row, 4)[0], atol=1e-5)
         vdir = agent.store.version_dir(digest)
+        assert agent.serving.get("iris").directory == vdir  # type: ignore[union-attr]
         want = LABELS[int(np.argmax(iris_reference(row, 4)[0]))]
         assert post_process(probs, vdir / "labels.txt") == want
+        # The serving API names the labels file by digest: a client can check it has the same.
+        url = f"http://127.0.0.1:{agent.serve_port}/v2/models/iris"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            meta = await r.json()
+        labels = (vdir / "labels.txt").read_bytes()
+        assert meta["files"] == [
+            {
+                "path": "labels.txt",
+                "digest": "sha256:" + hashlib.sha256(labels).hexdigest(),
+                "size": len(labels),
+            }
+        ]
         # Laid out by path, each file a link to its blob: the weights are on disk once.
         weights = sorted(p.relative_to(vdir).as_posix() for p in (vdir / "weights").iterdir())
         assert weights == ["weights/core.bin", "weights/shard-0.bin", "weights/shard-1.bin"]
