@@ -287,3 +287,24 @@ def test_a_file_changed_while_building_fails_the_build(
     with pytest.raises(BuildError, match=r"labels\.txt"):
         build_bundle_file(tmp_path / "b.mfb", s, [key])
     assert not (tmp_path / "b.mfb").exists()
+
+
+def test_tflite_directory_with_labels(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert (modelfleet[tflite]) missing")
+    from bench.devkit.models import iris_tflite
+
+    d = tmp_path / "t"
+    (d / "assets").mkdir(parents=True)
+    (d / "model.tflite").write_bytes(iris_tflite())
+    (d / "assets" / "labels.txt").write_text("a\nb\nc\n")
+    model, beside = directory_sources(d)
+    spec_ = BundleSpec(
+        name="iris", version="1.0.0", runtime="tflite", model=ModelSource(path=model, beside=beside)
+    )
+    m = build_bundle_file(tmp_path / "t.mfb", spec_, [key])
+    assert {f.path: f.role for f in m.files} == {
+        "model.tflite": "model",
+        "assets/labels.txt": "aux",
+    }
+    assert m.to_json()["schemaVersion"] == 1  # nothing an older agent would misread
+    assert m.inputs[0].shape == (-1, 4)
