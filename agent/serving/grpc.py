@@ -118,16 +118,19 @@ class InferenceServicer:
     async def server_live(
         self, req: pb.ServerLiveRequest, ctx: aio.ServicerContext
     ) -> pb.ServerLiveResponse:
+        """ServerLive: the process answers."""
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(
         self, req: pb.ServerReadyRequest, ctx: aio.ServicerContext
     ) -> pb.ServerReadyResponse:
+        """ServerReady: every desired model has a version serving."""
         return pb.ServerReadyResponse(ready=self.table.ready())
 
     async def model_ready(
         self, req: pb.ModelReadyRequest, ctx: aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        """ModelReady: the model (at that version, when one is named) is serving."""
         lm = self.table.get(req.name)
         ok = lm is not None and req.version in ("", lm.version)
         return pb.ModelReadyResponse(ready=ok)
@@ -135,11 +138,13 @@ class InferenceServicer:
     async def server_metadata(
         self, req: pb.ServerMetadataRequest, ctx: aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        """ServerMetadata: the server's name and version."""
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
 
     async def model_metadata(
         self, req: pb.ModelMetadataRequest, ctx: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        """ModelMetadata: the serving version's inputs and outputs; NOT_FOUND else."""
         try:
             grpc_tensors.check_name("name", req.name)
             lm = self.table.serving(req.name, req.version[:MAX_NAME] or None)
@@ -158,6 +163,7 @@ class InferenceServicer:
     async def model_infer(
         self, req: pb.ModelInferRequest, ctx: aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        """ModelInfer through the serving table; refusals as the STATUS table says."""
         cfg = self.table.config
         try:
             parse = functools.partial(

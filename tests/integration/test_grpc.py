@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -392,16 +393,34 @@ async def test_grpc_off_without_the_extra_or_a_free_port(
 async def test_stopping_the_agent_drains_calls_in_flight(
     cp_sqlite: ControlPlane, publisher: Publisher, tmp_path: Path
 ) -> None:
+    entered = threading.Event()
     async with serving(cp_sqlite, publisher, tmp_path) as agent:
-        agent.serving.reconfigure(replace(agent.config, added_latency_s=0.8))
-        in_flight = asyncio.create_task(raw_infer(agent, iris_request(id="late")))
-        await asyncio.sleep(0.3)  # the call is in the runtime now
+        runtime: Any = agent.models["iris"].runtime
+        run = runtime.run
+
+        def slow_run(feeds: Any) -> Any:
+            entered.set()
+            time.sleep(1.0)  # in the worker thread: the call is in flight
+            return run(feeds)
+
+        runtime.run = slow_run
         port = agent.grpc_port
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        infer_call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        in_flight = asyncio.ensure_future(infer_call(iris_request(id="late"), timeout=20))
+        assert await asyncio.to_thread(entered.wait, 15)
     # Leaving the agent waited for the call (drain_s is 2 s) and then closed the port.
-    answer = await in_flight
+    try:
+        answer = await in_flight
+    finally:
+        await ch.close()
     assert answer.id == "late"
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary(
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch2:
+        call = ch2.unary_unary(
             "/inference.GRPCInferenceService/ServerLive",
             request_serializer=pb.ServerLiveRequest.SerializeToString,
             response_deserializer=pb.ServerLiveResponse.FromString,
