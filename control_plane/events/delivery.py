@@ -177,9 +177,11 @@ class WebhookDeliverer:
         if self.offline is not None and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             await self.offline.sweep()
-        async with self.db.write() as s:  # one transaction a pass: the pool is shared
-            await self.fan_out(s)
-            due = await self.claim(s)
+        due: list[_Claimed] = []
+        if await self._work_waiting():
+            async with self.db.write() as s:  # one transaction a pass: the pool is shared
+                await self.fan_out(s)
+                due = await self.claim(s)
         for claimed in due:
             self._per_endpoint[claimed.endpoint_id] += 1
             task = asyncio.create_task(
@@ -189,6 +191,26 @@ class WebhookDeliverer:
         if time.monotonic() - self._last_prune > 60:
             self._last_prune = time.monotonic()
             await self.prune()
+
+    async def _work_waiting(self) -> bool:
+        """Whether an event waits for fan-out or a delivery is due: two indexed reads, so an
+        idle pass never takes the write lock (SQLite has one writer)."""
+        now = self.clock()
+        async with self.db.read() as s:
+            event = await s.scalar(
+                select(OutboxEvent.id).where(OutboxEvent.dispatched.is_(False)).limit(1)
+            )
+            if event is not None:
+                return True
+            due = await s.scalar(
+                select(WebhookDelivery.id)
+                .where(
+                    WebhookDelivery.state == "pending",
+                    WebhookDelivery.next_attempt_at <= now,
+                )
+                .limit(1)
+            )
+            return due is not None
 
     async def fan_out(self, s: AsyncSession) -> int:
         """Turn undispatched events into deliveries; returns how many deliveries were made."""

@@ -93,15 +93,22 @@ class OfflineWatch:
         now = self.clock()
         cutoff = now - self.offline_after
         count = 0
-        async with self.db.write() as s:
-            agents = await s.execute(
-                select(Agent.id, Agent.name, Agent.labels, Agent.last_seen_at).where(
-                    Agent.revoked_at.is_(None),
-                    Agent.pending.is_(False),
-                    Agent.last_seen_at > self._since - timedelta(seconds=5),
-                    Agent.last_seen_at <= cutoff,
+        # Read first: most sweeps find nobody, and a read does not take the write lock.
+        async with self.db.read() as s:
+            agents = list(
+                await s.execute(
+                    select(Agent.id, Agent.name, Agent.labels, Agent.last_seen_at).where(
+                        Agent.revoked_at.is_(None),
+                        Agent.pending.is_(False),
+                        Agent.last_seen_at > self._since - timedelta(seconds=5),
+                        Agent.last_seen_at <= cutoff,
+                    )
                 )
             )
+        if not agents:
+            self._since = cutoff
+            return 0
+        async with self.db.write() as s:
             for agent_id, name, labels, seen in agents:
                 if not await mark_once(s, f"agent.offline:{agent_id}:{format_time(seen)}", now):
                     continue
