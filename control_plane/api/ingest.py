@@ -6,7 +6,7 @@ from aiohttp import web
 
 from control_plane.api.request import json_response, read_json, st
 from control_plane.api.route import Route
-from control_plane.fleet import agents as fleet
+from control_plane.fleet import reports
 from protocol.reports import metrics_from_json, status_from_json
 
 
@@ -14,7 +14,7 @@ async def post_status(request: web.Request) -> web.Response:
     """An agent's status report."""
     agent_id = request.match_info["id"]
     state = st(request)
-    body = fleet.parse_report_body(await read_json(request), agent_id)
+    body = reports.parse_report_body(await read_json(request), agent_id)
     # Stale (older than the stored status, control_plane/fleet/status_order.py): a 200 all the
     # same, so the agent does not send it again; its next report is newer.
     stored = await state.ingest.status(status_from_json(body))
@@ -25,7 +25,7 @@ async def post_metrics(request: web.Request) -> web.Response:
     """A metrics batch; stored once per (agent, seq), so retries are safe."""
     agent_id = request.match_info["id"]
     state = st(request)
-    batch = metrics_from_json(fleet.parse_report_body(await read_json(request), agent_id))
+    batch = metrics_from_json(reports.parse_report_body(await read_json(request), agent_id))
     stored = await state.ingest.metrics(batch)
     return json_response({"stored": stored, "duplicate": not stored, "seq": batch.seq})
 

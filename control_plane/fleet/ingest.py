@@ -31,7 +31,7 @@ from control_plane.db.engine import Database
 from control_plane.db.models import Agent, MetricBatch, MetricSeries, UTCDateTime
 from control_plane.errors import NotFound
 from control_plane.events.watch import note_failures
-from control_plane.fleet import agents as fleet
+from control_plane.fleet import reports
 from control_plane.fleet.status_order import StatusOrder, supersedes_stored
 from protocol.reports import MetricsBatch, StatusReport
 
@@ -89,13 +89,13 @@ def _not_found(agent_id: str) -> NotFound:
 
 
 def status_values(facts: dict[str, Any], report: StatusReport) -> dict[str, Any]:
-    """STATUS_UPDATE's parameters for one report, the values fleet.store_status sets."""
+    """STATUS_UPDATE's parameters for one report, the values reports.store_status sets."""
     order = StatusOrder.of(report)
     return {
         "b_id": report.agent_id,
-        "b_status": fleet.status_document(report),
+        "b_status": reports.status_document(report),
         "b_generation": report.generation,
-        "b_facts": fleet.merged_facts(facts, report),
+        "b_facts": reports.merged_facts(facts, report),
         "b_epoch": order.epoch,
         "b_seq": order.seq,
         "b_sent": order.sent_at,
@@ -289,8 +289,8 @@ class Ingestor:
     async def _store_one(self, report: StatusReport | MetricsBatch) -> bool:
         now = self.clock()
         if isinstance(report, StatusReport):
-            return await fleet.store_status(self.db, report, now)
-        return await fleet.store_metrics(self.db, report, now)
+            return await reports.store_status(self.db, report, now)
+        return await reports.store_metrics(self.db, report, now)
 
     async def _run(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent
-from control_plane.fleet import agents as fleet
+from control_plane.fleet import reports
 from control_plane.fleet.ingest import store_batch
 from control_plane.fleet.status_order import StatusOrder
 from control_plane.state import MQTT, STATE
@@ -152,7 +152,7 @@ async def post(cp: ControlPlane, agent_id: str, credential: str, doc: dict) -> d
 async def test_the_database_applies_the_same_rule_as_the_comparison(
     tmp_path: Path, db_url: str, publisher: Publisher
 ) -> None:
-    """Every case of the pure rule, stored through fleet.store_status and the batched ingest:
+    """Every case of the pure rule, stored through reports.store_status and the batched ingest:
     the conditional UPDATE stores exactly the reports StatusOrder.supersedes says."""
     cp = await start_control_plane(cp_config(tmp_path, db_url, publisher))
     db: Database = cp.client.app[STATE].db
@@ -175,7 +175,7 @@ async def test_the_database_applies_the_same_rule_as_the_comparison(
                 r = StatusReport(agent_id, 1, new.sent_at, (), epoch=new.epoch, seq=new.seq)
                 now = datetime.now(UTC)
                 if path == "store_status":
-                    result = await fleet.store_status(db, r, now)
+                    result = await reports.store_status(db, r, now)
                 else:
                     async with db.write() as s:
                         [result] = await store_batch(s, [r], now, db.is_sqlite)
