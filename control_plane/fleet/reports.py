@@ -147,3 +147,17 @@ def parse_report_body(body: object, agent_id: str) -> dict[str, Any]:
     if doc.get("agentId") != agent_id:
         raise Invalid("invalid", "agentId does not match the agent in the path", "agentId")
     return doc
+
+
+async def store_presence(db: Database, agent_id: str, presence: str, now: datetime) -> None:
+    """The broker's word on an agent's link ("online" or "offline"); online is also a sign of
+    life. Raises NotFound for an agent that is unknown or revoked."""
+    async with db.write() as s:
+        # Locked: the status is rewritten whole, so a status report stored between a plain
+        # read and this write would be undone (PostgreSQL; SQLite writes one at a time).
+        agent = await s.get(Agent, agent_id, with_for_update=True)
+        if agent is None or agent.revoked_at is not None:
+            raise NotFound("agent_not_found", f"no agent {agent_id}", "agentId")
+        agent.status = {**agent.status, "presence": presence}
+        if presence == "online":
+            agent.last_seen_at = now

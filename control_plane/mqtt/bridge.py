@@ -38,8 +38,9 @@ from control_plane.catalog import registry
 from control_plane.catalog.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
-from control_plane.db.models import Agent, DesiredStateRow
+from control_plane.db.models import DesiredStateRow
 from control_plane.errors import DomainError
+from control_plane.fleet import reports
 from control_plane.fleet.ingest import Ingestor
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
@@ -265,7 +266,10 @@ class MqttBridge:
             if kind == "blobs/request":
                 await self._answer(agent_id, payload, properties)
             elif kind == "presence":
-                await self._presence(agent_id, payload.decode(errors="replace"), now)
+                text = payload.decode(errors="replace")
+                if text not in ("online", "offline"):
+                    raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
+                await reports.store_presence(self.db, agent_id, text, now)
             else:
                 doc = load_json_object(payload, f"{kind} payload", self.config.max_json_bytes)
                 if doc.get("agentId") != agent_id:
@@ -352,19 +356,6 @@ class MqttBridge:
             await client.publish(
                 agent_topic(agent_id, "blobs/response", self.prefix), data, qos=1, properties=reply
             )
-
-    async def _presence(self, agent_id: str, text: str, now: datetime) -> None:
-        if text not in ("online", "offline"):
-            raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
-        async with self.db.write() as s:
-            # Locked: the status is rewritten whole, so a status report stored between a
-            # plain read and this write would be undone (PostgreSQL; SQLite writes one at once).
-            agent = await s.get(Agent, agent_id, with_for_update=True)
-            if agent is None or agent.revoked_at is not None:
-                raise ProtocolError(f"no agent {agent_id}")
-            agent.status = {**agent.status, "presence": text}
-            if text == "online":
-                agent.last_seen_at = now
 
 
 def _where(exc: BaseException) -> str:
