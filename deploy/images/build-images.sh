@@ -32,8 +32,11 @@ VERSION=$(basename "$WHEEL" | cut -d- -f2)
 
 export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}  # the legacy builder: no buildx plugin needed
 for image in control-plane agent; do
-  "$DOCKER" build --quiet --build-arg "BASE=$BASE" -f "$HERE/$image.Dockerfile" \
-    -t "modelfleet-$image:$VERSION" -t "modelfleet-$image:latest" "$CTX" >&2
+  "$DOCKER" build --quiet --build-arg "BASE=$BASE" --label "modelfleet.image=$image" \
+    -f "$HERE/$image.Dockerfile" -t "modelfleet-$image:$VERSION" -t "modelfleet-$image:latest" \
+    "$CTX" >&2
 done
+# Each build of a new wheel leaves the previous image untagged: drop ours, nobody else's.
+"$DOCKER" image prune --force --filter label=modelfleet.image >/dev/null
 echo "control_plane=modelfleet-control-plane:$VERSION"
 echo "agent=modelfleet-agent:$VERSION"
