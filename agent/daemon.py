@@ -26,7 +26,7 @@ from agent.host.facts import gather_facts
 from agent.host.failpoints import Failpoints
 from agent.host.systemd import Notifier
 from agent.keyring import KeyRing
-from agent.mqtt import MqttLink
+from agent.mqtt import MqttLink, MqttSettings
 from agent.report.buffer import MetricsBuffer
 from agent.report.metrics import MetricsRecorder
 from agent.report.outbox import MetricsOutbox
@@ -188,16 +188,19 @@ class Agent:
             self.reporter.changed()
             self.outbox.link_changed()
 
+        settings = MqttSettings(
+            url=url,
+            username=given.get("username"),
+            password=given.get("password"),
+            prefix=given.get("prefix", ""),
+            ca_file=self.config.mqtt_ca_file,
+        )
         return MqttLink(
             self.identity.agent_id,
-            url,
-            given.get("username"),
-            given.get("password"),
-            given.get("prefix", ""),
-            desired,
-            changed,
-            self.config.mqtt_ca_file,
-            self.outbox.acked,
+            settings,
+            on_desired=desired,
+            on_change=changed,
+            on_metrics_ack=self.outbox.acked,
         )
 
     # ------------------------------------------------------------------------ lifecycle

@@ -11,6 +11,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,31 +31,39 @@ REQUEST_TIMEOUT_S = 15.0
 WINDOW = 4  # chunk requests in flight at once
 
 
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and as whom an agent connects (what enrollment handed out, and the CA to trust)."""
+
+    url: str  # mqtt://host:1883 or mqtts://host:8883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    prefix: str = ""  # "" means protocol.topics.DEFAULT_PREFIX
+    ca_file: str | None = None  # mqtts: the CA that signed the broker's certificate
+
+
 class MqttLink:
     """One agent's connection to the broker."""
 
     def __init__(
         self,
         agent_id: str,
-        url: str,
-        username: str | None,
-        password: str | None,
-        prefix: str,
+        settings: MqttSettings,
+        *,
         on_desired: Callable[[bytes], Awaitable[bool]],
         on_change: Callable[[bool], None],
-        ca_file: str | None = None,
         on_metrics_ack: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
-        u = urlsplit(url)
+        u = urlsplit(settings.url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ValueError(f"broker URL must look like mqtt://host:1883, got {url!r}")
+            raise ValueError(f"broker URL must look like mqtt://host:1883, got {settings.url!r}")
         tls = u.scheme == "mqtts"
         self.host, self.port = u.hostname, u.port or (8883 if tls else 1883)
         # mqtts: verify the broker against a custom CA (or the system's).
-        self.tls = ssl.create_default_context(cafile=ca_file) if tls else None
+        self.tls = ssl.create_default_context(cafile=settings.ca_file) if tls else None
         self.agent_id = agent_id
-        self.username, self.password = username, password
-        self.prefix = prefix or DEFAULT_PREFIX
+        self.username, self.password = settings.username, settings.password
+        self.prefix = settings.prefix or DEFAULT_PREFIX
         self.on_desired = on_desired
         self.on_change = on_change
         self.on_metrics_ack = on_metrics_ack
