@@ -23,7 +23,7 @@ from protocol.fields import (
 
 # A manifest that needs nothing an older agent lacks stays at version 1, byte for byte as
 # before; one that does says so in ``requiredFeatures`` at version 2, which agents before
-# version 2 refuse outright instead of misreading (docs/adr/0014-manifest-required-features.md).
+# version 2 refuse outright instead of misreading (docs/adr/0016-manifest-required-features.md).
 SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 2
 SCHEMA_VERSIONS = (SCHEMA_VERSION, FEATURES_SCHEMA_VERSION)
