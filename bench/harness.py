@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +64,25 @@ def summary_ms(samples_s: list[float], digits: int = 2) -> dict[str, Any]:
         "p99_ms": percentile_ms(samples_s, 0.99, digits),
         "max_ms": percentile_ms(samples_s, 1.0, digits),
     }
+
+
+async def closed_loop(
+    send: Callable[[], Awaitable[object]], clients: int, seconds: float
+) -> tuple[list[float], float]:
+    """``clients`` clients each sending the next request when its answer is in, for
+    ``seconds``: every request's time (s) and the wall time (s) the clients took."""
+    end = time.monotonic() + seconds
+    times: list[float] = []
+
+    async def client() -> None:
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            await send()
+            times.append(time.perf_counter() - t0)
+
+    start = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return times, time.monotonic() - start
 
 
 def machine(**extra: Any) -> dict[str, Any]:

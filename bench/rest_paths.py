@@ -34,6 +34,7 @@ from agent.serving import oip
 from bench.devkit.models import classifier_onnx
 from bench.harness import (
     Processes,
+    closed_loop,
     create_rollout,
     machine,
     percentile_ms,
@@ -138,7 +139,6 @@ async def clients_against(url: str, clients: int, seconds: float) -> dict[str, A
         "Inference-Header-Content-Length": str(header),
         "Content-Type": "application/octet-stream",
     }
-    times: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients + 4)) as session:
 
         async def send() -> None:
@@ -149,17 +149,7 @@ async def clients_against(url: str, clients: int, seconds: float) -> dict[str, A
 
         for _ in range(clients):
             await send()
-        end = time.monotonic() + seconds
-
-        async def client() -> None:
-            while time.monotonic() < end:
-                t0 = time.perf_counter()
-                await send()
-                times.append(time.perf_counter() - t0)
-
-        start = time.monotonic()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.monotonic() - start
+        times, elapsed = await closed_loop(send, clients, seconds)
     return {
         "rps": round(len(times) / elapsed, 1),
         "p50_ms": percentile_ms(times, 0.5),

@@ -45,6 +45,7 @@ from bench.devkit.models import classifier_onnx, mlp_onnx
 from bench.harness import (
     ROOT,
     Processes,
+    closed_loop,
     create_rollout,
     free_port,
     machine,
@@ -101,21 +102,11 @@ async def measure(send: Send, seconds: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         await send()
         one.append(time.perf_counter() - t0)
-    many: list[float] = []
-    end = time.monotonic() + seconds
-
-    async def client() -> None:
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            await send()
-            many.append(time.perf_counter() - t0)
-
-    start = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    many, elapsed = await closed_loop(send, CLIENTS, seconds)
     return {
         "p50_ms": percentile_ms(one, 0.5, DIGITS),
         "p99_ms": percentile_ms(one, 0.99, DIGITS),
-        "rps_8": round(len(many) / (time.monotonic() - start), 1),
+        "rps_8": round(len(many) / elapsed, 1),
         "p99_8_ms": percentile_ms(many, 0.99, DIGITS),
     }
 
