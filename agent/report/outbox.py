@@ -52,6 +52,7 @@ class MetricsOutbox:
         self._on_counts = on_counts  # (pending, dropped) after every change
         self.in_flight: dict[int, float] = {}  # seq -> when published over MQTT, unacked
         self.pending = 0
+        self._writing: asyncio.Future[int] | None = None  # a cut window on its way to disk
 
     def reconfigure(self, config: AgentConfig) -> None:
         self.config = config
@@ -79,7 +80,11 @@ class MetricsOutbox:
             )
             return batch.to_json()
 
-        await asyncio.to_thread(self.buffer.append, make)
+        # The window has left the recorder: it must reach the disk even if this task is
+        # cancelled now (the agent stopping), or its requests are lost. A cancelled to_thread
+        # that had not started yet never runs; shielded, it does, and drain() waits for it.
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self.buffer.append, make))
+        await asyncio.shield(self._writing)
         await self._count()
 
     async def _count(self) -> None:
@@ -126,6 +131,8 @@ class MetricsOutbox:
 
     async def drain(self, within_s: float) -> None:
         """At shutdown: cut the last window and try once to send everything."""
+        if self._writing is not None:
+            await self._writing  # a window the stopped loop was writing to disk
         await self.cut()
         try:
             async with asyncio.timeout(within_s):
