@@ -7,7 +7,6 @@ inference is stopped and rolled back by its gates.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +18,16 @@ import pytest
 from protocol.desired import config_digest
 from tests.support.agents import eventually
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
-from tests.support.fleet import ONE_ROW, TWO_ROWS, Fleet, FleetAgent, Traffic, run_cli
+from tests.support.control_plane import ControlPlane, fast_control_plane
+from tests.support.fleet import (
+    ONE_ROW,
+    TWO_ROWS,
+    Fleet,
+    FleetAgent,
+    Traffic,
+    run_cli,
+    tolerant_fleet,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +45,15 @@ DEFAULTS = {"threshold": 0.5, "maxBatch": 8, "tags": {"lang": "en"}}
 
 @pytest.fixture
 async def cp(tmp_path: Path, publisher: Publisher) -> AsyncIterator[ControlPlane]:
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2,
-    )
-    plane = await start_control_plane(config)
-    try:
+    async with fast_control_plane(tmp_path, publisher) as plane:
         yield plane
-    finally:
-        await plane.client.close()
 
 
 @pytest.fixture
 async def fleet(cp: ControlPlane, tmp_path: Path) -> AsyncIterator[Fleet]:
-    # The agents' own health window tolerates errors: what stops a bad configuration in the
-    # rollout test is the rollout's gates.
-    f = Fleet(cp, tmp_path / "fleet", ("--health-max-error-rate", "1.0"))
-    (tmp_path / "fleet").mkdir()
-    try:
+    # What stops a bad configuration in the rollout test is the rollout's gates.
+    async with tolerant_fleet(cp, tmp_path / "fleet") as f:
         yield f
-    finally:
-        await f.stop()
 
 
 async def cli(cp: ControlPlane, *args: str) -> Any:

@@ -20,8 +20,13 @@ from protocol.reports import ModelStatus, StatusReport
 from protocol.timeutil import format_time, parse_time
 from tests.support.agents import eventually
 from tests.support.bundles import Publisher, iris_bundle
-from tests.support.control_plane import ControlPlane, cp_config, start_control_plane
-from tests.support.fleet import TWO_ROWS, Fleet, Traffic, run_cli
+from tests.support.control_plane import (
+    ControlPlane,
+    cp_config,
+    fast_control_plane,
+    start_control_plane,
+)
+from tests.support.fleet import TWO_ROWS, Fleet, Traffic, run_cli, tolerant_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -29,25 +34,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 async def cp(tmp_path: Path, publisher: Publisher) -> AsyncIterator[ControlPlane]:
     """A control plane whose controller looks at rollouts five times a second."""
-    config = dataclasses.replace(
-        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
-        controller_interval_s=0.2,
-    )
-    plane = await start_control_plane(config)
-    try:
+    async with fast_control_plane(tmp_path, publisher) as plane:
         yield plane
-    finally:
-        await plane.client.close()
 
 
 @pytest.fixture
 async def fleet(cp: ControlPlane, tmp_path: Path) -> AsyncIterator[Fleet]:
-    f = Fleet(cp, tmp_path / "fleet", ("--health-max-error-rate", "1.0"))
-    (tmp_path / "fleet").mkdir()
-    try:
+    async with tolerant_fleet(cp, tmp_path / "fleet") as f:
         yield f
-    finally:
-        await f.stop()
 
 
 async def rollout(cp: ControlPlane, body: dict[str, Any]) -> dict[str, Any]:

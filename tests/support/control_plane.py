@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,3 +110,17 @@ async def assert_error(
     if field:
         assert body["error"].get("field") == field
     return body
+
+
+@contextlib.asynccontextmanager
+async def fast_control_plane(tmp_path: Path, publisher: Publisher) -> AsyncIterator[ControlPlane]:
+    """A control plane on SQLite whose rollout controller looks five times a second."""
+    config = dataclasses.replace(
+        cp_config(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}", publisher),
+        controller_interval_s=0.2,
+    )
+    plane = await start_control_plane(config)
+    try:
+        yield plane
+    finally:
+        await plane.client.close()

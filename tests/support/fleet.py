@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,15 @@ class Traffic:
         assert self._task is not None
         self._stop.set()
         await self._task
+
+
+@contextlib.asynccontextmanager
+async def tolerant_fleet(cp: ControlPlane, root: Path) -> AsyncIterator[Fleet]:
+    """Agent processes whose own health window tolerates errors: what stops a bad version or
+    configuration is then the rollout's gates. Stopped on exit."""
+    root.mkdir()
+    fleet = Fleet(cp, root, ("--health-max-error-rate", "1.0"))
+    try:
+        yield fleet
+    finally:
+        await fleet.stop()
