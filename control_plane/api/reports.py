@@ -13,18 +13,16 @@ async def get_compare(request: web.Request) -> web.Response:
     """Compare where a model runs best: groups by site (or a label, agent, version), with
     merged latency percentiles, throughput, error rate and cost per million inferences."""
     state = st(request)
-    report = await reports.compare(
-        state.db, dict(request.query), state.clock(), skipped=state.controller.skipped_rows
-    )
+    query = reports.parse_report_query(request.query, state.clock())
+    report = await reports.compare(state.db, query, skipped=state.controller.skipped_rows)
     return json_response(report)
 
 
 async def get_timeseries(request: web.Request) -> web.Response:
     """Requests, errors and p95 per group per time bucket, for charts."""
     state = st(request)
-    report = await reports.timeseries(
-        state.db, dict(request.query), state.clock(), skipped=state.controller.skipped_rows
-    )
+    query = reports.parse_report_query(request.query, state.clock(), series=True)
+    report = await reports.timeseries(state.db, query, skipped=state.controller.skipped_rows)
     return json_response(report)
 
 

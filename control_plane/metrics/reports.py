@@ -12,7 +12,7 @@ counted once in the ``SkippedRows`` the caller passes (the control plane's, show
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,7 +47,7 @@ class Window:
         return max((self.end - self.start).total_seconds(), 1e-9)
 
 
-def parse_window(query: dict[str, str], now: datetime) -> Window:
+def parse_window(query: Mapping[str, str], now: datetime) -> Window:
     """``since=1h`` (default), or ``from``/``to`` RFC 3339; raises InvalidMessage."""
     if "from" in query:
         start = parse_time(query["from"], "from")
@@ -66,6 +66,41 @@ def parse_by(text: str) -> list[str]:
     if not 1 <= len(dims) <= 2 or len(set(dims)) != len(dims):
         raise InvalidMessage("by takes one or two distinct dimensions, e.g. site,version", "by")
     return dims
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportQuery:
+    """What a comparison or a time series is asked for, checked: the model, the versions (none:
+    all), the window, one or two dimensions to group by, and the bucket of a time series."""
+
+    model: str
+    versions: tuple[str, ...]
+    window: Window
+    by: tuple[str, ...]
+    bucket_s: float = 60.0
+
+
+def parse_report_query(
+    query: Mapping[str, str], now: datetime, *, series: bool = False
+) -> ReportQuery:
+    """A report's query string (``model``, ``version``, ``since`` or ``from``/``to``, ``by``,
+    and for a time series ``bucket``) as a ReportQuery; raises InvalidMessage naming the field."""
+    if not query.get("model"):
+        raise InvalidMessage("model is required", "model")
+    model = check_name(query["model"], "model")
+    window = parse_window(query, now)
+    bucket = parse_duration(query.get("bucket", "1m"), "bucket") if series else 60.0
+    if not 60 <= bucket <= 86400:
+        raise InvalidMessage("bucket must be between 1m and 1d", "bucket")
+    if window.seconds / bucket > 2000 and series:
+        raise InvalidMessage("too many buckets: widen the bucket or shorten the window", "bucket")
+    return ReportQuery(
+        model=model,
+        versions=tuple(v for v in query.get("version", "").split(",") if v),
+        window=window,
+        by=tuple(parse_by(query.get("by", "site"))),
+        bucket_s=bucket,
+    )
 
 
 def cost_per_hour(agent: Agent) -> float | None:
@@ -209,24 +244,14 @@ async def _rows(
     return _Read(list(usable(stored, mine, "reports")), agents, mine.skips)
 
 
-def _model_query(query: dict[str, str]) -> tuple[str, list[str]]:
-    model = check_name(query.get("model", ""), "model") if query.get("model") else None
-    if model is None:
-        raise InvalidMessage("model is required", "model")
-    versions = [v for v in query.get("version", "").split(",") if v]
-    return model, versions
-
-
 async def compare(
-    db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
+    db: Database, query: ReportQuery, skipped: SkippedRows | None = None
 ) -> dict[str, Any]:
     """The comparison report; raises InvalidMessage or NotFound.
 
     Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
     """
-    model, versions = _model_query(query)
-    window = parse_window(query, now)
-    by = parse_by(query.get("by", "site"))
+    model, versions, window, by = query.model, list(query.versions), query.window, query.by
     read = await _rows(db, model, versions, window, skipped)
     agents = read.agents
     groups: dict[tuple[str, ...], Group] = {}
@@ -258,20 +283,14 @@ async def compare(
 
 
 async def timeseries(
-    db: Database, query: dict[str, str], now: datetime, skipped: SkippedRows | None = None
+    db: Database, query: ReportQuery, skipped: SkippedRows | None = None
 ) -> dict[str, Any]:
     """Requests, errors and p95 per group per bucket; raises InvalidMessage or NotFound.
 
     Stored rows that cannot be merged are left out, counted in the answer and in ``skipped``.
     """
-    model, versions = _model_query(query)
-    window = parse_window(query, now)
-    by = parse_by(query.get("by", "site"))
-    bucket = parse_duration(query.get("bucket", "1m"), "bucket")
-    if not 60 <= bucket <= 86400:
-        raise InvalidMessage("bucket must be between 1m and 1d", "bucket")
-    if window.seconds / bucket > 2000:
-        raise InvalidMessage("too many buckets: widen the bucket or shorten the window", "bucket")
+    model, versions, window, by = query.model, list(query.versions), query.window, query.by
+    bucket = query.bucket_s
     read = await _rows(db, model, versions, window, skipped)
     series: dict[tuple[str, ...], dict[int, Group]] = defaultdict(dict)
     for row, sketch in read.rows:

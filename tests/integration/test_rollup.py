@@ -72,7 +72,7 @@ async def report(db: Database, by: str = "site,version") -> Any:
         "to": NOW.isoformat(),
         "by": by,
     }
-    out = await reports.compare(db, q, NOW)
+    out = await reports.compare(db, reports.parse_report_query(q, NOW))
     return [(g["key"], g["requests"], g["errors"], g["latency_ms"]) for g in out["groups"]]
 
 
@@ -88,7 +88,7 @@ async def test_rollup_keeps_counts_and_quantiles(cp: ControlPlane, publisher: Pu
         "bucket": "1h",
         "by": "site",
     }
-    before_ts = await reports.timeseries(db, ts_query, NOW)
+    before_ts = await reports.timeseries(db, reports.parse_report_query(ts_query, NOW, series=True))
     assert (await table_sizes(db))["metric_series"] == 3 * len(AGES) * 2
 
     done = await rollup(db, NOW, RETENTION)
@@ -116,7 +116,7 @@ async def test_rollup_keeps_counts_and_quantiles(cp: ControlPlane, publisher: Pu
     assert sum(r.argmax_agree for r in shadow) == 3 * len(AGES) * 3
 
     assert await report(db) == before  # same counts, same quantiles (sketches merge exactly)
-    after_ts = await reports.timeseries(db, ts_query, NOW)
+    after_ts = await reports.timeseries(db, reports.parse_report_query(ts_query, NOW, series=True))
     assert after_ts["series"] == before_ts["series"]
 
     again = await rollup(db, NOW, RETENTION)  # nothing left to move: a no-op
