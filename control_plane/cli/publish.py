@@ -19,6 +19,7 @@ from control_plane.catalog.build import (
     directory_sources,
     runtime_of,
 )
+from control_plane.catalog.sign import add_signature
 from control_plane.cli.common import (
     CliError,
     add_client_options,
@@ -29,11 +30,10 @@ from control_plane.cli.common import (
 from control_plane.errors import BuildError, Invalid
 from control_plane.fleet.config import check_schema
 from control_plane.security.files import write_private
-from protocol.bundle import BundleReader, check_file, check_files, read_bundle, write_bundle
+from protocol.bundle import BundleReader, check_file, write_bundle
 from protocol.digest import sha256_digest
 from protocol.dsse import (
     MANIFEST_PAYLOAD_TYPE,
-    Envelope,
     generate_private_key,
     key_id,
     keyring,
@@ -42,7 +42,6 @@ from protocol.dsse import (
     parse_envelope,
     private_key_to_pem,
     public_key_to_pem,
-    sign,
     verify,
 )
 from protocol.exceptions import InvalidMessage, ProtocolError
@@ -332,28 +331,18 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_sign(args: argparse.Namespace) -> int:
-    """Add a signature over the same manifest; every file's digest is checked first."""
+    """Add a signature over the same manifest; every file's digest is checked on the way."""
     try:
         key = load_private_key(read_file(args.key, "--key"))
     except ProtocolError as exc:
         raise CliError(f"--key: {exc}") from None
     try:
-        with args.bundle.open("rb") as f:
-            bundle = read_bundle(f)
-        check_files(bundle)
+        done = add_signature(args.bundle, key, args.out or args.bundle)
     except OSError as exc:
-        raise CliError(f"{args.bundle}: {exc.strerror}") from None
+        raise CliError(f"{exc.filename or args.bundle}: {exc.strerror}") from None
     except ProtocolError as exc:
         raise CliError(f"{args.bundle}: {exc}", 1) from None
-    env = bundle.envelope
-    kid = key_id(key.public_key())
-    mine = sign(env.payload_type, env.payload, [key]).signatures
-    others = tuple(s for s in env.signatures if s[0] != kid)
-    buf = io.BytesIO()
-    write_bundle(buf, Envelope(env.payload_type, env.payload, others + mine), bundle.files)
-    out = args.out or args.bundle
-    write_private(out, buf.getvalue(), 0o644)
-    print(f"wrote {out}: {len(others) + 1} signature(s), added key id {kid}")
+    print(f"wrote {done.out}: {done.signatures} signature(s), added key id {done.key_id}")
     return 0
 
 

@@ -26,6 +26,7 @@ from control_plane.catalog.build import (
     plan_bundle,
 )
 from control_plane.catalog.onnxfile import OnnxFormatError, read_onnx
+from control_plane.catalog.sign import add_signature
 from control_plane.errors import BuildError
 from protocol.bundle import BundleReader, read_bundle, verify_bundle
 from protocol.dsse import generate_private_key, keyring
@@ -308,3 +309,50 @@ def test_tflite_directory_with_labels(tmp_path: Path, key: Ed25519PrivateKey) ->
     }
     assert m.to_json()["schemaVersion"] == 1  # nothing an older agent would misread
     assert m.inputs[0].shape == (-1, 4)
+
+
+# ------------------------------------------------------------------ a second signature
+
+
+def test_a_second_signature_keeps_the_manifest_and_every_file(
+    key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    model, beside = directory_sources(external_dir(tmp_path / "m"))
+    src = tmp_path / "b.mfb"
+    build_bundle_file(src, spec(ModelSource(path=model, beside=beside)), [key])
+    second = generate_private_key()
+    out = tmp_path / "signed" / "b.mfb"
+    done = add_signature(src, second, out)
+    assert (done.out, done.signatures) == (out, 2)
+    before, after = (read_bundle(io.BytesIO(p.read_bytes())) for p in (src, out))
+    assert after.manifest_digest == before.manifest_digest
+    assert after.files == before.files
+    both = keyring([key.public_key(), second.public_key()])
+    verify_bundle(after, both, threshold=2)
+    # Signing again with the same key replaces its signature, never counts it twice.
+    assert add_signature(out, second, out).signatures == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.mfb"]  # no temp file left
+
+
+def test_a_file_changed_inside_the_bundle_is_refused_and_nothing_written(
+    key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    model, beside = directory_sources(external_dir(tmp_path / "m"))
+    src = tmp_path / "b.mfb"
+    build_bundle_file(src, spec(ModelSource(path=model, beside=beside)), [key])
+    data = bytearray(src.read_bytes())
+    at = bytes(data).index(b"versicolor")  # labels.txt's bytes, same size after the change
+    data[at : at + 10] = b"VERSICOLOR"
+    src.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatch, match=r"labels\.txt"):
+        add_signature(src, generate_private_key(), src)
+    assert src.read_bytes() == bytes(data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mfb", "m"]
+
+
+def test_signing_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mfb"
+    junk.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BundleError):
+        add_signature(junk, generate_private_key(), tmp_path / "out.mfb")
+    assert not (tmp_path / "out.mfb").exists()
