@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -173,9 +174,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _tls_options(rc)
     rc.set_defaults(func=cmd_rotate_credential)
 
-    from agent.host.install import register_install
-
-    register_install(asub)
+    p = asub.add_parser("install", help="install this agent as a systemd service (run as root)")
+    p.add_argument("--root", type=Path, default=Path("/"), help="install prefix (tests)")
+    p.add_argument("--venv", default="/opt/modelfleet/venv", help="the virtualenv, under root")
+    p.add_argument("--server", help="control plane URL")
+    p.add_argument("--token", help="enrollment token")
+    p.add_argument("--name")
+    p.add_argument("--labels", default="")
+    p.add_argument("--serve", default="127.0.0.1:8510")
+    p.add_argument("--trust-publisher", type=Path, action="append", default=[], metavar="FILE")
+    p.add_argument("--cost-per-hour", type=float)
+    p.add_argument("--gpu", action="store_true", help="add the drop-in for /dev/nvidia*")
+    p.add_argument("--no-start", action="store_true", help="write everything, start nothing")
+    p.add_argument("--uninstall", action="store_true")
+    p.add_argument("--purge", action="store_true", help="with --uninstall: state and config too")
+    p.set_defaults(func=cmd_install)
 
 
 def _tls_options(p: argparse.ArgumentParser) -> None:
@@ -316,4 +329,34 @@ def cmd_import(args: argparse.Namespace) -> int:
     except AgentError as exc:
         return _fail(str(exc))
     print(f"imported {name} {version}: the agent serves it at its next start or SIGHUP")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install, upgrade or uninstall (agent/host/install.py does the work)."""
+    from agent.host.install import InstallOptions, install, uninstall
+
+    if args.purge and not args.uninstall:
+        return _fail("--purge goes with --uninstall", 2)
+    opts = InstallOptions(
+        root=args.root,
+        venv=args.venv,
+        server=args.server,
+        token=args.token,
+        name=args.name,
+        labels=args.labels,
+        serve=args.serve,
+        trust_publisher=tuple(args.trust_publisher),
+        cost_per_hour=args.cost_per_hour,
+        gpu=args.gpu,
+        start=not args.no_start,
+    )
+    if opts.real and os.geteuid() != 0:
+        return _fail("installing to / needs root", 2)
+    try:
+        print(uninstall(opts, purge=args.purge) if args.uninstall else install(opts))
+    except (AgentError, ValueError, InvalidMessage, KeyError) as exc:
+        return _fail(str(exc))
+    except subprocess.CalledProcessError as exc:
+        return _fail(f"{' '.join(exc.cmd)} failed ({exc.returncode})")
     return 0

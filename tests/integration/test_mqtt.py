@@ -3,7 +3,6 @@ credentials and ACLs; every test uses a topic prefix of its own."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from agent.host.install import install
+from agent.host.install import InstallOptions, install
 from bench.devkit.models import iris_model
 from control_plane.mqtt.broker_auth import CONTROL_PLANE_USER
 from control_plane.state import MQTT
@@ -485,20 +484,17 @@ async def test_an_installed_agent_keeps_the_broker_credentials_enrollment_hands_
     # `agent install` enrolled through a copy of the enrollment code that dropped the MQTT
     # credentials: an installed agent never used the broker. Both now share enroll_into.
     r = await mcp.call("POST", "/enrollment-tokens", json={"labels": {"site": "x"}})
-    args = argparse.Namespace(
+    opts = InstallOptions(
         root=tmp_path / "root",
-        venv="/opt/modelfleet/venv",
         server=mcp.url,
         token=(await r.json())["token"],
         name="edge-1",
         labels="site=x",
         serve=f"127.0.0.1:{free_port()}",
-        trust_publisher=[publisher.pub_path],
-        cost_per_hour=None,
-        gpu=False,
-        no_start=True,
+        trust_publisher=(publisher.pub_path,),
+        start=False,
     )
-    summary = await asyncio.to_thread(install, args)
+    summary = await asyncio.to_thread(install, opts)
     assert summary.startswith("installed: agent")
     identity = json.loads((tmp_path / "root/var/lib/modelfleet/identity.json").read_text())
     assert identity["mqtt"]["username"] == identity["agent_id"]
