@@ -235,6 +235,23 @@ async def count(db: Database, table: Any, *where: Any) -> int:
         return await s.scalar(select(func.count()).select_from(table).where(*where)) or 0
 
 
+def rollup_row(resolution_s: int, start: datetime, agent_id: str, *, sketch: Any) -> MetricRollup:
+    """A one-request roll-up row of iris 1.0.0 holding ``sketch`` as its latency sketch."""
+    return MetricRollup(
+        resolution_s=resolution_s,
+        bucket_start=start,
+        agent_id=agent_id,
+        model="iris",
+        version="1.0.0",
+        requests=1,
+        errors=0,
+        latency_sketch=sketch,
+        shadow_count=0,
+        drift_sum=0.0,
+        argmax_agree=0,
+    )
+
+
 async def test_rollup_sets_bad_rows_aside_and_retention_goes_on(
     cp: ControlPlane, publisher: Publisher
 ) -> None:
@@ -250,36 +267,8 @@ async def test_rollup_sets_bad_rows_aside_and_retention_goes_on(
     async with db.write() as s:
         # A bad minute row where good raw rows are about to be merged, and a bad hour row
         # past retention (dropped whatever it holds).
-        s.add(
-            MetricRollup(
-                resolution_s=MINUTE,
-                bucket_start=old.replace(second=0),
-                agent_id=good["agentId"],
-                model="iris",
-                version="1.0.0",
-                requests=1,
-                errors=0,
-                latency_sketch=_huge_bin(),
-                shadow_count=0,
-                drift_sum=0.0,
-                argmax_agree=0,
-            )
-        )
-        s.add(
-            MetricRollup(
-                resolution_s=HOUR,
-                bucket_start=NOW - timedelta(days=40),
-                agent_id=bad["agentId"],
-                model="iris",
-                version="1.0.0",
-                requests=1,
-                errors=0,
-                latency_sketch=["x"],
-                shadow_count=0,
-                drift_sum=0.0,
-                argmax_agree=0,
-            )
-        )
+        s.add(rollup_row(MINUTE, old.replace(second=0), good["agentId"], sketch=_huge_bin()))
+        s.add(rollup_row(HOUR, NOW - timedelta(days=40), bad["agentId"], sketch=["x"]))
 
     done = await rollup(db, NOW, RETENTION)
     assert done["set_aside"] == planted + 1  # the bad raw rows and the bad minute row
@@ -362,21 +351,7 @@ async def test_reports_leave_bad_rows_out_and_answer_200(
     await send_metrics(cp, bad, 1, t0 + timedelta(minutes=1), requests=7)
     # A minute row too: readers go through every tier.
     async with db.write() as s:
-        s.add(
-            MetricRollup(
-                resolution_s=MINUTE,
-                bucket_start=t0.replace(second=0),
-                agent_id=bad["agentId"],
-                model="iris",
-                version="1.0.0",
-                requests=1,
-                errors=0,
-                latency_sketch=_huge_bin(),
-                shadow_count=0,
-                drift_sum=0.0,
-                argmax_agree=0,
-            )
-        )
+        s.add(rollup_row(MINUTE, t0.replace(second=0), bad["agentId"], sketch=_huge_bin()))
     window = {
         "model": "iris",
         "from": (t0 - timedelta(minutes=5)).isoformat(),
