@@ -218,8 +218,15 @@ async def test_bad_rows_and_a_broken_rollout_leave_the_other_rollouts_moving(
         row = await s.get(Rollout, broken["id"])
         assert row is not None
         row.options = {**row.options, "spec": spec}
-    await controller.tick()
-    kinds = [e["kind"] for e in (await show(cp, broken["id"]))["timeline"]]
+
+    # The controller's own loop ticks too: a tick of ours finds the rollout claimed by one
+    # that read the broken spec, so wait for the loop rather than trust a single tick.
+    async def recovered() -> list[str] | None:
+        await controller.tick()
+        kinds = [e["kind"] for e in (await show(cp, broken["id"]))["timeline"]]
+        return kinds if "recovered" in kinds else None
+
+    kinds = await eventually(recovered, 30)
     assert kinds[-2:] == ["set_aside", "recovered"], kinds
     assert (await health(cp))["setAside"]["rolloutsFailing"] == 0
 
