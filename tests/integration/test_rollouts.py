@@ -25,6 +25,7 @@ from tests.support.control_plane import (
     cp_config,
     fast_control_plane,
     start_control_plane,
+    stop_controller_loop,
 )
 from tests.support.fleet import TWO_ROWS, Fleet, Traffic, run_cli, tolerant_fleet
 
@@ -519,6 +520,7 @@ async def test_gates_that_wait_past_max_stall_end_the_rollout(
         on_failure="pause",
     )
     soaking = await waiting_on(cp, r["id"], "soak")
+    await stop_controller_loop()  # from here only the test's ticks, each on the clock it set
     moved = soaking["targets"][0]["agentId"]
     thrown_out = fleet.iris("2.0.0", "failed", "health window: error rate 1 > 0.05")
     for a in fleet.agents:

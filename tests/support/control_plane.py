@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -86,6 +87,17 @@ def cp_config(tmp_path: Path, db_url: str, publisher: Publisher) -> ServerConfig
         long_poll_recheck_s=0.5,
         rollup_interval_s=3600,  # tests that roll up call control_plane.metrics.rollup themselves
     )
+
+
+async def stop_controller_loop() -> None:
+    """Cancel the running control plane's rollout-controller loop, for a test that ticks the
+    controller itself on a clock it moves: a loop tick holding a rollout's row lock would make
+    the test's own ticks skip it (PostgreSQL's SKIP LOCKED) and decide on the clock of before."""
+    loops = [t for t in asyncio.all_tasks() if t.get_name() == "rollout-controller"]
+    assert len(loops) == 1, f"expected one rollout-controller loop, found {len(loops)}"
+    loops[0].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loops[0]
 
 
 async def stored_requests(cp: ControlPlane) -> int:
