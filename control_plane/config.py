@@ -93,6 +93,11 @@ class ServerConfig:
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 8
     webhook_retry_base_s: float = 5.0
+    # Operator commands to agents (fleet/commands.py): answers are kept this long after they
+    # arrive (expired commands as long after their expiry), and an agent has at most this
+    # many commands waiting at once.
+    command_retention_s: float = 3600.0
+    max_pending_commands: int = 8
     # GET /metrics also on this address, without authentication (None: only on the API port,
     # with a fleet:read token).
     metrics_listen: tuple[str, int] | None = None

@@ -49,11 +49,15 @@ class State:
     # Set when SIGTERM's drain begins: long-polls answer at once instead of waiting.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     polling: dict[str, int] = field(default_factory=dict)  # agent id -> long-polls waiting
+    # Operators waiting for an agent's answer, keyed by command id (fleet/commands.py): woken
+    # when this process stores the answer (HTTP or the MQTT bridge).
+    answers: DesiredNotifier = field(default_factory=DesiredNotifier)
 
     def drain(self) -> None:
         """Begin draining: every waiting long-poll answers now, new ones at once."""
         self.draining.set()
         self.notifier.wake(list(self.polling))
+        self.answers.wake_all()
 
 
 STATE = web.AppKey("state", State)

@@ -12,7 +12,7 @@ import re
 from aiohttp import web
 
 from control_plane.api.errors import ApiError, to_api
-from control_plane.api.request import PRINCIPAL, error_response, json_response, st
+from control_plane.api.request import PRINCIPAL, actor_of, error_response, json_response, st
 from control_plane.api.route import Handler
 from control_plane.api.routes import PUBLIC_PATHS
 from control_plane.errors import DatabaseBusy, DomainError
@@ -117,13 +117,7 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         return resp
     if not refused and (AUDIT_QUIET.match(request.path) or status >= 500):
         return resp  # an agent's routine report (data, not a change), or nothing changed
-    p = request.get(PRINCIPAL)
-    if isinstance(p, Operator):
-        actor = f"token:{p.token_id}:{p.name}"
-    elif isinstance(p, AgentCaller):
-        actor = f"agent:{p.agent_id}"
-    else:
-        actor = "anonymous"
+    actor = actor_of(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else None
     state = st(request)

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from control_plane.api.errors import ApiError
+from control_plane.security.auth import AgentCaller, Operator
 from control_plane.state import STATE, State
 from protocol.exceptions import InvalidMessage
 from protocol.fields import load_json_object
@@ -66,3 +67,13 @@ def query_number(request: web.Request, name: str, default: float, maximum: float
     if not 0 <= value <= maximum or value != value:
         raise InvalidMessage(f"query parameter {name} must be between 0 and {maximum}", name)
     return value
+
+
+def actor_of(request: web.Request) -> str:
+    """Who calls, as the audit log names them (never the secret)."""
+    p = request.get(PRINCIPAL)
+    if isinstance(p, Operator):
+        return f"token:{p.token_id}:{p.name}"
+    if isinstance(p, AgentCaller):
+        return f"agent:{p.agent_id}"
+    return "anonymous"

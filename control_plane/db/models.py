@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -433,3 +434,31 @@ class EventMark(Base):
     __tablename__ = "event_marks"
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AgentCommand(Base):
+    """An operator's command to one agent (protocol/commands.py) and, once it came, its answer.
+
+    ``state``: pending (not handed to the agent yet), delivered, answered, failed (the agent
+    said it could not), expired. Rows go ``command_retention_s`` after their answer or expiry.
+    """
+
+    __tablename__ = "agent_commands"
+    __table_args__ = (Index("ix_agent_commands_agent_state", "agent_id", "state"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    envelope: Mapped[str] = mapped_column(Text)  # the signed command, as sent
+    since_s: Mapped[int] = mapped_column(Integer)
+    max_bytes: Mapped[int] = mapped_column(Integer)
+    issued_by: Mapped[str] = mapped_column(String(200))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_via: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    answered_via: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    answer_digest: Mapped[str | None] = mapped_column(String(71), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(500), nullable=True)

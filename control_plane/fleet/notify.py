@@ -62,6 +62,10 @@ class DesiredNotifier:
             "desired-state notification set aside: %s: %s", printable(what, 200), printable(reason)
         )
 
+    def wake_all(self) -> None:
+        """Wake every waiter (the server drains)."""
+        self.wake(list(self._events))
+
     def wake(self, agent_ids: Iterable[str]) -> None:
         """Wake the waiters of these agents only (a change another replica made)."""
         for agent_id in agent_ids:

@@ -44,6 +44,7 @@ async def test_every_route_against_every_scope_and_agent_credentials(
     victim = await make_token(cp, ["fleet:read"])  # the DELETE route revokes this one
     victim_agent = await cp.enroll({"site": "c"})  # and the revoke route this one
     ids = {"name": "iris", "digest": digest, "id": str(uuid.uuid4()), "action": "pause"}
+    ids["cid"] = str(uuid.uuid4())  # a command id no agent has
     checked = 0
     for route in ROUTES:
         if route.auth == "none":
