@@ -95,6 +95,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds between HTTP polls while MQTT is connected (300)",
     )
     r.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export traces and metrics over OTLP/HTTP to this collector base URL (the otel "
+        "extra; also OTEL_EXPORTER_OTLP_ENDPOINT, with OTEL_SERVICE_NAME and "
+        "OTEL_RESOURCE_ATTRIBUTES)",
+    )
+    r.add_argument(
+        "--otlp-interval",
+        type=float,
+        metavar="SECONDS",
+        help="export metrics (and send finished spans) at least this often (10)",
+    )
+    r.add_argument(
         "--added-latency-ms",
         type=float,
         help="demos and tests: delay every inference this much (a slower machine)",
@@ -276,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cli = _cli_settings(args)
 
     def build() -> AgentConfig:
-        return to_config(merge(cli, _file_settings(args.config)), failpoints)
+        return to_config(merge(cli, _file_settings(args.config)), failpoints, os.environ)
 
     try:
         config = build()

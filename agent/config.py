@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.execution import Execution
+from protocol.otlp import TelemetryConfig
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,6 @@ class AgentConfig:
     serve_cert_file: str | None = None
     serve_key_file: str | None = None
     serve_client_ca_file: str | None = None
+    # OpenTelemetry: traces and metrics exported over OTLP/HTTP (None: off, nothing of
+    # OpenTelemetry imported; docs/adr/0023-opentelemetry.md).
+    telemetry: TelemetryConfig | None = None

@@ -38,6 +38,7 @@ from agent.serving.table import RolledBack, ServingTable
 from agent.storage.blobs import LocalStore
 from agent.storage.state import Identity, PersistentState, StateDir
 from agent.sync import DesiredSync
+from agent.telemetry import start as start_telemetry
 from agent.tls import client_context
 from agent.update.updater import Updater
 from protocol.keyset import KeySet
@@ -77,6 +78,8 @@ class Agent:
         self.last_error: str | None = None
         self.facts = gather_facts()
         self.metrics = MetricsRecorder(_utcnow())
+        self.telemetry = start_telemetry(config.telemetry)
+        self.telemetry.watch_inference(lambda: self.metrics.totals)
         self.serving = ServingTable(
             config=config,
             executor=self.executor,
@@ -133,6 +136,7 @@ class Agent:
             on_blob=self._downloaded_blob,
             note_error=self._note_error,
             changed=self.reporter.changed,
+            telemetry=self.telemetry,
         )
         self.sync = DesiredSync(
             config=config,
@@ -263,6 +267,7 @@ class Agent:
         await self.client.__aexit__(None, None, None)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.buffer.close()
+        await self.telemetry.aclose()
 
     async def _start_grpc(self) -> int:
         """Start the gRPC OIP server (the grpc extra, imported only now); its bound port.

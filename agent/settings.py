@@ -42,6 +42,7 @@ from agent.config import AgentConfig
 from agent.exceptions import AgentConfigError
 from protocol.exceptions import InvalidMessage
 from protocol.execution import Execution, parse_batching, parse_execution
+from protocol.otlp import telemetry_config
 
 
 def parse_rate(value: object) -> float:
@@ -158,6 +159,9 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     "serve_cert": (_string, None),
     "serve_key": (_string, None),
     "serve_client_ca": (_string, None),
+    # OTLP export (also on with the standard OTEL_EXPORTER_OTLP_ENDPOINT; protocol/otlp.py).
+    "otlp_endpoint": (_string, None),
+    "otlp_interval": (_positive(float), 10.0),
 }
 # agent.toml's [models.NAME] keys -> the manifest's execution names (protocol/execution.py).
 MODEL_KEYS = {
@@ -294,8 +298,11 @@ def _grpc(s: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentConfig:
-    """Settings to the daemon's config; raises AgentConfigError for a bad value."""
+def to_config(
+    s: Mapping[str, Any], failpoints: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+) -> AgentConfig:
+    """Settings to the daemon's config; ``env``: the standard ``OTEL_*`` variables (the
+    command line passes its environment). Raises AgentConfigError for a bad value."""
     if s["state_dir"] is None:
         raise AgentConfigError("no state directory: pass --state-dir or set state_dir")
     if bool(s["serve_cert"]) != bool(s["serve_key"]):
@@ -315,6 +322,15 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         raise AgentConfigError(str(exc)) from None
     budget = s["disk_budget_mb"]
     memory = s["memory_limit_mb"]
+    try:
+        telemetry = telemetry_config(
+            endpoint=s["otlp_endpoint"],
+            env=env or {},
+            default_service="modelfleet-agent",
+            export_interval_s=s["otlp_interval"],
+        )
+    except ValueError as exc:
+        raise AgentConfigError(str(exc)) from None
     return AgentConfig(
         state_dir=Path(s["state_dir"]),
         serve_host=host,
@@ -359,4 +375,5 @@ def to_config(s: Mapping[str, Any], failpoints: tuple[str, ...] = ()) -> AgentCo
         serve_cert_file=s["serve_cert"],
         serve_key_file=s["serve_key"],
         serve_client_ca_file=s["serve_client_ca"],
+        telemetry=telemetry,
     )

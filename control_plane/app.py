@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from control_plane.api import metrics
+from control_plane.api import metrics, tracing
 from control_plane.api.dashboard import add_ui_routes
 from control_plane.api.middleware import MIDDLEWARES
 from control_plane.api.routes import add_api_routes
@@ -37,6 +37,7 @@ from control_plane.security.files import ensure_private_dir
 from control_plane.security.keys import load_or_create_signing_key, load_trusted_publishers
 from control_plane.security.ratelimit import RateLimiter
 from control_plane.state import MQTT, STATE, Clock, State
+from control_plane.telemetry import start as start_telemetry
 
 log = logging.getLogger("modelfleet.control_plane")
 
@@ -53,8 +54,11 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
     ensure_private_dir(config.data_dir)
     key_file = config.signing_key_file or config.data_dir / "control-plane.key"
     db = Database(config.database_url, pool=PoolLimits(config.db_pool_size, config.db_wait_s))
+    telemetry = start_telemetry(config.telemetry)
     signer = DesiredSigner(
-        load_or_create_signing_key(key_file), timedelta(seconds=config.desired_ttl_s)
+        load_or_create_signing_key(key_file),
+        timedelta(seconds=config.desired_ttl_s),
+        telemetry=telemetry,
     )
     notifier = DesiredNotifier()
     state = State(
@@ -63,6 +67,7 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
         store=open_blob_store(config.blob_store_url, config.blob_dir),
         signer=signer,
         notifier=notifier,
+        telemetry=telemetry,
         trusted=load_trusted_publishers(
             config.trusted_publisher_files, config.data_dir / "trusted-publishers"
         ),
@@ -95,8 +100,9 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
             offline=OfflineWatch(db=db, clock=clock, offline_after_s=config.offline_after_s),
         ),
     )
+    traced = (tracing.tracing_middleware,) if telemetry.enabled else ()
     app = web.Application(
-        middlewares=(metrics.metrics_middleware, *MIDDLEWARES),
+        middlewares=(metrics.metrics_middleware, *traced, *MIDDLEWARES),
         client_max_size=config.max_json_bytes,
     )
     app[STATE] = state
@@ -104,6 +110,8 @@ def create_app(config: ServerConfig, clock: Clock = _utcnow) -> web.Application:
     add_api_routes(app)
     add_ui_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    if telemetry.enabled:  # after _lifecycle: the last figures are read before the pool closes
+        app.cleanup_ctx.append(tracing.telemetry_context)
     if config.metrics_listen is not None:
         # After _lifecycle: it listens once the database is migrated, and stops first.
         app.cleanup_ctx.append(metrics.MetricsListener(app, *config.metrics_listen).context)

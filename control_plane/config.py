@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.otlp import TelemetryConfig
+
 MiB = 1024 * 1024
 
 
@@ -101,6 +103,9 @@ class ServerConfig:
     # GET /metrics also on this address, without authentication (None: only on the API port,
     # with a fleet:read token).
     metrics_listen: tuple[str, int] | None = None
+    # OpenTelemetry: traces and metrics exported over OTLP/HTTP (None: off, nothing of
+    # OpenTelemetry imported; docs/adr/0023-opentelemetry.md).
+    telemetry: TelemetryConfig | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

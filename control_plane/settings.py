@@ -18,6 +18,7 @@ from typing import Any
 
 from control_plane.config import Retention, ServerConfig
 from control_plane.errors import SettingsError
+from protocol.otlp import telemetry_config
 
 # name -> (environment variable, parser, default)
 SETTINGS: dict[str, tuple[str, Any, Any]] = {
@@ -58,6 +59,9 @@ SETTINGS: dict[str, tuple[str, Any, Any]] = {
     "drain": ("MODELFLEET_DRAIN", float, 10.0),
     "webhook_allow_private": ("MODELFLEET_WEBHOOK_ALLOW_PRIVATE", lambda v: _flag(v), False),
     "metrics_listen": ("MODELFLEET_METRICS_LISTEN", lambda v: listen_address(v), None),
+    # OTLP export (also on with the standard OTEL_EXPORTER_OTLP_ENDPOINT; protocol/otlp.py).
+    "otlp_endpoint": ("MODELFLEET_OTLP_ENDPOINT", str, None),
+    "otlp_interval": ("MODELFLEET_OTLP_INTERVAL", float, 10.0),
 }
 
 
@@ -158,6 +162,8 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None
             )
         },
         "metrics_listen": _opt(args, "metrics_listen", listen_address),
+        "otlp_endpoint": getattr(args, "otlp_endpoint", None),
+        "otlp_interval": getattr(args, "otlp_interval", None),
     }
     out.update({k: v for k, v in cli.items() if v is not None})
     return out
@@ -183,9 +189,19 @@ def _parse(name: str, value: object, where: str) -> Any:
         raise SettingsError(f"{where} has a bad value: {value!r}") from None
 
 
-def server_config(args: argparse.Namespace) -> ServerConfig:
+def server_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerConfig:
     """The checked ``ServerConfig`` of ``modelfleet server``; raises SettingsError naming it."""
-    s = load_settings(args)
+    env = os.environ if env is None else env
+    s = load_settings(args, env)
+    try:
+        telemetry = telemetry_config(
+            endpoint=s["otlp_endpoint"],
+            env=env,
+            default_service="modelfleet-control-plane",
+            export_interval_s=s["otlp_interval"],
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     if not 0 < s["port"] < 65536:
         raise SettingsError(f"port must be 1-65535, got {s['port']}")
     if s["max_bundle_mb"] <= 0:
@@ -270,6 +286,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         drain_s=s["drain"],
         webhook_allow_private=s["webhook_allow_private"],
         metrics_listen=s["metrics_listen"],
+        telemetry=telemetry,
     )
 
 

@@ -24,6 +24,7 @@ from control_plane.fleet.notify import DesiredNotifier
 from control_plane.rollout.controller import RolloutController
 from control_plane.security import audit
 from control_plane.security.ratelimit import RateLimiter
+from control_plane.telemetry import OFF, Telemetry
 
 Clock = Callable[[], datetime]
 
@@ -46,6 +47,7 @@ class State:
     refusal_limiter: RateLimiter | None = None
     refusals: audit.RefusalLog | None = None
     webhooks: WebhookDeliverer | None = None  # set by create_app
+    telemetry: Telemetry = OFF  # OpenTelemetry (off unless an OTLP endpoint is configured)
     # Set when SIGTERM's drain begins: long-polls answer at once instead of waiting.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     polling: dict[str, int] = field(default_factory=dict)  # agent id -> long-polls waiting

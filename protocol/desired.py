@@ -29,6 +29,7 @@ from protocol.fields import (
 )
 from protocol.manifest import check_name, check_version
 from protocol.timeutil import format_time, parse_time
+from protocol.tracecontext import checked_traceparent
 
 # A model's merged configuration, as signed into the desired state: bounded like any message.
 MAX_CONFIG_BYTES = 64 * 1024
@@ -88,6 +89,10 @@ class DesiredModel:
     # The merged configuration of this model on this agent (None: the bundle's defaults, as
     # before configuration existed); signed with its digest, which the agent reports back.
     config: Mapping[str, Any] | None = field(default=None, hash=False)
+    # The W3C trace context of the decision that put this entry here (the control plane's
+    # desired-state span): the agent's update spans are its children. Not part of what the
+    # entry means: two entries that differ only in it are the same order.
+    traceparent: str | None = field(default=None, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -117,6 +122,8 @@ class DesiredModel:
         if self.config is not None:
             doc["config"] = dict(self.config)
             doc["configDigest"] = config_digest(self.config)
+        if self.traceparent is not None:
+            doc["traceparent"] = self.traceparent
         return doc
 
 
@@ -194,6 +201,7 @@ KNOWN_MODEL_FIELDS = (
     "shadow",
     "config",
     "configDigest",
+    "traceparent",
 )
 
 
@@ -217,6 +225,8 @@ def desired_from_json(doc: object) -> DesiredState:
                 rollback=_get_bool(md, "rollback", p),
                 shadow=_shadow(md.get("shadow"), f"{p}shadow."),
                 config=_config(md, p),
+                # Hostile even when signed: a malformed value is dropped, never a refusal.
+                traceparent=checked_traceparent(md.get("traceparent")),
                 extra=extra_fields(md, KNOWN_MODEL_FIELDS),
             )
         )

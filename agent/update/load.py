@@ -22,6 +22,7 @@ from agent.keyring import KeyRing
 from agent.serving.execution import plan_execution
 from agent.serving.runtime import LoadedModel, available_providers, load_model, run_smoke_test
 from agent.storage.blobs import LocalStore
+from agent.telemetry import OFF, Telemetry
 from agent.update.memory import memory_refusal, parse_meminfo, weight_bytes
 from agent.update.variants import choose_variant, providers_for
 from protocol.desired import DesiredModel
@@ -50,7 +51,9 @@ class Loader:
         facts: dict[str, Any],
         executor: Executor,
         held: Callable[[], set[str]] = set,
+        telemetry: Telemetry = OFF,
     ) -> None:
+        self.telemetry = telemetry  # verify and load spans, children of the activation's
         self.config = config  # allow_cuda, memory_limit_bytes: a reload replaces it
         self.store = store
         self.facts = facts
@@ -66,7 +69,8 @@ class Loader:
         envelope = await asyncio.to_thread(self.store.load_manifest, m.manifest_digest)
         if envelope is None:
             raise UpdateError(f"{m.name} {m.version} is not installed")
-        manifest = self._keyring.verified_manifest(envelope, m)
+        with self.telemetry.span("update.verify"):
+            manifest = self._keyring.verified_manifest(envelope, m)
         variant = choose_variant(manifest, self.facts)
         loop = asyncio.get_running_loop()
         overrides = self.config.model_execution
@@ -88,10 +92,13 @@ class Loader:
             raise UpdateError(str(exc)) from None
         # From the version's directory, so ONNX Runtime finds external data beside the model.
         path = directory / variant.path
-        runtime = await loop.run_in_executor(
-            self.executor, load_model, manifest.runtime, path, plan
-        )
-        await self._smoke_test(manifest, runtime, directory)
+        with self.telemetry.span(
+            "update.load", attributes={"modelfleet.variant": variant.variant or "default"}
+        ):
+            runtime = await loop.run_in_executor(
+                self.executor, load_model, manifest.runtime, path, plan
+            )
+            await self._smoke_test(manifest, runtime, directory)
         # Report the providers the sessions really got (ORT drops one that fails to start).
         plan = replace(plan, providers=getattr(runtime, "providers", ()))
         return LoadedModel(

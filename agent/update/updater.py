@@ -25,6 +25,7 @@ from agent.mqtt import MqttLink
 from agent.serving.table import RolledBack, ServingTable
 from agent.storage.blobs import LocalStore
 from agent.storage.state import PersistentState, StateDir
+from agent.telemetry import OFF, Telemetry
 from agent.update.config import config_of, configure, serving_key
 from agent.update.disk import prune_plan
 from agent.update.downgrade import downgrade_refusal
@@ -47,6 +48,15 @@ class Progress:
     reason: str | None = None
 
 
+def _about(m: DesiredModel) -> dict[str, str]:
+    """A desired version's attributes on its update spans."""
+    return {
+        "modelfleet.model": m.name,
+        "modelfleet.version": m.version,
+        "modelfleet.manifest_digest": m.manifest_digest,
+    }
+
+
 class Updater:
     """The desired versions, what became of each, and the loop that gets them serving."""
 
@@ -67,8 +77,10 @@ class Updater:
         on_blob: Callable[[], None],
         note_error: Callable[[str | None], None],
         changed: Callable[[], None],
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.dirs = dirs
         self.state: PersistentState = dirs.load_state()
         self.store = store
@@ -90,6 +102,7 @@ class Updater:
             facts=facts,
             executor=executor,
             held=serving.held_digests,
+            telemetry=telemetry,
         )
         self.fetcher = Fetcher(
             config=config,
@@ -149,6 +162,7 @@ class Updater:
         else:
             self.state.active.pop(new.name, None)
         log.error("%s %s: %s", new.name, new.version, event.reason)
+        self.telemetry.update_outcome(new.name, new.version, "rolled_back")
         self.failed[serving_key(new)] = Progress("failed", event.reason)
         self.progress[serving_key(new)] = Progress("failed", event.reason)
         self._unsaved = True
@@ -236,6 +250,8 @@ class Updater:
                 serving=running.get(m.name) == m.manifest_digest,
             )
             if reason is not None:
+                if m.serving_key not in self.failed:
+                    self.telemetry.update_outcome(m.name, m.version, "refused")
                 self.failed[m.serving_key] = Progress("refused", reason)
 
     async def reconcile(self) -> bool:
@@ -258,8 +274,12 @@ class Updater:
                     continue
                 self._set_progress(m, "loading")
                 try:
-                    await self._activate(m)
+                    with self.telemetry.span(
+                        "update.activate", parent=m.traceparent, root=True, attributes=_about(m)
+                    ):
+                        await self._activate(m)
                     self.progress.pop(m.serving_key, None)
+                    self.telemetry.update_outcome(m.name, m.version, "activated")
                     log.info("activated %s %s", m.name, m.version)
                 except UpdateError as exc:
                     self._fail(m, str(exc))
@@ -307,6 +327,7 @@ class Updater:
 
     def _fail(self, m: DesiredModel, reason: str) -> None:
         log.error("%s %s failed: %s", m.name, m.version, reason)
+        self.telemetry.update_outcome(m.name, m.version, "failed")
         self.failed[m.serving_key] = Progress("failed", reason)
         self.progress[m.serving_key] = Progress("failed", reason)
         self._changed()
@@ -314,7 +335,10 @@ class Updater:
     async def _fetch_one(self, m: DesiredModel) -> str:
         """Fetch one version: "ok", "failed" (reported, not retried) or "retry" (link trouble)."""
         try:
-            await self.fetcher.fetch(m)
+            with self.telemetry.span(
+                "update.fetch", parent=m.traceparent, root=True, attributes=_about(m)
+            ):
+                await self.fetcher.fetch(m)
             return "ok"
         except UpdateError as exc:
             self._fail(m, str(exc))

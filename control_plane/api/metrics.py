@@ -234,6 +234,12 @@ async def render(app: web.Application) -> bytes:
     return generate_latest(registry)
 
 
+async def all_families(app: web.Application) -> list[Metric]:
+    """Every family ``render`` writes, as values: what the OTLP export observes (ADR 23)."""
+    own = list(app[REQUEST_METRICS].registry.collect())
+    return own + process_families(app) + await fleet_families(app[STATE])
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     """The control plane's metrics in Prometheus text."""
     body = await render(request.app)

@@ -130,6 +130,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "needs a fleet:read token)",
     )
     p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export traces and metrics over OTLP/HTTP to this collector base URL (the "
+        "otel extra; also OTEL_EXPORTER_OTLP_ENDPOINT, with OTEL_SERVICE_NAME and "
+        "OTEL_RESOURCE_ATTRIBUTES)",
+    )
+    p.add_argument(
+        "--otlp-interval",
+        type=float,
+        metavar="SECONDS",
+        help="export metrics (and send finished spans) at least this often (10)",
+    )
+    p.add_argument(
         "--webhook-allow-private",
         action="store_true",
         default=None,

@@ -22,6 +22,7 @@ from control_plane.db.models import (
     RolloutTarget,
 )
 from control_plane.fleet.config import Layer, config_errors, effective, schema_defaults
+from control_plane.telemetry import OFF, Telemetry
 from protocol.desired import DesiredModel, DesiredState, Shadow, desired_from_json
 from protocol.labels import Selector, selector_from_json
 from protocol.timeutil import parse_time
@@ -215,12 +216,37 @@ async def candidates_for_many(
     return out
 
 
-class DesiredSigner:
-    """Signs desired-state documents with the control plane's key."""
+def traced(
+    models: tuple[DesiredModel, ...], before: tuple[DesiredModel, ...], traceparent: str | None
+) -> tuple[DesiredModel, ...]:
+    """The models with their trace context: an entry that carries one keeps it, an entry
+    unchanged since ``before`` keeps the one it had (the order, and so its trace, is the same),
+    and a new or changed entry takes ``traceparent`` (the span that signs this generation)."""
+    old = {m.name: m for m in before}
+    out = []
+    for m in models:
+        if m.traceparent is None:
+            prev = old.get(m.name)
+            kept = prev.traceparent if prev is not None and prev == m else None
+            m = replace(m, traceparent=kept or traceparent)
+        out.append(m)
+    return tuple(out)
 
-    def __init__(self, key: Ed25519PrivateKey, ttl: timedelta) -> None:
+
+class DesiredSigner:
+    """Signs desired-state documents with the control plane's key.
+
+    With telemetry on, each new generation is signed in a ``desired_state.sign`` span, a child
+    of the decision that caused it (a rollout's, or the request's), and the entries it changes
+    carry that span's ``traceparent`` to the agent (docs/adr/0023-opentelemetry.md).
+    """
+
+    def __init__(
+        self, key: Ed25519PrivateKey, ttl: timedelta, *, telemetry: Telemetry = OFF
+    ) -> None:
         self.key = key
         self.ttl = ttl
+        self.telemetry = telemetry
 
     async def refresh(self, session: AsyncSession, agent: Agent, now: datetime) -> int | None:
         """Recompute one agent's desired state; return the new generation when it changed."""
@@ -228,10 +254,16 @@ class DesiredSigner:
         return changed.get(agent.id)
 
     async def refresh_many(
-        self, session: AsyncSession, agents: list[Agent], now: datetime
+        self,
+        session: AsyncSession,
+        agents: list[Agent],
+        now: datetime,
+        *,
+        trace: Mapping[str, str | None] | None = None,
     ) -> dict[str, int]:
         """Recompute these agents' desired states together; return {agent id: new generation}
-        for those that changed."""
+        for those that changed. ``trace``: per agent, the ``traceparent`` of the decision that
+        changed it (else the current span is the parent)."""
         ids = [a.id for a in agents]
         candidates = await candidates_for_many(session, ids)
         rows: dict[str, DesiredStateRow] = {}
@@ -255,7 +287,10 @@ class DesiredSigner:
                     labels=agent.labels,
                     rollouts=applying_rollouts(mine, agent.labels),
                 )
-            generation = self._apply(session, agent.id, models, now, rows.get(agent.id))
+            parent = (trace or {}).get(agent.id)
+            generation = self._apply(
+                session, agent.id, models, now, rows.get(agent.id), parent=parent
+            )
             if generation is not None:
                 changed[agent.id] = generation
         await session.flush()
@@ -283,14 +318,26 @@ class DesiredSigner:
         now: datetime,
         row: DesiredStateRow | None,
         force: bool = False,
+        *,
+        parent: str | None = None,
     ) -> int | None:
-        if row is not None and not force and desired_from_json(row.document).models == models:
+        before = desired_from_json(row.document).models if row is not None else ()
+        if row is not None and not force and before == models:
             return None
         if row is None and not models and not force:
             return None
         generation = (row.generation if row else 0) + 1
-        state = DesiredState(agent_id, generation, now, now + self.ttl, models)
-        envelope = state.sign(self.key).to_bytes().decode()
+        with self.telemetry.span(
+            "desired_state.sign",
+            parent=parent,
+            attributes={
+                "modelfleet.agent.id": agent_id,
+                "modelfleet.desired.generation": generation,
+            },
+        ) as span:
+            models = traced(models, before, span.traceparent())
+            state = DesiredState(agent_id, generation, now, now + self.ttl, models)
+            envelope = state.sign(self.key).to_bytes().decode()
         if row is None:
             session.add(
                 DesiredStateRow(

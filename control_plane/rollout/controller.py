@@ -37,6 +37,7 @@ from control_plane.rollout.gates import Aggregate
 from control_plane.rollout.machine import Event, Observation, RolloutView, Step, Waiting, step
 from control_plane.rollout.spec import RolloutSpec, spec_from_json
 from control_plane.setaside import is_transient, reason_of
+from control_plane.telemetry import OFF, Telemetry
 from protocol.labels import selector_from_json
 from protocol.timeutil import format_time, parse_time
 
@@ -104,15 +105,53 @@ def add_events(s: AsyncSession, rollout_id: str, events: Iterable[Event], now: d
         emit(s, rollout_type(e.kind), f"rollout/{rollout_id}", data, now)
 
 
+def decision_spans(
+    telemetry: Telemetry,
+    rollout_id: str,
+    *,
+    model: str,
+    version: str,
+    events: Iterable[Event],
+    state: str,
+    moved: int = 0,
+) -> str | None:
+    """A span per decision (each timeline event: started, cohort, advanced, paused, failed,
+    rolled back...), with the rollout's id, model, version and stage; returns the last one's
+    ``traceparent``, which the desired states this decision changes carry (None when off)."""
+    traceparent = None
+    for e in events:
+        attributes: dict[str, str | int] = {
+            "modelfleet.rollout.id": rollout_id,
+            "modelfleet.rollout.model": model,
+            "modelfleet.rollout.version": version,
+            "modelfleet.rollout.decision": e.kind,
+            "modelfleet.rollout.state": state,
+            "modelfleet.rollout.reason": e.reason,
+            "modelfleet.rollout.agents_moved": moved,
+        }
+        if e.stage is not None:
+            attributes["modelfleet.rollout.stage"] = e.stage + 1
+        with telemetry.span(f"rollout.{e.kind}", attributes=attributes) as span:
+            traceparent = span.traceparent()
+    return traceparent
+
+
 async def refresh_agents(
-    s: AsyncSession, signer: DesiredSigner, agent_ids: Iterable[str], now: datetime
+    s: AsyncSession,
+    signer: DesiredSigner,
+    agent_ids: Iterable[str],
+    now: datetime,
+    *,
+    trace: dict[str, str | None] | None = None,
 ) -> list[str]:
-    """Recompute the desired state of these agents; return those whose generation moved."""
+    """Recompute the desired state of these agents; return those whose generation moved.
+
+    ``trace``: per agent, the ``traceparent`` of the decision that changed it."""
     ids = sorted(set(agent_ids))
     agents: list[Agent] = []
     for i in range(0, len(ids), 500):
         agents += list(await s.scalars(select(Agent).where(Agent.id.in_(ids[i : i + 500]))))
-    return sorted(await signer.refresh_many(s, agents, now))
+    return sorted(await signer.refresh_many(s, agents, now, trace=trace))
 
 
 async def _aggregate(
@@ -164,8 +203,15 @@ async def advance(
     mv: ModelVersion,
     now: datetime,
     skipped: SkippedRows | None = None,
+    *,
+    telemetry: Telemetry = OFF,
+    trace: dict[str, str | None] | None = None,
 ) -> tuple[RolloutView, set[str]]:
-    """Run the machine on one locked rollout; return its new view and the agents to refresh."""
+    """Run the machine on one locked rollout; return its new view and the agents to refresh.
+
+    Each decision is a span (``decision_spans``); ``trace`` is filled with, per agent to
+    refresh, the ``traceparent`` of the decision that concerns it."""
+    trace = {} if trace is None else trace
     view = view_of(r)
     spec: RolloutSpec = view.spec
     # Pending (not approved) and revoked agents take no part in rollouts.
@@ -180,6 +226,7 @@ async def advance(
     window = parse_cron(spec.maintenance_window) if spec.maintenance_window else None
     touched: set[str] = set()
     waiting: Waiting | None = None
+    ending: str | None = None  # the decision that completed or rolled the rollout back
     desired = await s.execute(select(DesiredStateRow.agent_id, DesiredStateRow.generation))
     generations = {agent_id: generation for agent_id, generation in desired}
 
@@ -232,6 +279,18 @@ async def advance(
         )
         st: Step = step(view, obs)
         waiting = st.waiting
+        decided = decision_spans(
+            telemetry,
+            r.id,
+            model=model,
+            version=spec.version,
+            events=st.events,
+            state=st.view.state,
+            moved=len(st.move),
+        )
+        trace.update(dict.fromkeys(st.move, decided))
+        if st.view.state != view.state and st.view.state in ("completed", "rolled_back"):
+            ending = decided  # the step that ended it, not a later idle one
         for agent_id in st.move:
             s.add(
                 RolloutTarget(
@@ -250,8 +309,10 @@ async def advance(
         view = st.view
     if view.state == "completed" and r.state != "completed":
         touched |= {a.id for a in matching}  # agents that joined late get it too
+        trace.update(dict.fromkeys((a.id for a in matching), ending))
     if view.state == "rolled_back":
         touched |= set(moved)
+        trace.update(dict.fromkeys(moved, ending))
     store_view(r, view, now)
     # What a running stage waits on, kept in the options JSON (shown by GET /rollouts/{id}),
     # with since when it has waited on that.
@@ -370,8 +431,18 @@ class RolloutController:
                 return None
             r, mv, model = found
             now = self.clock()
-            _, touched = await advance(s, r, model.name, mv, now, self.skipped_rows)
-            return await refresh_agents(s, self.signer, touched, now)
+            trace: dict[str, str | None] = {}
+            _, touched = await advance(
+                s,
+                r,
+                model.name,
+                mv,
+                now,
+                self.skipped_rows,
+                telemetry=self.signer.telemetry,
+                trace=trace,
+            )
+            return await refresh_agents(s, self.signer, touched, now, trace=trace)
 
     async def _set_aside(self, rollout_id: str, exc: Exception) -> None:
         """Record why this rollout could not advance, once per distinct reason."""

@@ -28,6 +28,7 @@ from control_plane.fleet.layers import add_rollout_layer
 from control_plane.fleet.notify import DesiredNotifier
 from control_plane.rollout.controller import (
     add_events,
+    decision_spans,
     refresh_agents,
     selector_of,
     store_view,
@@ -348,9 +349,22 @@ async def run_command(
             raise Conflict("invalid_state", str(exc)) from None
         add_events(s, r.id, st.events, now)
         store_view(r, st.view, now)
+        spec = st.view.spec
+        decided = decision_spans(
+            signer.telemetry,
+            r.id,
+            model=spec.model,
+            version=spec.version,
+            events=st.events,
+            state=st.view.state,
+        )
         if st.view.state == "rolled_back":
-            moved = await s.scalars(
-                select(RolloutTarget.agent_id).where(RolloutTarget.rollout_id == r.id)
+            moved = list(
+                await s.scalars(
+                    select(RolloutTarget.agent_id).where(RolloutTarget.rollout_id == r.id)
+                )
             )
-            changed = await refresh_agents(s, signer, list(moved), now)
+            changed = await refresh_agents(
+                s, signer, moved, now, trace=dict.fromkeys(moved, decided)
+            )
     notifier.notify(changed)

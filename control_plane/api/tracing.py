@@ -1,0 +1,87 @@
+"""OpenTelemetry at the HTTP edge: a server span per request, named by the route's pattern
+(``GET /api/v1/agents/{id}``, never the raw path), a child of the caller's ``traceparent``
+header when it sends a well-formed one; and the export of ``GET /metrics``' figures over OTLP
+each interval (docs/adr/0023-opentelemetry.md). Installed only when telemetry is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from control_plane.api.metrics import NO_ROUTE, all_families
+from control_plane.api.route import Handler
+from control_plane.state import STATE
+
+log = logging.getLogger("modelfleet.telemetry")
+
+
+def route_of(request: web.Request) -> str:
+    """The pattern of the route that matched (bounded: a span name, a metric label)."""
+    resource = request.match_info.route.resource
+    return (resource.canonical if resource is not None else None) or NO_ROUTE
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer inside a server span; its status is the answer's (5xx marks it failed)."""
+    telemetry = request.app[STATE].telemetry
+    route = route_of(request)
+    started = time.perf_counter()
+    status = 500
+    with telemetry.span(
+        f"{request.method} {route}",
+        server=True,
+        parent=request.headers.get("traceparent"),
+        attributes={"http.request.method": request.method, "http.route": route},
+    ) as span:
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            span.set("http.response.status_code", status)
+            if status >= 500:
+                span.error(f"HTTP {status}")
+            telemetry.request_served(request.method, route, status, time.perf_counter() - started)
+
+
+async def _publish_loop(app: web.Application) -> None:
+    """Hand the latest figures to the OTLP export, once per export interval."""
+    state = app[STATE]
+    assert state.config.telemetry is not None
+    while True:
+        try:
+            state.telemetry.publish(await all_families(app))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The loop's boundary: a failed read (the database went away) is retried next time;
+            # the export goes on with the figures it had.
+            log.exception("could not read the figures to export")
+        await asyncio.sleep(state.config.telemetry.export_interval_s)
+
+
+async def telemetry_context(app: web.Application) -> AsyncIterator[None]:
+    """For ``app.cleanup_ctx`` (after the database is up): export while the app runs; on exit
+    publish the figures once more, then send every span and metric left."""
+    state = app[STATE]
+    task = asyncio.create_task(_publish_loop(app), name="otlp-metrics")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:
+            state.telemetry.publish(await all_families(app))
+        except Exception:
+            # Shutdown's boundary: the last figures are lost, the spans still go out.
+            log.exception("could not read the last figures to export")
+        await state.telemetry.aclose()
