@@ -108,6 +108,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export metrics (and send finished spans) at least this often (10)",
     )
     r.add_argument(
+        "--otlp-inference-sample",
+        type=float,
+        metavar="FRACTION",
+        help="trace this fraction of inference requests, as children of a request's "
+        "traceparent header when it has one (0: none)",
+    )
+    r.add_argument(
         "--added-latency-ms",
         type=float,
         help="demos and tests: delay every inference this much (a slower machine)",

@@ -85,6 +85,7 @@ class Agent:
             executor=self.executor,
             metrics=self.metrics,
             on_rolled_back=self._rolled_back,
+            telemetry=self.telemetry,
         )
         self.counters: dict[str, float] = {
             "downloads": 0,

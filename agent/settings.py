@@ -162,6 +162,7 @@ SETTINGS: dict[str, tuple[Callable[[object], Any], Any]] = {
     # OTLP export (also on with the standard OTEL_EXPORTER_OTLP_ENDPOINT; protocol/otlp.py).
     "otlp_endpoint": (_string, None),
     "otlp_interval": (_positive(float), 10.0),
+    "otlp_inference_sample": (_fraction, 0.0),
 }
 # agent.toml's [models.NAME] keys -> the manifest's execution names (protocol/execution.py).
 MODEL_KEYS = {
@@ -328,6 +329,7 @@ def to_config(
             env=env or {},
             default_service="modelfleet-agent",
             export_interval_s=s["otlp_interval"],
+            inference_sample=s["otlp_inference_sample"],
         )
     except ValueError as exc:
         raise AgentConfigError(str(exc)) from None

@@ -242,7 +242,12 @@ async def _infer(request: web.Request, table: ServingTable, slot: _Slot) -> web.
     try:
         lm = table.serving(name, _version(request))
         oip.check_outputs(parsed, (t.name for t in lm.runtime.outputs))
-        done = await table.infer(name, parsed.feeds, version=_version(request))
+        done = await table.infer(
+            name,
+            parsed.feeds,
+            version=_version(request),
+            traceparent=request.headers.get("traceparent") if table.trace_sample else None,
+        )
         lm = done.model
         outputs = oip.select(done.outputs, parsed)
         values = oip.check_answer(outputs, max_elements=cfg.max_response_elements, request=parsed)

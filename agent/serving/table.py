@@ -32,6 +32,7 @@ from agent.serving.health import Verdict, health_verdict, rollback_reason
 from agent.serving.runtime import LoadedModel, check_feeds
 from agent.serving.shadow import score_with_shadow
 from agent.serving.stats import ServingStats
+from agent.telemetry import OFF, Telemetry
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -91,8 +92,13 @@ class ServingTable:
         executor: Executor,
         metrics: MetricsRecorder,
         on_rolled_back: Callable[[RolledBack], None],
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.config = config  # read at each request: a reload replaces it (reconfigure)
+        self.telemetry = telemetry
+        # The fraction of requests traced: 0 unless telemetry is on and asks for it, and then
+        # the only thing a request not sampled pays is this comparison.
+        self.trace_sample = config.telemetry.inference_sample if telemetry.enabled else 0.0
         self.executor = executor
         self.metrics = metrics
         self._on_rolled_back = on_rolled_back
@@ -122,6 +128,8 @@ class ServingTable:
 
     def reconfigure(self, config: AgentConfig) -> None:
         self.config = config
+        if self.telemetry.enabled and config.telemetry is not None:
+            self.trace_sample = config.telemetry.inference_sample
 
     # ------------------------------------------------------------------------ snapshots
 
@@ -207,18 +215,51 @@ class ServingTable:
         return lm
 
     async def infer(
-        self, name: str, feeds: dict[str, np.ndarray], *, version: str | None = None
+        self,
+        name: str,
+        feeds: dict[str, np.ndarray],
+        *,
+        version: str | None = None,
+        traceparent: str | None = None,
     ) -> Inference:
         """Run one request on the serving version of ``name`` (``version``: only if it is the
         one serving); ``feeds`` maps input names to decoded arrays.
 
         This is the one entry point of every protocol (REST, gRPC): the request is checked
         against the model's signature, joins the model's dynamic batch when it has one, and is
-        counted. Raises ModelNotLoaded for a model or version not serving,
-        InferenceInputError for input that does not fit the model, and the runtime's error
-        when inference fails (a KeyError from the runtime included: it is not the model's
-        absence).
+        counted; a sample of requests (``trace_sample``) is traced, as a child of the caller's
+        ``traceparent`` when it sent a well-formed one. Raises ModelNotLoaded for a model or
+        version not serving, InferenceInputError for input that does not fit the model, and
+        the runtime's error when inference fails (a KeyError from the runtime included: it is
+        not the model's absence).
         """
+        if self.trace_sample and random.random() < self.trace_sample:
+            return await self._traced(name, feeds, version, traceparent)
+        return await self._infer(name, feeds, version)
+
+    async def _traced(
+        self,
+        name: str,
+        feeds: dict[str, np.ndarray],
+        version: str | None,
+        traceparent: str | None,
+    ) -> Inference:
+        with self.telemetry.span(
+            "inference",
+            parent=traceparent,
+            root=True,
+            attributes={"modelfleet.model": name},
+        ) as span:
+            done = await self._infer(name, feeds, version)
+            span.set("modelfleet.version", done.model.version)
+            span.set("modelfleet.queue_s", done.queue_s)
+            span.set("modelfleet.compute_s", done.compute_s)
+            span.set("modelfleet.batch_size", done.batch_size)
+            return done
+
+    async def _infer(
+        self, name: str, feeds: dict[str, np.ndarray], version: str | None
+    ) -> Inference:
         lm = self.serving(name, version)
         check_feeds(lm.runtime, feeds)
         shadow = self._shadows.get(name)

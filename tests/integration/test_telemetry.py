@@ -11,6 +11,7 @@ import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from control_plane.db.engine import Database
@@ -31,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CP_SERVICE = "cp-under-test"
 
 
-def telemetry(receiver: OtlpReceiver, service: str) -> TelemetryConfig:
+def telemetry(receiver: OtlpReceiver, service: str, sample: float = 0.0) -> TelemetryConfig:
     return TelemetryConfig(
         endpoint=receiver.url,
         service_name=service,
         resource={"service.name": service},
         export_interval_s=0.2,
+        inference_sample=sample,
     )
 
 
@@ -108,10 +110,14 @@ async def test_one_trace_from_the_rollout_decision_to_the_agent_process_activati
             # The rollout's start is a decision span too, with the same attributes.
             started = receiver.by_name("rollout.started", CP_SERVICE)
             assert started and started[0].attributes["modelfleet.rollout.id"] == rollout["id"]
+
             # HTTP server spans are named by route pattern, never by the raw path.
-            http = {s.name for s in receiver.spans if s.kind == 2 and s.service == CP_SERVICE}
-            assert "GET /api/v1/agents/{id}/desired" in http, http
-            assert not any(agent.agent_id in name for name in http)
+            def http() -> set[str]:
+                return {s.name for s in receiver.spans if s.kind == 2 and s.service == CP_SERVICE}
+
+            # A long-poll's span ends (and is sent) when the poll answers.
+            await eventually(lambda: "GET /api/v1/agents/{id}/desired" in http(), 20)
+            assert not any(agent.agent_id in name for name in http())
 
             # Metrics from both: the agent's inference and update figures, the control plane's
             # requests, rollout transitions, agents by state and ingest.
@@ -243,7 +249,7 @@ async def test_a_malformed_traceparent_is_ignored_and_the_agent_still_activates(
             finally:
                 await db.close()
             async with running_agent(
-                tmp_path / "a", telemetry=telemetry(receiver, "plain-agent")
+                tmp_path / "a", telemetry=telemetry(receiver, "plain-agent", sample=1.0)
             ) as agent:
                 await eventually(lambda: serving(agent, "iris", "1.0.0"), 20)
                 assert agent.last_error is None
@@ -255,6 +261,31 @@ async def test_a_malformed_traceparent_is_ignored_and_the_agent_still_activates(
                 # A trace of its own: not a child of the garbage, nor of anything else.
                 assert span.parent_id == ""
                 assert span.trace_id != "0" * 32
+                # Every request traced (sample 1): a child of the caller's traceparent when well
+                # formed, a trace of its own when not.
+                caller = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+                for header in (caller, "00-garbage"):
+                    async with aiohttp.ClientSession() as client:
+                        url = f"http://127.0.0.1:{agent.serve_port}/v2/models/iris/infer"
+                        body = {
+                            "inputs": [
+                                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}
+                            ]
+                        }
+                        async with client.post(
+                            url, json=body, headers={"traceparent": header}
+                        ) as r:
+                            assert r.status == 200, await r.text()
+
+                def inference() -> list[SpanRecord]:
+                    found = receiver.by_name("inference", "plain-agent")
+                    return found if len(found) >= 2 else []
+
+                spans = await eventually(inference, 20)
+                child = [s for s in spans if s.trace_id == "1" * 32]
+                assert len(child) == 1 and child[0].parent_id == "2" * 16
+                assert child[0].attributes["modelfleet.version"] == "1.0.0"
+                assert any(s.parent_id == "" for s in spans)
         finally:
             await cp.client.close()
 

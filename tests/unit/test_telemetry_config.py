@@ -121,6 +121,11 @@ def test_the_agent_takes_otlp_from_its_option_or_the_environment() -> None:
     assert to_config(_agent_settings(), env=env).telemetry is not None
     with pytest.raises(AgentConfigError, match="otlp endpoint"):
         to_config(_agent_settings(otlp_endpoint="localhost:4318"))
+    url = "http://127.0.0.1:4318"
+    c = to_config(_agent_settings(otlp_endpoint=url, otlp_inference_sample=0.25))
+    assert c.telemetry is not None and c.telemetry.inference_sample == 0.25
+    with pytest.raises(AgentConfigError, match="otlp-inference-sample must be between 0 and 1"):
+        to_config(_agent_settings(otlp_endpoint=url, otlp_inference_sample=1.5))
 
 
 def test_configured_without_the_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
