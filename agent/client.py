@@ -142,6 +142,54 @@ class ControlPlaneClient:
         if have != size:
             raise TransportError(f"blob {digest}: connection ended at {have} of {size} bytes")
 
+    async def poll_commands(self, wait: float) -> list[bytes]:
+        """Long-poll for operator commands (signed envelopes, unchecked); [] when none came.
+
+        Raises TransportError (HttpStatusError for a refusal).
+        """
+        url = self._url(f"/agents/{self.agent_id}/commands")
+        try:
+            async with self.session.get(
+                url, params={"wait": str(wait)}, timeout=aiohttp.ClientTimeout(total=wait + 15)
+            ) as resp:
+                if resp.status == 204:
+                    return []
+                if resp.status != 200:
+                    raise HttpStatusError(resp.status, await resp.text(), "commands")
+                raw = await _read_capped(resp, 64 * MAX_ENVELOPE_BYTES, "commands")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransportError(f"commands: {exc!r}") from exc
+        try:
+            found = json.loads(raw).get("commands")
+        except (ValueError, AttributeError):
+            found = None
+        if not isinstance(found, list) or not all(isinstance(e, str) for e in found):
+            raise HttpStatusError(200, raw[:200].decode(errors="replace"), "commands")
+        return [e.encode() for e in found]
+
+    async def post_command_answer(self, command_id: str, data: bytes) -> None:
+        """Upload the answer to a command; raises TransportError (HttpStatusError on refusal)."""
+        url = self._url(f"/agents/{self.agent_id}/commands/{command_id}/answer")
+        try:
+            async with self.session.post(
+                url,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=aiohttp.ClientTimeout(total=120),
+            ) as resp:
+                if resp.status != 200:
+                    raise HttpStatusError(resp.status, await resp.text(), "command answer")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransportError(f"command answer: {exc!r}") from exc
+
+    async def post_command_failure(self, command_id: str, error: str) -> None:
+        """Say why a command could not be carried out; raises TransportError."""
+        await self._post(
+            f"/agents/{self.agent_id}/commands/{command_id}/failure",
+            {"error": error},
+            "command failure",
+        )
+
     def set_credential(self, credential: str) -> None:
         """Use a rotated credential from the next request on."""
         self._headers["Authorization"] = f"Bearer {credential}"

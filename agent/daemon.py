@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.client import ControlPlaneClient
+from agent.commands import CommandChannel
 from agent.config import AgentConfig
 from agent.exceptions import AgentConfigError
+from agent.host.diagnostics import LogRing
 from agent.host.facts import gather_facts
 from agent.host.failpoints import Failpoints
 from agent.host.systemd import Notifier
@@ -77,6 +79,7 @@ class Agent:
         self.executor = ThreadPoolExecutor(config.inference_threads, "modelfleet-infer")
         self.last_error: str | None = None
         self.facts = gather_facts()
+        self.ring = LogRing()  # recent log lines, redacted, for operators' commands
         self.metrics = MetricsRecorder(_utcnow())
         self.telemetry = start_telemetry(config.telemetry)
         self.telemetry.watch_inference(lambda: self.metrics.totals)
@@ -151,6 +154,18 @@ class Agent:
             on_polled=self._polled,
             changed=self.reporter.changed,
         )
+        self.commands = CommandChannel(
+            agent_id=self.identity.agent_id,
+            state_dir=config.state_dir,
+            client=self.client,
+            keyring=self.keyring,
+            mqtt=self.mqtt,
+            ring=self.ring,
+            facts=self._diagnostic_facts,
+            failures=self._failures,
+            poll_wait_s=config.poll_wait_s,
+            poll_interval_s=config.poll_interval_s,
+        )
 
     @property
     def keyset(self) -> KeySet | None:
@@ -190,6 +205,7 @@ class Agent:
 
         def changed(connected: bool) -> None:
             self.sync.link_changed()
+            self.commands.link_changed()
             self.reporter.changed()
             self.outbox.link_changed()
 
@@ -206,11 +222,13 @@ class Agent:
             on_desired=desired,
             on_change=changed,
             on_metrics_ack=self.outbox.acked,
+            on_command=lambda envelope: self.commands.receive(envelope, "mqtt"),
         )
 
     # ------------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Agent:
+        logging.getLogger().addHandler(self.ring)
         await self.client.__aenter__()
         await self.reporter.open(self.dirs)
         await self._restore()
@@ -233,6 +251,7 @@ class Agent:
             ("status", self.reporter.run()),
             ("metrics", self.outbox.run()),
             ("keyset", self.keyring.run()),
+            ("commands", self.commands.run()),
         ]
         if self.notifier.watchdog_s:
             loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_s)))
@@ -269,6 +288,7 @@ class Agent:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.buffer.close()
         await self.telemetry.aclose()
+        logging.getLogger().removeHandler(self.ring)
 
     async def _start_grpc(self) -> int:
         """Start the gRPC OIP server (the grpc extra, imported only now); its bound port.
@@ -368,6 +388,30 @@ class Agent:
         return self.serving.ready()
 
     # ------------------------------------------------------------------------ reports
+
+    def _diagnostic_facts(self) -> dict[str, Any]:
+        """What a support bundle says of the agent (no secret: the bundle redacts anyway)."""
+        return {
+            **self.facts,
+            "agentId": self.identity.agent_id,
+            "servePort": self.serve_port,
+            "generation": self.state.highest_generation,
+            "serving": [f"{lm.name} {lm.version}" for lm in self.serving.snapshot()],
+            "lastError": self.last_error,
+            "mqttConnected": self.mqtt.connected if self.mqtt is not None else None,
+            "uptimeSeconds": round(time.monotonic() - self.started, 1),
+            **self.sync.freshness(),
+        }
+
+    def _failures(self) -> list[dict[str, Any]]:
+        """The last failures: versions that failed or were refused, and the last error."""
+        out: list[dict[str, Any]] = [
+            {"model": key, "state": p.state, "reason": p.reason}
+            for key, p in self.updater.failed.items()
+        ]
+        if self.last_error:
+            out.append({"lastError": self.last_error})
+        return out
 
     def status_report(self) -> StatusReport:
         """The agent's status now, numbered after every report built before it (the

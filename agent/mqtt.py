@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from agent.client import OnChunk, partial_size
 from agent.exceptions import TransportError, UpdateError
 from protocol.backoff import Backoff
+from protocol.commands import answer_chunks, chunk_properties
 from protocol.topics import DEFAULT_PREFIX, MAX_CHUNK_BYTES, agent_topic
 
 log = logging.getLogger("modelfleet.agent.mqtt")
@@ -53,6 +54,7 @@ class MqttLink:
         on_desired: Callable[[bytes], Awaitable[bool]],
         on_change: Callable[[bool], None],
         on_metrics_ack: Callable[[int], Awaitable[None]] | None = None,
+        on_command: Callable[[bytes], None] | None = None,
     ) -> None:
         u = urlsplit(settings.url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
@@ -67,6 +69,7 @@ class MqttLink:
         self.on_desired = on_desired
         self.on_change = on_change
         self.on_metrics_ack = on_metrics_ack
+        self.on_command = on_command
         self.client: aiomqtt.Client | None = None
         self.connected = False
         self._replies: dict[bytes, asyncio.Future[tuple[bytes, dict[str, str]]]] = {}
@@ -121,12 +124,15 @@ class MqttLink:
                 await client.subscribe(self.topic("desired"), qos=1)
                 await client.subscribe(self.topic("blobs/response"), qos=1)
                 await client.subscribe(self.topic("metrics/ack"), qos=1)
+                if self.on_command is not None:
+                    await client.subscribe(self.topic("commands"), qos=1)
                 await client.publish(self.topic("presence"), b"online", qos=1, retain=True)
                 self._set(True)
                 backoff.reset()  # up again: the next outage starts from the first delay
                 log.info("MQTT connected to %s:%d", self.host, self.port)
                 response_topic = self.topic("blobs/response")
                 ack_topic = self.topic("metrics/ack")
+                command_topic = self.topic("commands")
                 async for message in client.messages:
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
@@ -135,6 +141,9 @@ class MqttLink:
                         self._reply(bytes(payload), message.properties)
                     elif str(message.topic) == ack_topic:
                         await self._metrics_ack(bytes(payload))
+                    elif str(message.topic) == command_topic:
+                        if self.on_command is not None:
+                            self.on_command(bytes(payload))  # queued: checked and carried out apart
                     else:
                         await self.on_desired(bytes(payload))
             finally:
@@ -237,6 +246,24 @@ class MqttLink:
         try:
             async with asyncio.timeout(10):
                 await client.publish(self.topic(kind), json.dumps(doc).encode(), qos=1)
+            return True
+        except (aiomqtt.MqttError, TimeoutError):
+            return False
+
+    async def publish_answer(self, command_id: str, data: bytes, error: str | None = None) -> bool:
+        """Publish the answer to a command on this agent's answer topic, in chunks of at most
+        ANSWER_CHUNK_BYTES (QoS 1); False when not connected or it failed (use HTTP then)."""
+        client = self.client
+        if client is None or not self.connected:
+            return False
+        try:
+            for chunk in answer_chunks(command_id, data, error):
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = chunk_properties(chunk)
+                async with asyncio.timeout(30):
+                    await client.publish(
+                        self.topic("commands/answer"), chunk.data, qos=1, properties=props
+                    )
             return True
         except (aiomqtt.MqttError, TimeoutError):
             return False

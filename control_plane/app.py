@@ -158,7 +158,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         from control_plane.mqtt.bridge import MqttBridge
 
         bridge = MqttBridge(
-            state.config, state.db, state.clock, store=state.store, ingest=state.ingest
+            state.config,
+            state.db,
+            state.clock,
+            store=state.store,
+            ingest=state.ingest,
+            answers=state.answers,
         )
         app[MQTT] = bridge
         state.notifier.listeners.append(bridge.notify)

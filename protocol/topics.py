@@ -8,7 +8,8 @@ from protocol.exceptions import InvalidMessage
 DEFAULT_PREFIX = "modelfleet/v1"
 SHARED_GROUP = "modelfleet"
 # metrics/ack: the control plane's word that a metrics batch (by seq) is stored, so the agent
-# may forget it; a broker's PUBACK only says the broker has it.
+# may forget it; a broker's PUBACK only says the broker has it. commands: signed operator
+# commands to the agent (protocol/commands.py); commands/answer: its answers, in chunks.
 AGENT_KINDS = (
     "desired",
     "status",
@@ -17,6 +18,8 @@ AGENT_KINDS = (
     "presence",
     "blobs/request",
     "blobs/response",
+    "commands",
+    "commands/answer",
 )
 # Bundles over MQTT: chunks of at most this many bytes answer one request each.
 MAX_CHUNK_BYTES = 128 * 1024
@@ -32,6 +35,11 @@ def agent_topic(agent_id: str, kind: str, prefix: str = DEFAULT_PREFIX) -> str:
 def shared_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
     """A shared subscription over every agent's ``kind`` topic, so replicas split the load."""
     return f"$share/{SHARED_GROUP}/{prefix}/agents/+/{kind}"
+
+
+def every_agent_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Every agent's ``kind`` topic, for each subscriber (not shared among replicas)."""
+    return f"{prefix}/agents/+/{kind}"
 
 
 def parse_agent_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:

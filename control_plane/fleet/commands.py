@@ -30,7 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, AgentCommand
 from control_plane.errors import Conflict, Forbidden, NotFound, TooLarge
-from protocol.commands import KINDS, MAX_ANSWER_BYTES, MAX_SINCE_S, MAX_TTL, Command
+from protocol.commands import (
+    KINDS,
+    MAX_ANSWER_BYTES,
+    MAX_ERROR_CHARS,
+    MAX_SINCE_S,
+    MAX_TTL,
+    Command,
+)
 from protocol.digest import sha256_digest
 from protocol.exceptions import InvalidMessage
 from protocol.fields import check_plain, get_int, req_str
@@ -41,7 +48,6 @@ DONE = ("answered", "failed")
 MIN_TTL_S = 10
 DEFAULT_TTL_S = 300
 DEFAULT_MAX_BYTES = 1024 * 1024
-MAX_ERROR_CHARS = 500
 VIAS = ("http", "mqtt")
 
 
@@ -295,6 +301,49 @@ async def take_pending(
             row.state, row.delivered_at, row.delivered_via = "delivered", now, via
             out.setdefault(row.agent_id, []).append(row.envelope)
         return out
+
+
+async def waiting_envelopes(
+    db: Database, agent_ids: list[str], now: datetime
+) -> list[tuple[str, str, str]]:
+    """(command id, agent id, signed envelope) of the commands not yet handed over to these
+    agents, oldest first; nothing is marked (see :func:`mark_delivered`)."""
+    if not agent_ids:
+        return []
+    async with db.read() as s:
+        rows = await s.execute(
+            select(AgentCommand.id, AgentCommand.agent_id, AgentCommand.envelope)
+            .where(
+                AgentCommand.agent_id.in_(agent_ids),
+                AgentCommand.state == "pending",
+                AgentCommand.expires_at > now,
+            )
+            .order_by(AgentCommand.issued_at)
+        )
+        return [(cid, aid, env) for cid, aid, env in rows]
+
+
+async def mark_delivered(db: Database, command_ids: list[str], now: datetime, via: str) -> int:
+    """Mark these commands handed over by ``via`` where they still wait, for agents the broker
+    says are online (an agent that is not on MQTT collects them by HTTP); how many."""
+    assert via in VIAS
+    if not command_ids:
+        return 0
+    async with db.write() as s:
+        rows = list(
+            await s.execute(
+                select(AgentCommand, Agent.status)
+                .join(Agent, Agent.id == AgentCommand.agent_id)
+                .where(AgentCommand.id.in_(command_ids), AgentCommand.state == "pending")
+            )
+        )
+        marked = 0
+        for row, status in rows:
+            if via == "mqtt" and (status or {}).get("presence") != "online":
+                continue
+            row.state, row.delivered_at, row.delivered_via = "delivered", now, via
+            marked += 1
+        return marked
 
 
 async def agents_with_pending(db: Database, now: datetime) -> list[str]:

@@ -26,6 +26,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -38,21 +39,43 @@ from control_plane.catalog import registry
 from control_plane.catalog.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
-from control_plane.db.models import DesiredStateRow
+from control_plane.db.models import Agent, DesiredStateRow
 from control_plane.errors import DomainError
-from control_plane.fleet import reports
+from control_plane.fleet import commands, reports
 from control_plane.fleet.ingest import Ingestor
+from control_plane.fleet.notify import DesiredNotifier
+from control_plane.security import audit
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
+from protocol.commands import MAX_ANSWER_BYTES, MAX_TTL, AnswerAssembly, parse_answer_chunk
 from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
 from protocol.fields import load_json_object
 from protocol.reports import metrics_from_json, status_from_json
-from protocol.topics import MAX_CHUNK_BYTES, agent_topic, parse_agent_topic, shared_filter
+from protocol.topics import (
+    MAX_CHUNK_BYTES,
+    agent_topic,
+    every_agent_filter,
+    parse_agent_topic,
+    shared_filter,
+)
 
 log = logging.getLogger("modelfleet.control_plane.mqtt")
 SESSION_EXPIRY_S = 24 * 3600
 MAX_IN_FLIGHT = 2000
+# Answers being reassembled from their chunks: at most this many, of at most this many bytes
+# together (declared sizes); past either, a new answer is set aside until room is made.
+MAX_ASSEMBLIES = 64
+MAX_ASSEMBLY_BYTES = 8 * MAX_ANSWER_BYTES
+
+
+@dataclass
+class _Assembly:
+    """An answer being put together, whose is it and when it is given up."""
+
+    parts: AnswerAssembly
+    size: int
+    until: datetime
 
 
 def broker_address(url: str) -> tuple[str, int, bool]:
@@ -84,6 +107,7 @@ class MqttBridge:
         *,
         store: BlobStore | None = None,
         ingest: Ingestor | None = None,
+        answers: DesiredNotifier | None = None,
     ) -> None:
         assert config.mqtt_url
         self.config = config
@@ -99,16 +123,27 @@ class MqttBridge:
         self.prefix = config.mqtt_prefix
         self.identifier = f"modelfleet-cp-{socket.gethostname()}-{config.port}"
         self.pending: asyncio.Queue[str] = asyncio.Queue()
+        self.commands_pending: asyncio.Queue[str] = asyncio.Queue()  # agents with commands
+        self.answers = answers  # woken with a command id when its answer is stored
+        self.assemblies: dict[tuple[str, str], _Assembly] = {}
+        self.answers_stored = 0
         self.connected = asyncio.Event()
         self.malformed = 0
         self.redelivery = 0
-        self.stored = {"status": 0, "metrics": 0, "presence": 0, "blobs/request": 0}
+        self.stored = {
+            "status": 0,
+            "metrics": 0,
+            "presence": 0,
+            "blobs/request": 0,
+            "commands/answer": 0,
+        }
         self._tracebacks = SeenOnce(100)  # one traceback per kind of unexpected failure
 
     def notify(self, agent_ids: list[str]) -> None:
-        """Desired state changed for these agents: publish it."""
+        """Desired state changed for these agents, or a command waits for them: publish it."""
         for agent_id in agent_ids:
             self.pending.put_nowait(agent_id)
+            self.commands_pending.put_nowait(agent_id)
 
     async def run(self) -> None:
         """Connect, subscribe, publish and consume; reconnect with jittered back-off.
@@ -151,11 +186,17 @@ class MqttBridge:
             client._client.manual_ack_set(True)
             for kind in ("status", "metrics", "presence", "blobs/request"):
                 await client.subscribe(shared_filter(kind, self.prefix), qos=1)
+            # Not shared: the chunks of one answer must meet in one replica, so each replica
+            # takes them all and the first to store an answer wins (ADR 22).
+            await client.subscribe(every_agent_filter("commands/answer", self.prefix), qos=1)
             self.connected.set()
             backoff.reset()  # up again: the next outage starts from the first delay
             log.info("MQTT connected to %s:%d", self.host, self.port)
             await self._publish_all(client)
             publisher = asyncio.create_task(self._publisher(client), name="mqtt-publisher")
+            command_publisher = asyncio.create_task(
+                self._command_publisher(client), name="mqtt-command-publisher"
+            )
             try:
                 async for message in client.messages:
                     await self._in_flight.acquire()
@@ -170,7 +211,7 @@ class MqttBridge:
                     task.add_done_callback(self._handler_done)
             finally:
                 publisher.cancel()
-                handlers = [publisher, *self._handlers]
+                handlers = [publisher, command_publisher, *self._handlers]
                 for t in handlers:
                     t.cancel()
                 await asyncio.gather(*handlers, return_exceptions=True)
@@ -219,6 +260,28 @@ class MqttBridge:
             ids = list(await s.scalars(select(DesiredStateRow.agent_id)))
         for agent_id in ids:
             self.pending.put_nowait(agent_id)
+        for agent_id in await commands.agents_with_pending(self.db, self.clock()):
+            self.commands_pending.put_nowait(agent_id)
+
+    async def _command_publisher(self, client: aiomqtt.Client) -> None:
+        """Publish the commands waiting for agents on their own topics (QoS 1, not retained:
+        a command is for now, and expires); those the broker says are online are handed over."""
+        while True:
+            batch = {await self.commands_pending.get()}
+            while not self.commands_pending.empty() and len(batch) < 500:
+                batch.add(self.commands_pending.get_nowait())
+            now = self.clock()
+            found = await commands.waiting_envelopes(self.db, sorted(batch), now)
+            for i, (_, agent_id, envelope) in enumerate(found):
+                try:
+                    await client.publish(
+                        agent_topic(agent_id, "commands", self.prefix), envelope.encode(), qos=1
+                    )
+                except aiomqtt.MqttError:
+                    for _, again, _ in found[i:]:  # sent again after the reconnect
+                        self.commands_pending.put_nowait(again)
+                    raise
+            await commands.mark_delivered(self.db, [cid for cid, _, _ in found], now, "mqtt")
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         while True:
@@ -231,10 +294,18 @@ class MqttBridge:
                         select(DesiredStateRow).where(DesiredStateRow.agent_id.in_(batch))
                     )
                 )
-            # An agent with no desired state (revoked): clear its retained document.
-            for gone in sorted(batch - {r.agent_id for r in rows}):
+                # An agent with no desired state that is revoked (or gone): clear its retained
+                # document. One never given any (a command woke it) has nothing to clear, and
+                # an empty document would only be refused by it.
+                gone = batch - {r.agent_id for r in rows}
+                kept = set(
+                    await s.scalars(
+                        select(Agent.id).where(Agent.id.in_(gone), Agent.revoked_at.is_(None))
+                    )
+                )
+            for cleared in sorted(gone - kept):
                 await client.publish(
-                    agent_topic(gone, "desired", self.prefix), b"", qos=1, retain=True
+                    agent_topic(cleared, "desired", self.prefix), b"", qos=1, retain=True
                 )
             for i, row in enumerate(rows):
                 try:
@@ -265,6 +336,8 @@ class MqttBridge:
             now = self.clock()
             if kind == "blobs/request":
                 await self._answer(agent_id, payload, properties)
+            elif kind == "commands/answer":
+                await self._command_answer(agent_id, payload, properties, now)
             elif kind == "presence":
                 text = payload.decode(errors="replace")
                 if text not in ("online", "offline"):
@@ -356,6 +429,57 @@ class MqttBridge:
             await client.publish(
                 agent_topic(agent_id, "blobs/response", self.prefix), data, qos=1, properties=reply
             )
+
+    async def _command_answer(
+        self, agent_id: str, payload: bytes, props: Properties | None, now: datetime
+    ) -> None:
+        """One chunk of an agent's answer to a command; the whole answer, once its digest
+        checks, is stored by the same rules as over HTTP. Raises what handle() sets aside."""
+        user = getattr(props, "UserProperty", None) if props is not None else None
+        if not isinstance(user, list) or len(user) > 16:
+            raise ProtocolError("an answer chunk needs its user properties")
+        chunk = parse_answer_chunk({str(k): str(v) for k, v in user}, payload)
+        for key in [k for k, a in self.assemblies.items() if a.until <= now]:
+            del self.assemblies[key]
+            self._set_aside(f"answer {key[1]} of agent {key[0]}", "its chunks stopped coming")
+        key = (agent_id, chunk.command_id)
+        held = self.assemblies.get(key)
+        if held is None:
+            # The command's owner, state and size cap, before a byte is held for it.
+            limit = await commands.answer_limit(self.db, agent_id, chunk.command_id, now)
+            # Chunks are handled concurrently: another of this answer may have begun it meanwhile.
+            held = self.assemblies.get(key)
+        if held is None:
+            busy = sum(a.size for a in self.assemblies.values())
+            if len(self.assemblies) >= MAX_ASSEMBLIES or busy + chunk.size > MAX_ASSEMBLY_BYTES:
+                raise ProtocolError("too many answers being reassembled: try again later")
+            held = _Assembly(AnswerAssembly(chunk, limit), chunk.size, now + MAX_TTL)
+            self.assemblies[key] = held
+        try:
+            data = held.parts.add(chunk)
+        except ProtocolError:
+            del self.assemblies[key]  # the answer cannot be trusted whole any more
+            raise
+        if data is None:
+            return
+        del self.assemblies[key]
+        error = held.parts.error
+        await commands.store_answer(
+            self.db, agent_id, chunk.command_id, data=data, now=now, via="mqtt", error=error
+        )
+        self.answers_stored += 1
+        if self.answers is not None:
+            self.answers.wake([chunk.command_id])
+        await audit.append(
+            self.db,
+            now,
+            f"agent:{agent_id}",
+            "MQTT commands/answer",
+            chunk.command_id,
+            200,
+            "mqtt",
+            {"bytes": len(data), "digest": chunk.digest, "failed": error is not None},
+        )
 
 
 def _where(exc: BaseException) -> str:

@@ -3,7 +3,8 @@
 Each agent's MQTT username is its agent id; its password is issued at enrollment and stored
 here only as Mosquitto's own PBKDF2-SHA512 hash (``$7$``), so ``modelfleet mqtt passwd`` can
 write the password file without ever holding the secrets. The ACL's ``pattern`` lines let an
-agent read only its own desired topic and write only its own status, metrics and presence.
+agent read only its own desired and command topics and write only its own status, metrics,
+presence and command answers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def acl_file(prefix: str = DEFAULT_PREFIX) -> str:
         f"pattern readwrite {base}/%u/presence\n"
         f"pattern write {base}/%u/blobs/request\n"
         f"pattern read {base}/%u/blobs/response\n"
+        f"pattern read {base}/%u/commands\n"
+        f"pattern write {base}/%u/commands/answer\n"
     )
 
 
