@@ -81,3 +81,24 @@ async def api_call(
         raise CliError(f"cannot reach {server}: {exc}", 1) from None
     except ValueError:
         raise CliError(f"{server} answered with something that is not JSON", 1) from None
+
+
+async def api_bytes(args: argparse.Namespace, path: str) -> bytes:
+    """GET a binary answer; raises CliError as :func:`api_call`."""
+    server, token = client_settings(args)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s,
+            s.get(f"{server}/api/v1{path}", headers={"Authorization": f"Bearer {token}"}) as resp,
+        ):
+            data = await resp.read()
+            if resp.status != 200:
+                try:
+                    err = json.loads(data).get("error", {})
+                except (ValueError, AttributeError):
+                    err = {}
+                message = err.get("message") or data[:300].decode(errors="replace")
+                raise CliError(f"HTTP {resp.status}: {message}", 1)
+            return data
+    except aiohttp.ClientError as exc:
+        raise CliError(f"cannot reach {server}: {exc}", 1) from None

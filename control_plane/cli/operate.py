@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from control_plane.catalog.push import PushError, push_bundle
+from control_plane.cli import diagnose
 from control_plane.cli.common import CliError, add_client_options, api_call, client_settings
 from control_plane.errors import Invalid
 from control_plane.fleet.config import parse_assignment, set_values
@@ -166,6 +167,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ar.add_argument("id")
     add_client_options(ar)
     ar.set_defaults(func=cmd_agents_revoke)
+    diagnose.register(asub)
 
     m = sub.add_parser("models", help="models")
     msub = m.add_subparsers(dest="models_command", required=True)

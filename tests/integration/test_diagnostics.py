@@ -5,10 +5,12 @@ answers refused by the control plane, its MQTT bridge going on."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
 import logging
+import signal
 import tarfile
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +36,7 @@ from tests.support.agents import enroll_agent, eventually, running_agent
 from tests.support.broker import CP_PASSWORD, Broker, mqtt_config
 from tests.support.bundles import Publisher
 from tests.support.control_plane import ControlPlane, assert_error, start_control_plane
-from tests.support.fleet import free_port
+from tests.support.fleet import MODELFLEET, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -294,5 +296,66 @@ async def test_a_restart_does_not_reopen_a_replay(
             await eventually(lambda: again.commands.refused == 1, 10)
             assert "already carried out" in (again.commands.last_refusal or "")
             assert again.commands.answered == 0
+    finally:
+        await cp.client.close()
+
+
+async def test_the_cli_prints_logs_follows_them_and_writes_a_bundle(
+    tmp_path: Path, publisher: Publisher, broker: Broker
+) -> None:
+    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
+    try:
+        diag = (await make_token(cp, ["agents:diagnose"]))["token"]
+        reader = (await make_token(cp, ["fleet:read"]))["token"]
+        silent = await cp.enroll()  # enrolled, never running: it cannot answer
+        async with mqtt_only_agent(tmp_path, cp, broker) as (_, agent_id):
+            log.warning("cli planted: Authorization: Bearer %s", SECRET)
+            opts = ("--server", cp.url, "--token", diag)
+            p = await run_cli("agents", "logs", agent_id, "--since", "5m", *opts)
+            assert p.returncode == 0, p.stderr
+            assert "cli planted: Authorization: [redacted]" in p.stdout and SECRET not in p.stdout
+
+            out = tmp_path / "bundle.tar.gz"
+            p = await run_cli("agents", "diagnose", agent_id, "--out", out, *opts)
+            assert p.returncode == 0, p.stderr
+            assert p.stdout.startswith(f"wrote {out}: ") and "via mqtt" in p.stdout
+            assert "support/logs.txt" in p.stdout and "support/facts.json" in p.stdout
+            assert "support/logs.txt" in members(out.read_bytes())
+
+            # --follow prints new lines as they come, each once, until interrupted.
+            follow = await asyncio.create_subprocess_exec(
+                MODELFLEET,
+                *("agents", "logs", agent_id, "--since", "1m", "--follow", "--interval", "0.3"),
+                *opts,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert follow.stdout is not None
+            printed: list[str] = []
+
+            async def until(marker: str) -> None:
+                async with asyncio.timeout(30):
+                    while not any(marker in line for line in printed):
+                        printed.append((await follow.stdout.readline()).decode().rstrip("\n"))
+
+            try:
+                await until("cli planted")
+                for i in range(3):
+                    log.warning("followed line %d", i)
+                    await until(f"followed line {i}")
+                log.warning("followed line last")
+                await until("followed line last")
+            finally:
+                follow.send_signal(signal.SIGINT)
+                await asyncio.wait_for(follow.wait(), 30)
+            lines = [line for line in printed if line]
+            assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+
+            # An agent that does not answer: a clear error once the timeout passes.
+            p = await run_cli("agents", "logs", silent["agentId"], "--timeout", "2", *opts)
+            assert p.returncode == 1 and "did not answer within 2s" in p.stderr, p.stderr
+            # A token without the scope: refused, the scope named.
+            p = await run_cli("agents", "logs", agent_id, "--server", cp.url, "--token", reader)
+            assert p.returncode == 1 and "agents:diagnose" in p.stderr, p.stderr
     finally:
         await cp.client.close()
