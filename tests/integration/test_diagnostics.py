@@ -125,9 +125,9 @@ def bridge_of(cp: ControlPlane) -> MqttBridge:
 
 
 async def test_logs_and_a_bundle_from_an_agent_reachable_only_through_mqtt(
-    tmp_path: Path, publisher: Publisher, broker: Broker
+    tmp_path: Path, publisher: Publisher, broker: Broker, db_url: str
 ) -> None:
-    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
+    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker, db_url=db_url))
     try:
         diag = (await make_token(cp, ["agents:diagnose"]))["token"]
         reader = (await make_token(cp, ["fleet:read"]))["token"]
@@ -197,9 +197,9 @@ def signed(key: Any, agent_id: str, **kw: Any) -> bytes:
 
 
 async def test_hostile_commands_and_answers_over_mqtt(
-    tmp_path: Path, publisher: Publisher, broker: Broker
+    tmp_path: Path, publisher: Publisher, broker: Broker, db_url: str
 ) -> None:
-    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
+    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker, db_url=db_url))
     try:
         cp_key = load_private_key((cp.config.data_dir / "control-plane.key").read_bytes())
         async with mqtt_only_agent(tmp_path, cp, broker) as (agent, agent_id):
