@@ -14,6 +14,9 @@ defaults. Only the command line module calls this; the daemon receives an AgentC
     serve_key = "/etc/modelfleet/serve.key"
     serve_client_ca = "/etc/modelfleet/clients-ca.pem"  # ... serve_client_ca
 
+    otlp_endpoint = "http://127.0.0.1:4318"   # OpenTelemetry over OTLP/HTTP (the otel extra)
+    otlp_inference_sample = 0.01              # ... and 1% of inference requests traced
+
     [models."*"]                  # execution settings over every manifest's
     intra_op_threads = 2
     [models.resnet]               # ... and over those for one model

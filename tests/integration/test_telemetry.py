@@ -344,3 +344,60 @@ def test_telemetry_off_imports_nothing_of_opentelemetry(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "opentelemetry modules: []" in done.stdout
+
+
+async def test_operator_decisions_are_spans_and_a_rollback_carries_its_own_trace(
+    tmp_path: Path, publisher: Publisher
+) -> None:
+    async with OtlpReceiver() as receiver:
+        cp = await traced_control_plane(tmp_path, publisher, receiver)
+        try:
+            await cp.push(iris_bundle(publisher.key, "1.0.0"))
+            await cp.push(iris_bundle(publisher.key, "2.0.0", seed=1))
+            agents = [(await cp.enroll({"site": "x"}))["agentId"] for _ in range(2)]
+            await cp.rollout("1.0.0", "site=x")
+            r = await cp.rollout(
+                "2.0.0", "site=x", stages=[{"count": 1, "soak": "1h"}, {"percent": 100}]
+            )
+
+            async def command(action: str, **body: object) -> None:
+                resp = await cp.call("POST", f"/rollouts/{r['id']}/{action}", json=body)
+                assert resp.status == 200, await resp.text()
+
+            await command("pause")
+            await command("abort", rollback=True)
+
+            def decision(kind: str) -> SpanRecord | None:
+                return next(
+                    (
+                        s
+                        for s in receiver.by_name(f"rollout.{kind}", CP_SERVICE)
+                        if s.attributes["modelfleet.rollout.id"] == r["id"]
+                    ),
+                    None,
+                )
+
+            paused = await eventually(lambda: decision("paused"), 20)
+            assert paused.attributes["modelfleet.rollout.stage"] == 1
+            assert paused.attributes["modelfleet.rollout.state"] == "paused"
+            aborted = await eventually(lambda: decision("aborted"), 20)
+            assert aborted.attributes["modelfleet.rollout.state"] == "rolled_back"
+            # Operator decisions are children of the request that made them.
+            request = receiver.span(aborted.parent_id)
+            assert request is not None
+            assert request.name == "POST /api/v1/rollouts/{id}/{action}"
+
+            # The one moved agent goes back to 1.0.0 under the abort's trace; the other agent's
+            # document did not change, so it was not signed again.
+            def signed() -> list[SpanRecord]:
+                return [
+                    s
+                    for s in receiver.by_name("desired_state.sign")
+                    if s.parent_id == aborted.span_id
+                ]
+
+            [sign] = await eventually(signed, 20)
+            assert sign.attributes["modelfleet.agent.id"] in agents
+            assert sign.trace_id == aborted.trace_id
+        finally:
+            await cp.client.close()
