@@ -186,6 +186,11 @@ class CommandChannel:
                 log.debug("command poll failed: %s", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
+            except Exception:
+                # Deliberate boundary: nothing one poll does may end the channel for good.
+                log.exception("command poll failed")
+                await asyncio.sleep(backoff.next_delay())
+                continue
             backoff.reset()
             for envelope in envelopes or ():
                 self.receive(envelope, "http")

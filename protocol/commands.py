@@ -37,6 +37,7 @@ MAX_TTL = timedelta(minutes=15)
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # the most an answer may hold, whatever a command asks
 MAX_SINCE_S = 7 * 86400
+_COUNT = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() takes "²"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 FIELDS = ("agentId", "commandId", "kind", "issuedAt", "expiresAt", "sinceSeconds", "maxBytes")
 
@@ -185,7 +186,7 @@ def chunk_properties(chunk: AnswerChunk) -> list[tuple[str, str]]:
 
 def _count(props: Mapping[str, str], key: str, maximum: int) -> int:
     value = props.get(key)
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 10:
+    if not isinstance(value, str) or not _COUNT.fullmatch(value):
         raise InvalidMessage(f"{key} must be a count", key)
     n = int(value)
     if n > maximum:

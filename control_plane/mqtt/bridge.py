@@ -271,7 +271,16 @@ class MqttBridge:
             while not self.commands_pending.empty() and len(batch) < 500:
                 batch.add(self.commands_pending.get_nowait())
             now = self.clock()
-            found = await commands.waiting_envelopes(self.db, sorted(batch), now)
+            try:
+                found = await commands.waiting_envelopes(self.db, sorted(batch), now)
+            except Exception as exc:
+                # Deliberate boundary: a database that is away for a moment must not end this
+                # publisher for the rest of the session; the batch waits and is tried again.
+                log.warning("reading waiting commands failed (%s); retrying", reason_of(exc))
+                for agent_id in batch:
+                    self.commands_pending.put_nowait(agent_id)
+                await asyncio.sleep(1.0)
+                continue
             for i, (_, agent_id, envelope) in enumerate(found):
                 try:
                     await client.publish(
@@ -281,7 +290,12 @@ class MqttBridge:
                     for _, again, _ in found[i:]:  # sent again after the reconnect
                         self.commands_pending.put_nowait(again)
                     raise
-            await commands.mark_delivered(self.db, [cid for cid, _, _ in found], now, "mqtt")
+            try:
+                await commands.mark_delivered(self.db, [cid for cid, _, _ in found], now, "mqtt")
+            except Exception as exc:
+                # Deliberate boundary: they were published; left pending, an HTTP long-poll may
+                # hand them over again, and the agent refuses what it has already carried out.
+                log.warning("marking commands delivered failed: %s", reason_of(exc))
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         while True:

@@ -179,3 +179,11 @@ def test_answers_are_redacted_and_within_max_bytes(tmp_path: Path) -> None:
         failures=[],
     )
     assert too_small.error and "needs more than 1024 bytes" in too_small.error
+
+
+def test_counts_are_ascii_digits_only() -> None:
+    chunk = answer_chunks(CID, b"abc")[0]
+    props = dict(chunk_properties(chunk))
+    for bad in ("²", "1²", "+3", " 3", "3.0", "0x3"):
+        with pytest.raises(InvalidMessage):
+            parse_answer_chunk({**props, "size": bad}, chunk.data)
