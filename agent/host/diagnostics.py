@@ -1,11 +1,9 @@
 """What an agent sends when an operator asks (protocol/commands.py): recent logs and a support
 bundle, redacted and size-capped.
 
-The agent cannot import the control plane's redaction, and must not need to: what it treats
-as secret is listed here. Redacted, wherever it appears: ``Bearer <anything>``; the project's
-secrets by their prefixes (API tokens ``mfa_``, agent credentials ``mfc_``, enrollment tokens
-``mfe_``, webhook secrets ``mfw_``); the value after a key that names a secret; a password in a
-URL. In state files, the values of keys that name a secret are replaced whole.
+What is a secret, and how it is masked, is protocol/redaction.py's, shared with the control
+plane's log filter: log lines and text are redacted by shape; in state files, the values of
+keys that name a secret are replaced whole.
 
 - :class:`LogRing` is a logging handler that keeps the newest records (bounded by count and
   bytes), redacted as they arrive;
@@ -21,7 +19,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tarfile
 import time
@@ -29,42 +26,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-MASK = "[redacted]"
-SECRET_PREFIXES = ("mfa_", "mfc_", "mfe_", "mfw_")
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|credential|token|authorization|private)")
-_PATTERNS = (
-    (re.compile(r"(?i)(bearer\s+)[^\s'\"\\,;]+"), rf"\g<1>{MASK}"),
-    (re.compile(r"\b(" + "|".join(SECRET_PREFIXES) + r")[A-Za-z0-9_\-]+"), rf"\g<1>{MASK}"),
-    (
-        re.compile(r"""(?ix)
-        (["']?\b(?:[a-z_]*password|passwd|secret|credential|token|authorization)["']?
-         \s*[:=]\s*["']?)
-        (?!\[redacted\])[^\s'"&,;}]+"""),
-        rf"\g<1>{MASK}",
-    ),
-    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+:)[^/\s@]+@", re.I), rf"\g<1>{MASK}@"),
-)
+from protocol.redaction import redact, redact_json
+
 # State files worth a look, by name; key material (private keys) is never read.
 STATE_FILES = ("identity.json", "state.json", "keyset.json", "control-plane.pub", "status-epoch")
 MAX_STATE_FILE = 256 * 1024
-
-
-def redact(text: str) -> str:
-    """``text`` with every secret it contains replaced by ``[redacted]``."""
-    for pattern, repl in _PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def redact_json(value: Any) -> Any:
-    """A JSON value with every value under a key that names a secret masked, strings redacted."""
-    if isinstance(value, Mapping):
-        return {k: MASK if _SECRET_KEY.search(str(k)) else redact_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_json(v) for v in value]
-    if isinstance(value, str):
-        return redact(value)
-    return value
 
 
 class LogRing(logging.Handler):

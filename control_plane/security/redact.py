@@ -1,11 +1,9 @@
 """Secrets never reach a log line: a logging filter that redacts them from every record.
 
 What is redacted, wherever it appears in a message, its arguments, an exception's text or a
-stack: ``Bearer <anything>``; API tokens, agent credentials, enrollment tokens and webhook
-secrets by their prefixes (``mfa_``, ``mfc_``, ``mfe_``, ``mfw_``, see
-``control_plane/security/auth.py``); the value after a key that names a secret
-(``password=…``, ``"credential": "…"``, ``token: …``); a password in a URL
-(``mqtt://user:pw@host``); and any exact string registered with :func:`add_secret` (the
+stack: every secret of a shape protocol/redaction.py knows (bearer tokens, the project's
+prefixed secrets, the value after a key that names a secret, a password in a URL; the agent's
+diagnostics use the same list), and any exact string registered with :func:`add_secret` (the
 control plane's own broker password, whose shape is not known in advance).
 
 ``install()`` puts the filter on every handler of the root logger, where it sees the records
@@ -16,29 +14,10 @@ start and the CLI after it sets up logging; calling it again adds nothing.
 from __future__ import annotations
 
 import logging
-import re
 
-MASK = "[redacted]"
-# The prefixes of control_plane/security/auth.py (API_TOKEN_PREFIX, AGENT_CREDENTIAL_PREFIX,
-# ENROLLMENT_TOKEN_PREFIX, WEBHOOK_SECRET_PREFIX); tests/unit/test_redact.py holds the two
-# lists together.
-SECRET_PREFIXES = ("mfa_", "mfc_", "mfe_", "mfw_")
+from protocol.redaction import MASK
+from protocol.redaction import redact as redact_shapes
 
-_PATTERNS = (
-    # A bearer token, also cut short (aiohttp quotes a header's first 100 bytes).
-    (re.compile(r"(?i)(bearer\s+)[^\s'\"\\,;]+"), rf"\g<1>{MASK}"),
-    (re.compile(r"\b(" + "|".join(SECRET_PREFIXES) + r")[A-Za-z0-9_\-]+"), rf"\g<1>{MASK}"),
-    # key=value, key: value, "key": "value" for keys that name a secret.
-    (
-        re.compile(r"""(?ix)
-        (["']?\b(?:[a-z_]*password|passwd|secret|credential|token|authorization)["']?
-         \s*[:=]\s*["']?)
-        (?!\[redacted\])[^\s'"&,;}]+"""),
-        rf"\g<1>{MASK}",
-    ),
-    # scheme://user:password@host
-    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@]+:)[^/\s@]+@", re.I), rf"\g<1>{MASK}@"),
-)
 _known: set[str] = set()
 
 
@@ -53,9 +32,7 @@ def redact(text: str) -> str:
     for secret in _known:
         if secret in text:
             text = text.replace(secret, MASK)
-    for pattern, repl in _PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
+    return redact_shapes(text)
 
 
 class RedactingFilter(logging.Filter):

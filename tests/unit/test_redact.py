@@ -7,10 +7,11 @@ import logging
 import pytest
 
 from control_plane.security import auth, redact
+from protocol.redaction import SECRET_PREFIXES
 
 
 def test_prefixes_are_the_ones_auth_issues() -> None:
-    assert set(redact.SECRET_PREFIXES) == {
+    assert set(SECRET_PREFIXES) == {
         auth.API_TOKEN_PREFIX,
         auth.AGENT_CREDENTIAL_PREFIX,
         auth.ENROLLMENT_TOKEN_PREFIX,
