@@ -8,7 +8,9 @@ the agent's file descriptors. ``GuardedSite`` listens through a small protocol w
   is held, and the client learns why);
 - closes a connection whose request head (request line and headers) is not complete within
   ``header_timeout_s`` of the connection opening, or of the first byte after a finished
-  request (the ``middleware`` tells it when a head is complete and when a request is done);
+  request. A head is complete when its blank line has arrived (seen in the bytes as they come,
+  so a busy event loop that runs the handler late does not turn a timely head into a closed
+  connection); the ``middleware`` tells it when a request starts and when it is done;
 - leaves the idle time between requests to aiohttp's keep-alive timer, set from
   ``keepalive_timeout_s`` (``handler_kwargs``).
 
@@ -66,6 +68,8 @@ class _GuardedConnection(asyncio.Protocol):
         self.inner = inner
         self.transport: asyncio.Transport | None = None
         self.in_request = False
+        self.head_seen = False  # the blank line ending the current request's head has arrived
+        self._tail = b""  # the last bytes of a head not yet complete (a CRLFCRLF split in two)
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,8 +85,16 @@ class _GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return  # refused: whatever it sends is dropped with the connection
-        if not self.in_request and self._deadline is None:
-            self._arm()  # the first byte of a new request head
+        if not self.in_request and not self.head_seen:
+            if self._deadline is None:
+                self._arm()  # the first byte of a new request head
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self.head_seen = True  # in time, however late the handler runs
+                self._tail = b""
+                self._disarm()
+            else:
+                self._tail = seen[-3:]
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -107,6 +119,8 @@ class _GuardedConnection(asyncio.Protocol):
 
     def request_done(self) -> None:
         self.in_request = False
+        self.head_seen = False
+        self._tail = b""
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
