@@ -201,7 +201,7 @@ class Agent:
             return None
 
         async def desired(envelope: bytes) -> bool:
-            return await self.sync.handle_desired(envelope)
+            return await self.sync.handle_desired(envelope, via="mqtt")
 
         def changed(connected: bool) -> None:
             self.sync.link_changed()

@@ -67,6 +67,8 @@ class DesiredSync:
         # Expiry of the desired state we act on: past it we keep serving but report "stale"
         # (a control plane, or someone between us, that stopped sending fresh documents).
         self.desired_expires_at: datetime | None = None
+        # How the last adopted desired state came (mqtt, http): in its log line, and for tests.
+        self.adopted_via: str | None = None
         self._link_changed = asyncio.Event()
 
     def link_changed(self) -> None:
@@ -124,14 +126,15 @@ class DesiredSync:
                 continue
             backoff.reset()
             self._on_polled()
-            if envelope is not None and not await self.handle_desired(envelope):
+            if envelope is not None and not await self.handle_desired(envelope, via="http"):
                 # A refused document would come straight back: do not spin on it.
                 await asyncio.sleep(backoff.next_delay())
             elif (last := self._last_error()) and last.startswith(POLL_FAILED):
                 self._note_error(None)
 
-    async def handle_desired(self, envelope: bytes) -> bool:
-        """Verify and adopt a desired-state envelope; False (and reported) when refused."""
+    async def handle_desired(self, envelope: bytes, *, via: str) -> bool:
+        """Verify and adopt a desired-state envelope that came by ``via`` (``mqtt`` push or
+        ``http`` poll); False (and reported) when refused."""
         generation = self.updater.state.highest_generation
         try:
             try:
@@ -156,10 +159,12 @@ class DesiredSync:
         if ds is None:
             return True
         log.info(
-            "desired state generation %d: %s",
+            "desired state generation %d by %s: %s",
             ds.generation,
+            via,
             ", ".join(f"{m.name} {m.version}" for m in ds.models) or "nothing",
         )
+        self.adopted_via = via
         self.keyring.look()  # publishers may have changed too: look before verifying
         self.from_control_plane = ds.models
         self.desired_expires_at = ds.expires_at

