@@ -57,6 +57,8 @@ bench: venv bench-mlserver
 	$(BIN)/python -m bench.download
 	$(BIN)/python -m bench.credentials
 	$(BIN)/python -m bench.inference_limits
+	$(BIN)/python -m bench.rest_paths
+	$(BIN)/python -m bench.trace_overhead
 	$(BIN)/python -c 'import json, pathlib; r = pathlib.Path("bench/results"); \
 	  out = {p.stem: json.loads(p.read_text()) for p in sorted(r.glob("*.json")) if p.stem != "latest"}; \
 	  (r / "latest.json").write_text(json.dumps(out, indent=2) + "\n"); print("wrote", r / "latest.json")'
