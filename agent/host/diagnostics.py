@@ -9,17 +9,20 @@ keys that name a secret are replaced whole.
   bytes), redacted as they arrive;
 - :func:`support_bundle` builds a ``.tar.gz`` of logs, facts, host figures (disk, memory,
   load), the last failures and the state files, cut to a byte budget (the oldest log lines go
-  first), never holding a secret.
+  first), never holding a secret. A state file is read only when it is a regular file (a
+  symlink is not followed, a FIFO or device not opened: the directory is hostile input).
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import time
 from collections.abc import Iterable, Mapping
@@ -31,6 +34,7 @@ from protocol.redaction import redact, redact_json
 # State files worth a look, by name; key material (private keys) is never read.
 STATE_FILES = ("identity.json", "state.json", "keyset.json", "control-plane.pub", "status-epoch")
 MAX_STATE_FILE = 256 * 1024
+MAX_LINE_CHARS = 8192
 
 
 class LogRing(logging.Handler):
@@ -45,7 +49,8 @@ class LogRing(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = redact(self.format(record))[:8192]
+            # Cut before redacting too: a huge record costs no more than a long line.
+            line = redact(self.format(record)[: 8 * MAX_LINE_CHARS])[:MAX_LINE_CHARS]
         except Exception:  # a logging handler must never raise into the caller
             self.handleError(record)
             return
@@ -99,11 +104,32 @@ def host_figures(state_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a regular file; None when missing. Raises ValueError for
+    anything else (a symlink, a FIFO, a device): the state directory is hostile input, and a
+    link to a private key or /etc/shadow must not be followed, a FIFO must not block."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise ValueError("not a regular file (a symlink): left out") from None
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file: left out")
+        return f.read(limit)
+
+
 def _state_file(path: Path) -> bytes | None:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_STATE_FILE + 1)
+        data = _read_regular(path, MAX_STATE_FILE + 1)
+    except ValueError as exc:
+        return f"({exc})\n".encode()
     except OSError:
+        return None
+    if data is None:
         return None
     if len(data) > MAX_STATE_FILE:
         return f"(over {MAX_STATE_FILE} bytes: left out)\n".encode()
