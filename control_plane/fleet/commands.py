@@ -226,7 +226,9 @@ async def issue(
     envelope = cmd.sign(key).to_bytes().decode()
     async with db.write() as s:
         await _prune(s, now, limits.retention_s)
-        agent = await s.get(Agent, agent_id)
+        # The agent's row locked: concurrent issues for one agent count and insert one at a
+        # time (on PostgreSQL, count-then-insert let a burst of 24 past a cap of 8).
+        agent = await s.get(Agent, agent_id, with_for_update=True)
         if agent is None:
             raise NotFound("agent_not_found", f"no agent {agent_id}", "id")
         if agent.revoked_at is not None:
