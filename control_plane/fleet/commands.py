@@ -359,13 +359,21 @@ async def agents_with_pending(db: Database, now: datetime) -> list[str]:
         return list(found)
 
 
-async def answer_limit(db: Database, agent_id: str, command_id: str, now: datetime) -> int:
-    """The most bytes this agent's answer to this command may hold; raises as check_answer."""
+async def answer_terms(
+    db: Database, agent_id: str, command_id: str, now: datetime
+) -> tuple[int, datetime]:
+    """The most bytes this agent's answer to this command may hold, and until when it may
+    come; raises as check_answer."""
     async with db.read() as s:
         view = _view(await s.get(AgentCommand, command_id))
     check_answer(view, agent_id, 0, now)
     assert view is not None
-    return view.max_bytes
+    return view.max_bytes, view.expires_at
+
+
+async def answer_limit(db: Database, agent_id: str, command_id: str, now: datetime) -> int:
+    """The most bytes this agent's answer to this command may hold; raises as check_answer."""
+    return (await answer_terms(db, agent_id, command_id, now))[0]
 
 
 async def store_answer(

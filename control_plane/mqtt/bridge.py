@@ -67,6 +67,10 @@ MAX_IN_FLIGHT = 2000
 # together (declared sizes); past either, a new answer is set aside until room is made.
 MAX_ASSEMBLIES = 64
 MAX_ASSEMBLY_BYTES = 8 * MAX_ANSWER_BYTES
+# One agent's share: an agent answers its commands one at a time, so two (one being resent)
+# is all an honest one needs; without a share, one hostile agent given a few commands filled
+# the whole budget with answers it never finished, and every other agent's answer was dropped.
+MAX_ASSEMBLIES_PER_AGENT = 2
 
 
 @dataclass
@@ -460,14 +464,21 @@ class MqttBridge:
         held = self.assemblies.get(key)
         if held is None:
             # The command's owner, state and size cap, before a byte is held for it.
-            limit = await commands.answer_limit(self.db, agent_id, chunk.command_id, now)
+            limit, expires = await commands.answer_terms(self.db, agent_id, chunk.command_id, now)
             # Chunks are handled concurrently: another of this answer may have begun it meanwhile.
             held = self.assemblies.get(key)
         if held is None:
+            mine = sum(1 for k in self.assemblies if k[0] == agent_id)
+            if mine >= MAX_ASSEMBLIES_PER_AGENT:
+                raise ProtocolError(
+                    f"agent already has {mine} answers being reassembled: finish one first"
+                )
             busy = sum(a.size for a in self.assemblies.values())
             if len(self.assemblies) >= MAX_ASSEMBLIES or busy + chunk.size > MAX_ASSEMBLY_BYTES:
                 raise ProtocolError("too many answers being reassembled: try again later")
-            held = _Assembly(AnswerAssembly(chunk, limit), chunk.size, now + MAX_TTL)
+            # Given up when its command expires: no answer is taken after that anyway.
+            until = min(now + MAX_TTL, expires)
+            held = _Assembly(AnswerAssembly(chunk, limit), chunk.size, until)
             self.assemblies[key] = held
         try:
             data = held.parts.add(chunk)
