@@ -44,6 +44,7 @@ from control_plane.errors import DomainError
 from control_plane.fleet import commands, reports
 from control_plane.fleet.ingest import Ingestor
 from control_plane.fleet.notify import DesiredNotifier
+from control_plane.mqtt import paho_compat
 from control_plane.security import audit
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
@@ -114,6 +115,7 @@ class MqttBridge:
         answers: DesiredNotifier | None = None,
     ) -> None:
         assert config.mqtt_url
+        paho_compat.install()  # a string paho refuses would keep the bridge off the broker
         self.config = config
         self.db = db
         self.store = store
