@@ -1,7 +1,8 @@
 """OpenTelemetry at the HTTP edge: a server span per request, named by the route's pattern
 (``GET /api/v1/agents/{id}``, never the raw path), a child of the caller's ``traceparent``
-header when it sends a well-formed one; and the export of ``GET /metrics``' figures over OTLP
-each interval (docs/adr/0023-opentelemetry.md). Installed only when telemetry is on.
+header when it sends a well-formed one to an operator's route; and the export of
+``GET /metrics``' figures over OTLP each interval (docs/adr/0023-opentelemetry.md). Installed
+only when telemetry is on.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from aiohttp import web
 
 from control_plane.api.metrics import NO_ROUTE, all_families
 from control_plane.api.route import Handler
+from control_plane.api.routes import ROUTES
 from control_plane.state import STATE
+from protocol.tracecontext import checked_traceparent
 
 log = logging.getLogger("modelfleet.telemetry")
+# The routes whose caller may choose the trace a request joins: an operator's tooling. Agents
+# and anonymous callers (enrollment, health) are hostile input: a parent of theirs would graft
+# the control plane's spans, and the desired state it signs, into a trace they chose, and an
+# unsampled flag would switch the recording of their requests off. Their traceparent is kept
+# as an attribute instead (ADR 23).
+TRUSTED_PARENT = frozenset((r.method, r.path) for r in ROUTES if r.auth == "operator")
 
 
 def route_of(request: web.Request) -> str:
@@ -33,11 +42,14 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = route_of(request)
     started = time.perf_counter()
     status = 500
+    attributes = {"http.request.method": request.method, "http.route": route}
+    caller = request.headers.get("traceparent")
+    if (request.method, route) not in TRUSTED_PARENT:
+        if (checked := checked_traceparent(caller)) is not None:
+            attributes["modelfleet.caller.traceparent"] = checked
+        caller = None
     with telemetry.span(
-        f"{request.method} {route}",
-        server=True,
-        parent=request.headers.get("traceparent"),
-        attributes={"http.request.method": request.method, "http.route": route},
+        f"{request.method} {route}", server=True, parent=caller, attributes=attributes
     ) as span:
         try:
             resp = await handler(request)
