@@ -23,8 +23,12 @@ from control_plane.cli.common import CliError, add_client_options, api_bytes, ap
 from protocol.commands import MAX_ANSWER_BYTES, MAX_TTL, unseen_lines
 from protocol.digest import sha256_digest
 from protocol.exceptions import InvalidMessage
+from protocol.fields import clean_text
 
 MiB = 1024 * 1024
+MAX_MEMBERS = 1000  # a bundle holds about ten
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_SHOWN_CHARS = 16 * 1024
 FOLLOW_KEEP = 5000  # lines of the previous answer kept to recognise what was printed
 
 
@@ -147,10 +151,32 @@ async def _logs(args: argparse.Namespace, since: int) -> int:
 
 def _print_lines(args: argparse.Namespace, lines: list[str]) -> None:
     if args.json:
-        print(json.dumps({"lines": lines}))
+        print(json.dumps({"lines": lines}))  # JSON escapes control characters itself
     else:
         for line in lines:
-            print(line)
+            print(_shown(line))
+
+
+def _shown(text: str) -> str:
+    """What an agent sent, safe for the operator's terminal: its control characters (escape
+    sequences that retitle, clear or rewrite the screen, carriage returns) replaced."""
+    return clean_text(text, MAX_SHOWN_CHARS)
+
+
+def _members(data: bytes) -> tuple[list[tuple[str, int]], bool]:
+    """The bundle's members (name, size), at most MAX_MEMBERS and while their sizes add up to
+    at most MAX_MEMBER_BYTES: an agent's tar of a million headers, or of a member that inflates
+    to gigabytes, must not hold the operator's CLI. True when the listing was cut short.
+    Raises tarfile.TarError."""
+    out: list[tuple[str, int]] = []
+    total = 0
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        while (member := tar.next()) is not None:
+            total += max(member.size, 0)
+            if len(out) == MAX_MEMBERS or total > MAX_MEMBER_BYTES:
+                return out, True
+            out.append((member.name, member.size))
+    return out, False
 
 
 def cmd_agents_diagnose(args: argparse.Namespace) -> int:
@@ -159,9 +185,8 @@ def cmd_agents_diagnose(args: argparse.Namespace) -> int:
     since = _seconds(args.since, "--since")
     state, data = asyncio.run(ask(args, "diagnose", since, args.max_bytes))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = [(m.name, m.size) for m in tar.getmembers()]
-    except tarfile.TarError as exc:
+        members, cut = _members(data)
+    except (tarfile.TarError, EOFError, OSError) as exc:
         raise CliError(f"the agent's bundle is not a .tar.gz: {exc}", 1) from None
     try:
         args.out.write_bytes(data)
@@ -172,11 +197,14 @@ def cmd_agents_diagnose(args: argparse.Namespace) -> int:
             **state,
             "out": str(args.out),
             "members": [{"name": n, "size": z} for n, z in members],
+            "membersCut": cut,
         }
         print(json.dumps(doc, indent=2))
         return 0
     via = state["answeredVia"]
     print(f"wrote {args.out}: {len(data):,} bytes via {via}, {state['answerDigest']}")
     for name, size in members:
-        print(f"  {size:>9,}  {name}")
+        print(f"  {size:>9,}  {_shown(name)}")
+    if cut:
+        print(f"  (more members not listed: over {MAX_MEMBERS} or {MAX_MEMBER_BYTES:,} bytes)")
     return 0
