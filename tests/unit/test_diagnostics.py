@@ -193,3 +193,10 @@ def test_a_huge_log_line_is_cut_before_it_is_redacted() -> None:
     ring.emit(record)
     assert time.perf_counter() - started < 2.0
     assert len(ring.lines(3600)[0]) <= 8192
+
+
+def test_a_huge_state_file_is_left_out_not_read_whole(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_bytes(b'{"token": "' + b"t" * (1024 * 1024) + b'"}')
+    got = bundle_of(tmp_path)
+    assert got["support/state/state.json"].startswith(b"(over ")
+    assert b"tttt" not in b"".join(got.values())
