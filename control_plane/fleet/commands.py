@@ -376,6 +376,21 @@ async def answer_limit(db: Database, agent_id: str, command_id: str, now: dateti
     return (await answer_terms(db, agent_id, command_id, now))[0]
 
 
+async def answered_with(
+    db: Database, agent_id: str, command_id: str, *, digest: str, failed: bool
+) -> bool:
+    """Whether this agent's command is already answered with this very answer (the digest of
+    its bytes, or its word that it could not): what another replica, which took the same MQTT
+    chunks, has stored first. A different answer is not (it stays refused)."""
+    async with db.read() as s:
+        row = await s.get(AgentCommand, command_id)
+    if row is None or row.agent_id != agent_id:
+        return False
+    if failed:
+        return row.state == "failed"
+    return row.state == "answered" and row.answer_digest == digest
+
+
 async def store_answer(
     db: Database,
     agent_id: str,

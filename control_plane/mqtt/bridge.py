@@ -40,7 +40,7 @@ from control_plane.catalog.blobstore import BlobNotFound, BlobStore
 from control_plane.config import ServerConfig
 from control_plane.db.engine import Database
 from control_plane.db.models import Agent, DesiredStateRow
-from control_plane.errors import DomainError
+from control_plane.errors import Conflict, DomainError
 from control_plane.fleet import commands, reports
 from control_plane.fleet.ingest import Ingestor
 from control_plane.fleet.notify import DesiredNotifier
@@ -48,7 +48,13 @@ from control_plane.mqtt import paho_compat
 from control_plane.security import audit
 from control_plane.setaside import SeenOnce, is_transient, printable, reason_of
 from protocol.backoff import Backoff
-from protocol.commands import MAX_ANSWER_BYTES, MAX_TTL, AnswerAssembly, parse_answer_chunk
+from protocol.commands import (
+    MAX_ANSWER_BYTES,
+    MAX_TTL,
+    AnswerAssembly,
+    AnswerChunk,
+    parse_answer_chunk,
+)
 from protocol.digest import check_digest
 from protocol.exceptions import ProtocolError
 from protocol.fields import load_json_object
@@ -133,6 +139,7 @@ class MqttBridge:
         self.answers = answers  # woken with a command id when its answer is stored
         self.assemblies: dict[tuple[str, str], _Assembly] = {}
         self.answers_stored = 0
+        self.answers_found_stored = 0  # whole answers another replica had stored first
         self.connected = asyncio.Event()
         self.malformed = 0
         self.redelivery = 0
@@ -454,11 +461,30 @@ class MqttBridge:
         self, agent_id: str, payload: bytes, props: Properties | None, now: datetime
     ) -> None:
         """One chunk of an agent's answer to a command; the whole answer, once its digest
-        checks, is stored by the same rules as over HTTP. Raises what handle() sets aside."""
+        checks, is stored by the same rules as over HTTP. Raises what handle() sets aside.
+
+        Every replica takes every chunk, so every replica but one finds the answer stored
+        already: that is counted in ``answers_found_stored``, not set aside as malformed."""
         user = getattr(props, "UserProperty", None) if props is not None else None
         if not isinstance(user, list) or len(user) > 16:
             raise ProtocolError("an answer chunk needs its user properties")
         chunk = parse_answer_chunk({str(k): str(v) for k, v in user}, payload)
+        try:
+            await self._assemble_answer(agent_id, chunk, now)
+        except Conflict as exc:
+            if exc.code != "already_answered" or not await commands.answered_with(
+                self.db,
+                agent_id,
+                chunk.command_id,
+                digest=chunk.digest,
+                failed=chunk.error is not None,
+            ):
+                raise
+            self.answers_found_stored += 1
+            log.debug("answer %s of agent %s stored already", chunk.command_id, agent_id)
+
+    async def _assemble_answer(self, agent_id: str, chunk: AnswerChunk, now: datetime) -> None:
+        """Add a checked chunk to its answer, and store the answer once it is whole."""
         for key in [k for k, a in self.assemblies.items() if a.until <= now]:
             del self.assemblies[key]
             self._set_aside(f"answer {key[1]} of agent {key[0]}", "its chunks stopped coming")

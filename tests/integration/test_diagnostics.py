@@ -359,3 +359,34 @@ async def test_the_cli_prints_logs_follows_them_and_writes_a_bundle(
             assert p.returncode == 1 and "agents:diagnose" in p.stderr, p.stderr
     finally:
         await cp.client.close()
+
+
+async def test_two_replicas_store_an_mqtt_answer_once_and_neither_calls_it_malformed(
+    tmp_path: Path, publisher: Publisher, broker: Broker, pg_url: str
+) -> None:
+    """Every replica takes every answer chunk (the chunks of one answer must meet in one
+    replica), so each reassembles each answer: one stores it, and the others, finding it
+    stored, must not count a healthy answer as a malformed message (an alert in /metrics)."""
+    config = mqtt_config(tmp_path, publisher, broker, db_url=pg_url)
+    first = await start_control_plane(config)
+    second = await start_control_plane(dataclasses.replace(config, port=config.port + 1))
+    try:
+        diag = (await make_token(first, ["agents:diagnose"]))["token"]
+        async with mqtt_only_agent(tmp_path, first, broker) as (agent, agent_id):
+            bridges = [bridge_of(first), bridge_of(second)]
+            await eventually(lambda: all(b.connected.is_set() for b in bridges), 10)
+            for i in range(1500):
+                log.warning("replica filler %04d %s", i, "x" * 160)
+            for kind, body in (("logs", {"maxBytes": 300_000}), ("diagnose", {})):
+                state, data = await ask(first, agent_id, diag, kind, **body)
+                assert state["answeredVia"] == "mqtt" and data is not None
+            # Both replicas have finished with both answers (each one's assemblies empty).
+            await eventually(lambda: sum(b.answers_stored for b in bridges) == 2, 10)
+            await eventually(lambda: not any(b.assemblies for b in bridges), 10)
+            # ...and each answer was also found stored already, by the replica that lost.
+            await eventually(lambda: sum(b.answers_found_stored for b in bridges) >= 2, 10)
+            assert [b.malformed for b in bridges] == [0, 0]
+            assert agent.commands.refused == 0
+    finally:
+        await second.client.close()
+        await first.client.close()
