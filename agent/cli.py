@@ -379,4 +379,6 @@ def cmd_install(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except subprocess.CalledProcessError as exc:
         return _fail(f"{' '.join(exc.cmd)} failed ({exc.returncode})")
+    except OSError as exc:  # a --trust-publisher file or the prefix: unreadable, unwritable
+        return _fail(f"{exc.filename or args.root}: {exc.strerror}")
     return 0

@@ -31,7 +31,7 @@ from control_plane.settings import load_settings, server_config
 from tests.support.agents import enroll_agent, eventually, wait_active
 from tests.support.bundles import Publisher, iris_bundle, make_publisher
 from tests.support.control_plane import ControlPlane
-from tests.support.fleet import free_port
+from tests.support.fleet import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -613,3 +613,15 @@ async def test_install_script_into_a_root_prefix(
     )
     assert gone.returncode == 0, gone.stderr
     assert not unit.exists() and not venv.exists() and (state / "identity.json").exists()
+
+
+async def test_agent_install_names_a_publisher_key_it_cannot_read(tmp_path: Path) -> None:
+    """A --trust-publisher file that is not there is an error naming it, not a traceback."""
+    missing = tmp_path / "nowhere.pub"
+    p = await run_cli(
+        *("agent", "install", "--root", tmp_path / "root", "--no-start"),
+        *("--server", "http://127.0.0.1:9", "--token", "mfe_x", "--trust-publisher", missing),
+    )
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith(f"modelfleet: error: {missing}: ") and "Traceback" not in p.stderr
+    assert not (tmp_path / "root/etc/modelfleet/agent.toml").exists()
