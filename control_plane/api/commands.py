@@ -9,7 +9,14 @@ import logging
 from aiohttp import web
 
 from control_plane.api.errors import ApiError
-from control_plane.api.request import actor_of, json_response, query_number, read_json, st
+from control_plane.api.request import (
+    actor_of,
+    json_response,
+    query_number,
+    read_body,
+    read_json,
+    st,
+)
 from control_plane.api.route import Route
 from control_plane.fleet import commands
 from control_plane.security import audit
@@ -119,27 +126,6 @@ async def get_pending(request: web.Request) -> web.Response:
                 del state.polling[agent_id]
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is over ``limit`` bytes."""
-
-    def too_large() -> ApiError:
-        message = f"the answer is over the command's maxBytes ({limit})"
-        return ApiError(413, "answer_too_large", message, "answer")
-
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large()
-    data = bytearray()
-    try:
-        async with asyncio.timeout(st(request).config.body_timeout_s):
-            while chunk := await request.content.read(limit + 1 - len(data)):
-                data += chunk
-                if len(data) > limit:
-                    raise too_large()
-    except TimeoutError:
-        raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
-    return bytes(data)
-
-
 async def post_answer(request: web.Request) -> web.Response:
     """The agent's answer to one of its commands, stored once; refused with nothing stored
     when the command is unknown, another agent's, expired, answered, or the body too large."""
@@ -147,7 +133,8 @@ async def post_answer(request: web.Request) -> web.Response:
     agent_id = request.match_info["id"]
     command_id = commands.check_command_id(request.match_info["cid"])
     limit = await commands.answer_limit(state.db, agent_id, command_id, state.clock())
-    data = await _read_capped(request, limit)
+    message = f"the answer is over the command's maxBytes ({limit})"
+    data = await read_body(request, limit, ApiError(413, "answer_too_large", message, "answer"))
     out = await commands.store_answer(
         state.db, agent_id, command_id, data=data, now=state.clock(), via="http"
     )

@@ -37,11 +37,11 @@ def error_response(err: ApiError) -> web.Response:
     return resp
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object; raises ApiError 413 or InvalidMessage."""
-    limit = st(request).config.max_json_bytes
+async def read_body(request: web.Request, limit: int, too_large: ApiError) -> bytes:
+    """The request body, refused with ``too_large`` as soon as it is over ``limit`` bytes (by
+    its Content-Length or as it arrives), and with 408 when it does not arrive in time."""
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+        raise too_large
     data = bytearray()
     try:
         async with asyncio.timeout(st(request).config.body_timeout_s):
@@ -49,10 +49,18 @@ async def read_json(request: web.Request) -> dict[str, Any]:
             while chunk := await request.content.read(limit + 1 - len(data)):
                 data += chunk
                 if len(data) > limit:
-                    raise ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+                    raise too_large
     except TimeoutError:
         raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
-    return load_json_object(bytes(data), "request body", max_bytes=limit)
+    return bytes(data)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; raises ApiError 413 or InvalidMessage."""
+    limit = st(request).config.max_json_bytes
+    too_large = ApiError(413, "body_too_large", f"request body is over {limit} bytes")
+    data = await read_body(request, limit, too_large)
+    return load_json_object(data, "request body", max_bytes=limit)
 
 
 def query_number(request: web.Request, name: str, default: float, maximum: float) -> float:
