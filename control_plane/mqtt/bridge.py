@@ -370,6 +370,10 @@ class MqttBridge:
                 if text not in ("online", "offline"):
                     raise ProtocolError(f"presence must be online or offline, got {text[:40]!r}")
                 await reports.store_presence(self.db, agent_id, text, now)
+                if text == "online":
+                    # Commands published while it had no session on the broker were lost
+                    # there: what still waits for it goes now (it refuses a repeat by id).
+                    self.commands_pending.put_nowait(agent_id)
             else:
                 doc = load_json_object(payload, f"{kind} payload", self.config.max_json_bytes)
                 if doc.get("agentId") != agent_id:

@@ -390,3 +390,29 @@ async def test_two_replicas_store_an_mqtt_answer_once_and_neither_calls_it_malfo
     finally:
         await second.client.close()
         await first.client.close()
+
+
+async def test_a_command_issued_before_an_mqtt_only_agent_first_connects_reaches_it(
+    tmp_path: Path, publisher: Publisher, broker: Broker
+) -> None:
+    """Published while the agent had no session on the broker, the command was lost there;
+    the agent's presence coming online has the bridge publish what still waits for it."""
+    cp = await start_control_plane(mqtt_config(tmp_path, publisher, broker))
+    try:
+        ident = await enroll_agent(cp, tmp_path / "a", {"site": "x"})
+        await broker.load_passwords(cp)
+        dirs = StateDir(tmp_path / "a")
+        dead = f"http://127.0.0.1:{free_port()}"
+        write_json(dirs.identity_path, dataclasses.asdict(dataclasses.replace(ident, server=dead)))
+        await eventually(lambda: bridge_of(cp).connected.is_set(), 10)
+        path = f"/agents/{ident.agent_id}/commands"
+        r = await cp.call("POST", path, json={"kind": "logs", "ttlSeconds": 120})
+        assert r.status == 202, await r.text()
+        cid = (await r.json())["commandId"]
+        async with running_agent(tmp_path / "a", poll_interval_s=3600) as agent:
+            await eventually(lambda: _state(cp, ident.agent_id, cid, ("answered",)), 30)
+            state = await (await cp.call("GET", f"{path}/{cid}")).json()
+            assert state["deliveredVia"] in (None, "mqtt") and state["answeredVia"] == "mqtt"
+            assert agent.commands.answered == 1
+    finally:
+        await cp.client.close()
