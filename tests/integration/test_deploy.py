@@ -26,6 +26,7 @@ from agent.host.units import GPU_DROP_IN, render_agent_unit
 from agent.settings import load_file
 from bench.devkit.models import iris_model
 from control_plane.errors import SettingsError
+from control_plane.mqtt.broker_auth import acl_file
 from control_plane.settings import SETTINGS as SERVER_SETTINGS
 from control_plane.settings import load_settings, server_config
 from tests.support.agents import enroll_agent, eventually, wait_active
@@ -83,6 +84,12 @@ def test_agent_unit_file_is_the_installed_one() -> None:
     assert (DEPLOY / "systemd/modelfleet-agent.service").read_text() == render_agent_unit()
     assert (DEPLOY / "systemd/modelfleet-agent.service.d/gpu.conf").read_text() == GPU_DROP_IN
     assert "Type=notify" in render_agent_unit() and "WatchdogSec=" in render_agent_unit()
+
+
+def test_the_committed_mosquitto_acl_is_the_generated_one() -> None:
+    """deploy/mosquitto/acl is `modelfleet mqtt acl`'s output: a topic the agents gain (the
+    metrics acknowledgement once went missing from it) must reach the committed file too."""
+    assert (DEPLOY / "mosquitto/acl").read_text() == acl_file()
 
 
 def test_compose_file_names_only_what_exists() -> None:
