@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import sys
 import tarfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.cli.common import CliError, add_client_options, api_bytes, api_call
-from protocol.commands import MAX_ANSWER_BYTES, MAX_TTL, unseen_lines
+from protocol.commands import MAX_ANSWER_BYTES, MAX_SINCE_S, MAX_TTL, unseen_lines
 from protocol.digest import sha256_digest
 from protocol.exceptions import InvalidMessage
 from protocol.fields import clean_text
@@ -127,6 +128,8 @@ def _lines(data: bytes) -> list[str]:
 def cmd_agents_logs(args: argparse.Namespace) -> int:
     """Print an agent's recent log lines; with --follow, keep printing new ones."""
     _check(args)
+    if not 0.1 <= args.interval <= 3600:
+        raise CliError("--interval must be between 0.1 and 3600 seconds")
     since = _seconds(args.since, "--since")
     return asyncio.run(_logs(args, since))
 
@@ -139,14 +142,22 @@ async def _logs(args: argparse.Namespace, since: int) -> int:
         sys.stdout.flush()
         asked = time.monotonic()
         await asyncio.sleep(args.interval)
-        # The window reaches back past the previous answer, so no line falls between two.
-        window = min(since, int(time.monotonic() - asked + args.interval + 10))
+        window = follow_window(time.monotonic() - asked, args.interval)
         _, data = await ask(args, "logs", window, args.max_bytes)
         current = _lines(data)
         new = unseen_lines(shown, current)
         _print_lines(args, new)
         shown = (shown + new)[-FOLLOW_KEEP:]
     return 0
+
+
+def follow_window(elapsed_s: float, interval_s: float) -> int:
+    """How far back ``--follow``'s next ask reaches: past the previous answer (``elapsed_s``
+    since it came, plus the interval and 10 s for the time it took to come), so no line falls
+    between two answers; what overlaps is printed once (``unseen_lines``). Not capped by
+    ``--since``, which is only the first answer's window: an interval longer than it would
+    have skipped the lines between."""
+    return min(MAX_SINCE_S, math.ceil(elapsed_s + interval_s + 10))
 
 
 def _print_lines(args: argparse.Namespace, lines: list[str]) -> None:

@@ -15,8 +15,10 @@ import pytest
 
 from agent.commands import SeenCommands, build_answer
 from agent.host.diagnostics import LogRing
+from control_plane.cli.diagnose import follow_window
 from protocol.commands import (
     ANSWER_CHUNK_BYTES,
+    MAX_SINCE_S,
     AnswerAssembly,
     Command,
     answer_chunks,
@@ -118,6 +120,17 @@ def test_unseen_lines_prints_each_line_once() -> None:
     assert unseen_lines(["a", "b"], ["x", "y"]) == ["x", "y"]  # a gap: all of it is new
     # The longest overlap wins when lines repeat.
     assert unseen_lines(["x", "x", "x"], ["x", "x", "x", "y"]) == ["y"]
+
+
+@pytest.mark.parametrize(("elapsed", "interval"), [(60.2, 60.0), (2.1, 2.0), (0.4, 0.3)])
+def test_follow_reaches_back_past_the_previous_answer_whatever_since_was(
+    elapsed: float, interval: float
+) -> None:
+    """`logs --since 30s --follow --interval 60` asked for 30 s each time: the 30 s before
+    them were never printed. The window covers the time since the previous answer came, with
+    room for the time that answer took."""
+    window = follow_window(elapsed, interval)
+    assert window >= elapsed + interval and window <= MAX_SINCE_S
 
 
 def cmd(kind: str, max_bytes: int = 4096, **kw: object) -> Command:
