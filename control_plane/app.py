@@ -26,6 +26,7 @@ from control_plane.db.engine import Database, PoolLimits
 from control_plane.events.delivery import DeliveryConfig, WebhookDeliverer
 from control_plane.events.retry import RetryPolicy
 from control_plane.events.watch import OfflineWatch
+from control_plane.fleet import commands
 from control_plane.fleet.desired import DesiredSigner
 from control_plane.fleet.ingest import Ingestor
 from control_plane.fleet.notify import DesiredNotifier
@@ -173,7 +174,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _rollup_loop(state: State) -> None:
-    """Roll metric windows up (raw → minute → hour) and drop what is past retention."""
+    """Roll metric windows up (raw → minute → hour) and drop what is past retention: metric
+    rows, and operator commands' answers."""
     while True:
         await asyncio.sleep(state.config.rollup_interval_s)
         try:
@@ -183,6 +185,12 @@ async def _rollup_loop(state: State) -> None:
         except Exception:
             # The loop's boundary: a failed pass (the database went away) is retried next time.
             log.exception("metric roll-up failed")
+        try:
+            await commands.prune(state.db, state.clock(), state.config.command_retention_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("pruning operator commands failed")  # retried next pass
 
 
 async def _audit_flush_loop(state: State) -> None:

@@ -12,7 +12,8 @@ this module keeps its life:
 An answer is refused, with nothing stored, when its command is unknown, another agent's,
 expired, already answered, or larger than the command's ``maxBytes`` (:func:`check_answer`,
 pure). Answers are kept ``retention_s`` after they arrive (an expired command as long after
-its expiry); every issue prunes what is past it, and a read past it finds nothing. An agent
+its expiry); the control plane's retention pass (beside the metric roll-up) and every issue
+prune what is past it, and a read past it finds nothing. An agent
 has at most ``max_pending`` commands waiting at once.
 """
 
@@ -197,6 +198,13 @@ async def _prune(session: AsyncSession, now: datetime, retention_s: float) -> No
             )
         )
     )
+
+
+async def prune(db: Database, now: datetime, retention_s: float) -> None:
+    """Mark the waiting commands past their expiry and delete what is past retention (the
+    control plane's retention pass calls it, so answers go even when nobody issues again)."""
+    async with db.write() as s:
+        await _prune(s, now, retention_s)
 
 
 async def issue(

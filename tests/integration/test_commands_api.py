@@ -4,10 +4,12 @@ its own credential: issue, long-poll, verify the signature, answer once; every r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from control_plane.db.engine import Database
 from control_plane.db.models import AgentCommand
@@ -15,7 +17,14 @@ from protocol.commands import accept_command
 from protocol.digest import sha256_digest
 from protocol.dsse import keyring, load_public_key
 from tests.integration.test_access import make_token
-from tests.support.control_plane import ControlPlane, assert_error
+from tests.support.agents import eventually
+from tests.support.bundles import Publisher
+from tests.support.control_plane import (
+    ControlPlane,
+    assert_error,
+    cp_config,
+    start_control_plane,
+)
 
 OCTETS = {"Content-Type": "application/octet-stream"}
 
@@ -213,3 +222,40 @@ async def test_issue_refusals(cp: ControlPlane) -> None:
     r = await cp.call("POST", f"/agents/{agent['agentId']}/revoke", json={})
     assert r.status == 200
     await assert_error(await cp.call("POST", path, json={"kind": "logs"}), 409)
+
+
+async def test_answers_past_retention_go_without_another_issue(
+    tmp_path: Path, db_url: str, publisher: Publisher
+) -> None:
+    # The retention pass runs beside the metric roll-up: an answer past retention is deleted
+    # although nobody issues a command again (issuing used to be the only thing that pruned).
+    config = dataclasses.replace(
+        cp_config(tmp_path, db_url, publisher), rollup_interval_s=0.1, command_retention_s=60.0
+    )
+    cp = await start_control_plane(config)
+    db = Database(cp.config.database_url)
+    try:
+        me = await cp.enroll()
+        old = (await issue(cp, me["agentId"], kind="logs"))["commandId"]
+        fresh = (await issue(cp, me["agentId"], kind="logs"))["commandId"]
+        assert len(await poll(cp, me)) == 2  # both handed over
+        for cid in (old, fresh):
+            assert (await answer(cp, me, cid, b"lines")).status == 200
+        async with db.write() as s:  # answered two minutes ago (the clock is real)
+            await s.execute(
+                update(AgentCommand)
+                .where(AgentCommand.id == old)
+                .values(answered_at=datetime.now(UTC) - timedelta(seconds=120))
+            )
+
+        async def kept() -> set[str] | None:
+            async with db.read() as s:
+                ids = set(await s.scalars(select(AgentCommand.id)))
+            return ids if ids == {fresh} else None
+
+        assert await eventually(kept, 15) == {fresh}
+        r = await cp.call("GET", f"/agents/{me['agentId']}/commands/{fresh}/answer")
+        assert r.status == 200 and await r.read() == b"lines"
+    finally:
+        await db.close()
+        await cp.client.close()
