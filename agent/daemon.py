@@ -228,6 +228,22 @@ class Agent:
     # ------------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Agent:
+        try:
+            await self._start()
+        except BaseException:
+            # A start that fails half-way (the serve port taken, gRPC without its extra) lets go
+            # of what it had taken: the HTTP session, the listener, the log ring on the root
+            # logger (which would otherwise keep collecting every later record of the process).
+            try:
+                await self.__aexit__(None, None, None)
+            except Exception:
+                log.exception("cleaning up after a failed start")
+            finally:
+                logging.getLogger().removeHandler(self.ring)
+            raise
+        return self
+
+    async def _start(self) -> None:
         logging.getLogger().addHandler(self.ring)
         await self.client.__aenter__()
         await self.reporter.open(self.dirs)
@@ -240,11 +256,7 @@ class Agent:
             self.serve_port,
         )
         if self.config.grpc_host is not None:
-            try:
-                self.grpc_port = await self._start_grpc()
-            except BaseException:
-                await self.__aexit__(None, None, None)
-                raise
+            self.grpc_port = await self._start_grpc()
         loops = [
             ("sync", self.sync.run()),
             ("reconcile", self.updater.run()),
@@ -260,7 +272,6 @@ class Agent:
         for name, coro in loops:
             self._tasks.append(asyncio.create_task(coro, name=f"agent-{name}"))
         self.reporter.changed()
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         # Order: stop taking requests and drain them (aiohttp waits up to drain_s), stop the

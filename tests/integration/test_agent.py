@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from agent.config import AgentConfig
+from agent.daemon import Agent
 from bench.devkit.models import SMOKE_INPUT, iris_model, iris_reference
 from bench.devkit.proxies import MitmProxy
 from control_plane.catalog.build import build_bundle
@@ -190,3 +195,18 @@ def test_state_files_are_private(tmp_path: Path) -> None:
     for p in (d.identity_path, d.control_plane_key_path, *d.trusted_dir.iterdir()):
         assert p.stat().st_mode & 0o777 == 0o600, p
     assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_start_that_fails_lets_go_of_what_it_took(cp: ControlPlane, tmp_path: Path) -> None:
+    # The serve port is taken: the start fails, and leaves no HTTP session open and no log ring
+    # on the root logger (it would go on collecting every record of the process).
+    await enroll_agent(cp, tmp_path / "a1", {"site": "x"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = Agent(AgentConfig(state_dir=tmp_path / "a1", serve_port=taken.getsockname()[1]))
+        with pytest.raises(OSError):
+            async with agent:
+                pytest.fail("started on a port that is taken")
+    assert agent.ring not in logging.getLogger().handlers
+    assert agent.client._session is not None and agent.client._session.closed
