@@ -10,7 +10,9 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import signal
+import sys
 import tarfile
 import uuid
 from collections.abc import AsyncIterator
@@ -303,6 +305,13 @@ async def test_a_restart_does_not_reopen_a_replay(
         await cp.client.close()
 
 
+# Runs argv[1:] with SIGINT at its default disposition (see the --follow test).
+WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 async def test_the_cli_prints_logs_follows_them_and_writes_a_bundle(
     tmp_path: Path, publisher: Publisher, broker: Broker
 ) -> None:
@@ -326,12 +335,19 @@ async def test_the_cli_prints_logs_follows_them_and_writes_a_bundle(
             assert "support/logs.txt" in members(out.read_bytes())
 
             # --follow prints new lines as they come, each once, until interrupted.
+            # Ctrl-C as a terminal sends it. A test run started in the background by a
+            # non-interactive shell (CI's may be) inherits SIGINT ignored, and so would the
+            # CLI, which would then never see it: the CLI is started with SIGINT restored.
             follow = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                WITH_SIGINT,
                 MODELFLEET,
                 *("agents", "logs", agent_id, "--since", "1m", "--follow", "--interval", "0.3"),
                 *opts,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             )
             assert follow.stdout is not None
             printed: list[str] = []
@@ -353,7 +369,11 @@ async def test_the_cli_prints_logs_follows_them_and_writes_a_bundle(
                 # that printed more than a pipe holds is never left blocked in a write.
                 follow.send_signal(signal.SIGINT)
                 try:
-                    rest, _ = await asyncio.wait_for(follow.communicate(), 60)
+                    rest, _ = await asyncio.wait_for(follow.communicate(), 20)
+                except TimeoutError:  # where it is stuck (PYTHONFAULTHANDLER), then fail
+                    follow.send_signal(signal.SIGABRT)
+                    _, err = await follow.communicate()
+                    pytest.fail(f"agents logs --follow ignored SIGINT: {err.decode()[-4000:]}")
                 finally:
                     if follow.returncode is None:
                         follow.kill()
