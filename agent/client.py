@@ -84,13 +84,7 @@ class ControlPlaneClient:
                 raw = await _read_capped(resp, 4 * MAX_ENVELOPE_BYTES, "key set")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"key set: {exc!r}") from exc
-        try:
-            chain = json.loads(raw).get("chain")
-        except (ValueError, AttributeError):
-            chain = None
-        if not isinstance(chain, list) or not all(isinstance(e, str) for e in chain):
-            raise HttpStatusError(200, raw[:200].decode(errors="replace"), "key set")
-        return [e.encode() for e in chain]
+        return _envelopes(raw, "chain", "key set")
 
     async def get_manifest(self, digest: str) -> bytes:
         """The signed manifest envelope of a version; raises TransportError."""
@@ -159,13 +153,7 @@ class ControlPlaneClient:
                 raw = await _read_capped(resp, 64 * MAX_ENVELOPE_BYTES, "commands")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"commands: {exc!r}") from exc
-        try:
-            found = json.loads(raw).get("commands")
-        except (ValueError, AttributeError):
-            found = None
-        if not isinstance(found, list) or not all(isinstance(e, str) for e in found):
-            raise HttpStatusError(200, raw[:200].decode(errors="replace"), "commands")
-        return [e.encode() for e in found]
+        return _envelopes(raw, "commands", "commands")
 
     async def post_command_answer(self, command_id: str, data: bytes) -> None:
         """Upload the answer to a command; raises TransportError (HttpStatusError on refusal)."""
@@ -275,3 +263,15 @@ async def rotate_credential(
     if not isinstance(new, str) or not new.startswith("mfc_"):
         raise TransportError("rotate credential: the control plane sent no credential")
     return new
+
+
+def _envelopes(raw: bytes, key: str, what: str) -> list[bytes]:
+    """The list of signed envelopes (strings) under ``key`` of a JSON object; a body of any
+    other shape raises HttpStatusError (a 200 that is not what the route answers)."""
+    try:
+        found = json.loads(raw).get(key)
+    except (ValueError, AttributeError):
+        found = None
+    if not isinstance(found, list) or not all(isinstance(e, str) for e in found):
+        raise HttpStatusError(200, raw[:200].decode(errors="replace"), what)
+    return [e.encode() for e in found]

@@ -83,6 +83,12 @@ class RequestMetrics:
 REQUEST_METRICS = web.AppKey("request_metrics", RequestMetrics)
 
 
+def route_of(request: web.Request) -> str:
+    """The pattern of the route that matched (bounded: a metric label, a span name)."""
+    resource = request.match_info.route.resource
+    return (resource.canonical if resource is not None else None) or NO_ROUTE
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count every answer by method, route pattern and status, and time it."""
@@ -96,8 +102,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        resource = request.match_info.route.resource
-        route = (resource.canonical if resource is not None else None) or NO_ROUTE
+        route = route_of(request)
         m = request.app[REQUEST_METRICS]
         m.requests.labels(request.method, route, str(status)).inc()
         m.duration.labels(request.method, route).observe(time.perf_counter() - started)

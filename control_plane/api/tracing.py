@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from control_plane.api.metrics import NO_ROUTE, all_families
+from control_plane.api.metrics import all_families, route_of
 from control_plane.api.route import Handler
 from control_plane.api.routes import ROUTES
 from control_plane.state import STATE
@@ -27,12 +27,6 @@ log = logging.getLogger("modelfleet.telemetry")
 # unsampled flag would switch the recording of their requests off. Their traceparent is kept
 # as an attribute instead (ADR 23).
 TRUSTED_PARENT = frozenset((r.method, r.path) for r in ROUTES if r.auth == "operator")
-
-
-def route_of(request: web.Request) -> str:
-    """The pattern of the route that matched (bounded: a span name, a metric label)."""
-    resource = request.match_info.route.resource
-    return (resource.canonical if resource is not None else None) or NO_ROUTE
 
 
 @web.middleware
