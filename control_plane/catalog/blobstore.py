@@ -16,15 +16,13 @@ server (AWS_ENDPOINT_URL, or ``endpoint_url``), with credentials from the usual 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from control_plane.errors import NotFound
-from control_plane.security.files import write_private
+from control_plane.security.files import atomic_writer, write_private
 from protocol.bundle import verified_chunks
 from protocol.digest import digest_hex
 
@@ -106,19 +104,9 @@ class DirectoryBlobStore:
             for _ in checked:
                 pass
             return False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".upload-")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in checked:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_writer(dest, 0o644, prefix=".upload-") as f:
+            for chunk in checked:
+                f.write(chunk)
         return True
 
     def size(self, digest: str) -> int:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_plane.catalog.onnxfile import OnnxFacts, OnnxFormatError, read_onnx
 from control_plane.errors import BuildError
+from control_plane.security.files import atomic_writer
 from protocol.bundle import write_bundle
 from protocol.dsse import MANIFEST_PAYLOAD_TYPE, sign
 from protocol.exceptions import ProtocolError
@@ -380,27 +381,17 @@ def build_bundle_file(out: Path, spec: BundleSpec, keys: list[Ed25519PrivateKey]
     BuildError."""
     manifest, sources = plan_bundle(spec)
     envelope = sign(MANIFEST_PAYLOAD_TYPE, manifest.to_bytes(), keys)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f, contextlib.ExitStack() as stack:
-            files: dict[str, bytes | BinaryIO] = {}
-            for path, source in sources.items():
-                try:
-                    files[path] = stack.enter_context(source.open("rb"))
-                except OSError as exc:
-                    raise BuildError(f"{source}: {exc.strerror}") from None
+    with atomic_writer(out, 0o644) as f, contextlib.ExitStack() as stack:
+        files: dict[str, bytes | BinaryIO] = {}
+        for path, source in sources.items():
             try:
-                write_bundle(f, envelope, files)
-            except ProtocolError as exc:
-                raise BuildError(f"{exc} (was it written to while the bundle was built?)") from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+                files[path] = stack.enter_context(source.open("rb"))
+            except OSError as exc:
+                raise BuildError(f"{source}: {exc.strerror}") from None
+        try:
+            write_bundle(f, envelope, files)
+        except ProtocolError as exc:
+            raise BuildError(f"{exc} (was it written to while the bundle was built?)") from None
     return manifest
 
 

@@ -12,9 +12,7 @@ only when all of it was right. Memory stays bounded whatever the bundle's size.
 from __future__ import annotations
 
 import contextlib
-import os
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import BinaryIO, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from control_plane.security.files import atomic_writer
 from protocol.bundle import BundleReader, write_bundle
 from protocol.dsse import Envelope, key_id, sign
 from protocol.exceptions import BundleError
@@ -51,25 +50,15 @@ def add_signature(src: Path, key: Ed25519PrivateKey, out: Path) -> Cosigned:
     mine = sign(env.payload_type, env.payload, [key]).signatures
     others = tuple(s for s in env.signatures if s[0] != kid)
     envelope = Envelope(env.payload_type, env.payload, others + mine)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with (
-            os.fdopen(fd, "wb") as dst,
-            tarfile.open(src, mode="r:") as tar,
-            contextlib.ExitStack() as stack,
-        ):
-            files: dict[str, bytes | BinaryIO] = {
-                e.path: stack.enter_context(_member(tar, e.path)) for e in entries
-            }
-            write_bundle(dst, envelope, files)  # checks each file's size and digest
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_writer(out, 0o644) as dst,
+        tarfile.open(src, mode="r:") as tar,
+        contextlib.ExitStack() as stack,
+    ):
+        files: dict[str, bytes | BinaryIO] = {
+            e.path: stack.enter_context(_member(tar, e.path)) for e in entries
+        }
+        write_bundle(dst, envelope, files)  # checks each file's size and digest
     return Cosigned(out=out, signatures=len(envelope.signatures), key_id=kid)
 
 
